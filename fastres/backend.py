@@ -1,0 +1,145 @@
+"""Which kernels execute a plan: the Triton kernels, or their plain-PyTorch references.
+
+The choice is made per call from the tensors' device, so one op never resolves two ways behind the
+user's back:
+
+* CUDA tensors -> ``triton`` (our kernels); CPU tensors -> ``torch`` (the references in kernels/,
+  channels_last, which is what makes the CPU path fast); ``meta`` tensors -> ``triton`` (recording
+  launches for ``fastres aot`` / ``fastres inspect``).
+* ``FASTRES_BACKEND=triton|torch`` or ``fastres.set_backend(...)`` / ``with fastres.use_backend(...)``
+  force one. Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` in the environment
+  before fastres is imported: that is how the exact GPU code path runs in tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+_state = threading.local()
+_global_choice: str | None = None
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastres backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every thread (``None`` or ``"auto"`` restores the default rule)."""
+    global _global_choice
+    _global_choice = None if name is None else _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block, for the current thread."""
+    previous = getattr(_state, "choice", None)
+    _state.choice = _validate(name)
+    try:
+        yield
+    finally:
+        _state.choice = previous
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def requested_backend() -> str:
+    choice = getattr(_state, "choice", None) or _global_choice or os.environ.get("FASTRES_BACKEND") or "auto"
+    return _validate(choice)
+
+
+def backend_for(device: torch.device) -> str:
+    """Name of the backend that runs a plan on tensors of ``device``."""
+    choice = requested_backend()
+    if device.type == "meta":
+        return "triton"
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if choice == "triton" and device.type != "cuda" and not interpreter_enabled():
+        raise RuntimeError(
+            f"the triton backend runs {device.type} tensors only under the Triton interpreter: set "
+            "TRITON_INTERPRET=1 in the environment before importing fastres, or use CUDA tensors")
+    return choice
+
+
+# -- implementations --------------------------------------------------------------------------
+class TorchBackend:
+    """Runs each plan step as the plain-PyTorch reference beside its kernel (channels_last).
+
+    On CPU, half-precision steps compute in fp32 and round once, like the kernels' epilogues.
+    """
+    name = "torch"
+
+    @staticmethod
+    def _upcast(x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+
+    def conv(self, step, x, *, residual=None, shortcut=None, out=None):
+        from .kernels.conv2d_nhwc import conv2d_nhwc_ref
+        sc = step.shortcut
+        y = conv2d_nhwc_ref(x, step.weight, step.bias, stride=step.stride, padding=step.padding,
+                            dilation=step.dilation, groups=step.groups, residual=residual,
+                            relu=step.relu, shortcut=shortcut,
+                            shortcut_weight=sc.weight if sc else None,
+                            shortcut_stride=sc.stride if sc else 1, upcast=self._upcast(x))
+        return out.copy_(y) if out is not None else y
+
+    def max_pool(self, step, x, *, out=None):
+        from .kernels.max_pool2d_nhwc import max_pool2d_nhwc_ref
+        y = max_pool2d_nhwc_ref(x)
+        return out.copy_(y) if out is not None else y
+
+    def head(self, step, x, *, out=None):
+        from .kernels.avgpool_linear import avgpool_linear_ref
+        y = avgpool_linear_ref(x, step.weight, step.bias, upcast=self._upcast(x))
+        return out.copy_(y) if out is not None else y
+
+    def avgpool(self, x):
+        return x.mean(dim=(2, 3))
+
+
+class TritonBackend:
+    """Runs each plan step as one Triton kernel launch; weights are packed once per plan."""
+    name = "triton"
+
+    def conv(self, step, x, *, residual=None, shortcut=None, out=None):
+        from .kernels import conv2d_nhwc as k
+        packed = step.packed.get("triton")
+        if packed is None:
+            packed = step.packed["triton"] = k.pack_conv_weight(
+                step.weight, groups=step.groups,
+                shortcut_weight=step.shortcut.weight if step.shortcut else None)
+        return k.conv2d_nhwc_packed(x, packed, step.bias, stride=step.stride, padding=step.padding,
+                                    dilation=step.dilation, residual=residual, relu=step.relu,
+                                    shortcut=shortcut,
+                                    shortcut_stride=step.shortcut.stride if step.shortcut else 1,
+                                    out=out)
+
+    def max_pool(self, step, x, *, out=None):
+        from .kernels.max_pool2d_nhwc import max_pool2d_nhwc
+        return max_pool2d_nhwc(x, out=out)
+
+    def head(self, step, x, *, out=None):
+        from .kernels import avgpool_linear as k
+        packed = step.packed.get("triton")
+        if packed is None:
+            packed = step.packed["triton"] = k.pack_linear_weight(step.weight)
+        return k.avgpool_linear_packed(x, packed, step.bias, out=out)
+
+    def avgpool(self, x):
+        return x.mean(dim=(2, 3))
+
+
+_IMPLS = {"torch": TorchBackend(), "triton": TritonBackend()}
+
+
+def get_backend(name: str):
+    return _IMPLS[name]

@@ -1,0 +1,335 @@
+"""The inference plan: a ResNet as a short list of fused kernel steps over NHWC activations.
+
+A plan is data: each step names the values it reads and the value it writes, and holds its
+folded weights (compute dtype, PyTorch layout) and fp32 bias. Executing a step calls exactly one
+kernel of the chosen backend (``fastres.backend``): a Triton kernel from kernels/, or the plain
+PyTorch reference beside it. The plan knows nothing about tiles; kernels know nothing about ResNet.
+
+    Stem        conv7x7/s2 + bias + ReLU
+    MaxPool     3x3/s2/p1
+    Block*      Basic:      conv3x3+ReLU -> conv3x3 + shortcut + ReLU
+                Bottleneck: conv1x1+ReLU -> conv3x3+ReLU -> conv1x1 + shortcut + ReLU
+                (a projection shortcut is a second operand of the last GEMM: concatenated K)
+    Head        global average pool + FC
+
+Plans are cached on the model and guarded by the identity and version counter of every parameter
+and buffer (``ParameterGuard``): any in-place update (optimizer step, ``load_state_dict``), any
+replacement (``.to()``, ``.half()``, assignment) makes the next eval forward build a new plan.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import backend as _backend
+from .fold import NotFoldableError, fold_conv_bn
+
+backend_for = _backend.backend_for
+
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+# -- steps ------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Shortcut:
+    """A projection shortcut (1x1 conv, stride ``stride``) fused into the block's last GEMM."""
+    src: str
+    weight: torch.Tensor
+    stride: int
+
+
+@dataclass(eq=False)
+class ConvStep:
+    """``dst = relu?(conv(src) [+ conv1x1(shortcut.src)] + bias [+ residual])`` in one kernel."""
+    name: str
+    src: str
+    dst: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+    relu: bool
+    residual: Optional[str] = None
+    shortcut: Optional[Shortcut] = None
+    packed: dict = field(default_factory=dict)   # backend-specific packed weights, built once
+
+    @property
+    def reads(self) -> list[str]:
+        names = [self.src]
+        if self.residual:
+            names.append(self.residual)
+        if self.shortcut:
+            names.append(self.shortcut.src)
+        return names
+
+    @property
+    def ops(self) -> list[str]:
+        kh, kw = self.weight.shape[2:]
+        ops = [f"conv{kh}x{kw}/s{self.stride}" + (f"/d{self.dilation}" if self.dilation > 1 else "")
+               + (f"/g{self.groups}" if self.groups > 1 else "")]
+        if self.shortcut:
+            ops.append(f"projection1x1/s{self.shortcut.stride}")
+        ops.append("bias")
+        if self.residual:
+            ops.append("residual")
+        if self.relu:
+            ops.append("relu")
+        return ops
+
+    def run(self, backend, env: dict, out=None):
+        return backend.conv(self, env[self.src],
+                            residual=env[self.residual] if self.residual else None,
+                            shortcut=env[self.shortcut.src] if self.shortcut else None, out=out)
+
+
+@dataclass(eq=False)
+class MaxPoolStep:
+    """``dst = max_pool2d(src, 3, stride=2, padding=1)``."""
+    name: str
+    src: str
+    dst: str
+    packed: dict = field(default_factory=dict)
+
+    reads = property(lambda self: [self.src])
+    ops = property(lambda self: ["maxpool3x3/s2"])
+
+    def run(self, backend, env: dict, out=None):
+        return backend.max_pool(self, env[self.src], out=out)
+
+
+@dataclass(eq=False)
+class HeadStep:
+    """``dst = mean_hw(src) @ weight.T + bias``; a custom ``fc`` module runs after the pooling."""
+    name: str
+    src: str
+    dst: str
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    module: Optional[nn.Module] = None
+    packed: dict = field(default_factory=dict)
+
+    reads = property(lambda self: [self.src])
+
+    @property
+    def ops(self) -> list[str]:
+        return ["avgpool", "linear", "bias"] if self.module is None else ["avgpool", "custom fc"]
+
+    def run(self, backend, env: dict, out=None):
+        if self.module is not None:
+            return self.module(backend.avgpool(env[self.src]))
+        return backend.head(self, env[self.src], out=out)
+
+
+# -- the plan ---------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Plan:
+    steps: list
+    output: str
+    dtype: torch.dtype
+    device: torch.device
+    num_classes: int
+    in_channels: int = 3
+    _release: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        # drop each intermediate after its last reader so CPU memory stays at a few activations
+        last_use: dict[str, int] = {}
+        for i, step in enumerate(self.steps):
+            for name in step.reads:
+                last_use[name] = i
+        self._release = [[n for n, i in last_use.items() if i == k and n != "input"]
+                         for k in range(len(self.steps))]
+
+    def run(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """Logits for an input batch ``x`` [N, C, H, W] (NCHW or channels_last memory)."""
+        impl = _backend.get_backend(backend or backend_for(x.device))
+        if x.shape[0] == 0:
+            return torch.empty(0, self.num_classes, dtype=self.dtype, device=x.device)
+        env = {"input": x.contiguous(memory_format=torch.channels_last)}
+        for step, release in zip(self.steps, self._release):
+            env[step.dst] = step.run(impl, env)
+            for name in release:
+                del env[name]
+        return env[self.output]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+# -- building ---------------------------------------------------------------------------------
+def _conv_step(model, name: str, norm: str, src: str, dst: str, dtype, relu: bool, **extra) -> ConvStep:
+    conv = model.get_submodule(name)
+    weight, bias = fold_conv_bn(conv, model.get_submodule(norm))
+    _check_conv(conv, name)
+    return ConvStep(name=name, src=src, dst=dst, weight=_compute_weight(weight, dtype, name),
+                    bias=bias, stride=conv.stride[0], padding=conv.padding[0],
+                    dilation=conv.dilation[0], groups=conv.groups, relu=relu, **extra)
+
+
+def _check_conv(conv: nn.Module, name: str) -> None:
+    if type(conv) is not nn.Conv2d:
+        raise NotFoldableError(f"{name} is a {type(conv).__name__}, not an nn.Conv2d")
+    if (len(set(conv.stride)) != 1 or len(set(conv.dilation)) != 1 or isinstance(conv.padding, str)
+            or len(set(conv.padding)) != 1 or conv.padding_mode != "zeros"):
+        raise NotFoldableError(f"{name} has a non-square stride/padding/dilation or padding_mode")
+
+
+def _compute_weight(weight: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if dtype == torch.float16 and weight.device.type != "meta":
+        peak = weight.abs().max().item()
+        if not peak <= _FP16_MAX:   # also catches NaN
+            raise ValueError(
+                f"folded weight of {name} reaches {peak:.4g}, beyond float16's range ({_FP16_MAX:.0f}): "
+                "a BatchNorm running_var near zero? run this model in float32 or bfloat16")
+    return weight.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _check_structure(model) -> None:
+    from torchvision.models import resnet as tv
+    if not isinstance(model.relu, nn.ReLU):
+        raise NotFoldableError(f"model.relu is {type(model.relu).__name__}, not nn.ReLU")
+    pool = model.maxpool
+    if not (isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (3, (3, 3))
+            and pool.stride in (2, (2, 2)) and pool.padding in (1, (1, 1))
+            and pool.dilation in (1, (1, 1)) and not pool.ceil_mode):
+        raise NotFoldableError("model.maxpool is not MaxPool2d(3, stride=2, padding=1)")
+    if not (isinstance(model.avgpool, nn.AdaptiveAvgPool2d)
+            and model.avgpool.output_size in (1, (1, 1))):
+        raise NotFoldableError("model.avgpool is not AdaptiveAvgPool2d((1, 1))")
+    for li in range(1, 5):
+        for block in getattr(model, f"layer{li}"):
+            if type(block) not in (tv.BasicBlock, tv.Bottleneck) and not isinstance(
+                    block, (tv.BasicBlock, tv.Bottleneck)):
+                raise NotFoldableError(f"layer{li} holds a {type(block).__name__} block")
+            if type(block).forward not in (tv.BasicBlock.forward, tv.Bottleneck.forward):
+                raise NotFoldableError(f"{type(block).__name__} overrides forward")
+
+
+def build_plan(model) -> Plan:
+    """Fold and lay out a torchvision-structured ResNet as a plan in its parameters' dtype."""
+    _check_structure(model)
+    dtype, device = model.conv1.weight.dtype, model.conv1.weight.device
+    steps: list = [
+        _conv_step(model, "conv1", "bn1", "input", "conv1", dtype, relu=True),
+        MaxPoolStep("maxpool", "conv1", "maxpool"),
+    ]
+    current = "maxpool"
+    for li in range(1, 5):
+        for bi, block in enumerate(getattr(model, f"layer{li}")):
+            prefix = f"layer{li}.{bi}"
+            n_convs = 3 if hasattr(block, "conv3") else 2
+            src = current
+            for k in range(1, n_convs):
+                name = f"{prefix}.conv{k}"
+                steps.append(_conv_step(model, name, f"{prefix}.bn{k}", src, name, dtype, relu=True))
+                src = name
+            last = f"{prefix}.conv{n_convs}"
+            step = _conv_step(model, last, f"{prefix}.bn{n_convs}", src, prefix, dtype, relu=True)
+            if block.downsample is None:
+                step.residual = current
+            else:
+                down = block.downsample
+                if not (isinstance(down, nn.Sequential) and len(down) == 2):
+                    raise NotFoldableError(f"{prefix}.downsample is not Sequential(conv1x1, norm)")
+                proj = _conv_step(model, f"{prefix}.downsample.0", f"{prefix}.downsample.1",
+                                  current, "", dtype, relu=False)
+                if proj.weight.shape[2:] != (1, 1) or proj.padding or proj.groups != 1:
+                    raise NotFoldableError(f"{prefix}.downsample.0 is not a 1x1 projection")
+                step.bias = step.bias + proj.bias
+                step.shortcut = Shortcut(src=current, weight=proj.weight, stride=proj.stride)
+            steps.append(step)
+            current = prefix
+    fc = model.fc
+    if isinstance(fc, nn.Linear):
+        head = HeadStep("fc", current, "fc", weight=fc.weight.detach().to(dtype).contiguous(),
+                        bias=(fc.bias.detach().float() if fc.bias is not None
+                              else torch.zeros(fc.out_features, device=device)))
+        num_classes = fc.out_features
+    else:
+        head = HeadStep("fc", current, "fc", weight=None, bias=None, module=fc)
+        num_classes = getattr(model, "config", {}).get("num_classes") or 0
+    steps.append(head)
+    return Plan(steps=steps, output="fc", dtype=dtype, device=device, num_classes=num_classes,
+                in_channels=model.conv1.in_channels)
+
+
+# -- cache and guard --------------------------------------------------------------------------
+class ParameterGuard:
+    """Snapshot of every parameter's and buffer's identity and version counter.
+
+    In-place updates bump ``_version`` (optimizer steps, ``load_state_dict``, ``copy_`` under
+    no_grad); ``.to()``, ``.half()`` and assignment replace the tensor (weak reference goes stale).
+    Writes through ``.data`` bypass version counters — call ``model.plan_cache_clear()`` after them.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._entries = [(weakref.ref(t), t._version) for t in _tensors(model)]
+        self._eps = _norm_eps(model)
+
+    def matches(self, model: nn.Module) -> bool:
+        tensors = _tensors(model)
+        if len(tensors) != len(self._entries):
+            return False
+        for t, (ref, version) in zip(tensors, self._entries):
+            if ref() is not t or t._version != version:
+                return False
+        return _norm_eps(model) == self._eps
+
+
+def _tensors(model: nn.Module) -> list:
+    return [*model.parameters(), *model.buffers()]
+
+
+def _norm_eps(model: nn.Module) -> tuple:
+    return tuple(m.eps for m in model.modules() if hasattr(m, "running_var") and hasattr(m, "eps"))
+
+
+class PlanCache:
+    """One cached plan per model, rebuilt when its ``ParameterGuard`` no longer matches."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._plan: Optional[Plan] = None
+        self._guard: Optional[ParameterGuard] = None
+        self.builds = 0   # how many plans were built (tests read it)
+
+    def get(self, model: nn.Module) -> Plan:
+        with self._lock:
+            if self._plan is None or not self._guard.matches(model):
+                with torch.no_grad():
+                    plan = build_plan(model)
+                self._plan, self._guard = plan, ParameterGuard(model)
+                self.builds += 1
+            return self._plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plan = self._guard = None
+
+
+# -- input checks -----------------------------------------------------------------------------
+def check_input(x, model) -> None:
+    """Clear errors for inputs the network cannot take (instead of a failure deep in a kernel)."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+    weight = model.conv1.weight
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected {weight.shape[1]} input channels, got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)}; images go in as [N, C, H, W])")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"input of spatial size {x.shape[2]}x{x.shape[3]} is too small: "
+                         "the network needs at least 1x1 pixels")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"input dtype {x.dtype} does not match the model's {weight.dtype}: "
+                        f"cast the input (x.to({weight.dtype})) or the model")
+    if x.device != weight.device:
+        raise ValueError(f"input is on {x.device} but the model is on {weight.device}")

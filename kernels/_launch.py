@@ -1,0 +1,55 @@
+"""A kernel launch described as data.
+
+Every launch wrapper in this package builds a ``KernelCall`` and calls ``.launch()``. Keeping the
+launch as data lets the same code path (1) launch on a GPU or under ``TRITON_INTERPRET=1``,
+(2) be recorded instead of launched — on ``device="meta"`` tensors — so ``fastres aot`` and
+``fastres inspect`` see exactly the kernels, signatures and configurations a real forward uses.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+_recording = threading.local()
+
+
+@dataclass
+class KernelCall:
+    kernel: object                      # a triton JITFunction
+    grid: tuple
+    args: dict                          # runtime arguments by parameter name
+    constexprs: dict                    # tl.constexpr parameters by name
+    num_warps: int = 4
+    num_stages: int = 2
+    name: str = ""                      # human-readable, e.g. "conv2d_nhwc[3x3/s1]"
+    info: dict = field(default_factory=dict)  # problem description for reports (M, N, K, flops, bytes)
+
+    def launch(self):
+        calls = getattr(_recording, "calls", None)
+        if calls is not None:
+            calls.append(self)
+            return
+        self.kernel[self.grid](**self.args, **self.constexprs,
+                               num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within this context ``KernelCall.launch`` appends to the yielded list instead of launching.
+
+    Use it with ``device="meta"`` tensors to enumerate the kernels of a forward without running it.
+    """
+    previous = getattr(_recording, "calls", None)
+    calls: list[KernelCall] = []
+    _recording.calls = calls
+    try:
+        yield calls
+    finally:
+        _recording.calls = previous
+
+
+def is_recording() -> bool:
+    return getattr(_recording, "calls", None) is not None

@@ -1,0 +1,594 @@
+"""Implicit-GEMM convolution over NHWC activations with a fused epilogue.
+
+    out = relu?(conv(x, W) [+ conv1x1_stride_s(shortcut, W_sc)] + bias [+ residual])
+
+Activations are PyTorch tensors shaped [N, C, H, W] in ``torch.channels_last`` memory (NHWC bytes).
+The convolution is one GEMM per output tile: M = N*OH*OW output pixels, N = C_out, and
+K = KH*KW*C_in/groups, ordered (kh, kw, c_in) so that one K block of a 3x3 tap is a contiguous run
+of channels of one input pixel.
+
+Weights are packed once, at plan time (``pack_conv_weight``), into a [K, C_out] matrix in the
+compute dtype (row k = (kh*KW + kw)*C_in_per_group + c, column = output channel). Two layouts fold
+into that one matrix:
+
+* groups: a tensor-core tile needs >= 16 output and input channels, but ResNeXt groups have 4..64.
+  ``tile_groups`` adjacent conv groups are packed as one block-diagonal group (zeros off the
+  diagonal blocks), so a "packed group" has >= 16 channels in and out. That costs tile_groups x
+  the MACs of the grouped conv and reads each input channel once per packed group; groups=1 is the
+  case tile_groups=1, one packed group.
+* concat-K projection shortcut (HAS_SHORTCUT_GEMM): the rows of the 1x1 shortcut weight follow the
+  main K rows, and the K loop walks the main input, then the shortcut input at (oh*s, ow*s). The
+  downsampling branch of a residual block is then part of the same GEMM, never a tensor in memory;
+  the caller pre-sums both biases.
+
+K loop modes (constexpr, chosen from the shape):
+
+* 1x1, stride 1, no padding: a plain GEMM over the [N*H*W, C_in] matrix (no spatial index math).
+* channels per packed group a multiple of 16 (every ResNet conv but the stem): tap-major; one
+  BLOCK_K step loads BLOCK_K contiguous channels of one tap, 16-byte aligned vector loads.
+* otherwise (FLAT_K; the 3-channel stem): K is decoded per element into (kh, kw, c) and the tail
+  past K is masked. For the stem K = 7*7*3 = 147, i.e. 5 steps of BLOCK_K = 32 (160, 8% waste).
+  We do not pad the input to 4 channels (that would be an extra copy of every image, made by the
+  caller) nor the packed weight's K (the x loads must be masked on K anyway, and weight rows stay
+  aligned along C_out whatever K is): a 3-channel pixel is 6 bytes, so x loads of the stem are
+  scalar gathers either way.
+
+Runtime ints are the batch and spatial sizes; channel counts, kernel size, stride, padding,
+dilation and the epilogue switches are constexpr. Pixel indices are int32 (N*H*W < 2**31 is
+checked), element offsets int64.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._launch import KernelCall, is_recording
+
+
+@triton.jit
+def _conv2d_nhwc_kernel(
+    x_ptr, w_ptr, out_ptr, bias_ptr, residual_ptr, shortcut_ptr,
+    BATCH, H, W, OH, OW, SC_H, SC_W,
+    C_IN: tl.constexpr, C_OUT: tl.constexpr,
+    CIN_PER_GROUP: tl.constexpr, COUT_PER_GROUP: tl.constexpr,   # per *packed* group
+    KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    C_SC: tl.constexpr, SC_STRIDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+    HAS_SHORTCUT_GEMM: tl.constexpr, FLAT_K: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out = relu?(conv(x, W) [+ shortcut @ W_sc] + bias [+ residual]), fp32 accumulation.
+
+    UPCAST_DOT_OPERANDS casts both dot tiles to fp32 first; the wrapper sets it only for bf16 under
+    the Triton interpreter, whose bf16 ``tl.dot`` is wrong (triton 3.8). Loads, stores and the
+    epilogue stay bf16 there, so the interpreter still checks those paths.
+    """
+    pid = tl.program_id(0)
+    M = BATCH * OH * OW
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    N_TILES_PER_GROUP: tl.constexpr = (COUT_PER_GROUP + BLOCK_N - 1) // BLOCK_N
+    num_pid_n = (C_OUT // COUT_PER_GROUP) * N_TILES_PER_GROUP
+    # Swizzle: GROUP_M consecutive programs share a weight tile column while they walk M, so the
+    # activation rows they read stay in L2.
+    num_pid_in_swizzle = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_swizzle) * GROUP_M
+    swizzle_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_swizzle) % swizzle_m
+    pid_n = (pid % num_pid_in_swizzle) // swizzle_m
+
+    group = pid_n // N_TILES_PER_GROUP
+    offs_n_in_group = (pid_n % N_TILES_PER_GROUP) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = group * COUT_PER_GROUP + offs_n_in_group
+    n_mask = offs_n_in_group < COUT_PER_GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    img = offs_m // (OW * OH)
+    group_c0 = group * CIN_PER_GROUP
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if KH == 1 and KW == 1 and STRIDE_H == 1 and STRIDE_W == 1 and PAD_H == 0 and PAD_W == 0:
+        # Plain GEMM: output pixel m reads input pixel m.
+        a_rows = offs_m.to(tl.int64) * C_IN + group_c0
+        for kb in range(0, tl.cdiv(CIN_PER_GROUP, BLOCK_K)):
+            k = kb * BLOCK_K + offs_k
+            if CIN_PER_GROUP % BLOCK_K == 0:
+                a = tl.load(x_ptr + a_rows[:, None] + k[None, :], mask=m_mask[:, None], other=0.0)
+                b = tl.load(w_ptr + k[:, None] * C_OUT + offs_n[None, :], mask=n_mask[None, :], other=0.0)
+            else:
+                k_ok = k < CIN_PER_GROUP
+                a = tl.load(x_ptr + a_rows[:, None] + k[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + k[:, None] * C_OUT + offs_n[None, :], mask=k_ok[:, None] & n_mask[None, :],
+                            other=0.0)
+            if UPCAST_DOT_OPERANDS:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+    elif FLAT_K:
+        K_MAIN: tl.constexpr = KH * KW * CIN_PER_GROUP
+        for kb in range(0, tl.cdiv(K_MAIN, BLOCK_K)):
+            k = kb * BLOCK_K + offs_k
+            c = k % CIN_PER_GROUP
+            tap = k // CIN_PER_GROUP
+            ih = oh[:, None] * STRIDE_H - PAD_H + (tap // KW)[None, :] * DIL_H
+            iw = ow[:, None] * STRIDE_W - PAD_W + (tap % KW)[None, :] * DIL_W
+            k_ok = k < K_MAIN
+            a_ok = m_mask[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pixel = (img[:, None] * H + ih) * W + iw
+            a = tl.load(x_ptr + pixel.to(tl.int64) * C_IN + group_c0 + c[None, :], mask=a_ok, other=0.0)
+            b = tl.load(w_ptr + k[:, None] * C_OUT + offs_n[None, :], mask=k_ok[:, None] & n_mask[None, :],
+                        other=0.0)
+            if UPCAST_DOT_OPERANDS:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        # Tap-major: step kb covers channels [c0, c0 + BLOCK_K) of tap (kh, kw); BLOCK_K divides
+        # CIN_PER_GROUP, so packed row kb*BLOCK_K + j is exactly (tap, c0 + j).
+        CHUNKS: tl.constexpr = CIN_PER_GROUP // BLOCK_K
+        for kb in range(0, KH * KW * CHUNKS):
+            tap = kb // CHUNKS
+            c0 = (kb % CHUNKS) * BLOCK_K
+            ih = oh * STRIDE_H - PAD_H + (tap // KW) * DIL_H
+            iw = ow * STRIDE_W - PAD_W + (tap % KW) * DIL_W
+            row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_rows = ((img * H + ih) * W + iw).to(tl.int64) * C_IN + group_c0 + c0
+            a = tl.load(x_ptr + a_rows[:, None] + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+            k = kb * BLOCK_K + offs_k
+            b = tl.load(w_ptr + k[:, None] * C_OUT + offs_n[None, :], mask=n_mask[None, :], other=0.0)
+            if UPCAST_DOT_OPERANDS:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+
+    if HAS_SHORTCUT_GEMM:
+        # groups == 1 here (checked at pack time): the shortcut rows follow the main K rows.
+        SC_ROW0: tl.constexpr = KH * KW * CIN_PER_GROUP
+        sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE
+        sc_rows = sc_pixel.to(tl.int64) * C_SC
+        for kb in range(0, tl.cdiv(C_SC, BLOCK_K)):
+            c = kb * BLOCK_K + offs_k
+            if C_SC % BLOCK_K == 0:
+                a = tl.load(shortcut_ptr + sc_rows[:, None] + c[None, :], mask=m_mask[:, None], other=0.0)
+                b = tl.load(w_ptr + (SC_ROW0 + c)[:, None] * C_OUT + offs_n[None, :], mask=n_mask[None, :],
+                            other=0.0)
+            else:
+                c_ok = c < C_SC
+                a = tl.load(shortcut_ptr + sc_rows[:, None] + c[None, :], mask=m_mask[:, None] & c_ok[None, :],
+                            other=0.0)
+                b = tl.load(w_ptr + (SC_ROW0 + c)[:, None] * C_OUT + offs_n[None, :],
+                            mask=c_ok[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST_DOT_OPERANDS:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+    if APPLY_RELU:
+        # torch.relu keeps NaN; tl.maximum would drop it.
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed weights
+
+
+_MIN_TILE_CHANNELS = 16   # smallest tl.dot N and K tile
+
+
+@dataclass
+class PackedConvWeight:
+    """A conv weight packed for ``_conv2d_nhwc_kernel``: [K_main (+ C_sc), C_out] in the compute dtype.
+
+    K_main = KH*KW*group_in_channels, rows ordered (kh, kw, c) within a packed group; see the
+    module docstring for packed groups (``tile_groups`` conv groups, block-diagonal).
+    """
+    weight: torch.Tensor
+    out_channels: int
+    in_channels: int
+    kernel_size: tuple
+    groups: int
+    tile_groups: int
+    shortcut_in_channels: int = 0
+
+    @property
+    def group_in_channels(self) -> int:      # input channels of one packed group
+        return self.in_channels // self.groups * self.tile_groups
+
+    @property
+    def group_out_channels(self) -> int:     # output channels of one packed group
+        return self.out_channels // self.groups * self.tile_groups
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+
+def _tile_groups(groups: int, in_per_group: int, out_per_group: int) -> int:
+    """Smallest divisor t of ``groups`` with t*in and t*out >= 16 (else all groups, one dense block)."""
+    for t in range(1, groups + 1):
+        if groups % t == 0 and t * in_per_group >= _MIN_TILE_CHANNELS and t * out_per_group >= _MIN_TILE_CHANNELS:
+            return t
+    return groups
+
+
+def pack_conv_weight(weight, *, groups=1, shortcut_weight=None) -> PackedConvWeight:
+    """Pack a PyTorch conv weight [C_out, C_in/groups, KH, KW] (and optionally a 1x1 projection
+    shortcut weight [C_out, C_sc, 1, 1], groups=1 only) for ``conv2d_nhwc_packed``.
+
+    Keeps ``weight.dtype`` (cast to the compute dtype first) and device; works on meta tensors.
+    """
+    if weight.dim() != 4:
+        raise ValueError(f"conv weight must be 4-D [C_out, C_in/groups, KH, KW], got shape {tuple(weight.shape)}")
+    c_out, cin_g, kh, kw = weight.shape
+    if groups < 1 or c_out % groups != 0:
+        raise ValueError(f"groups={groups} must divide the {c_out} output channels of the weight")
+    cout_g = c_out // groups
+    t = _tile_groups(groups, cin_g, cout_g)
+    if t > 1:
+        # Block-diagonal packed groups: [s, i, o, j, c] = weight[s, i, o, c] if i == j else 0.
+        w = weight.reshape(groups // t, t, cout_g, cin_g, kh, kw)
+        block_diagonal = weight.new_zeros(groups // t, t, cout_g, t, cin_g, kh, kw)
+        for i in range(t):
+            block_diagonal[:, i, :, i] = w[:, i]
+        weight_g = block_diagonal.reshape(c_out, t * cin_g, kh, kw)
+    else:
+        weight_g = weight
+    packed = weight_g.permute(2, 3, 1, 0).reshape(kh * kw * t * cin_g, c_out)
+    c_sc = 0
+    if shortcut_weight is not None:
+        if groups != 1:
+            raise ValueError(f"a fused projection shortcut needs groups=1, got groups={groups}")
+        if shortcut_weight.dim() != 4 or shortcut_weight.shape[0] != c_out or shortcut_weight.shape[2:] != (1, 1):
+            raise ValueError(f"shortcut weight must be [C_out={c_out}, C_sc, 1, 1], "
+                             f"got shape {tuple(shortcut_weight.shape)}")
+        if shortcut_weight.dtype != weight.dtype or shortcut_weight.device != weight.device:
+            raise ValueError(f"shortcut weight ({shortcut_weight.dtype}, {shortcut_weight.device}) must match the "
+                             f"conv weight ({weight.dtype}, {weight.device})")
+        c_sc = shortcut_weight.shape[1]
+        packed = torch.cat([packed, shortcut_weight[:, :, 0, 0].t()], dim=0)
+    return PackedConvWeight(weight=packed.contiguous(), out_channels=c_out, in_channels=cin_g * groups,
+                            kernel_size=(kh, kw), groups=groups, tile_groups=t, shortcut_in_channels=c_sc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+
+
+# Untuned starting points (no GPU has measured them); every tile the rule can reach for the
+# torchvision ResNets compiles for sm_80 and sm_90 without spills (see the AOT check).
+CONV_CONFIGS = {
+    # 16-bit operands, tensor cores (mma.sync on sm_80, wgmma on sm_90: 4-warp multiples, BLOCK_M >= 64)
+    "tc_wide": ConvConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "tc_narrow": ConvConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    "tc_small_m": ConvConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    # fp32: the dot runs in IEEE fp32 on the FMA units (no tf32), so smaller tiles
+    "fp32": ConvConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
+    # Triton interpreter (CPU tensors): fewer, larger programs run faster in numpy
+    "interpreter": ConvConfig(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1),
+}
+_FLAT_K_BLOCK_K = 32           # the stem's K=147 -> 5 steps over 160
+_SMALL_M_PROGRAMS = 128        # fewer tc_wide/narrow programs than this: too few to fill a GPU
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _largest_pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+@functools.lru_cache(maxsize=4096)
+def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_channels: int, flat_k: bool,
+                dtype: torch.dtype, device_type: str) -> ConvConfig:
+    """Tile rule, keyed on what changes the answer: M = N*OH*OW, the packed group widths, the
+    K mode, the operand width and whether the interpreter runs it.
+
+    GPU, 16-bit: tc_wide when a packed group has >= 128 output channels, else tc_narrow; tc_small_m
+    when that leaves fewer than 128 programs (late stages at small batch). fp32: the fp32 tile.
+    Interpreter (device cpu): the interpreter tile.
+    Then BLOCK_N is clamped to the packed group width (pow2, >= 16) and BLOCK_K to the largest
+    power of two dividing the group's input channels (tap-major K steps must not straddle a tap),
+    or 32 in FLAT_K mode.
+    """
+    if device_type == "cpu":
+        cfg = CONV_CONFIGS["interpreter"]
+        cfg = dataclasses.replace(cfg, BLOCK_M=min(cfg.BLOCK_M, max(16, _pow2_at_least(m))))
+    elif dtype == torch.float32:
+        cfg = CONV_CONFIGS["fp32"]
+    else:
+        cfg = CONV_CONFIGS["tc_wide" if group_out_channels >= 128 else "tc_narrow"]
+        programs = triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(group_out_channels, cfg.BLOCK_N)
+        if programs < _SMALL_M_PROGRAMS:
+            cfg = CONV_CONFIGS["tc_small_m"]
+    block_n = min(cfg.BLOCK_N, max(_MIN_TILE_CHANNELS, _pow2_at_least(group_out_channels)))
+    if flat_k:
+        block_k = min(cfg.BLOCK_K, _FLAT_K_BLOCK_K)
+    else:
+        block_k = min(cfg.BLOCK_K, _largest_pow2_divisor(group_in_channels))
+    return dataclasses.replace(cfg, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch wrappers
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _output_size(size, k, stride, pad, dil):
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padding=0, dilation=1,
+                       residual=None, relu=False, shortcut=None, shortcut_stride=1, out=None):
+    """``relu?(conv(x, packed) [+ conv1x1_s(shortcut, packed shortcut)] + bias [+ residual])``.
+
+    The plan's entry point: ``x`` [N, C_in, H, W] channels_last in ``packed.dtype``; ``bias`` [C_out]
+    any float dtype (used in fp32); ``residual`` and ``out`` (optional preallocated output)
+    [N, C_out, OH, OW] channels_last; ``shortcut`` [N, C_sc, H_sc, W_sc] channels_last when the
+    packed weight carries a projection shortcut, read at (oh*shortcut_stride, ow*shortcut_stride).
+    Works on meta tensors inside ``record_launches()``.
+    """
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    n, c_in, h, w = x.shape
+    if c_in != packed.in_channels:
+        raise ValueError(f"x has {c_in} channels, the packed weight expects {packed.in_channels}")
+    if x.dtype != packed.dtype:
+        raise TypeError(f"x dtype {x.dtype} != packed weight dtype {packed.dtype}")
+    if x.device != packed.device:
+        raise ValueError(f"x is on {x.device}, the packed weight on {packed.device}")
+    if not _is_channels_last(x):
+        raise ValueError("x must be channels_last: call x.contiguous(memory_format=torch.channels_last)")
+    kh, kw = packed.kernel_size
+    oh, ow = _output_size(h, kh, sh, ph, dh), _output_size(w, kw, sw, pw, dw)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"output size {oh}x{ow} < 1 for input {h}x{w}, kernel {kh}x{kw}, "
+                         f"stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
+    c_out = packed.out_channels
+    out_shape = (n, c_out, oh, ow)
+
+    def check_like_out(t, what):
+        if tuple(t.shape) != out_shape:
+            raise ValueError(f"{what} must have shape {out_shape}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"{what} ({t.dtype}, {t.device}) must match x ({x.dtype}, {x.device})")
+        if not _is_channels_last(t):
+            raise ValueError(f"{what} must be channels_last: call .contiguous(memory_format=torch.channels_last)")
+
+    if residual is not None:
+        check_like_out(residual, "residual")
+    if bias is not None:
+        if tuple(bias.shape) != (c_out,) or not bias.is_floating_point() or bias.device != x.device:
+            raise ValueError(f"bias must be a float [{c_out}] tensor on {x.device}, "
+                             f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+        if not bias.is_contiguous():
+            raise ValueError("bias must be contiguous")
+    c_sc = packed.shortcut_in_channels
+    if (shortcut is None) != (c_sc == 0):
+        raise ValueError("shortcut must be given exactly when the packed weight has a shortcut weight "
+                         f"(packed shortcut channels: {c_sc})")
+    sc_h = sc_w = None
+    if shortcut is not None:
+        if shortcut.dim() != 4 or shortcut.shape[0] != n or shortcut.shape[1] != c_sc:
+            raise ValueError(f"shortcut must be [N={n}, C_sc={c_sc}, H, W], got {tuple(shortcut.shape)}")
+        sc_h, sc_w = shortcut.shape[2], shortcut.shape[3]
+        s = shortcut_stride
+        if (sc_h - 1) // s + 1 != oh or (sc_w - 1) // s + 1 != ow:
+            raise ValueError(f"shortcut {sc_h}x{sc_w} with stride {s} gives "
+                             f"{(sc_h - 1) // s + 1}x{(sc_w - 1) // s + 1}, the conv output is {oh}x{ow}")
+        if shortcut.dtype != x.dtype or shortcut.device != x.device:
+            raise TypeError(f"shortcut ({shortcut.dtype}, {shortcut.device}) must match x ({x.dtype}, {x.device})")
+        if not _is_channels_last(shortcut):
+            raise ValueError("shortcut must be channels_last: call .contiguous(memory_format=torch.channels_last)")
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    else:
+        check_like_out(out, "out")
+        if out.numel() and x.numel() and out.data_ptr() == x.data_ptr():
+            raise ValueError("out must not alias x")
+    if n == 0:
+        return out
+    if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > _INT32_MAX:
+        raise ValueError(f"batch {n} x {h}x{w} pixels exceeds the kernel's int32 pixel index")
+    build_conv2d_nhwc_call(x, packed, out, bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
+                           residual=residual, relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride).launch()
+    return out
+
+
+def build_conv2d_nhwc_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
+                           shortcut_stride) -> KernelCall:
+    """The KernelCall of one (already validated) convolution; touches no tensor data."""
+    n, c_in, h, w = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    kh, kw = packed.kernel_size
+    cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
+    num_groups = packed.out_channels // cout_g
+    flat_k = cin_g % _MIN_TILE_CHANNELS != 0
+    m = n * oh * ow
+    device_type = x.device.type
+    if device_type == "cpu" and not is_recording() and isinstance(_conv2d_nhwc_kernel, triton.runtime.JITFunction):
+        raise RuntimeError("conv2d_nhwc on CPU tensors runs the Triton kernel under the interpreter: set "
+                           "TRITON_INTERPRET=1 before importing fastres, or use conv2d_nhwc_ref")
+    if device_type == "meta" and not is_recording():
+        raise RuntimeError("conv2d_nhwc on meta tensors only records its launch: call it inside "
+                           "fastres.kernels._launch.record_launches()")
+    cfg = conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type)
+    grid = (triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(cout_g, cfg.BLOCK_N),)
+    args = dict(x_ptr=x, w_ptr=packed.weight, out_ptr=out, BATCH=n, H=h, W=w, OH=oh, OW=ow)
+    # Absent operands are None, which Triton treats as constexpr: they go with the constexprs.
+    optional = dict(bias_ptr=bias, residual_ptr=residual, shortcut_ptr=shortcut,
+                    SC_H=shortcut.shape[2] if shortcut is not None else None,
+                    SC_W=shortcut.shape[3] if shortcut is not None else None)
+    args.update({k: v for k, v in optional.items() if v is not None})
+    constexprs = {k: v for k, v in optional.items() if v is None}
+    c_sc = packed.shortcut_in_channels
+    constexprs.update(
+        C_IN=c_in, C_OUT=packed.out_channels, CIN_PER_GROUP=cin_g, COUT_PER_GROUP=cout_g, KH=kh, KW=kw,
+        STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        DIL_H=dilation[0], DIL_W=dilation[1],
+        C_SC=c_sc, SC_STRIDE=shortcut_stride if shortcut is not None else 1,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
+        HAS_SHORTCUT_GEMM=shortcut is not None, FLAT_K=flat_k,
+        UPCAST_DOT_OPERANDS=x.dtype == torch.bfloat16 and device_type == "cpu",
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+    )
+    k_main = kh * kw * cin_g
+    name = (f"conv2d_nhwc[{kh}x{kw}/s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")
+            + (f"/g{packed.groups}" if packed.groups > 1 else "") + (f"+sc{c_sc}/s{shortcut_stride}" if c_sc else "")
+            + "]")
+    macs = m * packed.out_channels * (k_main // packed.tile_groups + c_sc)
+    return KernelCall(
+        kernel=_conv2d_nhwc_kernel, grid=grid, args=args, constexprs=constexprs,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,
+        info=dict(M=m, N=packed.out_channels, K=k_main + c_sc, flops=2 * macs, dtype=str(x.dtype).replace("torch.", ""),
+                  bytes=(x.numel() + out.numel() * (2 if residual is not None else 1)
+                         + (shortcut.numel() if shortcut is not None else 0)) * x.element_size()
+                  + packed.weight.numel() * packed.weight.element_size()),
+    )
+
+
+def conv2d_nhwc(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, residual=None, relu=False):
+    """``relu?(conv2d(x, weight, bias, stride, padding, dilation, groups) [+ residual])`` over NHWC.
+
+    ``x``, ``residual`` and the result are [N, C, H, W] tensors in channels_last memory; ``weight`` is
+    in PyTorch layout [C_out, C_in/groups, KH, KW] and x's dtype (fp16, bf16 or fp32); ``bias`` any
+    float dtype, used in fp32. Accumulates in fp32, rounds once to x's dtype.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("x and weight must be tensors")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [C_out, C_in/groups, KH, KW], got shape {tuple(weight.shape)}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got stride {(sh, sw)}, "
+                         f"padding {(ph, pw)}, dilation {(dh, dw)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} != x dtype {x.dtype}")
+    if residual is not None and residual.dtype != x.dtype:
+        raise TypeError(f"residual dtype {residual.dtype} != x dtype {x.dtype}")
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}: move both to the same device")
+    c_out, cin_g = weight.shape[0], weight.shape[1]
+    if c_out % groups != 0 or x.shape[1] % groups != 0:
+        raise ValueError(f"groups={groups} must divide the input channels ({x.shape[1]}) and output channels "
+                         f"({c_out})")
+    if x.shape[1] // groups != cin_g:
+        raise ValueError(f"x has {x.shape[1]} channels = {groups} groups x {x.shape[1] // groups}, "
+                         f"the weight expects {cin_g} input channels per group")
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    if not _is_channels_last(x):
+        raise ValueError("x must be in channels_last memory format: call "
+                         "x.contiguous(memory_format=torch.channels_last)")
+    oh = _output_size(x.shape[2], weight.shape[2], sh, ph, dh)
+    ow = _output_size(x.shape[3], weight.shape[3], sw, pw, dw)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"output size {oh}x{ow} < 1 for input {tuple(x.shape[2:])}, kernel "
+                         f"{tuple(weight.shape[2:])}, stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
+    if residual is not None:
+        expected = (x.shape[0], c_out, oh, ow)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"residual must have the output's shape {expected}, got {tuple(residual.shape)}")
+        if not _is_channels_last(residual):
+            raise ValueError("residual must be in channels_last memory format: call "
+                             "residual.contiguous(memory_format=torch.channels_last)")
+    if bias is not None:
+        bias = bias.contiguous()
+    packed = pack_conv_weight(weight, groups=groups)
+    return conv2d_nhwc_packed(x, packed, bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
+                              residual=residual, relu=relu)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+
+
+def conv2d_nhwc_ref(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
+                    residual=None, relu=False, shortcut=None, shortcut_weight=None, shortcut_stride=1,
+                    upcast=False):
+    """Plain-PyTorch reference of the fused convolution.
+
+        out = relu?(conv(x, weight) [+ conv1x1(shortcut, shortcut_weight, stride=shortcut_stride)]
+                    + bias [+ residual])
+
+    ``upcast=True`` computes in fp32 and casts the result once to ``x.dtype`` — the numerics of the
+    kernel (fp32 accumulation, fp32 epilogue, one rounding at the store). channels_last in gives
+    channels_last out.
+    """
+    out_dtype = x.dtype
+    channels_last = _is_channels_last(x)
+    if upcast:
+        x, weight = x.float(), weight.float()
+        residual = residual.float() if residual is not None else None
+        if shortcut is not None:
+            shortcut, shortcut_weight = shortcut.float(), shortcut_weight.float()
+    bias = bias.to(x.dtype) if bias is not None else None
+    out = F.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if shortcut is not None:
+        out = out.add_(F.conv2d(shortcut, shortcut_weight, stride=shortcut_stride))
+    if residual is not None:
+        out = out.add_(residual)
+    if relu:
+        out = out.relu_()
+    out = out.to(out_dtype)
+    if channels_last and not _is_channels_last(out):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
