@@ -8,6 +8,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>

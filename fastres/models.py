@@ -196,7 +196,7 @@ def _build(arch: str, weights, progress: bool, kwargs: dict) -> ResNet:
             kwargs.setdefault("num_classes", fc_weight.shape[0])
         weights = None
     else:
-        weights = _WEIGHT_ENUMS[arch].verify(weights)
+        weights = _verify_weights(_WEIGHT_ENUMS[arch], weights)
         if weights is not None:
             categories = weights.meta["categories"]
             if "num_classes" in kwargs and kwargs["num_classes"] != len(categories):
@@ -210,6 +210,18 @@ def _build(arch: str, weights, progress: bool, kwargs: dict) -> ResNet:
     if checkpoint is not None:
         model.load_state_dict(checkpoint)
     return model
+
+
+def _verify_weights(enum, weights):
+    if isinstance(weights, (str, os.PathLike)) and (
+            os.sep in os.fspath(weights) or os.fspath(weights).endswith((".pth", ".pt", ".safetensors"))):
+        raise FileNotFoundError(f"weights={os.fspath(weights)!r}: no such checkpoint file")
+    try:
+        return enum.verify(weights)
+    except KeyError:
+        names = ", ".join(["DEFAULT", *enum.__members__])
+        raise ValueError(f"unknown weights {weights!r} for {enum.__name__}; choose one of {names} "
+                         "or give the path of a local checkpoint") from None
 
 
 def _weights_meta(weights) -> dict:

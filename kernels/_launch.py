@@ -32,8 +32,20 @@ class KernelCall:
         if calls is not None:
             calls.append(self)
             return
+        self._check_runnable()
         self.kernel[self.grid](**self.args, **self.constexprs,
                                num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def _check_runnable(self):
+        """A clear error instead of a failure inside triton for tensors it cannot run on."""
+        devices = {a.device.type for a in self.args.values() if isinstance(a, torch.Tensor)}
+        what = self.name or getattr(self.kernel, "__name__", "kernel")
+        if "meta" in devices:
+            raise RuntimeError(f"{what} on meta tensors only records its launch: call it inside "
+                               "fastres.kernels._launch.record_launches()")
+        if "cpu" in devices and not _is_interpreted(self.kernel):
+            raise RuntimeError(f"{what} on CPU tensors runs the Triton kernel under the interpreter: set "
+                               "TRITON_INTERPRET=1 before importing fastres, or use the *_ref function")
 
 
 @contextlib.contextmanager
@@ -49,6 +61,11 @@ def record_launches():
         yield calls
     finally:
         _recording.calls = previous
+
+
+def _is_interpreted(kernel) -> bool:
+    import triton
+    return not isinstance(kernel, triton.runtime.JITFunction)  # under TRITON_INTERPRET, jit wraps otherwise
 
 
 def is_recording() -> bool:

@@ -31,7 +31,7 @@ def _avgpool_linear_kernel(
     N, C, HW, CLASSES,
     stride_wk,                            # row stride of the packed [C, classes] weight
     HAS_BIAS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,             # dot in fp32 (IEEE): fp32 inputs, bf16 in the interpreter
+    UPCAST_DOT_OPERANDS: tl.constexpr,    # dot in fp32 (IEEE): fp32 inputs, bf16 in the interpreter
     BLOCK_M: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     pid_cls = tl.program_id(0)
@@ -58,7 +58,7 @@ def _avgpool_linear_kernel(
 
         w_ptrs = w_ptr + ks[:, None] * stride_wk + classes[None, :]
         w = tl.load(w_ptrs, mask=k_ok[:, None] & cls_ok[None, :], other=0.0)
-        if UPCAST_DOT:
+        if UPCAST_DOT_OPERANDS:
             acc = tl.dot(pooled, w.to(tl.float32), acc, input_precision="ieee")
         else:
             # Rounding the mean to x's dtype is what PyTorch's fp16/bf16 head does too.
@@ -74,8 +74,10 @@ def _avgpool_linear_kernel(
 TARGET_PROGRAMS = 64
 
 
-def avgpool_linear_config(N, C, HW, classes):
-    """Tile rule, keyed on batch, H*W and classes.
+def avgpool_linear_config(N, C, HW, classes, dtype=torch.float16, device_type="cuda"):
+    """Tile rule, keyed on batch, H*W, classes, the element size and where the kernel runs.
+
+    GPU (``device_type`` "cuda", and "meta" for recorded launches):
 
     - BLOCK_M = 16 rows: the smallest ``tl.dot`` tile; batch rows are the parallel axis for the
       activation read, so there is no gain in taller row blocks.
@@ -83,10 +85,21 @@ def avgpool_linear_config(N, C, HW, classes):
       batches (weight-read bound) get narrow class tiles and many programs; batch 256 (activation
       bound) gets 256-wide tiles, so x is re-read only 4 times for 1000 classes. Never wider than
       the class count rounded up to a power of two (>= 16).
-    - BLOCK_K = 64 channels (a multiple of every ResNet width), BLOCK_HW the rest of a 4096-element
-      x tile (32 values per thread at 4 warps), at most H*W rounded up.
+    - num_warps = 8 for class tiles of 128 or more, else 4: the weight tile stays at <= 64
+      values per thread (at 4 warps a 256-wide fp16 tile needs 254 registers on sm_80, at 8 warps
+      164; measured with ``fastres.aot``).
+    - Tiles are sized in bytes, so fp32 gets half the channels per step: BLOCK_K = 128 bytes of
+      channels (64 fp16/bf16, 32 fp32; ResNet widths are multiples of both) and BLOCK_HW the rest
+      of an 8 KiB x tile, at most H*W rounded up (a 64-channel fp32 step spills on sm_80 at the
+      256-wide tile; a larger x tile costs ~40 registers).
+
+    Interpreter ("cpu"): numpy time grows with programs and loop trips, not registers, so one
+    program takes up to 1024 classes and each trip 128 channels x up to 64 pixels.
     """
     block_m = 16
+    if device_type == "cpu":
+        return dict(BLOCK_M=block_m, BLOCK_CLS=min(max(triton.next_power_of_2(classes), 16), 1024),
+                    BLOCK_K=128, BLOCK_HW=min(triton.next_power_of_2(HW), 64), num_warps=4, num_stages=1)
     row_blocks = triton.cdiv(N, block_m)
     block_cls = 32
     for width in (256, 128, 64):
@@ -94,10 +107,12 @@ def avgpool_linear_config(N, C, HW, classes):
             block_cls = width
             break
     block_cls = min(block_cls, max(triton.next_power_of_2(classes), 16))
-    block_k = 64
-    block_hw = max(1, min(4096 // (block_m * block_k), triton.next_power_of_2(HW)))
+    num_warps = 8 if block_cls >= 128 else 4
+    element_size = dtype.itemsize
+    block_k = 128 // element_size
+    block_hw = max(1, min(8192 // (block_m * block_k * element_size), triton.next_power_of_2(HW)))
     return dict(BLOCK_M=block_m, BLOCK_CLS=block_cls, BLOCK_K=block_k, BLOCK_HW=block_hw,
-                num_warps=4, num_stages=2)
+                num_warps=num_warps, num_stages=2)
 
 
 def pack_linear_weight(weight):
@@ -153,10 +168,11 @@ def _check_inputs(x, packed, bias, out):
             raise ValueError("avgpool_linear: out must be contiguous")
 
 
-def avgpool_linear_packed(x, packed, bias=None, out=None):
+def avgpool_linear_packed(x, packed, bias=None, out=None, *, config=None):
     """The plan's entry point: ``out = mean_hw(x) @ W.T + bias`` with ``packed = pack_linear_weight(W)``.
 
     ``bias`` is float32 ``[classes]`` or None; ``out`` (optional) is ``[N, classes]`` in x's dtype.
+    ``config`` overrides ``avgpool_linear_config`` (benchmarks and tests try other tiles with it).
     """
     _check_inputs(x, packed, bias, out)
     N, C, H, W = x.shape
@@ -168,18 +184,17 @@ def avgpool_linear_packed(x, packed, bias=None, out=None):
     if C == 0 or H * W == 0:
         raise ValueError(f"avgpool_linear: cannot average an empty feature map, x shape {tuple(x.shape)}")
 
-    cfg = avgpool_linear_config(N, C, H * W, classes)
-    # The triton interpreter computes tl.dot on bf16 operands wrongly; there, and for fp32 inputs,
-    # the dot runs on fp32 operands. Recorded launches (meta tensors) keep the real GPU kernel.
-    interpreted_bf16 = (x.dtype == torch.bfloat16 and x.device.type != "meta"
-                        and triton.knobs.runtime.interpret)
+    cfg = config or avgpool_linear_config(N, C, H * W, classes, x.dtype, x.device.type)
+    # The triton interpreter (CPU tensors) computes tl.dot on bf16 operands wrongly; there, and for
+    # fp32 inputs, the dot runs on fp32 operands. Recorded launches (meta) keep the GPU kernel.
+    interpreted_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu"
     KernelCall(
         kernel=_avgpool_linear_kernel,
         grid=(triton.cdiv(classes, cfg["BLOCK_CLS"]), triton.cdiv(N, cfg["BLOCK_M"])),
         args=dict(x_ptr=x, w_ptr=packed, bias_ptr=bias, out_ptr=out,
                   N=N, C=C, HW=H * W, CLASSES=classes, stride_wk=packed.stride(0)),
         constexprs=dict(HAS_BIAS=bias is not None,
-                        UPCAST_DOT=x.dtype == torch.float32 or interpreted_bf16,
+                        UPCAST_DOT_OPERANDS=x.dtype == torch.float32 or interpreted_bf16,
                         BLOCK_M=cfg["BLOCK_M"], BLOCK_CLS=cfg["BLOCK_CLS"],
                         BLOCK_K=cfg["BLOCK_K"], BLOCK_HW=cfg["BLOCK_HW"]),
         num_warps=cfg["num_warps"],

@@ -64,14 +64,16 @@ def _conv2d_nhwc_kernel(
     C_SC: tl.constexpr, SC_STRIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
     HAS_SHORTCUT_GEMM: tl.constexpr, FLAT_K: tl.constexpr,
-    UPCAST_DOT_OPERANDS: tl.constexpr,
+    INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out = relu?(conv(x, W) [+ shortcut @ W_sc] + bias [+ residual]), fp32 accumulation.
 
-    UPCAST_DOT_OPERANDS casts both dot tiles to fp32 first; the wrapper sets it only for bf16 under
-    the Triton interpreter, whose bf16 ``tl.dot`` is wrong (triton 3.8). Loads, stores and the
-    epilogue stay bf16 there, so the interpreter still checks those paths.
+    INTERPRETER_BF16 works around two bf16 bugs of the Triton interpreter (triton 3.8), and the
+    wrapper sets it only for bf16 there: ``tl.dot`` on bf16 tiles returns garbage (so both tiles
+    are cast to fp32 first) and the fp32 -> bf16 cast truncates (so the store is rounded to
+    nearest-even by hand, as the GPU's cvt.rn does). bf16 loads, the epilogue and the bf16 store
+    still run, so the interpreter checks those paths.
     """
     pid = tl.program_id(0)
     M = BATCH * OH * OW
@@ -96,80 +98,93 @@ def _conv2d_nhwc_kernel(
     ow = offs_m % OW
     oh = (offs_m // OW) % OH
     img = offs_m // (OW * OH)
-    group_c0 = group * CIN_PER_GROUP
+    # Loop invariants are hoisted and pointers advanced by scalars: the K loop does little more
+    # than two loads and a dot (also what keeps the interpreter fast).
+    w_ptrs = w_ptr + offs_k[:, None] * C_OUT + offs_n[None, :]
+    EVEN_N: tl.constexpr = COUT_PER_GROUP % BLOCK_N == 0
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if KH == 1 and KW == 1 and STRIDE_H == 1 and STRIDE_W == 1 and PAD_H == 0 and PAD_W == 0:
         # Plain GEMM: output pixel m reads input pixel m.
-        a_rows = offs_m.to(tl.int64) * C_IN + group_c0
+        a_ptrs = x_ptr + (offs_m.to(tl.int64) * C_IN + group * CIN_PER_GROUP)[:, None] + offs_k[None, :]
         for kb in range(0, tl.cdiv(CIN_PER_GROUP, BLOCK_K)):
-            k = kb * BLOCK_K + offs_k
             if CIN_PER_GROUP % BLOCK_K == 0:
-                a = tl.load(x_ptr + a_rows[:, None] + k[None, :], mask=m_mask[:, None], other=0.0)
-                b = tl.load(w_ptr + k[:, None] * C_OUT + offs_n[None, :], mask=n_mask[None, :], other=0.0)
+                a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+                b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
             else:
-                k_ok = k < CIN_PER_GROUP
-                a = tl.load(x_ptr + a_rows[:, None] + k[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + k[:, None] * C_OUT + offs_n[None, :], mask=k_ok[:, None] & n_mask[None, :],
-                            other=0.0)
-            if UPCAST_DOT_OPERANDS:
+                k_ok = offs_k < CIN_PER_GROUP - kb * BLOCK_K
+                a = tl.load(a_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+            if INTERPRETER_BF16:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision="ieee")
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * C_OUT
     elif FLAT_K:
         K_MAIN: tl.constexpr = KH * KW * CIN_PER_GROUP
+        ih0 = oh * STRIDE_H - PAD_H
+        iw0 = ow * STRIDE_W - PAD_W
+        x_img = x_ptr + (img * H).to(tl.int64) * W * C_IN + group * CIN_PER_GROUP
         for kb in range(0, tl.cdiv(K_MAIN, BLOCK_K)):
             k = kb * BLOCK_K + offs_k
             c = k % CIN_PER_GROUP
             tap = k // CIN_PER_GROUP
-            ih = oh[:, None] * STRIDE_H - PAD_H + (tap // KW)[None, :] * DIL_H
-            iw = ow[:, None] * STRIDE_W - PAD_W + (tap % KW)[None, :] * DIL_W
+            ih = ih0[:, None] + (tap // KW)[None, :] * DIL_H
+            iw = iw0[:, None] + (tap % KW)[None, :] * DIL_W
             k_ok = k < K_MAIN
             a_ok = m_mask[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pixel = (img[:, None] * H + ih) * W + iw
-            a = tl.load(x_ptr + pixel.to(tl.int64) * C_IN + group_c0 + c[None, :], mask=a_ok, other=0.0)
-            b = tl.load(w_ptr + k[:, None] * C_OUT + offs_n[None, :], mask=k_ok[:, None] & n_mask[None, :],
-                        other=0.0)
-            if UPCAST_DOT_OPERANDS:
+            a = tl.load(x_img[:, None] + (ih * W + iw) * C_IN + c[None, :], mask=a_ok, other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+            if INTERPRETER_BF16:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision="ieee")
+            w_ptrs += BLOCK_K * C_OUT
     else:
-        # Tap-major: step kb covers channels [c0, c0 + BLOCK_K) of tap (kh, kw); BLOCK_K divides
-        # CIN_PER_GROUP, so packed row kb*BLOCK_K + j is exactly (tap, c0 + j).
+        # Tap-major: step kb covers channels [c0, c0 + BLOCK_K) of tap (kh, kw) = divmod(kb // CHUNKS,
+        # KW), c0 = (kb % CHUNKS) * BLOCK_K; BLOCK_K divides CIN_PER_GROUP, so packed row
+        # kb*BLOCK_K + j is exactly (tap, c0 + j). The tap's input pixel is pixel0 + kh*DIL_H*W +
+        # kw*DIL_W. (kh, kw, c0) are written inline, not assigned: the interpreter turns every
+        # assigned value into a tensor, which costs more than the dot at these tile sizes.
         CHUNKS: tl.constexpr = CIN_PER_GROUP // BLOCK_K
+        ih0 = oh * STRIDE_H - PAD_H
+        iw0 = ow * STRIDE_W - PAD_W
+        x_rows = x_ptr + ((img * H + ih0) * W + iw0).to(tl.int64) * C_IN + group * CIN_PER_GROUP
+        x_row_pitch = W * C_IN
         for kb in range(0, KH * KW * CHUNKS):
-            tap = kb // CHUNKS
-            c0 = (kb % CHUNKS) * BLOCK_K
-            ih = oh * STRIDE_H - PAD_H + (tap // KW) * DIL_H
-            iw = ow * STRIDE_W - PAD_W + (tap % KW) * DIL_W
-            row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_rows = ((img * H + ih) * W + iw).to(tl.int64) * C_IN + group_c0 + c0
-            a = tl.load(x_ptr + a_rows[:, None] + offs_k[None, :], mask=row_ok[:, None], other=0.0)
-            k = kb * BLOCK_K + offs_k
-            b = tl.load(w_ptr + k[:, None] * C_OUT + offs_n[None, :], mask=n_mask[None, :], other=0.0)
-            if UPCAST_DOT_OPERANDS:
+            if PAD_H == 0 and PAD_W == 0:
+                row_ok = m_mask       # without padding every tap of a valid output pixel is inside
+            else:
+                ih = ih0 + (kb // CHUNKS // KW) * DIL_H
+                iw = iw0 + (kb // CHUNKS % KW) * DIL_W
+                row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_rows + ((kb // CHUNKS // KW) * DIL_H * x_row_pitch
+                               + ((kb // CHUNKS % KW) * DIL_W * C_IN + (kb % CHUNKS) * BLOCK_K))
+            a = tl.load(a_ptrs[:, None] + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+            b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+            if INTERPRETER_BF16:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision="ieee")
+            w_ptrs += BLOCK_K * C_OUT
 
     if HAS_SHORTCUT_GEMM:
-        # groups == 1 here (checked at pack time): the shortcut rows follow the main K rows.
-        SC_ROW0: tl.constexpr = KH * KW * CIN_PER_GROUP
+        # groups == 1 here (checked at pack time) and w_ptrs now points at the shortcut rows, which
+        # follow the KH*KW*C_IN main rows; the shortcut input is read at (oh*s, ow*s).
         sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE
-        sc_rows = sc_pixel.to(tl.int64) * C_SC
+        w_ptrs = w_ptr + (KH * KW * CIN_PER_GROUP + offs_k)[:, None] * C_OUT + offs_n[None, :]
+        a_ptrs = shortcut_ptr + (sc_pixel.to(tl.int64) * C_SC)[:, None] + offs_k[None, :]
         for kb in range(0, tl.cdiv(C_SC, BLOCK_K)):
-            c = kb * BLOCK_K + offs_k
             if C_SC % BLOCK_K == 0:
-                a = tl.load(shortcut_ptr + sc_rows[:, None] + c[None, :], mask=m_mask[:, None], other=0.0)
-                b = tl.load(w_ptr + (SC_ROW0 + c)[:, None] * C_OUT + offs_n[None, :], mask=n_mask[None, :],
-                            other=0.0)
+                a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+                b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
             else:
-                c_ok = c < C_SC
-                a = tl.load(shortcut_ptr + sc_rows[:, None] + c[None, :], mask=m_mask[:, None] & c_ok[None, :],
-                            other=0.0)
-                b = tl.load(w_ptr + (SC_ROW0 + c)[:, None] * C_OUT + offs_n[None, :],
-                            mask=c_ok[:, None] & n_mask[None, :], other=0.0)
-            if UPCAST_DOT_OPERANDS:
+                c_ok = offs_k < C_SC - kb * BLOCK_K
+                a = tl.load(a_ptrs, mask=m_mask[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
+            if INTERPRETER_BF16:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision="ieee")
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * C_OUT
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -180,6 +195,10 @@ def _conv2d_nhwc_kernel(
     if APPLY_RELU:
         # torch.relu keeps NaN; tl.maximum would drop it.
         acc = tl.where(acc < 0.0, 0.0, acc)
+    if INTERPRETER_BF16:
+        bits = acc.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        acc = tl.where(acc != acc, acc, rounded)    # NaN payloads must not carry into the sign bit
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -476,7 +495,7 @@ def build_conv2d_nhwc_call(x, packed, out, *, bias, stride, padding, dilation, r
         C_SC=c_sc, SC_STRIDE=shortcut_stride if shortcut is not None else 1,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
         HAS_SHORTCUT_GEMM=shortcut is not None, FLAT_K=flat_k,
-        UPCAST_DOT_OPERANDS=x.dtype == torch.bfloat16 and device_type == "cpu",
+        INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )
     k_main = kh * kw * cin_g

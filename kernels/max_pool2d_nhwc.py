@@ -57,15 +57,18 @@ def _max_pool2d_nhwc_kernel(
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 
 
-def max_pool2d_config(C):
+def max_pool2d_config(C, device_type="cuda"):
     """Tile rule: whole channel rows up to 128 channels, ~2048 elements per program.
 
-    Only C changes the answer: BLOCK_C covers C (64 in every ResNet) so a pixel's channels are one
-    contiguous vector load, and BLOCK_P fills the rest of a 2048-element tile (16 values per
-    thread per tap at 4 warps: no register pressure, enough bytes in flight per SM).
+    Only C changes the answer on a GPU: BLOCK_C covers C (64 in every ResNet) so a pixel's
+    channels are one contiguous vector load, and BLOCK_P fills the rest of a 2048-element tile
+    (16 values per thread per tap at 4 warps: no register pressure, enough bytes in flight per
+    SM). Under the interpreter ("cpu") numpy time grows with the number of programs, so the tile
+    is 8x larger.
     """
     block_c = min(triton.next_power_of_2(C), 128)
-    return dict(BLOCK_P=max(2048 // block_c, 16), BLOCK_C=block_c, num_warps=4)
+    elements = 16384 if device_type == "cpu" else 2048
+    return dict(BLOCK_P=max(elements // block_c, 16), BLOCK_C=block_c, num_warps=4)
 
 
 def _check_input(x):
@@ -80,10 +83,11 @@ def _check_input(x):
                          f"(NHWC), got strides {x.stride()} for shape {tuple(x.shape)}")
 
 
-def max_pool2d_nhwc(x, *, out=None):
+def max_pool2d_nhwc(x, *, out=None, config=None):
     """3x3/s2/p1 max pooling of a channels_last ``[N, C, H, W]`` tensor; see the module docstring.
 
     ``out`` (optional) receives the result: ``[N, C, OH, OW]``, x's dtype and device, channels_last.
+    ``config`` overrides ``max_pool2d_config`` (benchmarks and tests try other tiles with it).
     """
     _check_input(x)
     N, C, H, W = x.shape
@@ -104,7 +108,7 @@ def max_pool2d_nhwc(x, *, out=None):
     if P == 0 or C == 0:
         return out
 
-    cfg = max_pool2d_config(C)
+    cfg = config or max_pool2d_config(C, x.device.type)
     KernelCall(
         kernel=_max_pool2d_nhwc_kernel,
         grid=(triton.cdiv(P, cfg["BLOCK_P"]), triton.cdiv(C, cfg["BLOCK_C"])),

@@ -1,0 +1,29 @@
+# Quick start: `make run` (the main job) and `make test` (the test suite). Both create .venv first.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.fastres-installed
+# The CUDA part of the extension builds when nvcc is here; FASTRES_CUDA_BUILD=0 skips it.
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+
+.PHONY: run test bench clean
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 pybind11 ninja
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+# Main job: every architecture against its torchvision twin (GPU with fp16 if present, else CPU fp32).
+run: $(STAMP)
+	$(BIN)/fastres verify
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench/ -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info fastres/_C*.so

@@ -1,0 +1,87 @@
+"""The ``fastres`` command line: verify, export (and the tools added by later subcommands)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Tolerance on the max logit error relative to the logit scale (docs/numerics in README).
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_verify(args) -> int:
+    from .models import ARCHITECTURES
+    from .verify import verify_arch
+
+    device = args.device if args.device != "auto" else _default_device()
+    dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    archs = ARCHITECTURES if args.arch == "all" else args.arch.split(",")
+    print(f"fastres verify: device={device} dtype={dtype} batch={args.batch} size={args.size} "
+          f"(reference: torchvision fp32 eval, same weights, non-default BN statistics)")
+    print(f"{'arch':<20} {'backend':<8} {'max |dlogit|/max|logit|':>24} {'top-1 agree':>12} "
+          f"{'time s':>8}  status")
+    failures = 0
+    for arch in archs:
+        r = verify_arch(arch, device=device, dtype=dtype, batch=args.batch, size=args.size,
+                        seed=args.seed)
+        ok = r.ok(TOLERANCE[dtype])
+        failures += not ok
+        print(f"{arch:<20} {r.backend:<8} {r.max_rel_error:>24.3e} {r.top1_agreement:>12.0%} "
+              f"{r.seconds:>8.2f}  {'ok' if ok else 'FAIL (tolerance %.0e)' % TOLERANCE[dtype]}",
+              flush=True)
+    return 1 if failures else 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from . import models
+    from .export import export
+    from .verify import DTYPES
+
+    if args.arch not in models.ARCHITECTURES:
+        print(f"unknown --arch {args.arch}; choose from {', '.join(models.ARCHITECTURES)}",
+              file=sys.stderr)
+        return 2
+    model = getattr(models, args.arch)(weights=args.weights).eval()
+    path = export(model, args.output, dtype=DTYPES[args.dtype])
+    print(f"wrote {path} ({args.arch}, BN folded, {args.dtype})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastres", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("verify", help="compare fastres models with their torchvision twins")
+    p.add_argument("--arch", default="all", help="architecture, comma list, or 'all'")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", help="write BN-folded weights to a safetensors file")
+    p.add_argument("output")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--weights", default=None,
+                   help="torchvision weights name (needs the network) or a local checkpoint path")
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.set_defaults(func=cmd_export)
+
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

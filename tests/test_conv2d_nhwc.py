@@ -1,0 +1,538 @@
+"""The implicit-GEMM NHWC convolution against torch.nn.functional.conv2d.
+
+Runs the real Triton kernel: on CUDA tensors when a GPU is present, otherwise under the Triton
+interpreter (CPU tensors), which must be switched on before Python starts:
+
+    TRITON_INTERPRET=1 pytest tests/test_conv2d_nhwc.py
+
+How bf16 is covered: the triton 3.8 interpreter's bf16 ``tl.dot`` returns garbage, so under the
+interpreter the wrapper upcasts the two bf16 dot tiles to fp32 (UPCAST_DOT_OPERANDS); bf16 loads,
+the fp32 epilogue and the bf16 store still run, and are checked here. The bf16 tensor-core dot
+itself is checked by compiling the real kernel for sm_80/sm_90 (AOT check) and by these same tests
+on a GPU, where UPCAST_DOT_OPERANDS is off.
+"""
+import math
+import os
+
+import pytest
+import torch
+import torchvision
+import triton
+
+_ON_CUDA = torch.cuda.is_available()
+if not _ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the Triton conv kernel needs a GPU or the interpreter: run with TRITON_INTERPRET=1 set in the "
+                "environment before Python starts", allow_module_level=True)
+
+from fastres.kernels import conv2d_nhwc as conv_module  # noqa: E402
+from fastres.kernels._launch import KernelCall, record_launches  # noqa: E402
+from fastres.kernels.conv2d_nhwc import (  # noqa: E402
+    CONV_CONFIGS, PackedConvWeight, conv2d_nhwc, conv2d_nhwc_packed, conv2d_nhwc_ref, conv_config,
+    pack_conv_weight)
+
+if not _ON_CUDA and isinstance(conv_module._conv2d_nhwc_kernel, triton.runtime.JITFunction):
+    pytest.skip("fastres.kernels was imported before TRITON_INTERPRET=1 was set: set it in the environment "
+                "before Python starts", allow_module_level=True)
+
+DEVICE = "cuda" if _ON_CUDA else "cpu"
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_threaded_blas():
+    """The interpreter runs each tl.dot as one small numpy matmul; multi-threaded OpenBLAS spends
+    far longer waking its threads than multiplying (measured: a resnet50 conv stack at 64x64
+    takes 5x longer on a busy 2-core machine). Scoped to this module, restored afterwards."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:          # it comes with scikit-learn (test extra); without it, just slower
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+# (dtype, atol, rtol). atol is per sqrt(K): outputs here are O(1) sums of K terms of size
+# O(1/sqrt(K)), whose rounding error grows like sqrt(K).
+FP32_TOL = (torch.float32, 1e-6, 1e-4)
+# 16-bit: err_fastres <= 2 * err_torch + atol * sqrt(K), both errors against an fp64 reference
+# computed from the same rounded inputs (style guide #11) ...
+HALF_TOL = {torch.float16: (torch.float16, 1e-4, 0.0), torch.bfloat16: (torch.bfloat16, 1e-4, 0.0)}
+# ... and, since the kernel accumulates and runs the epilogue in fp32 and rounds once, every element
+# within half an ulp of the exact result plus this fp32 noise (per sqrt(K), relative). This one
+# catches a truncating store (1 ulp), which the 2x-of-torch bound cannot.
+ONE_ROUNDING_FP32_NOISE = 1e-6
+_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
+
+# ------------------------------------------------------------------------------------------------
+# The conv shapes of the torchvision ResNets, read off the models themselves
+
+
+def _conv_shapes_of(model):
+    """{(C_in, C_out, k, stride, padding, dilation, groups)} of every conv a 224x224 forward runs."""
+    shapes = set()
+
+    def hook(mod, inputs, output):
+        shapes.add((mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0], mod.padding[0],
+                    mod.dilation[0], mod.groups))
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            assert mod.kernel_size[0] == mod.kernel_size[1] and mod.stride[0] == mod.stride[1]
+            mod.register_forward_hook(hook)
+    model(torch.empty(1, 3, 224, 224, device="meta"))
+    return shapes
+
+
+def _resnet_conv_shapes():
+    with torch.device("meta"):
+        models = [torchvision.models.resnet50(), torchvision.models.resnet18(),
+                  torchvision.models.resnext50_32x4d(),
+                  torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])]
+    shapes = set()
+    for model in models:
+        shapes |= _conv_shapes_of(model)
+    return sorted(shapes)
+
+
+RESNET_CONV_SHAPES = _resnet_conv_shapes()
+_EPILOGUES = [(bias, residual, relu) for bias in (True, False) for residual in (True, False) for relu in (True, False)]
+
+
+def _shape_id(shape):
+    c_in, c_out, k, s, p, d, g = shape
+    return f"{c_in}-{c_out}-k{k}s{s}p{p}" + (f"d{d}" if d > 1 else "") + (f"g{g}" if g > 1 else "")
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _channels_last(t):
+    return t.contiguous(memory_format=CL)
+
+
+def _make_problem(batch, c_in, c_out, h, w, k, stride, padding, dilation, groups, dtype, *, bias, residual,
+                  seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    fan_in = c_in // groups * k * k
+    x = _channels_last(torch.randn(batch, c_in, h, w, generator=gen).to(dtype)).to(DEVICE)
+    weight = (torch.randn(c_out, c_in // groups, k, k, generator=gen) / math.sqrt(fan_in)).to(dtype).to(DEVICE)
+    b = (0.5 * torch.randn(c_out, generator=gen)).to(DEVICE) if bias else None
+    oh = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    ow = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    r = _channels_last(torch.randn(batch, c_out, oh, ow, generator=gen).to(dtype)).to(DEVICE) if residual else None
+    return x, weight, b, r
+
+
+def _double(t):
+    return t.double() if t is not None else None
+
+
+def _assert_close_to_reference(out, torch_out, ref64, dtype, k_len, *, what=""):
+    """fp32: elementwise against the fp64 reference. fp16/bf16: relative to torch's own error."""
+    assert out.dtype == dtype and out.shape == ref64.shape
+    assert out.is_contiguous(memory_format=CL), "output must be channels_last"
+    finite = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(out.double()), finite), f"{what}: non-finite values differ"
+    out64, ref64 = out.double()[finite], ref64[finite]
+    if dtype == torch.float32:
+        _, atol, rtol = FP32_TOL
+        bound = atol * math.sqrt(k_len) + rtol * ref64.abs()
+        worst = ((out64 - ref64).abs() - bound).max().item()
+        assert worst <= 0, f"{what}: fp32 error exceeds |err| <= {atol}*sqrt(K) + {rtol}*|ref| by {worst:.3g}"
+    else:
+        _, atol, _ = HALF_TOL[dtype]
+        err = (out64 - ref64).abs().max().item()
+        if torch_out is not None:
+            err_torch = (torch_out.double()[finite] - ref64).abs().max().item()
+            assert err <= 2 * err_torch + atol * math.sqrt(k_len), \
+                f"{what}: {dtype} error {err:.3g} > 2 * torch's {err_torch:.3g} + {atol}*sqrt({k_len})"
+        _, exponent = torch.frexp(ref64)               # |ref| in [2**(e-1), 2**e)
+        half_ulp = torch.ldexp(torch.ones_like(ref64), exponent - 2 - _MANTISSA_BITS[dtype])
+        half_ulp = half_ulp.clamp_min(2.0**-25)        # fp16 subnormal spacing
+        bound = half_ulp + ONE_ROUNDING_FP32_NOISE * math.sqrt(k_len) * ref64.abs()
+        worst = ((out64 - ref64).abs() - bound).max().item()
+        assert worst <= 1e-12, f"{what}: {dtype} output is not the exact result rounded once (by {worst:.3g})"
+
+
+def _check_conv(batch, c_in, c_out, h, w, k, stride, padding, dilation, groups, dtype, *, bias, residual, relu,
+                seed=0):
+    x, weight, b, r = _make_problem(batch, c_in, c_out, h, w, k, stride, padding, dilation, groups, dtype,
+                                    bias=bias, residual=residual, seed=seed)
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    out = conv2d_nhwc(x, weight, b, residual=r, relu=relu, **conv)
+    ref64 = conv2d_nhwc_ref(_double(x), _double(weight), _double(b), residual=_double(r), relu=relu, **conv)
+    torch_out = None if dtype == torch.float32 else conv2d_nhwc_ref(x, weight, b, residual=r, relu=relu, **conv)
+    _assert_close_to_reference(out, torch_out, ref64, dtype, c_in // groups * k * k,
+                               what=f"conv {c_in}->{c_out} k{k} s{stride} p{padding} d{dilation} g{groups}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Every ResNet conv shape
+
+
+def test_shape_table_comes_from_torchvision():
+    shapes = set(RESNET_CONV_SHAPES)
+    assert (3, 64, 7, 2, 3, 1, 1) in shapes                 # the stem
+    assert (128, 128, 3, 1, 1, 1, 32) in shapes             # resnext50_32x4d layer1: 4 channels per group
+    assert (512, 512, 3, 1, 4, 4, 1) in shapes              # dilated resnet50 layer4
+    assert (64, 64, 3, 1, 1, 1, 1) in shapes                # resnet18 BasicBlock
+    assert (1024, 2048, 1, 2, 0, 1, 1) in shapes            # resnet50 layer4 downsample
+    assert len(shapes) == 47, len(shapes)
+
+
+_DTYPE_CASES = [(shape, dtype) for shape in RESNET_CONV_SHAPES for dtype in (torch.float32, torch.float16)]
+# bf16 on the shapes that reach each K mode and epilogue: stem (FLAT_K), 1x1 (plain GEMM),
+# 3x3 stride 2, grouped 4-per-group, dilated.
+_BF16_SHAPES = [(3, 64, 7, 2, 3, 1, 1), (256, 64, 1, 1, 0, 1, 1), (128, 128, 3, 2, 1, 1, 1),
+                (128, 128, 3, 1, 1, 1, 32), (256, 256, 3, 1, 2, 2, 1), (512, 1024, 1, 2, 0, 1, 1)]
+_DTYPE_CASES += [(shape, torch.bfloat16) for shape in _BF16_SHAPES]
+
+
+@pytest.mark.parametrize("shape,dtype", _DTYPE_CASES,
+                         ids=[f"{_shape_id(s)}-{str(d)[6:]}" for s, d in _DTYPE_CASES])
+def test_resnet_conv_shapes(shape, dtype):
+    c_in, c_out, k, stride, padding, dilation, groups = shape
+    # Epilogue combination cycles over the shapes (all 8 are covered many times, see also
+    # test_epilogue_combinations); spatial sizes are tiny, H != W, not multiples of any tile.
+    index = RESNET_CONV_SHAPES.index(shape) + (dtype == torch.float16)
+    bias, residual, relu = _EPILOGUES[index % len(_EPILOGUES)]
+    h, w = (13, 11) if c_in == 3 else (5, 6)
+    _check_conv(2, c_in, c_out, h, w, k, stride, padding, dilation, groups, dtype, bias=bias, residual=residual,
+                relu=relu, seed=index)
+
+
+@pytest.mark.parametrize("bias,residual,relu", _EPILOGUES)
+def test_epilogue_combinations(bias, residual, relu):
+    _check_conv(2, 64, 64, 7, 5, 3, 1, 1, 1, 1, torch.float32, bias=bias, residual=residual, relu=relu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,h,w", [(1, 224 // 16, 224 // 16), (3, 13, 7)])
+def test_stem(dtype, batch, h, w):
+    _check_conv(batch, 3, 64, h, w, 7, 2, 3, 1, 1, dtype, bias=True, residual=False, relu=True)
+
+
+@pytest.mark.parametrize("batch,h,w,c_in,c_out,k,stride,padding,dilation,groups", [
+    (1, 7, 7, 64, 64, 3, 1, 1, 1, 1),
+    (3, 13, 13, 64, 128, 3, 2, 1, 1, 1),       # M = 147 per image: masked M tail
+    (3, 13, 7, 256, 512, 1, 1, 0, 1, 1),      # 1x1 plain GEMM, 273 pixels > one interpreter tile
+    (1, 7, 13, 128, 256, 1, 2, 0, 1, 1),      # 1x1 stride 2 (the unfused downsample)
+    (3, 9, 7, 256, 256, 3, 1, 1, 1, 64),      # resnext101_64x4d layer1: 4 channels per group
+    (1, 13, 7, 512, 512, 3, 2, 1, 1, 32),     # 16 channels per group, stride 2
+    (1, 7, 9, 2048, 2048, 3, 1, 1, 1, 32),    # resnext101_32x8d layer4: 64 per group
+    (1, 7, 9, 48, 40, 3, 1, 1, 1, 1),         # channels not multiples of 16/32/64
+    (1, 7, 9, 5, 7, 3, 1, 2, 2, 1),           # odd channel count: the FLAT_K path beyond the stem
+    (1, 5, 7, 6, 9, 3, 1, 1, 1, 3),           # 2 channels per group: dense packed groups
+    (1, 9, 9, 32, 32, 5, 2, 2, 1, 1),         # a 5x5 kernel
+])
+def test_odd_shapes(batch, h, w, c_in, c_out, k, stride, padding, dilation, groups):
+    for dtype in (torch.float32, torch.float16):
+        _check_conv(batch, c_in, c_out, h, w, k, stride, padding, dilation, groups, dtype, bias=True,
+                    residual=True, relu=True)
+
+
+def test_non_square_stride_padding_dilation():
+    x, weight, b, _ = _make_problem(2, 32, 48, 9, 11, 3, 1, 0, 1, 1, torch.float32, bias=True, residual=False)
+    conv = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=1)
+    out = conv2d_nhwc(x, weight, b, relu=True, **conv)
+    ref64 = conv2d_nhwc_ref(_double(x), _double(weight), _double(b), relu=True, **conv)
+    _assert_close_to_reference(out, None, ref64, torch.float32, 32 * 9)
+
+
+@pytest.mark.parametrize("config_name", ["tc_wide", "tc_narrow", "tc_small_m"])
+def test_gpu_tile_configs_under_the_interpreter(config_name, monkeypatch):
+    """The GPU tiles (several M and N tiles, the GROUP_M swizzle, N tiles inside a packed group,
+    masked N tails) are what a GPU runs; run them here too, not only the big interpreter tile."""
+    config = CONV_CONFIGS[config_name]
+    monkeypatch.setattr(conv_module, "conv_config",
+                        lambda m, cout_g, n_groups, cin_g, flat_k, dtype, device_type: type(config)(
+                            config.BLOCK_M, min(config.BLOCK_N, max(16, triton.next_power_of_2(cout_g))),
+                            min(config.BLOCK_K, 32 if flat_k else cin_g & -cin_g), config.GROUP_M,
+                            config.num_warps, config.num_stages))
+    cases = [  # (batch, C_in, C_out, H, W, k, stride, padding, dilation, groups)
+        (3, 256, 320, 13, 11, 1, 1, 0, 1, 1),      # 429 pixels; C_out 320: masked last N tile
+        (2, 64, 128, 11, 13, 3, 2, 1, 1, 1),
+        (2, 256, 256, 9, 7, 3, 1, 1, 1, 2),         # 128 channels per group: N tiles inside a group
+        (2, 3, 64, 13, 11, 7, 2, 3, 1, 1),
+    ]
+    for case in cases:
+        _check_conv(*case, torch.float16, bias=True, residual=True, relu=True)
+    _check_shortcut(*_shortcut_problem(2, 64, 256, 7, 9, 256, 2, torch.float16), 2, relu=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Concat-K projection shortcut
+
+
+def _shortcut_problem(batch, c_mid, c_out, h, w, c_sc, sc_stride, dtype, *, k=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = _channels_last(torch.randn(batch, c_mid, h, w, generator=gen).to(dtype)).to(DEVICE)
+    weight = (torch.randn(c_out, c_mid, k, k, generator=gen) / math.sqrt(c_mid * k * k)).to(dtype).to(DEVICE)
+    sc_weight = (torch.randn(c_out, c_sc, 1, 1, generator=gen) / math.sqrt(c_sc)).to(dtype).to(DEVICE)
+    # The shortcut input is the block input: sc_stride x the conv output size (odd sizes allowed).
+    oh, ow = h, w  # k x k convs here keep the size (padding k // 2, stride 1)
+    shortcut = torch.randn(batch, c_sc, oh * sc_stride - (sc_stride > 1), ow * sc_stride, generator=gen)
+    shortcut = _channels_last(shortcut.to(dtype)).to(DEVICE)
+    bias = (0.5 * torch.randn(c_out, generator=gen)).to(DEVICE)
+    return x, weight, sc_weight, bias, shortcut
+
+
+def _check_shortcut(x, weight, sc_weight, bias, shortcut, sc_stride, *, relu, dilation=1):
+    packed = pack_conv_weight(weight, shortcut_weight=sc_weight)
+    assert packed.shortcut_in_channels == sc_weight.shape[1]
+    assert packed.weight.shape == (weight[0].numel() + sc_weight.shape[1], weight.shape[0])
+    k = weight.shape[2]
+    padding = dilation * (k // 2)
+    out = conv2d_nhwc_packed(x, packed, bias, padding=padding, dilation=dilation, relu=relu, shortcut=shortcut,
+                             shortcut_stride=sc_stride)
+    conv = dict(stride=1, padding=padding, dilation=dilation, groups=1, relu=relu, shortcut_stride=sc_stride)
+    ref64 = conv2d_nhwc_ref(_double(x), _double(weight), _double(bias), shortcut=_double(shortcut),
+                            shortcut_weight=_double(sc_weight), **conv)
+    torch_out = None
+    if x.dtype != torch.float32:
+        torch_out = conv2d_nhwc_ref(x, weight, bias, shortcut=shortcut, shortcut_weight=sc_weight, **conv)
+    _assert_close_to_reference(out, torch_out, ref64, x.dtype, x.shape[1] * k * k + shortcut.shape[1],
+                               what="shortcut")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch,c_mid,c_out,h,w,c_sc,sc_stride,k,dilation", [
+    (2, 64, 256, 6, 5, 64, 1, 1, 1),        # resnet50 layer1.0: conv3 + downsample, stride 1
+    (3, 128, 512, 4, 5, 256, 2, 1, 1),      # resnet50 layer2.0: downsample 1x1/s2
+    (1, 512, 2048, 3, 3, 1024, 2, 1, 1),    # resnet50 layer4.0
+    (2, 256, 1024, 5, 4, 512, 1, 1, 1),     # dilated resnet50 layer3.0: stride replaced by dilation
+    (2, 128, 128, 4, 5, 64, 2, 3, 1),       # resnet18 layer2.0: conv2 3x3 + downsample
+    (1, 256, 256, 5, 5, 128, 1, 3, 2),      # a dilated 3x3 main conv with a stride-1 shortcut
+    (2, 64, 96, 5, 6, 40, 2, 1, 1),         # shortcut channels not a multiple of BLOCK_K
+])
+def test_projection_shortcut(batch, c_mid, c_out, h, w, c_sc, sc_stride, k, dilation, dtype):
+    problem = _shortcut_problem(batch, c_mid, c_out, h, w, c_sc, sc_stride, dtype, k=k)
+    _check_shortcut(*problem, sc_stride, relu=True, dilation=dilation)
+
+
+def test_shortcut_without_relu_bf16():
+    _check_shortcut(*_shortcut_problem(2, 64, 256, 5, 4, 128, 2, torch.bfloat16), 2, relu=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN, out=, empty batch, recording
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_relu_propagates_nan(dtype):
+    x, weight, b, r = _make_problem(1, 32, 32, 7, 7, 3, 1, 1, 1, 1, dtype, bias=True, residual=True)
+    x[0, :, 2, 3] = float("nan")                 # poisons the 3x3 neighbourhood of (2, 3)
+    r[0, 5, 6, 6] = float("nan")                 # poisons one output element through the residual
+    x[0, 0, 6, 0] = float("inf")                 # +/-inf per output channel (sign of the weight), relu'd
+    out = conv2d_nhwc(x, weight, b, padding=1, residual=r, relu=True)
+    ref = conv2d_nhwc_ref(x.double(), weight.double(), b.double(), padding=1, residual=r.double(), relu=True)
+    assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.isinf(), ref.isinf())
+    assert out[0, :, 1:4, 2:5].isnan().all() and out[0, 5, 6, 6].isnan()
+
+
+def test_out_parameter_is_written_and_returned():
+    x, weight, b, r = _make_problem(2, 64, 128, 6, 7, 3, 2, 1, 1, 1, torch.float32, bias=True, residual=True)
+    out = _channels_last(torch.full((2, 128, 3, 4), float("nan"), device=DEVICE))
+    result = conv2d_nhwc_packed(x, pack_conv_weight(weight), b, stride=2, padding=1, residual=r, relu=True, out=out)
+    assert result is out
+    ref64 = conv2d_nhwc_ref(x.double(), weight.double(), b.double(), stride=2, padding=1, residual=r.double(),
+                            relu=True)
+    _assert_close_to_reference(out, None, ref64, torch.float32, 64 * 9)
+
+
+def test_out_may_be_the_residual_buffer():
+    x, weight, b, r = _make_problem(1, 64, 64, 5, 5, 1, 1, 0, 1, 1, torch.float32, bias=True, residual=True)
+    ref64 = conv2d_nhwc_ref(x.double(), weight.double(), b.double(), residual=r.double(), relu=True)
+    conv2d_nhwc_packed(x, pack_conv_weight(weight), b, residual=r, relu=True, out=r)
+    _assert_close_to_reference(r, None, ref64, torch.float32, 64)
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_empty_batch(with_out):
+    x = _channels_last(torch.empty(0, 64, 7, 5, device=DEVICE))
+    weight = torch.randn(32, 64, 3, 3, device=DEVICE)
+    if with_out:
+        out = _channels_last(torch.empty(0, 32, 4, 3, device=DEVICE))
+        result = conv2d_nhwc_packed(x, pack_conv_weight(weight), stride=2, padding=1, out=out)
+        assert result is out
+    else:
+        result = conv2d_nhwc(x, weight, stride=2, padding=1, relu=True)
+    assert result.shape == (0, 32, 4, 3) and result.is_contiguous(memory_format=CL)
+
+
+def test_launch_is_recorded_on_meta_tensors():
+    x = _channels_last(torch.empty(8, 256, 14, 14, device="meta", dtype=torch.float16))
+    weight = torch.empty(512, 64, 1, 1, device="meta", dtype=torch.float16)
+    sc_weight = torch.empty(512, 256, 1, 1, device="meta", dtype=torch.float16)
+    y = _channels_last(torch.empty(8, 64, 7, 7, device="meta", dtype=torch.float16))
+    bias = torch.empty(512, device="meta")
+    packed = pack_conv_weight(weight, shortcut_weight=sc_weight)
+    with record_launches() as calls:
+        out = conv2d_nhwc_packed(y, packed, bias, relu=True, shortcut=x, shortcut_stride=2)
+    assert out.device.type == "meta" and out.shape == (8, 512, 7, 7)
+    (call,) = calls
+    assert isinstance(call, KernelCall)
+    params = list(conv_module._conv2d_nhwc_kernel.arg_names)
+    assert set(call.args) | set(call.constexprs) == set(params) and not set(call.args) & set(call.constexprs)
+    assert call.args["x_ptr"] is y and call.args["shortcut_ptr"] is x and call.args["out_ptr"] is out
+    assert call.constexprs["HAS_SHORTCUT_GEMM"] and call.constexprs["residual_ptr"] is None
+    assert call.constexprs["SC_STRIDE"] == 2 and call.args["SC_H"] == 14
+    assert not call.constexprs["UPCAST_DOT_OPERANDS"]        # meta records the GPU kernel
+    cfg = conv_config(8 * 49, 512, 1, 64, False, torch.float16, "meta")
+    assert call.constexprs["BLOCK_M"] == cfg.BLOCK_M and call.num_warps == cfg.num_warps
+    assert call.grid == (triton.cdiv(8 * 49, cfg.BLOCK_M) * triton.cdiv(512, cfg.BLOCK_N),)
+    assert call.info["K"] == 64 + 256 and call.info["flops"] == 2 * 8 * 49 * 512 * 320
+
+
+def test_meta_tensors_outside_recording_are_refused():
+    x = _channels_last(torch.empty(1, 16, 5, 5, device="meta"))
+    with pytest.raises(RuntimeError, match="record_launches"):
+        conv2d_nhwc(x, torch.empty(16, 16, 3, 3, device="meta"), padding=1)
+
+
+@pytest.mark.skipif(_ON_CUDA, reason="checks the CPU-without-interpreter message")
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    compiled_kernel = triton.runtime.JITFunction(conv_module._conv2d_nhwc_kernel.fn)
+    monkeypatch.setattr(conv_module, "_conv2d_nhwc_kernel", compiled_kernel)
+    x = _channels_last(torch.randn(1, 16, 5, 5))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        conv2d_nhwc(x, torch.randn(16, 16, 3, 3), padding=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Packing, configs, reference
+
+
+def test_pack_grouped_weight_block_diagonal():
+    weight = torch.randn(128, 4, 3, 3)                       # resnext50_32x4d layer1: 32 groups of 4
+    packed = pack_conv_weight(weight, groups=32)
+    assert isinstance(packed, PackedConvWeight)
+    assert packed.tile_groups == 4 and packed.group_in_channels == 16 and packed.group_out_channels == 16
+    assert packed.weight.shape == (9 * 16, 128) and packed.weight.is_contiguous()
+    block = packed.weight.reshape(3, 3, 16, 128)[1, 2]      # tap (1, 2): [c in packed group, C_out]
+    for co in (0, 5, 17, 127):
+        group_in_packed = (co // 4) % 4
+        expected = torch.zeros(16)
+        expected[group_in_packed * 4:(group_in_packed + 1) * 4] = weight[co, :, 1, 2]
+        assert torch.equal(block[:, co], expected)
+    meta = pack_conv_weight(torch.empty(2048, 64, 3, 3, device="meta"), groups=32)
+    assert meta.weight.device.type == "meta" and meta.tile_groups == 1 and meta.weight.shape == (9 * 64, 2048)
+
+
+def test_config_rule_keeps_gpu_tiles_sane():
+    """Every tile the rule gives a GPU uses tensor-core-sized dots and fits the packed group."""
+    for m in (49, 3136, 802816):
+        for cout_g, n_groups, cin_g, flat_k in [(64, 1, 3, True), (256, 1, 64, False), (2048, 1, 512, False),
+                                                (16, 8, 16, False), (32, 32, 32, False), (64, 32, 64, False)]:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                cfg = conv_config(m, cout_g, n_groups, cin_g, flat_k, dtype, "cuda")
+                assert cfg.BLOCK_K >= 16 and cfg.BLOCK_N >= 16 and cfg.BLOCK_M >= 64
+                assert cfg.num_warps % 4 == 0
+                assert cfg.BLOCK_N <= max(16, cout_g)
+                assert flat_k or cin_g % cfg.BLOCK_K == 0
+
+
+def test_reference_keeps_channels_last_and_upcasts():
+    x, weight, b, r = _make_problem(2, 16, 32, 6, 5, 3, 1, 1, 1, 1, torch.float16, bias=True, residual=True)
+    x, weight, b, r = x.cpu(), weight.cpu(), b.cpu(), r.cpu()
+    out = conv2d_nhwc_ref(x, weight, b, padding=1, residual=r, relu=True)
+    assert out.dtype == torch.float16 and out.is_contiguous(memory_format=CL)
+    upcast = conv2d_nhwc_ref(x, weight, b, padding=1, residual=r, relu=True, upcast=True)
+    exact = conv2d_nhwc_ref(x.double(), weight.double(), b.double(), padding=1, residual=r.double(), relu=True)
+    assert upcast.dtype == torch.float16 and upcast.is_contiguous(memory_format=CL)
+    # one rounding at the end: within half an fp16 ulp of the exact result (plus fp32 noise)
+    assert ((upcast.double() - exact).abs() <= 2.0**-11 * exact.abs() * 1.01 + 1e-7).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _good():
+    x = _channels_last(torch.randn(2, 8, 6, 6, device=DEVICE))
+    return dict(x=x, weight=torch.randn(16, 8, 3, 3, device=DEVICE), bias=torch.randn(16, device=DEVICE),
+                stride=1, padding=1, dilation=1, groups=1,
+                residual=_channels_last(torch.randn(2, 16, 6, 6, device=DEVICE)), relu=True)
+
+
+def _bad(**changes):
+    def make():
+        kwargs = _good()
+        for key, fn in changes.items():
+            kwargs[key] = fn(kwargs)
+        return kwargs
+    return make
+
+
+@pytest.mark.parametrize("make_kwargs,error,match", [
+    (_bad(x=lambda k: k["x"][0]), ValueError, "4-D"),
+    (_bad(weight=lambda k: k["weight"][0]), ValueError, "weight must be 4-D"),
+    (_bad(x=lambda k: _channels_last(torch.randn(2, 12, 6, 6, device=DEVICE))), ValueError, "channels per group"),
+    (_bad(groups=lambda k: 3), ValueError, "groups=3 must divide"),
+    (_bad(groups=lambda k: 0), ValueError, "groups must be a positive int"),
+    (_bad(weight=lambda k: k["weight"].half()), TypeError, "weight dtype"),
+    (_bad(x=lambda k: k["x"].double(), weight=lambda k: k["weight"].double()), TypeError, "float16, bfloat16"),
+    (_bad(residual=lambda k: k["residual"].half()), TypeError, "residual dtype"),
+    (_bad(bias=lambda k: torch.ones(16, dtype=torch.int32, device=DEVICE)), TypeError, "bias must be a float"),
+    (_bad(bias=lambda k: torch.ones(15, device=DEVICE)), ValueError, "bias must have shape"),
+    (_bad(weight=lambda k: k["weight"].to("meta")), ValueError, "weight is on meta"),
+    (_bad(x=lambda k: k["x"].contiguous()), ValueError, r"contiguous\(memory_format=torch.channels_last\)"),
+    (_bad(residual=lambda k: k["residual"].contiguous()), ValueError, "residual must be in channels_last"),
+    (_bad(residual=lambda k: k["residual"][:, :, :5]), ValueError, "residual must have the output's shape"),
+    (_bad(padding=lambda k: 0, x=lambda k: _channels_last(torch.randn(2, 8, 2, 6, device=DEVICE))),
+     ValueError, "output size"),
+    (_bad(stride=lambda k: 0), ValueError, "stride and dilation must be >= 1"),
+    (_bad(padding=lambda k: (1, 2, 3)), ValueError, "padding must be an int or a pair"),
+], ids=["x_rank", "weight_rank", "channels", "groups_divide", "groups_zero", "weight_dtype", "x_dtype",
+        "residual_dtype", "bias_dtype", "bias_shape", "device", "x_nchw", "residual_nchw", "residual_shape",
+        "output_size", "stride", "padding_pair"])
+def test_bad_input_raises_clear_error(make_kwargs, error, match):
+    kwargs = make_kwargs()
+    x, weight = kwargs.pop("x"), kwargs.pop("weight")
+    with pytest.raises(error, match=match):
+        conv2d_nhwc(x, weight, **kwargs)
+
+
+def _packed_good():
+    x = _channels_last(torch.randn(2, 8, 6, 6, device=DEVICE))
+    packed = pack_conv_weight(torch.randn(16, 8, 1, 1, device=DEVICE),
+                              shortcut_weight=torch.randn(16, 4, 1, 1, device=DEVICE))
+    shortcut = _channels_last(torch.randn(2, 4, 12, 12, device=DEVICE))
+    return x, packed, dict(shortcut=shortcut, shortcut_stride=2)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda x, p, kw: kw.pop("shortcut"), ValueError, "shortcut must be given exactly when"),
+    (lambda x, p, kw: kw.update(shortcut_stride=1), ValueError, "with stride 1 gives 12x12"),
+    (lambda x, p, kw: kw.update(shortcut=kw["shortcut"][:, :3]), ValueError, "C_sc=4"),
+    (lambda x, p, kw: kw.update(shortcut=kw["shortcut"].contiguous()), ValueError, "shortcut must be channels_last"),
+    (lambda x, p, kw: kw.update(shortcut=kw["shortcut"].half()), TypeError, "shortcut"),
+    (lambda x, p, kw: kw.update(out=torch.empty(2, 16, 6, 6, device=DEVICE)), ValueError, "out must be channels_last"),
+    (lambda x, p, kw: kw.update(out=_channels_last(torch.empty(2, 16, 6, 5, device=DEVICE))), ValueError,
+     "out must have shape"),
+    (lambda x, p, kw: kw.update(out=_channels_last(torch.empty(2, 16, 6, 6, device=DEVICE, dtype=torch.half))),
+     TypeError, "out"),
+    (lambda x, p, kw: kw.update(x=x.half()), TypeError, "packed weight dtype"),
+    (lambda x, p, kw: kw.update(x=x[:, :4]), ValueError, "packed weight expects 8"),
+    (lambda x, p, kw: kw.update(bias=torch.zeros(16, 1, device=DEVICE)), ValueError, "bias must be a float"),
+], ids=["missing_shortcut", "shortcut_size", "shortcut_channels", "shortcut_nchw", "shortcut_dtype", "out_nchw",
+        "out_shape", "out_dtype", "x_dtype", "x_channels", "bias_shape"])
+def test_packed_bad_input_raises_clear_error(change, error, match):
+    x, packed, kwargs = _packed_good()
+    change(x, packed, kwargs)
+    x = kwargs.pop("x", x)
+    with pytest.raises(error, match=match):
+        conv2d_nhwc_packed(x, packed, **kwargs)
+
+
+def test_pack_bad_input_raises_clear_error():
+    with pytest.raises(ValueError, match="groups=1"):
+        pack_conv_weight(torch.randn(16, 4, 1, 1), groups=2, shortcut_weight=torch.randn(16, 4, 1, 1))
+    with pytest.raises(ValueError, match=r"\[C_out=16, C_sc, 1, 1\]"):
+        pack_conv_weight(torch.randn(16, 8, 1, 1), shortcut_weight=torch.randn(16, 4, 3, 3))
+    with pytest.raises(ValueError, match="must match the conv weight"):
+        pack_conv_weight(torch.randn(16, 8, 1, 1), shortcut_weight=torch.randn(16, 4, 1, 1).half())
+    with pytest.raises(ValueError, match="groups=3 must divide"):
+        pack_conv_weight(torch.randn(16, 8, 1, 1), groups=3)
