@@ -29,6 +29,7 @@ there (test modules, scripts).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import multiprocessing
@@ -129,6 +130,17 @@ def _jit_function(kernel):
     raise TypeError(f"aot: KernelCall.kernel must be a @triton.jit function, got {type(kernel).__name__}")
 
 
+@functools.lru_cache(maxsize=None)
+def _launcher_parts(kernel, sm: int):
+    """(JITFunction, backend, binder) as the launcher builds them per device; built once per kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    fn = _jit_function(kernel)
+    backend = make_backend(GPUTarget("cuda", sm, 32))
+    return fn, backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
 def specialize(call, sm: int) -> CompileSpec:
     """The ``CompileSpec`` triton's launcher would build for ``call`` on a GPU of architecture ``sm``.
 
@@ -136,15 +148,10 @@ def specialize(call, sm: int) -> CompileSpec:
     ``JITFunction._pack_args``, i.e. exactly the launch-time specialisation of triton 3.8.
     """
     from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     if sm not in SHARED_MEMORY_LIMIT:
         raise ValueError(f"aot: unsupported architecture sm_{sm}; known: {sorted(SHARED_MEMORY_LIMIT)}")
-    fn = _jit_function(call.kernel)
-    backend = make_backend(GPUTarget("cuda", sm, 32))
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    fn, backend, binder = _launcher_parts(call.kernel, sm)
     launch_options = dict(num_warps=call.num_warps, num_stages=call.num_stages,
                           debug=bool(fn.debug or knobs.runtime.debug),
                           instrumentation_mode=knobs.compilation.instrumentation_mode)
@@ -161,7 +168,8 @@ def specialize(call, sm: int) -> CompileSpec:
         kernel_file=os.path.abspath(raw.__code__.co_filename),
         kernel_name=raw.__qualname__,
         signature=tuple(signature.items()),
-        # Kept in triton's order: the compile cache key is then the one a GPU launch computes.
+        # Kept in triton's order, so the compile cache key should be the one a GPU launch of the
+        # same call computes (AOT then warms the runtime cache; not verified on a GPU here).
         constexprs=tuple(constexprs.items()),
         attrs=tuple((path, tuple(map(tuple, specs))) for path, specs in attrs.items()),
         num_warps=call.num_warps,

@@ -83,6 +83,31 @@ class ConvStep:
             ops.append("relu")
         return ops
 
+    def out_shape(self, shapes: dict) -> tuple:
+        n, _, h, w = shapes[self.src]
+        k = self.weight.shape[2]
+        span = self.dilation * (k - 1) + 1
+        return (n, self.weight.shape[0], (h + 2 * self.padding - span) // self.stride + 1,
+                (w + 2 * self.padding - span) // self.stride + 1)
+
+    def cost(self, shapes: dict, itemsize: int) -> dict:
+        """Modelled work of this launch: FLOPs, activation bytes read+written, weight bytes."""
+        n, c_out, oh, ow = shapes[self.dst]
+        m = n * oh * ow
+        k = self.weight[0].numel()
+        flops = 2 * m * c_out * k
+        act = (_numel(shapes[self.src]) + m * c_out) * itemsize
+        weights = self.weight.numel() * itemsize + 4 * c_out
+        if self.residual:
+            act += m * c_out * itemsize
+        if self.shortcut:
+            c_sc = self.shortcut.weight.shape[1]
+            flops += 2 * m * c_out * c_sc
+            act += m * c_sc * itemsize          # only the strided pixels are read
+            weights += self.shortcut.weight.numel() * itemsize
+        return {"flops": flops, "act_bytes": act, "weight_bytes": weights,
+                "shape": {"M": m, "N": c_out, "K": k + (self.shortcut.weight.shape[1] if self.shortcut else 0)}}
+
     def run(self, backend, env: dict, out=None):
         return backend.conv(self, env[self.src],
                             residual=env[self.residual] if self.residual else None,
@@ -99,6 +124,16 @@ class MaxPoolStep:
 
     reads = property(lambda self: [self.src])
     ops = property(lambda self: ["maxpool3x3/s2"])
+
+    def out_shape(self, shapes: dict) -> tuple:
+        n, c, h, w = shapes[self.src]
+        return (n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1)
+
+    def cost(self, shapes: dict, itemsize: int) -> dict:
+        n, c, oh, ow = shapes[self.dst]
+        return {"flops": 9 * n * c * oh * ow,
+                "act_bytes": (_numel(shapes[self.src]) + n * c * oh * ow) * itemsize,
+                "weight_bytes": 0, "shape": {"M": n * oh * ow, "N": c, "K": 9}}
 
     def run(self, backend, env: dict, out=None):
         return backend.max_pool(self, env[self.src], out=out)
@@ -121,10 +156,28 @@ class HeadStep:
     def ops(self) -> list[str]:
         return ["avgpool", "linear", "bias"] if self.module is None else ["avgpool", "custom fc"]
 
+    def out_shape(self, shapes: dict) -> tuple:
+        return (shapes[self.src][0], self.weight.shape[0] if self.weight is not None else -1)
+
+    def cost(self, shapes: dict, itemsize: int) -> dict:
+        n, c, h, w = shapes[self.src]
+        classes = self.weight.shape[0] if self.weight is not None else 0
+        return {"flops": n * c * h * w + 2 * n * c * classes,
+                "act_bytes": (n * c * h * w + n * classes) * itemsize,
+                "weight_bytes": classes * c * itemsize + 4 * classes,
+                "shape": {"M": n, "N": classes, "K": c}}
+
     def run(self, backend, env: dict, out=None):
         if self.module is not None:
             return self.module(backend.avgpool(env[self.src]))
         return backend.head(self, env[self.src], out=out)
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -147,17 +200,41 @@ class Plan:
         self._release = [[n for n, i in last_use.items() if i == k and n != "input"]
                          for k in range(len(self.steps))]
 
-    def run(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-        """Logits for an input batch ``x`` [N, C, H, W] (NCHW or channels_last memory)."""
+    def run(self, x: torch.Tensor, backend: Optional[str] = None,
+            buffers: Optional[dict] = None) -> torch.Tensor:
+        """Logits for an input batch ``x`` [N, C, H, W] (NCHW or channels_last memory).
+
+        ``buffers`` (from ``allocate``) makes every step write into a preallocated output, so a
+        forward allocates nothing (what the engine captures in a CUDA graph).
+        """
         impl = _backend.get_backend(backend or backend_for(x.device))
         if x.shape[0] == 0:
             return torch.empty(0, self.num_classes, dtype=self.dtype, device=x.device)
         env = {"input": x.contiguous(memory_format=torch.channels_last)}
         for step, release in zip(self.steps, self._release):
-            env[step.dst] = step.run(impl, env)
-            for name in release:
-                del env[name]
+            env[step.dst] = step.run(impl, env, out=buffers.get(step.dst) if buffers else None)
+            if buffers is None:
+                for name in release:
+                    del env[name]
         return env[self.output]
+
+    def value_shapes(self, input_shape: tuple) -> dict[str, tuple]:
+        """Shape of every value a forward on ``input_shape`` produces, by name."""
+        shapes = {"input": tuple(input_shape)}
+        for step in self.steps:
+            shapes[step.dst] = step.out_shape(shapes)
+        return shapes
+
+    def allocate(self, input_shape: tuple) -> dict[str, torch.Tensor]:
+        """Preallocated outputs (channels_last activations, contiguous logits) for ``run``."""
+        buffers = {}
+        for name, shape in self.value_shapes(input_shape).items():
+            if name == "input" or -1 in shape:
+                continue
+            fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+            buffers[name] = torch.empty(shape, dtype=self.dtype, device=self.device,
+                                        memory_format=fmt)
+        return buffers
 
     def __len__(self) -> int:
         return len(self.steps)

@@ -2,8 +2,8 @@
 
 The stem max pool and the avgpool+FC head are recorded on meta tensors at the 224x224 shapes of
 batch 1, 32 and 256 and compiled for sm_80 and sm_90: zero spills, registers and shared memory
-within the limits. Two toy kernels defined here prove the checks are not vacuous: one must spill,
-one must use wgmma on sm_90. Everything is compiled in one aot_report (one pair of worker
+within the limits. Toy kernels defined here prove the checks are not vacuous: one must spill, one
+must use wgmma on sm_90, one must fail to compile (and be reported, not crash the run). Everything is compiled in one aot_report (one pair of worker
 processes; triton's cache makes a second run fast).
 """
 import io
@@ -40,6 +40,11 @@ def _tile_matmul_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], tl.dot(a, b))
 
 
+@triton.jit
+def _does_not_compile_kernel(x_ptr, N: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, N), 1.0)  # N = 3: tl.arange needs a power of two
+
+
 def _meta(*shape, dtype=torch.float32):
     return torch.empty(*shape, device="meta", dtype=dtype)
 
@@ -67,6 +72,8 @@ def _toy_calls():
                    constexprs=dict(ROWS=128, COLS=128), num_warps=1, name="toy_register_hungry"),
         KernelCall(kernel=_tile_matmul_kernel, grid=(1,), args=dict(a_ptr=a, b_ptr=b, c_ptr=_meta(128 * 128)),
                    constexprs=dict(M=128, N=128, K=64), num_warps=4, name="toy_tile_matmul"),
+        KernelCall(kernel=_does_not_compile_kernel, grid=(1,), args=dict(x_ptr=hungry), constexprs=dict(N=3),
+                   name="toy_does_not_compile"),
     ]
 
 
@@ -109,6 +116,15 @@ def test_wgmma_is_detected(report):
     row = toys["toy_tile_matmul"]
     assert row.resources[90].uses_wgmma and not row.resources[80].uses_wgmma
     assert not row.problems()
+
+
+def test_compile_error_is_reported(report):
+    _, toys = report
+    row = toys["toy_does_not_compile"]
+    assert all("power of 2" in row.resources[sm].error for sm in SMS), row.resources
+    assert "does not compile" in row.problems()[0]
+    out = io.StringIO()
+    assert aot.print_report([row], SMS, file=out) == 1
 
 
 def test_limits_are_checked():

@@ -58,8 +58,8 @@ FP32_TOL = (torch.float32, 1e-6, 1e-4)
 # computed from the same rounded inputs (style guide #11) ...
 HALF_TOL = {torch.float16: (torch.float16, 1e-4, 0.0), torch.bfloat16: (torch.bfloat16, 1e-4, 0.0)}
 # ... and, since the kernel accumulates and runs the epilogue in fp32 and rounds once, every element
-# within half an ulp of the exact result plus this fp32 noise (per sqrt(K), relative). This one
-# catches a truncating store (1 ulp), which the 2x-of-torch bound cannot.
+# within half an ulp of the exact result plus this fp32 accumulation noise (absolute, per sqrt(K)).
+# This one catches a truncating store (1 ulp), which the 2x-of-torch bound cannot.
 ONE_ROUNDING_FP32_NOISE = 1e-6
 _MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
@@ -150,9 +150,9 @@ def _assert_close_to_reference(out, torch_out, ref64, dtype, k_len, *, what=""):
         _, exponent = torch.frexp(ref64)               # |ref| in [2**(e-1), 2**e)
         half_ulp = torch.ldexp(torch.ones_like(ref64), exponent - 2 - _MANTISSA_BITS[dtype])
         half_ulp = half_ulp.clamp_min(2.0**-25)        # fp16 subnormal spacing
-        bound = half_ulp + ONE_ROUNDING_FP32_NOISE * math.sqrt(k_len) * ref64.abs()
+        bound = half_ulp + ONE_ROUNDING_FP32_NOISE * math.sqrt(k_len)
         worst = ((out64 - ref64).abs() - bound).max().item()
-        assert worst <= 1e-12, f"{what}: {dtype} output is not the exact result rounded once (by {worst:.3g})"
+        assert worst <= 0, f"{what}: {dtype} output is not the exact result rounded once (by {worst:.3g})"
 
 
 def _check_conv(batch, c_in, c_out, h, w, k, stride, padding, dilation, groups, dtype, *, bias, residual, relu,
@@ -379,7 +379,7 @@ def test_launch_is_recorded_on_meta_tensors():
     assert call.args["x_ptr"] is y and call.args["shortcut_ptr"] is x and call.args["out_ptr"] is out
     assert call.constexprs["HAS_SHORTCUT_GEMM"] and call.constexprs["residual_ptr"] is None
     assert call.constexprs["SC_STRIDE"] == 2 and call.args["SC_H"] == 14
-    assert not call.constexprs["UPCAST_DOT_OPERANDS"]        # meta records the GPU kernel
+    assert not call.constexprs["INTERPRETER_BF16"]           # meta records the GPU kernel
     cfg = conv_config(8 * 49, 512, 1, 64, False, torch.float16, "meta")
     assert call.constexprs["BLOCK_M"] == cfg.BLOCK_M and call.num_warps == cfg.num_warps
     assert call.grid == (triton.cdiv(8 * 49, cfg.BLOCK_M) * triton.cdiv(512, cfg.BLOCK_N),)

@@ -175,10 +175,10 @@ def test_head_matches_reference(shape, dtype):
     _check_head(avgpool_linear(x, weight, bias), x, weight, bias, dtype)
 
 
-# The GPU rule's tiles, each on a shape the interpreter runs quickly: 32-wide class tiles at batch 1
-# (32 programs), the batch-256 tile (256 classes, 8 warps) on 3 rows, a 16-wide tile for 10
-# classes, and more than one 16-row block.
-@pytest.mark.parametrize("shape,rule_batch", [((3, 512, 2, 2, 1000), 1), ((3, 512, 7, 5, 1000), 256),
+# The GPU rule's tiles, each on a shape the interpreter runs quickly (fewer channels than a real
+# head: the tiles do not depend on C): 32-wide class tiles at batch 1 (32 programs), the batch-256
+# tile (256 classes, 8 warps) on 3 rows, a 16-wide tile for 10 classes, more than one row block.
+@pytest.mark.parametrize("shape,rule_batch", [((3, 128, 2, 2, 1000), 1), ((3, 128, 7, 5, 1000), 256),
                                               ((1, 512, 7, 7, 10), 1), ((20, 64, 1, 1, 10), 20)], ids=str)
 def test_head_gpu_tiles(shape, rule_batch):
     N, C, H, W, classes = shape
