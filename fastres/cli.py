@@ -53,6 +53,29 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_aot(args) -> int:
+    from .aot import run_aot
+    from .plan_report import record_plan_launches
+
+    calls = {f"{arch} b{batch}": record_plan_launches(arch, batch, args.size, args.dtype)
+             for arch in args.arch.split(",") for batch in _ints(args.batch)}
+    return run_aot(calls, sms=_ints(args.sm), workers=args.workers)
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from .plan_report import format_report, inspect_arch
+
+    report = inspect_arch(args.arch, batch=args.batch, size=args.size, dtype=args.dtype)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastres", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("aot", help="compile every kernel configuration of a plan for real GPUs "
+                                   "(no GPU needed) and check registers, spills, shared memory")
+    p.add_argument("--arch", default="resnet50,resnext50_32x4d", help="comma list")
+    p.add_argument("--batch", default="1,32,256")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--sm", default="80,90")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_aot)
+
+    p = sub.add_parser("inspect", help="print the plan: fused ops, GEMM shapes, FLOPs and modelled "
+                                       "traffic per kernel, against torchvision's unfused forward")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 

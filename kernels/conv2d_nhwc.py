@@ -35,7 +35,7 @@ K loop modes (constexpr, chosen from the shape):
 
 Runtime ints are the batch and spatial sizes; channel counts, kernel size, stride, padding,
 dilation and the epilogue switches are constexpr. Pixel indices are int32 (N*H*W < 2**31 is
-checked), element offsets int64.
+checked), element offsets int64 (except within one image in FLAT_K mode: H*W*C_in < 2**31, checked).
 """
 from __future__ import annotations
 
@@ -142,9 +142,9 @@ def _conv2d_nhwc_kernel(
     else:
         # Tap-major: step kb covers channels [c0, c0 + BLOCK_K) of tap (kh, kw) = divmod(kb // CHUNKS,
         # KW), c0 = (kb % CHUNKS) * BLOCK_K; BLOCK_K divides CIN_PER_GROUP, so packed row
-        # kb*BLOCK_K + j is exactly (tap, c0 + j). The tap's input pixel is pixel0 + kh*DIL_H*W +
-        # kw*DIL_W. (kh, kw, c0) are written inline, not assigned: the interpreter turns every
-        # assigned value into a tensor, which costs more than the dot at these tile sizes.
+        # kb*BLOCK_K + j is exactly (tap, c0 + j). Row r of the tap reads x_rows[r] +
+        # (kh*DIL_H*W + kw*DIL_W)*C_IN + c0 + j. (kh, kw, c0) are written inline, not assigned: the
+        # interpreter turns every assigned value into a tensor, which costs more than the dot here.
         CHUNKS: tl.constexpr = CIN_PER_GROUP // BLOCK_K
         ih0 = oh * STRIDE_H - PAD_H
         iw0 = ow * STRIDE_W - PAD_W
@@ -255,6 +255,8 @@ def pack_conv_weight(weight, *, groups=1, shortcut_weight=None) -> PackedConvWei
 
     Keeps ``weight.dtype`` (cast to the compute dtype first) and device; works on meta tensors.
     """
+    weight = weight.detach()
+    shortcut_weight = shortcut_weight.detach() if shortcut_weight is not None else None
     if weight.dim() != 4:
         raise ValueError(f"conv weight must be 4-D [C_out, C_in/groups, KH, KW], got shape {tuple(weight.shape)}")
     c_out, cin_g, kh, kw = weight.shape
@@ -450,19 +452,20 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
         out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     else:
         check_like_out(out, "out")
-        if out.numel() and x.numel() and out.data_ptr() == x.data_ptr():
+        if x.device.type != "meta" and out.numel() and x.numel() and out.data_ptr() == x.data_ptr():
             raise ValueError("out must not alias x")
     if n == 0:
         return out
-    if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > _INT32_MAX:
-        raise ValueError(f"batch {n} x {h}x{w} pixels exceeds the kernel's int32 pixel index")
-    build_conv2d_nhwc_call(x, packed, out, bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
-                           residual=residual, relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride).launch()
+    if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > _INT32_MAX or h * w * c_in > _INT32_MAX:
+        raise ValueError(f"batch {n} x {h}x{w} pixels x {c_in} channels exceeds the kernel's int32 pixel "
+                         "(and per-image element) index")
+    _build_call(x, packed, out, bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
+                residual=residual, relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride).launch()
     return out
 
 
-def build_conv2d_nhwc_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
-                           shortcut_stride) -> KernelCall:
+def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
+                shortcut_stride) -> KernelCall:
     """The KernelCall of one (already validated) convolution; touches no tensor data."""
     n, c_in, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]

@@ -3,8 +3,8 @@
 The stem max pool and the avgpool+FC head are recorded on meta tensors at the 224x224 shapes of
 batch 1, 32 and 256 and compiled for sm_80 and sm_90: zero spills, registers and shared memory
 within the limits. Toy kernels defined here prove the checks are not vacuous: one must spill, one
-must use wgmma on sm_90, one must fail to compile (and be reported, not crash the run). Everything is compiled in one aot_report (one pair of worker
-processes; triton's cache makes a second run fast).
+must use wgmma on sm_90, one must fail to compile (and be reported, not crash the run).
+Everything is compiled in one aot_report (one worker start; triton's cache makes a second run fast).
 """
 import io
 

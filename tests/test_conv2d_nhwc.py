@@ -223,6 +223,7 @@ def test_stem(dtype, batch, h, w):
     (1, 7, 9, 2048, 2048, 3, 1, 1, 1, 32),    # resnext101_32x8d layer4: 64 per group
     (1, 7, 9, 48, 40, 3, 1, 1, 1, 1),         # channels not multiples of 16/32/64
     (1, 7, 9, 5, 7, 3, 1, 2, 2, 1),           # odd channel count: the FLAT_K path beyond the stem
+    (2, 5, 6, 40, 24, 1, 1, 0, 1, 1),         # 1x1 plain GEMM with a masked K tail (BLOCK_K 32)
     (1, 5, 7, 6, 9, 3, 1, 1, 1, 3),           # 2 channels per group: dense packed groups
     (1, 9, 9, 32, 32, 5, 2, 2, 1, 1),         # a 5x5 kernel
 ])
@@ -304,7 +305,7 @@ def _check_shortcut(x, weight, sc_weight, bias, shortcut, sc_stride, *, relu, di
     (2, 256, 1024, 5, 4, 512, 1, 1, 1),     # dilated resnet50 layer3.0: stride replaced by dilation
     (2, 128, 128, 4, 5, 64, 2, 3, 1),       # resnet18 layer2.0: conv2 3x3 + downsample
     (1, 256, 256, 5, 5, 128, 1, 3, 2),      # a dilated 3x3 main conv with a stride-1 shortcut
-    (2, 64, 96, 5, 6, 40, 2, 1, 1),         # shortcut channels not a multiple of BLOCK_K
+    (2, 64, 96, 5, 6, 80, 2, 1, 1),         # shortcut channels not a multiple of BLOCK_K (64): masked 2nd step
 ])
 def test_projection_shortcut(batch, c_mid, c_out, h, w, c_sc, sc_stride, k, dilation, dtype):
     problem = _shortcut_problem(batch, c_mid, c_out, h, w, c_sc, sc_stride, dtype, k=k)
@@ -342,6 +343,12 @@ def test_out_parameter_is_written_and_returned():
     _assert_close_to_reference(out, None, ref64, torch.float32, 64 * 9)
 
 
+def test_out_must_not_alias_x():
+    x = _channels_last(torch.randn(1, 16, 5, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="alias"):
+        conv2d_nhwc_packed(x, pack_conv_weight(torch.randn(16, 16, 1, 1, device=DEVICE)), out=x)
+
+
 def test_out_may_be_the_residual_buffer():
     x, weight, b, r = _make_problem(1, 64, 64, 5, 5, 1, 1, 0, 1, 1, torch.float32, bias=True, residual=True)
     ref64 = conv2d_nhwc_ref(x.double(), weight.double(), b.double(), residual=r.double(), relu=True)
@@ -369,10 +376,13 @@ def test_launch_is_recorded_on_meta_tensors():
     y = _channels_last(torch.empty(8, 64, 7, 7, device="meta", dtype=torch.float16))
     bias = torch.empty(512, device="meta")
     packed = pack_conv_weight(weight, shortcut_weight=sc_weight)
+    preallocated = _channels_last(torch.empty(8, 512, 7, 7, device="meta", dtype=torch.float16))
     with record_launches() as calls:
         out = conv2d_nhwc_packed(y, packed, bias, relu=True, shortcut=x, shortcut_stride=2)
+        conv2d_nhwc_packed(y, packed, bias, relu=True, shortcut=x, shortcut_stride=2, out=preallocated)
     assert out.device.type == "meta" and out.shape == (8, 512, 7, 7)
-    (call,) = calls
+    call, call_into_out = calls
+    assert call_into_out.args["out_ptr"] is preallocated
     assert isinstance(call, KernelCall)
     params = list(conv_module._conv2d_nhwc_kernel.arg_names)
     assert set(call.args) | set(call.constexprs) == set(params) and not set(call.args) & set(call.constexprs)

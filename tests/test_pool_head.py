@@ -18,7 +18,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 import triton
 
 _ON_CUDA = torch.cuda.is_available()
