@@ -78,6 +78,12 @@ class TorchBackend:
     """
     name = "torch"
 
+    def prepare(self, step):
+        return None
+
+    def to_nhwc(self, x):
+        return x.contiguous(memory_format=torch.channels_last)
+
     @staticmethod
     def _upcast(x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
@@ -110,13 +116,26 @@ class TritonBackend:
     """Runs each plan step as one Triton kernel launch; weights are packed once per plan."""
     name = "triton"
 
+    def to_nhwc(self, x):
+        """NHWC activations for the kernels: channels_last input is used as is; NCHW input goes
+        through the extension's tiled transpose (a CUDA kernel, or its C++ twin on CPU)."""
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return x
+        if x.is_contiguous() and x.device.type != "meta":
+            from .extension import nchw_to_nhwc
+            return nchw_to_nhwc(x)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def prepare(self, step):
+        """Pack ``step``'s weights for its kernel, once per plan (``step.packed["triton"]``)."""
+        packed = step.packed.get(self.name)
+        if packed is None:
+            packed = step.packed[self.name] = step.pack_for_triton()
+        return packed
+
     def conv(self, step, x, *, residual=None, shortcut=None, out=None):
         from .kernels import conv2d_nhwc as k
-        packed = step.packed.get("triton")
-        if packed is None:
-            packed = step.packed["triton"] = k.pack_conv_weight(
-                step.weight, groups=step.groups,
-                shortcut_weight=step.shortcut.weight if step.shortcut else None)
+        packed = self.prepare(step)
         return k.conv2d_nhwc_packed(x, packed, step.bias, stride=step.stride, padding=step.padding,
                                     dilation=step.dilation, residual=residual, relu=step.relu,
                                     shortcut=shortcut,
@@ -129,10 +148,7 @@ class TritonBackend:
 
     def head(self, step, x, *, out=None):
         from .kernels import avgpool_linear as k
-        packed = step.packed.get("triton")
-        if packed is None:
-            packed = step.packed["triton"] = k.pack_linear_weight(step.weight)
-        return k.avgpool_linear_packed(x, packed, step.bias, out=out)
+        return k.avgpool_linear_packed(x, self.prepare(step), step.bias, out=out)
 
     def avgpool(self, x):
         return x.mean(dim=(2, 3))

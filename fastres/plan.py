@@ -83,6 +83,11 @@ class ConvStep:
             ops.append("relu")
         return ops
 
+    def pack_for_triton(self):
+        from .kernels.conv2d_nhwc import pack_conv_weight
+        return pack_conv_weight(self.weight, groups=self.groups,
+                                shortcut_weight=self.shortcut.weight if self.shortcut else None)
+
     def out_shape(self, shapes: dict) -> tuple:
         n, _, h, w = shapes[self.src]
         k = self.weight.shape[2]
@@ -125,6 +130,9 @@ class MaxPoolStep:
     reads = property(lambda self: [self.src])
     ops = property(lambda self: ["maxpool3x3/s2"])
 
+    def pack_for_triton(self):
+        return ()   # no weights
+
     def out_shape(self, shapes: dict) -> tuple:
         n, c, h, w = shapes[self.src]
         return (n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1)
@@ -155,6 +163,10 @@ class HeadStep:
     @property
     def ops(self) -> list[str]:
         return ["avgpool", "linear", "bias"] if self.module is None else ["avgpool", "custom fc"]
+
+    def pack_for_triton(self):
+        from .kernels.avgpool_linear import pack_linear_weight
+        return pack_linear_weight(self.weight) if self.weight is not None else ()
 
     def out_shape(self, shapes: dict) -> tuple:
         return (shapes[self.src][0], self.weight.shape[0] if self.weight is not None else -1)
@@ -210,13 +222,21 @@ class Plan:
         impl = _backend.get_backend(backend or backend_for(x.device))
         if x.shape[0] == 0:
             return torch.empty(0, self.num_classes, dtype=self.dtype, device=x.device)
-        env = {"input": x.contiguous(memory_format=torch.channels_last)}
+        env = {"input": impl.to_nhwc(x)}
         for step, release in zip(self.steps, self._release):
             env[step.dst] = step.run(impl, env, out=buffers.get(step.dst) if buffers else None)
             if buffers is None:
                 for name in release:
                     del env[name]
         return env[self.output]
+
+    def prepare(self, backend: str) -> "Plan":
+        """Pack every step's weights for ``backend`` now (otherwise on first use)."""
+        impl = _backend.get_backend(backend)
+        with torch.no_grad():
+            for step in self.steps:
+                impl.prepare(step)
+        return self
 
     def value_shapes(self, input_shape: tuple) -> dict[str, tuple]:
         """Shape of every value a forward on ``input_shape`` produces, by name."""

@@ -1,0 +1,560 @@
+"""Batched inference: a frozen plan, fixed batch buckets, CUDA graphs, uint8 images in, logits out.
+
+    engine = fastres.Engine("resnet50.safetensors", batch_sizes=(1, 8, 32))   # or a model
+    logits = engine(images)                 # uint8 [N, 224, 224, 3], any N >= 1
+    top = engine.classify(images, topk=5)   # top.indices, top.probs, top.labels
+
+What an engine serves
+    The model's BN-folded plan as it is when the engine is built, in the engine's dtype and on its
+    device: the weights are copied, so training or editing the model afterwards does not reach a
+    built engine (build a new one to serve new weights).
+
+Buckets
+    ``batch_sizes`` are the batch shapes the engine runs. A call with N rows returns exactly N rows
+    of logits: full chunks of the largest bucket, and the rest padded up to the smallest bucket that
+    holds it (rows are independent, so padding rows never change real ones).
+
+Execution, chosen once at build time
+    * CUDA (``executor == "cuda-graphs"``): per bucket a static input, activation buffers allocated
+      once (values whose lifetimes do not overlap share memory), one warm-up forward (compiles the
+      Triton kernels and packs their weights) and one captured CUDA graph that runs preprocessing
+      and the whole plan; a call copies its rows in, replays, and clones the logits out. All
+      buckets' graphs share one graph memory pool, which is safe because replays are serialised.
+      ``cuda_graphs=False`` gives the same path without graphs (``"static-buffers"``).
+    * CPU, Triton backend under ``TRITON_INTERPRET=1`` (tests): the same static-buffer path, no graphs.
+    * CPU, torch backend: no graphs, no padding; float32 runs the plan through oneDNN's fused
+      convolution (bias + residual + ReLU in one primitive) with weights reordered once at build
+      (``"onednn"``), other dtypes the plan's torch reference (``"plan"``).
+
+Input normalisation ("whichever the plan picks")
+    uint8 images are normalised by the extension's ``preprocess`` into the 3-channel channels_last
+    tensor the stem takes (``pad_channels_to=3``: the stem weight has 3 input channels and the
+    Triton conv handles the 3-channel K itself, so a zero 4th channel would only add bytes). Folding
+    the normalisation into the stem (``fastres.normalize``) is not used on any path: the Triton conv
+    cannot pad raw pixels with per-channel values yet, and on CPU the folded stem needs a padded
+    float copy of the image, the same memory traffic as ``preprocess``, while rounding differently.
+
+Thread safety
+    The static-buffer paths hold one lock for a whole call (copy in, replay, copy out) and issue
+    all work on one engine stream, which waits for the caller's current stream first and which the
+    caller's stream waits for afterwards: calls from many threads are serialised on the GPU in lock
+    order and return what one thread would get. The CPU torch paths share only read-only weights
+    and allocate their activations per call, so they run concurrently without a lock.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backend as _backend
+from .plan import ConvStep, HeadStep, MaxPoolStep, Plan, build_plan
+
+__all__ = ["Engine", "Classification", "IMAGENET_MEAN", "IMAGENET_STD", "INPUT_MODES"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUT_MODES = ("uint8_nhwc", "float_nchw")
+DEFAULT_BATCH_SIZES = (1, 8, 32, 128, 256)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_WARMUP_FORWARDS = 2   # the first compiles the Triton kernels; the second runs them as captured
+
+
+class Classification(NamedTuple):
+    """Top-k of ``Engine.classify``: ``indices`` [N, k] int64, ``probs`` [N, k] float32 (softmax
+    of the logits), ``labels`` [N][k] class names when the model carries them, else None."""
+    indices: torch.Tensor
+    probs: torch.Tensor
+    labels: Optional[list]
+
+
+# -- freezing the model -----------------------------------------------------------------------
+def _frozen_model(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """An inference-only, BN-folded copy of ``model`` in ``dtype`` on ``device`` that nothing else
+    references (so later edits of ``model`` cannot reach the engine's plan)."""
+    from .fold import conv_norm_pairs, fold_bn
+    from .models import ResNet, from_torchvision
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastres.Engine takes a ResNet module or the path of a fastres export, "
+                        f"got {type(model).__name__}")
+    source = model if isinstance(model, ResNet) else from_torchvision(model)
+    if not getattr(source, "inference_only", False):
+        return fold_bn(source, dtype=dtype).to(device)
+    # already folded (fastres.load): cast weights like fold_bn does, biases stay fp32
+    frozen = copy.deepcopy(source)
+    with torch.no_grad():
+        for conv_name, _ in conv_norm_pairs(frozen):
+            conv = frozen.get_submodule(conv_name)
+            conv.weight = nn.Parameter(conv.weight.to(dtype), requires_grad=False)
+        for p in frozen.fc.parameters():
+            p.data = p.data.to(dtype)
+    return frozen.to(device)
+
+
+# -- activation buffers -----------------------------------------------------------------------
+def _activation_layout(plan: Plan, input_shape: tuple) -> tuple[dict, list]:
+    """Assign every value a forward writes to a memory slot; values whose lifetimes (from the step
+    that writes them to the last step that reads them) do not overlap share a slot.
+
+    Returns ({value: (slot, shape)}, [slot numel]). A step's inputs are alive while it runs, so its
+    output never shares memory with them (the kernels refuse aliasing).
+    """
+    shapes = plan.value_shapes(input_shape)
+    last_read = {}
+    for i, step in enumerate(plan.steps):
+        for name in step.reads:
+            last_read[name] = i
+    slot_sizes: list[int] = []
+    slot_busy_until: list[int] = []
+    layout = {}
+    for i, step in enumerate(plan.steps):
+        shape = shapes[step.dst]
+        if -1 in shape:      # a custom fc module allocates its own output
+            continue
+        numel = math.prod(shape)
+        free = [s for s in range(len(slot_sizes)) if slot_busy_until[s] < i]
+        fitting = [s for s in free if slot_sizes[s] >= numel]
+        if fitting:
+            slot = min(fitting, key=lambda s: slot_sizes[s])
+        elif free:
+            slot = max(free, key=lambda s: slot_sizes[s])
+            slot_sizes[slot] = numel
+        else:
+            slot = len(slot_sizes)
+            slot_sizes.append(numel)
+            slot_busy_until.append(0)
+        # the plan's output is read after the forward: it stays alive to the end
+        slot_busy_until[slot] = last_read.get(step.dst, len(plan.steps))
+        layout[step.dst] = (slot, shape)
+    return layout, slot_sizes
+
+
+def _allocate_activations(plan: Plan, input_shape: tuple, device) -> dict[str, torch.Tensor]:
+    """``plan.run`` buffers for ``input_shape``: channels_last activations, contiguous logits,
+    laid out by ``_activation_layout``."""
+    layout, slot_sizes = _activation_layout(plan, input_shape)
+    slots = [torch.empty(n, dtype=plan.dtype, device=device) for n in slot_sizes]
+    buffers = {}
+    for name, (slot, shape) in layout.items():
+        flat = slots[slot][:math.prod(shape)]
+        if len(shape) == 4:
+            n, c, h, w = shape
+            buffers[name] = flat.view(n, h, w, c).permute(0, 3, 1, 2)
+        else:
+            buffers[name] = flat.view(shape)
+    return buffers
+
+
+# -- CPU: the plan through oneDNN ---------------------------------------------------------------
+def _onednn_available() -> bool:
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+
+
+class _OneDnnRunner:
+    """Runs a float32 plan on CPU with oneDNN's fused convolution primitive.
+
+    Each conv step is one ``mkldnn::_convolution_pointwise`` call: conv + bias + ReLU, or with the
+    residual (or the projection shortcut's output) added inside the primitive before the ReLU.
+    Weights are reordered once into oneDNN's blocked layout (what makes it faster than
+    ``F.conv2d``, which reorders per call); the reorder takes the input shape only as a hint, so
+    any batch and image size still runs.
+    """
+
+    def __init__(self, plan: Plan, hint_shape: tuple):
+        self.plan = plan
+        shapes = plan.value_shapes(hint_shape)
+        self.weights = {}
+        for step in plan.steps:
+            if isinstance(step, ConvStep):
+                weight = self._reorder(step.weight, step.padding, step.stride, step.dilation,
+                                       step.groups, shapes[step.src])
+                shortcut = None
+                if step.shortcut is not None:
+                    shortcut = self._reorder(step.shortcut.weight, 0, step.shortcut.stride, 1, 1,
+                                             shapes[step.shortcut.src])
+                self.weights[step.name] = (weight, shortcut)
+
+    @staticmethod
+    def _reorder(weight, padding, stride, dilation, groups, input_shape):
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.contiguous().to_mkldnn(), [padding] * 2, [stride] * 2, [dilation] * 2, groups,
+            list(input_shape))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        pointwise = torch.ops.mkldnn._convolution_pointwise
+        env = {"input": x.contiguous(memory_format=torch.channels_last)}
+        for step, release in zip(self.plan.steps, self.plan._release):
+            if isinstance(step, ConvStep):
+                weight, shortcut_weight = self.weights[step.name]
+                geometry = ([step.padding] * 2, [step.stride] * 2, [step.dilation] * 2, step.groups)
+                unary = "relu" if step.relu else "none"
+                other = env[step.residual] if step.residual else None
+                if step.shortcut is not None:
+                    sc = step.shortcut
+                    other = pointwise(env[sc.src], shortcut_weight, None, [0, 0], [sc.stride] * 2,
+                                      [1, 1], 1, "none", [], "")
+                if other is None:
+                    out = pointwise(env[step.src], weight, step.bias, *geometry, unary, [], "")
+                else:
+                    out = pointwise.binary(env[step.src], other, weight, step.bias, *geometry,
+                                           "add", None, unary, [], "")
+            elif isinstance(step, MaxPoolStep):
+                out = F.max_pool2d(env[step.src], kernel_size=3, stride=2, padding=1)
+            elif isinstance(step, HeadStep) and step.module is None:
+                out = F.linear(env[step.src].mean(dim=(2, 3)), step.weight, step.bias)
+            else:
+                out = step.run(_backend.get_backend("torch"), env)
+            env[step.dst] = out
+            for name in release:
+                del env[name]
+        return env[self.plan.output]
+
+
+# -- buckets ----------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Bucket:
+    """One batch shape of the static-buffer path: its input, its forward, maybe its CUDA graph."""
+    size: int
+    static_input: torch.Tensor
+    forward: Callable[[], torch.Tensor]       # reads static_input, returns [size, classes] logits
+    graph: Optional["torch.cuda.CUDAGraph"] = None
+    graph_output: Optional[torch.Tensor] = None
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.graph_output
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+# -- the engine -------------------------------------------------------------------------------
+class Engine:
+    """Batched inference over a frozen, BN-folded ResNet plan (see the module docstring).
+
+    ``model_or_exported_path``: a fastres or torchvision ResNet, or the path of a
+    ``fastres.export`` file. ``batch_sizes``: the buckets. ``image_size``: the square input side,
+    default the model's preprocessing crop, else 224. ``dtype``: compute dtype, default float16 on
+    CUDA and float32 on CPU. ``device``: default the model's device (CUDA when available for an
+    exported path). ``input``: ``"uint8_nhwc"`` (uint8 ``[N, H, W, 3]`` RGB pixels, normalised
+    with ``mean``/``std``) or ``"float_nchw"`` (normalised float ``[N, 3, H, W]``, contiguous or
+    channels_last, as the model itself takes). ``mean``/``std`` (0-1 scale) default to the model's
+    preprocessing metadata, else ImageNet's. ``cuda_graphs``: capture one graph per bucket on CUDA.
+
+    The backend (Triton on CUDA, torch on CPU, or what ``fastres.use_backend``/``FASTRES_BACKEND``
+    force) is chosen when the engine is built and stays fixed.
+    """
+
+    def __init__(self, model_or_exported_path, *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+                 image_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                 device=None, input: str = "uint8_nhwc", mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None, cuda_graphs: bool = True):
+        model = model_or_exported_path
+        if isinstance(model, (str, os.PathLike)):
+            from .export import load
+            model = load(model)
+            default_device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif isinstance(model, nn.Module):
+            param = next(model.parameters(), None)
+            default_device = param.device if param is not None else "cpu"
+        else:
+            raise TypeError(f"fastres.Engine takes a ResNet module or the path of a fastres export, "
+                            f"got {type(model).__name__}")
+        self.device = torch.device(device if device is not None else default_device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if dtype not in _DTYPES:
+            raise TypeError(f"fastres.Engine: dtype must be one of {_DTYPES}, got {dtype}")
+        self.dtype = dtype
+        if input not in INPUT_MODES:
+            raise ValueError(f"fastres.Engine: input must be one of {INPUT_MODES}, got {input!r}")
+        self.input = input
+        self.batch_sizes = self._check_batch_sizes(batch_sizes)
+
+        meta = dict(getattr(model, "meta", None) or {})
+        preprocess = meta.get("preprocess") or {}
+        self.categories = list(meta["categories"]) if meta.get("categories") else None
+        self.preprocess_meta = dict(preprocess) if preprocess else None
+        if image_size is None:
+            image_size = preprocess.get("crop") or 224
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"fastres.Engine: image_size must be a positive int, got {image_size!r}")
+        self.image_size = image_size
+        self.mean = self._check_stats(mean if mean is not None else preprocess.get("mean") or IMAGENET_MEAN, "mean")
+        self.std = self._check_stats(std if std is not None else preprocess.get("std") or IMAGENET_STD, "std")
+        if any(s == 0 for s in self.std):
+            raise ValueError(f"fastres.Engine: std must be nonzero, got {list(self.std)}")
+
+        with torch.no_grad():
+            frozen = _frozen_model(model, dtype, self.device)
+            self.arch = getattr(frozen, "arch", "resnet")
+            self.plan = build_plan(frozen)
+        if self.categories is not None and len(self.categories) != self.plan.num_classes:
+            raise ValueError(f"fastres.Engine: {len(self.categories)} categories for a model with "
+                             f"{self.plan.num_classes} classes")
+        if self.input == "uint8_nhwc" and self.plan.in_channels != 3:
+            raise ValueError(f"fastres.Engine: uint8 RGB input needs a 3-channel stem, this model's "
+                             f"has {self.plan.in_channels}; use input='float_nchw'")
+        self.backend = _backend.backend_for(self.device)
+
+        self._normaliser = (self._make_normaliser() if self.input == "uint8_nhwc"
+                            else lambda images: images)
+        self._lock = threading.Lock()
+        self._buckets: dict[int, _Bucket] = {}
+        self._stream = None
+        self._onednn = None
+        if self.device.type == "cpu" and self.backend == "torch":
+            if dtype == torch.float32 and _onednn_available():
+                self._onednn = _OneDnnRunner(self.plan, self._input_shape(self.batch_sizes[-1]))
+                self.executor = "onednn"
+            else:
+                self.executor = "plan"
+        else:
+            use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+            self.executor = "cuda-graphs" if use_graphs else "static-buffers"
+            self._build_buckets(use_graphs)
+
+    # -- argument checks ----------------------------------------------------------------------
+    @staticmethod
+    def _check_batch_sizes(batch_sizes) -> tuple[int, ...]:
+        try:
+            sizes = sorted(set(int(b) for b in batch_sizes))
+        except (TypeError, ValueError):
+            raise TypeError(f"fastres.Engine: batch_sizes must be a sequence of ints, got {batch_sizes!r}") from None
+        if not sizes or sizes[0] < 1 or any(isinstance(b, bool) for b in batch_sizes):
+            raise ValueError(f"fastres.Engine: batch_sizes must be positive ints, got {batch_sizes!r}")
+        return tuple(sizes)
+
+    @staticmethod
+    def _check_stats(values, name: str) -> tuple[float, ...]:
+        values = values.tolist() if torch.is_tensor(values) else values
+        try:
+            floats = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            raise TypeError(f"fastres.Engine: {name} must be 3 numbers, got {values!r}") from None
+        if len(floats) != 3 or not all(math.isfinite(v) for v in floats):
+            raise ValueError(f"fastres.Engine: {name} must be 3 finite per-channel values (0-1 "
+                             f"scale), got {list(floats)}")
+        return floats
+
+    def _input_shape(self, batch: int) -> tuple:
+        return (batch, self.plan.in_channels, self.image_size, self.image_size)
+
+    # -- the static-buffer path ---------------------------------------------------------------
+    def _build_buckets(self, use_graphs: bool) -> None:
+        pool = None
+        if self.device.type == "cuda":
+            # one stream for all of the engine's GPU work: calls are ordered on it (thread safety)
+            self._stream = torch.cuda.Stream(self.device)
+        if use_graphs:
+            pool = torch.cuda.graph_pool_handle()
+        for size in self.batch_sizes:
+            try:
+                self._buckets[size] = self._build_bucket(size, use_graphs, pool)
+            except torch.OutOfMemoryError as err:
+                raise torch.OutOfMemoryError(self._oom_message(size)) from err
+
+    def bucket_bytes(self, size: int) -> int:
+        """Bytes of the static input and activation buffers the bucket ``size`` allocates."""
+        _, slot_sizes = _activation_layout(self.plan, self._input_shape(size))
+        item = self.plan.dtype.itemsize
+        total = sum(slot_sizes) * item
+        if self.input == "uint8_nhwc":   # uint8 images + their normalised copy (in the graph pool)
+            total += size * self.image_size ** 2 * 3 * (1 + item)
+        else:
+            total += math.prod(self._input_shape(size)) * item
+        return total
+
+    def _oom_message(self, size: int) -> str:
+        free = ""
+        if self.device.type == "cuda":
+            try:
+                free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
+                free = f"; {_mib(free_bytes)} of {_mib(total_bytes)} free on {self.device} now"
+            except RuntimeError:
+                pass
+        built = ", ".join(str(b) for b in self._buckets) or "none"
+        return (f"fastres.Engine: out of memory building batch bucket {size} "
+                f"({self.arch} {str(self.dtype).removeprefix('torch.')} {self.image_size}x"
+                f"{self.image_size}): it needs {_mib(self.bucket_bytes(size))} for its input and "
+                f"activation buffers, plus the kernels' workspace{free}. Buckets built before it: "
+                f"{built}. Use smaller batch_sizes or a smaller image_size.")
+
+    def _build_bucket(self, size: int, use_graphs: bool, pool) -> _Bucket:
+        shape = self._input_shape(size)
+        if self.input == "uint8_nhwc":
+            static = torch.zeros((size, self.image_size, self.image_size, 3), dtype=torch.uint8,
+                                 device=self.device)
+        else:
+            static = torch.zeros(shape, dtype=self.dtype, device=self.device).contiguous(
+                memory_format=torch.channels_last)
+        buffers = _allocate_activations(self.plan, shape, self.device)
+        plan, backend, normalise = self.plan, self.backend, self._normaliser
+
+        def forward() -> torch.Tensor:
+            return plan.run(normalise(static), backend=backend, buffers=buffers)
+
+        bucket = _Bucket(size, static, forward)
+        if self._stream is not None:
+            # compile the Triton kernels and pack their weights now, not in the first call
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                for _ in range(_WARMUP_FORWARDS):
+                    forward()
+            self._stream.synchronize()
+        if use_graphs:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads of the process may use CUDA while this one captures
+            with torch.cuda.graph(graph, pool=pool, stream=self._stream,
+                                  capture_error_mode="thread_local"):
+                bucket.graph_output = forward()
+            bucket.graph = graph
+        return bucket
+
+    def _make_normaliser(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """uint8 [N, H, W, 3] -> normalised [N, 3, H, W] channels_last in the engine dtype."""
+        from .extension import _import_extension, preprocess
+
+        mean, std, dtype = self.mean, self.std, self.dtype
+        module, _ = _import_extension()
+        if module is not None and (self.device.type != "cuda" or module.cuda_built):
+            return lambda images: preprocess(images, mean, std, dtype=dtype, pad_channels_to=3)
+        # Without the compiled op, the same fp32 fma with constants made here: preprocess's own
+        # fallback builds them per call, a host-to-device copy a CUDA graph cannot capture.
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=self.device)
+        shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=self.device)
+        return lambda images: torch.addcmul(shift, images.float(), scale).to(dtype).permute(0, 3, 1, 2)
+
+    def _run_bucket(self, bucket: _Bucket, rows: torch.Tensor) -> torch.Tensor:
+        n = rows.shape[0]
+        with self._lock:
+            if self._stream is None:   # CPU tensors (Triton interpreter): the call is synchronous
+                bucket.static_input[:n].copy_(rows)
+                return bucket.run()[:n].clone()
+            caller = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(caller)
+            with torch.cuda.stream(self._stream):
+                bucket.static_input[:n].copy_(rows)
+                if rows.device.type == "cuda":
+                    rows.record_stream(self._stream)
+                logits = bucket.run()[:n].clone()
+            caller.wait_stream(self._stream)
+            logits.record_stream(caller)
+            return logits
+
+    # -- calls --------------------------------------------------------------------------------
+    def __call__(self, images) -> torch.Tensor:
+        """Logits ``[N, num_classes]`` (engine dtype, engine device) for a batch of N >= 1 images."""
+        images = self._check_images(images)
+        with torch.no_grad():
+            if self._buckets:
+                return self._run_static(images)
+            chunks = images.split(self.batch_sizes[-1])
+            outs = [self._run_cpu(chunk) for chunk in chunks]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _run_cpu(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._normaliser(images) if self.input == "uint8_nhwc" else images.to(self.dtype)
+        if self._onednn is not None:
+            return self._onednn(x)
+        return self.plan.run(x, backend=self.backend)
+
+    def _run_static(self, images: torch.Tensor) -> torch.Tensor:
+        largest = self.batch_sizes[-1]
+        outs = []
+        for start in range(0, images.shape[0], largest):
+            rows = images[start:start + largest]
+            size = next(b for b in self.batch_sizes if b >= rows.shape[0])
+            outs.append(self._run_bucket(self._buckets[size], rows))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def classify(self, images, topk: int = 5) -> Classification:
+        """Top-``topk`` classes per image (``topk`` is capped at the number of classes)."""
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"fastres.Engine.classify: topk must be a positive int, got {topk!r}")
+        probs = self(images).float().softmax(dim=-1)
+        top_probs, top_indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+        labels = None
+        if self.categories is not None:
+            labels = [[self.categories[i] for i in row] for row in top_indices.tolist()]
+        return Classification(top_indices, top_probs, labels)
+
+    @property
+    def num_classes(self) -> int:
+        return self.plan.num_classes
+
+    # -- input checks -------------------------------------------------------------------------
+    def _check_images(self, images) -> torch.Tensor:
+        if not torch.is_tensor(images):
+            if type(images).__module__ == "numpy":
+                images = torch.from_numpy(images)
+            else:
+                raise TypeError(f"fastres.Engine: images must be a torch.Tensor, got {type(images).__name__}")
+        s = self.image_size
+        if images.device.type != "cpu" and images.device != self.device:
+            raise ValueError(f"fastres.Engine: images are on {images.device}, the engine on "
+                             f"{self.device} (CPU tensors are copied over; other devices are not)")
+        if self.input == "uint8_nhwc":
+            expected = f"uint8 RGB images [N, {s}, {s}, 3]"
+            if images.dtype != torch.uint8:
+                raise TypeError(f"fastres.Engine: expected {expected}, got dtype {images.dtype} "
+                                "(for normalised float [N, 3, H, W] input build the engine with "
+                                "input='float_nchw')")
+            if images.dim() != 4:
+                hint = " (add a batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""
+                raise ValueError(f"fastres.Engine: expected {expected}, got shape {tuple(images.shape)}{hint}")
+            if images.shape[3] != 3:
+                hint = (" (that looks like [N, 3, H, W]: pass images.permute(0, 2, 3, 1).contiguous())"
+                        if images.shape[1] == 3 else "")
+                raise ValueError(f"fastres.Engine: expected {expected} with 3 channels last, got shape "
+                                 f"{tuple(images.shape)}{hint}")
+            height, width = images.shape[1], images.shape[2]
+        else:
+            c = self.plan.in_channels
+            expected = f"float images [N, {c}, {s}, {s}]"
+            if not images.is_floating_point():
+                hint = (" (for uint8 pixels build the engine with input='uint8_nhwc')"
+                        if images.dtype == torch.uint8 else "")
+                raise TypeError(f"fastres.Engine: expected {expected}, got dtype {images.dtype}{hint}")
+            if images.dim() != 4:
+                hint = " (add a batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""
+                raise ValueError(f"fastres.Engine: expected {expected}, got shape {tuple(images.shape)}{hint}")
+            if images.shape[1] != c:
+                raise ValueError(f"fastres.Engine: expected {expected} with {c} channels, got shape "
+                                 f"{tuple(images.shape)}")
+            height, width = images.shape[2], images.shape[3]
+        if (height, width) != (s, s):
+            raise ValueError(f"fastres.Engine: images are {height}x{width}, this engine runs "
+                             f"{s}x{s} (resize and crop them first, or build it with "
+                             f"image_size={height if height == width else '...'})")
+        if images.shape[0] == 0:
+            raise ValueError("fastres.Engine: empty batch (0 images); pass at least one image")
+        if self.input == "uint8_nhwc" and not images.is_contiguous():
+            raise ValueError(f"fastres.Engine: uint8 images must be contiguous [N, H, W, 3], got strides "
+                             f"{images.stride()}; call images.contiguous()")
+        if self.input == "float_nchw" and not (
+                images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError(f"fastres.Engine: float images must be contiguous NCHW or channels_last, "
+                             f"got strides {images.stride()}; call images.contiguous()")
+        return images
+
+    def __repr__(self) -> str:
+        return (f"Engine({self.arch}, {self.num_classes} classes, {self.device} "
+                f"{str(self.dtype).removeprefix('torch.')}, input={self.input} "
+                f"{self.image_size}x{self.image_size}, batch_sizes={self.batch_sizes}, "
+                f"backend={self.backend}, executor={self.executor})")

@@ -1,0 +1,580 @@
+"""Back-to-back fusion of a bottleneck's 3x3 and last 1x1 convolution over NHWC activations.
+
+    mid = round_to_dtype(relu(conv3x3(y1, W_mid; stride, padding, dilation, groups) + bias_mid))
+    out = relu(mid @ W_out [+ conv1x1_stride_s(shortcut, W_sc)] + bias_out [+ residual])
+
+One program owns BLOCK_M output pixels. It computes their 3x3 outputs for *all* mid channels
+(``acc_mid`` [BLOCK_M, C_mid] in fp32), applies bias and ReLU, rounds the tile to the compute dtype
+(exactly what the unfused pair stores and reloads) and keeps it in registers as the A operand of
+the 1x1 GEMM, which it walks in chunks of BLOCK_N output channels. The mid tensor never touches
+memory: per block that saves writing and re-reading N*OH*OW*C_mid values and one launch.
+
+Operands and layouts are those of ``conv2d_nhwc`` (its module docstring explains them), and the
+packing is its ``pack_conv_weight``:
+
+* the 3x3 weight is [9 * group_in, C_mid], rows (kh, kw, c) of a packed group, tap-major K loop;
+* the 1x1 weight is [C_mid (+ C_sc), C_out]; a projection shortcut is a concat-K second operand
+  of the 1x1 GEMM (rows C_mid.. read ``shortcut`` at (oh*s, ow*s)), the caller pre-sums biases.
+
+Grouped 3x3 (ResNeXt): the mid tile cannot be assembled from per-group pieces in registers, so
+the 1x1 GEMM's K is split by packed group instead: for each packed group g (``tile_groups`` conv
+groups, block-diagonal, >= 16 channels), mid_g [BLOCK_M, group_mid] is computed and multiplied
+into the output accumulator by the rows of W_out that belong to g. That loop sits inside the loop
+over output-channel chunks, so the config rule gives grouped shapes a single chunk
+(BLOCK_N >= C_out): more chunks would recompute the 3x3. With groups == 1 the mid tile is
+computed once, before the chunk loop.
+
+Which blocks the plan fuses is ``fuses_conv3x3_conv1x1`` (the rule and its reasons are in its
+docstring); the tiles are ``fused_config``. Runtime ints are the batch and spatial sizes; channel
+counts, stride, padding, dilation and the epilogue switches are constexpr. Pixel indices are
+int32 (checked), element offsets int64.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import KernelCall
+from .conv2d_nhwc import PackedConvWeight, conv2d_nhwc_ref, pack_conv_weight
+
+_MIN_TILE_CHANNELS = 16   # smallest tl.dot N and K tile (also conv2d_nhwc's packed-group minimum)
+
+
+@triton.jit
+def _round_to_bf16_nearest_even(x):
+    """fp32 -> fp32 holding the nearest-even bf16 value: the triton 3.8 interpreter's fp32 -> bf16
+    cast truncates, a GPU's cvt.rn rounds. NaN payloads must not carry into the sign bit."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
+def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, group, img, oh, ow, m_mask, H, W,
+              C_MID_IN: tl.constexpr, C_MID: tl.constexpr, GROUP_IN: tl.constexpr, GROUP_MID: tl.constexpr,
+              STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+              DIL_H: tl.constexpr, DIL_W: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """round_to_dtype(relu(conv3x3(y1) + bias_mid)) for packed group ``group``: [BLOCK_M, GROUP_MID].
+
+    The tap-major K loop of conv2d_nhwc: step kb covers channels [c0, c0 + BLOCK_K) of tap
+    (kh, kw) = divmod(kb // CHUNKS, 3), c0 = (kb % CHUNKS) * BLOCK_K. (kh, kw, c0) are written
+    inline: the interpreter turns every assigned value into a tensor.
+    """
+    CHUNKS: tl.constexpr = GROUP_IN // BLOCK_K
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_mid = group * GROUP_MID + tl.arange(0, GROUP_MID)
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    y_rows = y_ptr + ((img * H + ih0) * W + iw0).to(tl.int64) * C_MID_IN + group * GROUP_IN
+    y_row_pitch = W * C_MID_IN
+    w_ptrs = w_mid_ptr + offs_k[:, None] * C_MID + offs_mid[None, :]
+    acc = tl.zeros((BLOCK_M, GROUP_MID), dtype=tl.float32)
+    for kb in range(0, 9 * CHUNKS):
+        if PAD_H == 0 and PAD_W == 0:
+            row_ok = m_mask
+        else:
+            ih = ih0 + (kb // CHUNKS // 3) * DIL_H
+            iw = iw0 + (kb // CHUNKS % 3) * DIL_W
+            row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_ptrs = y_rows + ((kb // CHUNKS // 3) * DIL_H * y_row_pitch
+                           + ((kb // CHUNKS % 3) * DIL_W * C_MID_IN + (kb % CHUNKS) * BLOCK_K))
+        a = tl.load(a_ptrs[:, None] + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+        b = tl.load(w_ptrs)
+        if INTERPRETER_BF16:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+        w_ptrs += BLOCK_K * C_MID
+    acc += tl.load(bias_mid_ptr + offs_mid).to(tl.float32)[None, :]
+    acc = tl.where(acc < 0.0, 0.0, acc)       # torch.relu keeps NaN; tl.maximum would drop it
+    if INTERPRETER_BF16:
+        return _round_to_bf16_nearest_even(acc)   # stays fp32: the interpreter's dot runs in fp32
+    return acc.to(y_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _conv3x3_conv1x1_nhwc_kernel(
+    y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_ptr, out_ptr, residual_ptr, shortcut_ptr,
+    BATCH, H, W, OH, OW, SC_H, SC_W,
+    C_MID_IN: tl.constexpr, C_MID: tl.constexpr, C_OUT: tl.constexpr,
+    GROUP_IN: tl.constexpr, GROUP_MID: tl.constexpr,            # per *packed* group of the 3x3
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    C_SC: tl.constexpr, SC_STRIDE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT_GEMM: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_SC: tl.constexpr,
+):
+    """out = relu(round(relu(conv3x3(y1) + b_mid)) @ W_out [+ shortcut @ W_sc] + b_out [+ residual]).
+
+    fp32 accumulation for both GEMMs. INTERPRETER_BF16 (set by the wrapper only for bf16 under the
+    interpreter, as in conv2d_nhwc): dot tiles are upcast to fp32 because the interpreter's bf16
+    tl.dot is wrong, and both bf16 roundings (mid tile, output) are done by hand to nearest-even.
+    """
+    pid = tl.program_id(0)
+    M = BATCH * OH * OW
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    img = offs_m // (OW * OH)
+    NUM_GROUPS: tl.constexpr = C_MID // GROUP_MID
+    EVEN_N: tl.constexpr = C_OUT % BLOCK_N == 0
+    offs_mid = tl.arange(0, GROUP_MID)
+    offs_k_sc = tl.arange(0, BLOCK_K_SC)
+    if HAS_SHORTCUT_GEMM:
+        sc_rows = shortcut_ptr + ((img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE).to(tl.int64) * C_SC
+    if NUM_GROUPS == 1:
+        mid = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, 0, img, oh, ow, m_mask, H, W,
+                        C_MID_IN, C_MID, GROUP_IN, GROUP_MID, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+                        INTERPRETER_BF16, BLOCK_M, BLOCK_K)
+
+    for n0 in range(0, C_OUT, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < C_OUT
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if NUM_GROUPS == 1:
+            w_ptrs = w_out_ptr + offs_mid[:, None] * C_OUT + offs_n[None, :]
+            b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+            if INTERPRETER_BF16:
+                b = b.to(tl.float32)
+            acc = tl.dot(mid, b, acc, input_precision="ieee")
+        else:
+            # K of the 1x1 GEMM split by packed group: rows g*GROUP_MID.. of W_out meet mid_g.
+            for g in range(0, NUM_GROUPS):
+                mid_g = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, g, img, oh, ow, m_mask, H, W,
+                                  C_MID_IN, C_MID, GROUP_IN, GROUP_MID, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                                  DIL_H, DIL_W, INTERPRETER_BF16, BLOCK_M, BLOCK_K)
+                w_ptrs = w_out_ptr + (g * GROUP_MID + offs_mid)[:, None] * C_OUT + offs_n[None, :]
+                b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+                if INTERPRETER_BF16:
+                    b = b.to(tl.float32)
+                acc = tl.dot(mid_g, b, acc, input_precision="ieee")
+
+        if HAS_SHORTCUT_GEMM:
+            # Concat-K: the shortcut rows follow the C_MID rows of W_out.
+            w_ptrs = w_out_ptr + (C_MID + offs_k_sc)[:, None] * C_OUT + offs_n[None, :]
+            a_ptrs = sc_rows[:, None] + offs_k_sc[None, :]
+            for kb in range(0, tl.cdiv(C_SC, BLOCK_K_SC)):
+                if C_SC % BLOCK_K_SC == 0:
+                    a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+                    b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+                else:
+                    c_ok = offs_k_sc < C_SC - kb * BLOCK_K_SC
+                    a = tl.load(a_ptrs, mask=m_mask[:, None] & c_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
+                if INTERPRETER_BF16:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+                a_ptrs += BLOCK_K_SC
+                w_ptrs += BLOCK_K_SC * C_OUT
+
+        acc += tl.load(bias_out_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        if HAS_RESIDUAL:
+            acc += tl.load(residual_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+        acc = tl.where(acc < 0.0, 0.0, acc)
+        if INTERPRETER_BF16:
+            acc = _round_to_bf16_nearest_even(acc)
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed weights
+
+
+@dataclass
+class PackedConv3x3Conv1x1:
+    """The two weights of a fused 3x3 -> 1x1 pair, packed for ``_conv3x3_conv1x1_nhwc_kernel``.
+
+    ``mid``: the 3x3, [9*group_in, C_mid] (conv2d_nhwc packing, block-diagonal packed groups);
+    ``out``: the 1x1, [C_mid (+ C_sc), C_out], a projection shortcut's rows concatenated on K.
+    """
+    mid: PackedConvWeight
+    out: PackedConvWeight
+
+    @property
+    def in_channels(self) -> int:           # of the 3x3 (y1's channels)
+        return self.mid.in_channels
+
+    @property
+    def mid_channels(self) -> int:
+        return self.mid.out_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.out.out_channels
+
+    @property
+    def groups(self) -> int:
+        return self.mid.groups
+
+    @property
+    def shortcut_in_channels(self) -> int:
+        return self.out.shortcut_in_channels
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mid.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.mid.device
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _kernel_layout_problem(c_mid: int, group_in: int, group_mid: int) -> str:
+    """Why the kernel cannot run a (packed) shape, or "" when it can."""
+    if not _is_pow2(group_mid) or group_mid < _MIN_TILE_CHANNELS:
+        return (f"a packed group of {group_mid} mid channels (the kernel's register tile needs a power of two "
+                f">= {_MIN_TILE_CHANNELS})")
+    if group_in % _MIN_TILE_CHANNELS != 0:
+        return f"a packed group of {group_in} 3x3 input channels (the tap-major K loop needs a multiple of 16)"
+    return ""
+
+
+def pack_conv3x3_conv1x1(w_mid, w_out, *, groups=1, shortcut_weight=None) -> PackedConv3x3Conv1x1:
+    """Pack the 3x3 weight [C_mid, C_mid_in/groups, 3, 3], the 1x1 weight [C_out, C_mid, 1, 1] and
+    optionally a projection shortcut weight [C_out, C_sc, 1, 1] for ``conv3x3_conv1x1_nhwc_packed``.
+
+    All in the compute dtype, on one device; works on meta tensors. Raises ValueError for shapes the
+    kernel cannot run; ``fuses_conv3x3_conv1x1`` says which ones the plan should give it.
+    """
+    for name, t in (("w_mid", w_mid), ("w_out", w_out), ("shortcut_weight", shortcut_weight)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if w_mid.dim() != 4 or tuple(w_mid.shape[2:]) != (3, 3):
+        raise ValueError(f"w_mid must be a 3x3 conv weight [C_mid, C_mid_in/groups, 3, 3], got shape "
+                         f"{tuple(w_mid.shape)}")
+    c_mid = w_mid.shape[0]
+    if w_out.dim() != 4 or w_out.shape[1] != c_mid or tuple(w_out.shape[2:]) != (1, 1):
+        raise ValueError(f"w_out must be a 1x1 conv weight [C_out, C_mid={c_mid}, 1, 1], got shape "
+                         f"{tuple(w_out.shape)}")
+    if w_out.dtype != w_mid.dtype or w_out.device != w_mid.device:
+        raise ValueError(f"w_out ({w_out.dtype}, {w_out.device}) must match w_mid ({w_mid.dtype}, {w_mid.device})")
+    if w_mid.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"weights must be float16, bfloat16 or float32, got {w_mid.dtype}")
+    mid = pack_conv_weight(w_mid, groups=groups)
+    problem = _kernel_layout_problem(c_mid, mid.group_in_channels, mid.group_out_channels)
+    if problem:
+        raise ValueError(f"conv3x3_conv1x1_nhwc cannot run {problem}; check fuses_conv3x3_conv1x1 first and "
+                         "run the unfused pair")
+    out = pack_conv_weight(w_out, shortcut_weight=shortcut_weight)
+    return PackedConv3x3Conv1x1(mid=mid, out=out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which blocks fuse, and the tiles
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    BLOCK_M: int
+    BLOCK_N: int        # output channels per chunk of the 1x1 GEMM
+    BLOCK_K: int        # 3x3 input channels per K step (one tap)
+    BLOCK_K_SC: int     # shortcut channels per K step
+    num_warps: int
+    num_stages: int
+
+
+# Untuned (no GPU has measured them); each was compiled for sm_80 and sm_90 at the resnet50,
+# wide_resnet50_2 and resnext layer1-2 shapes with zero spills (tests/test_conv3x3_conv1x1_nhwc.py).
+# Registers per thread are what sizes them: the fp32 mid accumulator [BLOCK_M, C_mid] and the
+# rounded mid tile kept as the 1x1's A operand live alongside a [BLOCK_M, BLOCK_N] accumulator.
+FUSED_CONFIGS = {
+    # 16-bit, groups=1: one 64-row wgmma warpgroup (sm_90) / 4 mma.sync warps (sm_80). With
+    # C_mid = 128 the mid accumulator is 64 regs/thread and the fp16 mid tile 32.
+    "tc": FusedConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_K_SC=64, num_warps=4, num_stages=3),
+    # too few 64-row programs to fill a GPU (small batch): half the rows, twice the programs
+    "tc_small_m": FusedConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, BLOCK_K_SC=64, num_warps=4, num_stages=3),
+    # 16-bit, grouped: one chunk holds all C_out (<= 256) so the 3x3 runs once; 8 warps keep that
+    # [64, 256] fp32 accumulator at 64 regs/thread
+    "tc_grouped": FusedConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=16, BLOCK_K_SC=64, num_warps=8, num_stages=3),
+    # fp32: IEEE dots on the FMA units; operand tiles go through shared memory
+    "fp32": FusedConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_K_SC=32, num_warps=4, num_stages=2),
+    "fp32_grouped": FusedConfig(BLOCK_M=32, BLOCK_N=256, BLOCK_K=16, BLOCK_K_SC=32, num_warps=8, num_stages=2),
+    # Triton interpreter (CPU tensors): few large programs, one chunk, one K step per tap
+    "interpreter": FusedConfig(BLOCK_M=128, BLOCK_N=1024, BLOCK_K=128, BLOCK_K_SC=256, num_warps=4, num_stages=1),
+}
+_SMALL_M_PROGRAMS = 128         # fewer "tc" programs than this leave most of an H100's 132 SMs idle
+_MAX_DENSE_MID = 128            # see fuses_conv3x3_conv1x1
+_MAX_GROUPED_MID = 256
+_MAX_GROUPED_OUT = 256
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _largest_pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+@functools.lru_cache(maxsize=4096)
+def fused_config(m: int, group_in: int, group_mid: int, c_mid: int, c_out: int, c_sc: int,
+                 dtype: torch.dtype, device_type: str) -> FusedConfig:
+    """Tile rule, keyed on M = N*OH*OW, the packed 3x3 group widths, C_mid, C_out, the shortcut's
+    channels, the operand width and whether the interpreter runs it.
+
+    GPU: grouped (group_mid < c_mid) -> tc_grouped / fp32_grouped; else 16-bit -> tc, or tc_small_m
+    when M gives fewer than 128 tc programs; fp32 -> fp32. Interpreter (device cpu): the interpreter
+    tile, BLOCK_M shrunk to M. Then BLOCK_N is clamped to C_out (pow2, >= 16), BLOCK_K to the
+    largest power of two dividing the packed group's input channels (a K step must not straddle a
+    tap) and BLOCK_K_SC to the shortcut channels (pow2, >= 16; a tail is masked).
+    """
+    grouped = group_mid < c_mid
+    if device_type == "cpu":
+        cfg = FUSED_CONFIGS["interpreter"]
+        cfg = dataclasses.replace(cfg, BLOCK_M=min(cfg.BLOCK_M, max(16, _pow2_at_least(m))))
+    elif dtype == torch.float32:
+        cfg = FUSED_CONFIGS["fp32_grouped" if grouped else "fp32"]
+    elif grouped:
+        cfg = FUSED_CONFIGS["tc_grouped"]
+    else:
+        cfg = FUSED_CONFIGS["tc"]
+        if triton.cdiv(m, cfg.BLOCK_M) < _SMALL_M_PROGRAMS:
+            cfg = FUSED_CONFIGS["tc_small_m"]
+    return dataclasses.replace(
+        cfg,
+        BLOCK_N=min(cfg.BLOCK_N, max(_MIN_TILE_CHANNELS, _pow2_at_least(c_out))),
+        BLOCK_K=min(cfg.BLOCK_K, _largest_pow2_divisor(group_in)),
+        BLOCK_K_SC=min(cfg.BLOCK_K_SC, max(_MIN_TILE_CHANNELS, _pow2_at_least(c_sc))),
+    )
+
+
+def fuses_conv3x3_conv1x1(c_mid: int, c_in_mid: int, c_out: int, groups: int, dtype: torch.dtype) -> bool:
+    """Whether the plan runs a bottleneck's conv2 (3x3, ``c_in_mid`` -> ``c_mid``, ``groups``) and
+    conv3 (1x1, ``c_mid`` -> ``c_out``) as this one kernel instead of two ``conv2d_nhwc`` launches.
+
+    True when all of these hold (stride, padding, dilation and the shortcut kind do not matter):
+
+    * dtype is float16, bfloat16 or float32;
+    * groups == 1 and c_mid is a power of two in [16, 128] (resnet50/101/152 layer1-2,
+      wide_resnet50_2/101_2 layer1, resnet18-style widths do not apply: they have no bottleneck).
+      The whole [BLOCK_M, c_mid] fp32 mid accumulator plus its rounded copy must stay in registers;
+      at c_mid = 128 that is 96 regs/thread on a 64-row, 4-warp tile. c_mid = 256 (layer3) would
+      need 192 of them before the output accumulator: it spills or forces 8 warps on 64 rows with
+      a quarter of the programs of the unfused 3x3, so it is left unfused;
+    * or groups > 1 (ResNeXt) with packed groups (``conv2d_nhwc``'s block-diagonal tiles of >= 16
+      channels) whose widths are powers of two, c_mid <= 256 and c_out <= 256: the 1x1 GEMM's K is
+      split by packed group, which needs the whole [64, c_out] output accumulator in registers
+      (one chunk, else the 3x3 is recomputed per chunk). That is resnext50_32x4d layer1 (32 groups
+      of 4), resnext101_32x8d layer1 (32 of 8) and resnext101_64x4d layer1 (64 of 4); their
+      layer2 has c_out = 512 and stays unfused;
+    * c_in_mid per packed group is a multiple of 16 (the tap-major K loop).
+
+    Every configuration this admits for those models compiles for sm_80 and sm_90 with zero
+    spills (checked by tests/test_conv3x3_conv1x1_nhwc.py::test_aot_fused_blocks_fit_sm80_sm90).
+    Otherwise the plan falls back to the unfused pair.
+    """
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if groups < 1 or c_mid % groups or c_in_mid % groups:
+        return False
+    if groups == 1:
+        if not (_is_pow2(c_mid) and _MIN_TILE_CHANNELS <= c_mid <= _MAX_DENSE_MID):
+            return False
+        return not _kernel_layout_problem(c_mid, c_in_mid, c_mid)
+    from .conv2d_nhwc import _tile_groups
+    t = _tile_groups(groups, c_in_mid // groups, c_mid // groups)
+    group_in, group_mid = t * c_in_mid // groups, t * c_mid // groups
+    if c_mid > _MAX_GROUPED_MID or c_out > _MAX_GROUPED_OUT:
+        return False
+    return not _kernel_layout_problem(c_mid, group_in, group_mid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch wrapper
+
+
+def _pair(v, name):
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    try:
+        v = tuple(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _output_size(size, k, stride, pad, dil):
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or a.device.type == "meta" or not a.numel() or not b.numel():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def conv3x3_conv1x1_nhwc_packed(y1, packed: PackedConv3x3Conv1x1, bias_mid, bias_out, *, stride, padding,
+                                dilation, residual=None, shortcut=None, shortcut_stride=1, out=None):
+    """``relu(round(relu(conv3x3(y1) + bias_mid)) @ W_out [+ conv1x1_s(shortcut, W_sc)] + bias_out
+    [+ residual])`` in one launch; see the module docstring.
+
+    ``y1`` [N, C_mid_in, H, W] channels_last in ``packed.dtype``; ``bias_mid`` [C_mid] and
+    ``bias_out`` [C_out] float (used in fp32; a projection's bias pre-summed into ``bias_out``);
+    ``residual`` and ``out`` [N, C_out, OH, OW] channels_last (``out`` may be the residual buffer,
+    never y1 or the shortcut); ``shortcut`` [N, C_sc, H_sc, W_sc] channels_last exactly when the
+    packed weights carry a projection, read at (oh*shortcut_stride, ow*shortcut_stride).
+    Works on meta tensors inside ``record_launches()``.
+    """
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got stride {(sh, sw)}, "
+                         f"padding {(ph, pw)}, dilation {(dh, dw)}")
+    if not isinstance(packed, PackedConv3x3Conv1x1):
+        raise TypeError(f"packed must come from pack_conv3x3_conv1x1, got {type(packed).__name__}")
+    if not isinstance(y1, torch.Tensor) or y1.dim() != 4:
+        raise ValueError(f"y1 must be a 4-D [N, C, H, W] tensor, got {getattr(y1, 'shape', type(y1).__name__)}")
+    n, c_in, h, w = y1.shape
+    if c_in != packed.in_channels:
+        raise ValueError(f"y1 has {c_in} channels, the packed 3x3 weight expects {packed.in_channels}")
+    if y1.dtype != packed.dtype:
+        raise TypeError(f"y1 dtype {y1.dtype} != packed weight dtype {packed.dtype}")
+    if y1.device != packed.device:
+        raise ValueError(f"y1 is on {y1.device}, the packed weights on {packed.device}")
+    if not _is_channels_last(y1):
+        raise ValueError("y1 must be channels_last: call y1.contiguous(memory_format=torch.channels_last)")
+    oh, ow = _output_size(h, 3, sh, ph, dh), _output_size(w, 3, sw, pw, dw)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"output size {oh}x{ow} < 1 for input {h}x{w}, kernel 3x3, stride {(sh, sw)}, "
+                         f"padding {(ph, pw)}, dilation {(dh, dw)}")
+    c_mid, c_out = packed.mid_channels, packed.out_channels
+    out_shape = (n, c_out, oh, ow)
+
+    def check_activation(t, what, shape=None):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != y1.dtype or t.device != y1.device:
+            raise TypeError(f"{what} ({t.dtype}, {t.device}) must match y1 ({y1.dtype}, {y1.device})")
+        if not _is_channels_last(t):
+            raise ValueError(f"{what} must be channels_last: call .contiguous(memory_format=torch.channels_last)")
+
+    for what, bias, size in (("bias_mid", bias_mid, c_mid), ("bias_out", bias_out, c_out)):
+        if (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (size,) or not bias.is_floating_point()
+                or bias.device != y1.device):
+            raise ValueError(f"{what} must be a float [{size}] tensor on {y1.device}, got "
+                             + (f"{tuple(bias.shape)} {bias.dtype} on {bias.device}" if isinstance(bias, torch.Tensor)
+                                else type(bias).__name__))
+        if not bias.is_contiguous():
+            raise ValueError(f"{what} must be contiguous")
+    if residual is not None:
+        check_activation(residual, "residual", out_shape)
+    c_sc = packed.shortcut_in_channels
+    if (shortcut is None) != (c_sc == 0):
+        raise ValueError("shortcut must be given exactly when the packed weights have a shortcut weight "
+                         f"(packed shortcut channels: {c_sc})")
+    sc_h = sc_w = None
+    if shortcut is not None:
+        if not isinstance(shortcut_stride, int) or shortcut_stride < 1:
+            raise ValueError(f"shortcut_stride must be a positive int, got {shortcut_stride!r}")
+        check_activation(shortcut, "shortcut")
+        if shortcut.dim() != 4 or shortcut.shape[0] != n or shortcut.shape[1] != c_sc:
+            raise ValueError(f"shortcut must be [N={n}, C_sc={c_sc}, H, W], got {tuple(shortcut.shape)}")
+        sc_h, sc_w = shortcut.shape[2], shortcut.shape[3]
+        s = shortcut_stride
+        if (sc_h - 1) // s + 1 != oh or (sc_w - 1) // s + 1 != ow:
+            raise ValueError(f"shortcut {sc_h}x{sc_w} with stride {s} gives "
+                             f"{(sc_h - 1) // s + 1}x{(sc_w - 1) // s + 1}, the 3x3 output is {oh}x{ow}")
+    if out is None:
+        out = torch.empty(out_shape, dtype=y1.dtype, device=y1.device, memory_format=torch.channels_last)
+    else:
+        check_activation(out, "out", out_shape)
+        # Programs read y1 and the shortcut around and beside their own pixels: out may not overlap them.
+        for what, t in (("y1", y1), ("shortcut", shortcut)):
+            if t is not None and _overlaps(out, t):
+                raise ValueError(f"out must not overlap {what}")
+    if n == 0:
+        return out
+    if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > _INT32_MAX:
+        raise ValueError(f"batch {n} x {h}x{w} pixels exceeds the kernel's int32 pixel index")
+    _build_call(y1, packed, bias_mid, bias_out, out, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
+                residual=residual, shortcut=shortcut, shortcut_stride=shortcut_stride).launch()
+    return out
+
+
+def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilation, residual, shortcut,
+                shortcut_stride) -> KernelCall:
+    """The KernelCall of one (already validated) fused pair; touches no tensor data."""
+    n, c_in, h, w = y1.shape
+    oh, ow = out.shape[2], out.shape[3]
+    c_mid, c_out, c_sc = packed.mid_channels, packed.out_channels, packed.shortcut_in_channels
+    group_in, group_mid = packed.mid.group_in_channels, packed.mid.group_out_channels
+    m = n * oh * ow
+    cfg = fused_config(m, group_in, group_mid, c_mid, c_out, c_sc, y1.dtype, y1.device.type)
+    args = dict(y_ptr=y1, w_mid_ptr=packed.mid.weight, bias_mid_ptr=bias_mid, w_out_ptr=packed.out.weight,
+                bias_out_ptr=bias_out, out_ptr=out, BATCH=n, H=h, W=w, OH=oh, OW=ow)
+    # Absent operands are None, which Triton treats as constexpr: they go with the constexprs.
+    optional = dict(residual_ptr=residual, shortcut_ptr=shortcut,
+                    SC_H=shortcut.shape[2] if shortcut is not None else None,
+                    SC_W=shortcut.shape[3] if shortcut is not None else None)
+    args.update({k: v for k, v in optional.items() if v is not None})
+    constexprs = {k: v for k, v in optional.items() if v is None}
+    constexprs.update(
+        C_MID_IN=c_in, C_MID=c_mid, C_OUT=c_out, GROUP_IN=group_in, GROUP_MID=group_mid,
+        STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        DIL_H=dilation[0], DIL_W=dilation[1],
+        C_SC=c_sc, SC_STRIDE=shortcut_stride if shortcut is not None else 1,
+        HAS_RESIDUAL=residual is not None, HAS_SHORTCUT_GEMM=shortcut is not None,
+        INTERPRETER_BF16=y1.dtype == torch.bfloat16 and y1.device.type == "cpu",
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_K_SC=cfg.BLOCK_K_SC,
+    )
+    groups = packed.groups
+    name = (f"conv3x3_conv1x1_nhwc[s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")
+            + (f"/g{groups}" if groups > 1 else "") + (f"+sc{c_sc}/s{shortcut_stride}" if c_sc else "") + "]")
+    k_mid = 9 * c_in // groups
+    macs = m * (c_mid * k_mid + c_out * (c_mid + c_sc))
+    itemsize = y1.element_size()
+    weights = packed.mid.weight.numel() + packed.out.weight.numel()
+    return KernelCall(
+        kernel=_conv3x3_conv1x1_nhwc_kernel, grid=(triton.cdiv(m, cfg.BLOCK_M),), args=args,
+        constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,
+        info=dict(M=m, C_mid=c_mid, N=c_out, K=f"{k_mid}+{c_mid + c_sc}", flops=2 * macs,
+                  dtype=str(y1.dtype).replace("torch.", ""),
+                  bytes=(y1.numel() + out.numel() * (2 if residual is not None else 1)
+                         + (n * oh * ow * c_sc if shortcut is not None else 0) + weights) * itemsize
+                  + 4 * (c_mid + c_out)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+
+
+def conv3x3_conv1x1_nhwc_ref(y1, w_mid, b_mid, w_out, b_out, *, stride, padding, dilation, groups,
+                             residual=None, shortcut=None, shortcut_weight=None, shortcut_stride=1, upcast=False):
+    """Plain-PyTorch reference of the fused pair: two ``conv2d_nhwc_ref`` calls, the mid rounded to
+    ``y1.dtype`` in between (as the kernel and the unfused pair round it).
+
+        mid = relu(conv3x3(y1, w_mid, b_mid; stride, padding, dilation, groups))       -> y1.dtype
+        out = relu(conv1x1(mid, w_out) [+ conv1x1_s(shortcut, shortcut_weight)] + b_out [+ residual])
+
+    ``upcast=True``: each conv computes in fp32 and rounds once, the kernel's numerics.
+    """
+    mid = conv2d_nhwc_ref(y1, w_mid, b_mid, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                          relu=True, upcast=upcast)
+    return conv2d_nhwc_ref(mid, w_out, b_out, residual=residual, relu=True, shortcut=shortcut,
+                           shortcut_weight=shortcut_weight, shortcut_stride=shortcut_stride, upcast=upcast)
