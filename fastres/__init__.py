@@ -20,6 +20,7 @@ _LAZY = {
                        "wide_resnet50_2", "wide_resnet101_2"],
     "fastres.fold": ["fold_bn"],
     "fastres.export": ["export", "load"],
+    "fastres.engine": ["Engine", "IMAGENET_MEAN", "IMAGENET_STD"],
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 _SUBMODULES = {"ops", "aot", "plan", "models", "export", "fold", "kernels", "extension", "normalize"}

@@ -76,6 +76,35 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import benchmark
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fastres bench: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b] if args.batch else None
+    except ValueError:
+        print(f"fastres bench: --batch takes a comma list of ints, got {args.batch!r}", file=sys.stderr)
+        return 2
+    archs = args.arch.split(",") if args.arch else None
+    settings = benchmark.settings_for(args.quick, archs=archs, batches=batches, size=args.size)
+    results = benchmark.run_comparison(settings, device, progress=not args.no_progress)
+    paths = benchmark.write_report(results, args.out)
+    print(benchmark.markdown(results))
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from .classify import main as classify_main
+
+    return classify_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastres", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +145,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="images/s of fastres against torchvision eager, torch.compile, "
+                                     "ONNX Runtime / TensorRT; writes DIR/bench.md, .json, .png")
+    p.add_argument("--arch", default=None, help="architecture or comma list "
+                                                "(default resnet50,resnet18,resnet101; --quick: resnet18)")
+    p.add_argument("--batch", default=None, help="comma list (default 1,8,64,256; --quick: 1,4)")
+    p.add_argument("--size", type=int, default=None, help="image side (default 224; --quick: 64)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="small batches and size, few rounds")
+    p.add_argument("--out", default="bench-results", help="output directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("classify", help="top-k classes of image files (or directories of them)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--weights", default="DEFAULT",
+                   help="a fastres export file, a checkpoint file, or torchvision weights "
+                        "(ResNet50_Weights.IMAGENET1K_V2, or a name like DEFAULT for --arch; "
+                        "downloads need the network)")
+    p.add_argument("--arch", default="resnet50", help="architecture for a checkpoint or a bare weights name")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    p.add_argument("--json", action="store_true", help='one JSON object per line: {"path", "topk"}')
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_classify)
     return parser
 
 

@@ -43,6 +43,7 @@ Thread safety
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -237,6 +238,10 @@ class _Bucket:
         return self.graph_output
 
 
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
@@ -274,8 +279,13 @@ class Engine:
             raise TypeError(f"fastres.Engine takes a ResNet module or the path of a fastres export, "
                             f"got {type(model).__name__}")
         self.device = torch.device(device if device is not None else default_device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"fastres.Engine: device {self.device} requested but no CUDA device is available")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        elif self.device.type != "cpu":
+            raise ValueError(f"fastres.Engine: runs on CPU or CUDA, not {self.device}")
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         if dtype not in _DTYPES:
@@ -363,11 +373,12 @@ class Engine:
             self._stream = torch.cuda.Stream(self.device)
         if use_graphs:
             pool = torch.cuda.graph_pool_handle()
-        for size in self.batch_sizes:
-            try:
-                self._buckets[size] = self._build_bucket(size, use_graphs, pool)
-            except torch.OutOfMemoryError as err:
-                raise torch.OutOfMemoryError(self._oom_message(size)) from err
+        with _on_device(self.device):
+            for size in self.batch_sizes:
+                try:
+                    self._buckets[size] = self._build_bucket(size, use_graphs, pool)
+                except torch.OutOfMemoryError as err:
+                    raise torch.OutOfMemoryError(self._oom_message(size)) from err
 
     def bucket_bytes(self, size: int) -> int:
         """Bytes of the static input and activation buffers the bucket ``size`` allocates."""
@@ -446,15 +457,16 @@ class Engine:
             if self._stream is None:   # CPU tensors (Triton interpreter): the call is synchronous
                 bucket.static_input[:n].copy_(rows)
                 return bucket.run()[:n].clone()
-            caller = torch.cuda.current_stream(self.device)
-            self._stream.wait_stream(caller)
-            with torch.cuda.stream(self._stream):
-                bucket.static_input[:n].copy_(rows)
-                if rows.device.type == "cuda":
-                    rows.record_stream(self._stream)
-                logits = bucket.run()[:n].clone()
-            caller.wait_stream(self._stream)
-            logits.record_stream(caller)
+            with torch.cuda.device(self.device):
+                caller = torch.cuda.current_stream(self.device)
+                self._stream.wait_stream(caller)
+                with torch.cuda.stream(self._stream):
+                    bucket.static_input[:n].copy_(rows)
+                    if rows.device.type == "cuda":
+                        rows.record_stream(self._stream)
+                    logits = bucket.run()[:n].clone()
+                caller.wait_stream(self._stream)
+                logits.record_stream(caller)
             return logits
 
     # -- calls --------------------------------------------------------------------------------

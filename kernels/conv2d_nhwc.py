@@ -311,8 +311,9 @@ CONV_CONFIGS = {
     "tc_wide": ConvConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     "tc_narrow": ConvConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     "tc_small_m": ConvConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    # fp32: the dot runs in IEEE fp32 on the FMA units (no tf32), so smaller tiles
-    "fp32": ConvConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
+    # fp32: the dot runs in IEEE fp32 on the FMA units (no tf32), so smaller tiles; 8 warps because
+    # with 4, ptxas for sm_90 spills some of these kernels (sm_80 does not)
+    "fp32": ConvConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2),
     # Triton interpreter (CPU tensors): fewer, larger programs run faster in numpy
     "interpreter": ConvConfig(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1),
 }

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._launch import KernelCall
-from .conv2d_nhwc import PackedConvWeight, conv2d_nhwc_ref, pack_conv_weight
+from .conv2d_nhwc import PackedConvWeight, _tile_groups, conv2d_nhwc_ref, pack_conv_weight
 
 _MIN_TILE_CHANNELS = 16   # smallest tl.dot N and K tile (also conv2d_nhwc's packed-group minimum)
 
@@ -55,26 +55,28 @@ def _round_to_bf16_nearest_even(x):
 
 
 @triton.jit
-def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, group, img, oh, ow, m_mask, H, W,
+def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, mid_block, img, oh, ow, m_mask, H, W,
               C_MID_IN: tl.constexpr, C_MID: tl.constexpr, GROUP_IN: tl.constexpr, GROUP_MID: tl.constexpr,
-              STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-              DIL_H: tl.constexpr, DIL_W: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """round_to_dtype(relu(conv3x3(y1) + bias_mid)) for packed group ``group``: [BLOCK_M, GROUP_MID].
+              MID_BLOCK: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+              PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+              INTERPRETER_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """round_to_dtype(relu(conv3x3(y1) + bias_mid)) for mid channels [mid_block * MID_BLOCK, +MID_BLOCK),
+    which lie in one packed group: [BLOCK_M, MID_BLOCK].
 
-    The tap-major K loop of conv2d_nhwc: step kb covers channels [c0, c0 + BLOCK_K) of tap
-    (kh, kw) = divmod(kb // CHUNKS, 3), c0 = (kb % CHUNKS) * BLOCK_K. (kh, kw, c0) are written
-    inline: the interpreter turns every assigned value into a tensor.
+    The tap-major K loop of conv2d_nhwc over the packed group's input channels: step kb covers
+    channels [c0, c0 + BLOCK_K) of tap (kh, kw) = divmod(kb // CHUNKS, 3), c0 = (kb % CHUNKS) *
+    BLOCK_K. (kh, kw, c0) are written inline: the interpreter turns every assigned value into a tensor.
     """
     CHUNKS: tl.constexpr = GROUP_IN // BLOCK_K
     offs_k = tl.arange(0, BLOCK_K)
-    offs_mid = group * GROUP_MID + tl.arange(0, GROUP_MID)
+    offs_mid = mid_block * MID_BLOCK + tl.arange(0, MID_BLOCK)
+    group = mid_block * MID_BLOCK // GROUP_MID
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
     y_rows = y_ptr + ((img * H + ih0) * W + iw0).to(tl.int64) * C_MID_IN + group * GROUP_IN
     y_row_pitch = W * C_MID_IN
     w_ptrs = w_mid_ptr + offs_k[:, None] * C_MID + offs_mid[None, :]
-    acc = tl.zeros((BLOCK_M, GROUP_MID), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, MID_BLOCK), dtype=tl.float32)
     for kb in range(0, 9 * CHUNKS):
         if PAD_H == 0 and PAD_W == 0:
             row_ok = m_mask
@@ -82,13 +84,13 @@ def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, group, img, oh, ow, m_mask, H, W,
             ih = ih0 + (kb // CHUNKS // 3) * DIL_H
             iw = iw0 + (kb // CHUNKS % 3) * DIL_W
             row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a_ptrs = y_rows + ((kb // CHUNKS // 3) * DIL_H * y_row_pitch
+        y_ptrs = y_rows + ((kb // CHUNKS // 3) * DIL_H * y_row_pitch
                            + ((kb // CHUNKS % 3) * DIL_W * C_MID_IN + (kb % CHUNKS) * BLOCK_K))
-        a = tl.load(a_ptrs[:, None] + offs_k[None, :], mask=row_ok[:, None], other=0.0)
-        b = tl.load(w_ptrs)
+        y_tile = tl.load(y_ptrs[:, None] + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+        w_tile = tl.load(w_ptrs)
         if INTERPRETER_BF16:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+            y_tile, w_tile = y_tile.to(tl.float32), w_tile.to(tl.float32)
+        acc = tl.dot(y_tile, w_tile, acc, input_precision="ieee")
         w_ptrs += BLOCK_K * C_MID
     acc += tl.load(bias_mid_ptr + offs_mid).to(tl.float32)[None, :]
     acc = tl.where(acc < 0.0, 0.0, acc)       # torch.relu keeps NaN; tl.maximum would drop it
@@ -97,7 +99,10 @@ def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, group, img, oh, ow, m_mask, H, W,
     return acc.to(y_ptr.dtype.element_ty)
 
 
-@triton.jit
+# Sizes are not specialised (triton would compile a variant for batch 1 and for sizes divisible
+# by 16, and nothing in the kernel gains from either): one binary per configuration, whatever the
+# batch and resolution, which also keeps the AOT check to one compile per configuration.
+@triton.jit(do_not_specialize=["BATCH", "H", "W", "OH", "OW", "SC_H", "SC_W"])
 def _conv3x3_conv1x1_nhwc_kernel(
     y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_ptr, out_ptr, residual_ptr, shortcut_ptr,
     BATCH, H, W, OH, OW, SC_H, SC_W,
@@ -107,7 +112,8 @@ def _conv3x3_conv1x1_nhwc_kernel(
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     C_SC: tl.constexpr, SC_STRIDE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT_GEMM: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_SC: tl.constexpr,
+    BLOCK_M: tl.constexpr, MID_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_K_SC: tl.constexpr,
 ):
     """out = relu(round(relu(conv3x3(y1) + b_mid)) @ W_out [+ shortcut @ W_sc] + b_out [+ residual]).
 
@@ -122,56 +128,60 @@ def _conv3x3_conv1x1_nhwc_kernel(
     ow = offs_m % OW
     oh = (offs_m // OW) % OH
     img = offs_m // (OW * OH)
-    NUM_GROUPS: tl.constexpr = C_MID // GROUP_MID
+    MID_BLOCKS: tl.constexpr = C_MID // MID_BLOCK
     EVEN_N: tl.constexpr = C_OUT % BLOCK_N == 0
-    offs_mid = tl.arange(0, GROUP_MID)
+    offs_mid = tl.arange(0, MID_BLOCK)
     offs_k_sc = tl.arange(0, BLOCK_K_SC)
     if HAS_SHORTCUT_GEMM:
         sc_rows = shortcut_ptr + ((img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE).to(tl.int64) * C_SC
-    if NUM_GROUPS == 1:
+    if MID_BLOCKS == 1:
+        # The whole mid tile, once: it is the A operand of every output chunk.
         mid = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, 0, img, oh, ow, m_mask, H, W,
-                        C_MID_IN, C_MID, GROUP_IN, GROUP_MID, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-                        INTERPRETER_BF16, BLOCK_M, BLOCK_K)
+                        C_MID_IN, C_MID, GROUP_IN, GROUP_MID, MID_BLOCK, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                        DIL_H, DIL_W, INTERPRETER_BF16, BLOCK_M, BLOCK_K)
 
     for n0 in range(0, C_OUT, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < C_OUT
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if NUM_GROUPS == 1:
+        if MID_BLOCKS == 1:
             w_ptrs = w_out_ptr + offs_mid[:, None] * C_OUT + offs_n[None, :]
-            b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+            w_tile = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
             if INTERPRETER_BF16:
-                b = b.to(tl.float32)
-            acc = tl.dot(mid, b, acc, input_precision="ieee")
+                w_tile = w_tile.to(tl.float32)
+            acc = tl.dot(mid, w_tile, acc, input_precision="ieee")
         else:
-            # K of the 1x1 GEMM split by packed group: rows g*GROUP_MID.. of W_out meet mid_g.
-            for g in range(0, NUM_GROUPS):
-                mid_g = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, g, img, oh, ow, m_mask, H, W,
-                                  C_MID_IN, C_MID, GROUP_IN, GROUP_MID, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
-                                  DIL_H, DIL_W, INTERPRETER_BF16, BLOCK_M, BLOCK_K)
-                w_ptrs = w_out_ptr + (g * GROUP_MID + offs_mid)[:, None] * C_OUT + offs_n[None, :]
-                b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+            # K of the 1x1 GEMM split by mid block: rows j*MID_BLOCK.. of W_out meet mid block j.
+            for j in range(0, MID_BLOCKS):
+                mid_j = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, j, img, oh, ow, m_mask, H, W,
+                                  C_MID_IN, C_MID, GROUP_IN, GROUP_MID, MID_BLOCK, STRIDE_H, STRIDE_W,
+                                  PAD_H, PAD_W, DIL_H, DIL_W, INTERPRETER_BF16, BLOCK_M, BLOCK_K)
+                w_ptrs = w_out_ptr + (j * MID_BLOCK + offs_mid)[:, None] * C_OUT + offs_n[None, :]
+                w_tile = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
                 if INTERPRETER_BF16:
-                    b = b.to(tl.float32)
-                acc = tl.dot(mid_g, b, acc, input_precision="ieee")
+                    w_tile = w_tile.to(tl.float32)
+                acc = tl.dot(mid_j, w_tile, acc, input_precision="ieee")
 
         if HAS_SHORTCUT_GEMM:
             # Concat-K: the shortcut rows follow the C_MID rows of W_out.
-            w_ptrs = w_out_ptr + (C_MID + offs_k_sc)[:, None] * C_OUT + offs_n[None, :]
-            a_ptrs = sc_rows[:, None] + offs_k_sc[None, :]
+            wsc_ptrs = w_out_ptr + (C_MID + offs_k_sc)[:, None] * C_OUT + offs_n[None, :]
+            sc_ptrs = sc_rows[:, None] + offs_k_sc[None, :]
             for kb in range(0, tl.cdiv(C_SC, BLOCK_K_SC)):
                 if C_SC % BLOCK_K_SC == 0:
-                    a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
-                    b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+                    sc_tile = tl.load(sc_ptrs, mask=m_mask[:, None], other=0.0)
+                    if EVEN_N:
+                        wsc_tile = tl.load(wsc_ptrs)
+                    else:
+                        wsc_tile = tl.load(wsc_ptrs, mask=n_mask[None, :], other=0.0)
                 else:
                     c_ok = offs_k_sc < C_SC - kb * BLOCK_K_SC
-                    a = tl.load(a_ptrs, mask=m_mask[:, None] & c_ok[None, :], other=0.0)
-                    b = tl.load(w_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
+                    sc_tile = tl.load(sc_ptrs, mask=m_mask[:, None] & c_ok[None, :], other=0.0)
+                    wsc_tile = tl.load(wsc_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
                 if INTERPRETER_BF16:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-                a_ptrs += BLOCK_K_SC
-                w_ptrs += BLOCK_K_SC * C_OUT
+                    sc_tile, wsc_tile = sc_tile.to(tl.float32), wsc_tile.to(tl.float32)
+                acc = tl.dot(sc_tile, wsc_tile, acc, input_precision="ieee")
+                sc_ptrs += BLOCK_K_SC
+                wsc_ptrs += BLOCK_K_SC * C_OUT
 
         acc += tl.load(bias_out_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
@@ -231,7 +241,7 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def _kernel_layout_problem(c_mid: int, group_in: int, group_mid: int) -> str:
+def _kernel_layout_problem(group_in: int, group_mid: int) -> str:
     """Why the kernel cannot run a (packed) shape, or "" when it can."""
     if not _is_pow2(group_mid) or group_mid < _MIN_TILE_CHANNELS:
         return (f"a packed group of {group_mid} mid channels (the kernel's register tile needs a power of two "
@@ -263,7 +273,7 @@ def pack_conv3x3_conv1x1(w_mid, w_out, *, groups=1, shortcut_weight=None) -> Pac
     if w_mid.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"weights must be float16, bfloat16 or float32, got {w_mid.dtype}")
     mid = pack_conv_weight(w_mid, groups=groups)
-    problem = _kernel_layout_problem(c_mid, mid.group_in_channels, mid.group_out_channels)
+    problem = _kernel_layout_problem(mid.group_in_channels, mid.group_out_channels)
     if problem:
         raise ValueError(f"conv3x3_conv1x1_nhwc cannot run {problem}; check fuses_conv3x3_conv1x1 first and "
                          "run the unfused pair")
@@ -278,6 +288,7 @@ def pack_conv3x3_conv1x1(w_mid, w_out, *, groups=1, shortcut_weight=None) -> Pac
 @dataclass(frozen=True)
 class FusedConfig:
     BLOCK_M: int
+    MID_BLOCK: int      # mid channels per 3x3 tile (at most one packed group; all of C_mid: computed once)
     BLOCK_N: int        # output channels per chunk of the 1x1 GEMM
     BLOCK_K: int        # 3x3 input channels per K step (one tap)
     BLOCK_K_SC: int     # shortcut channels per K step
@@ -285,28 +296,34 @@ class FusedConfig:
     num_stages: int
 
 
-# Untuned (no GPU has measured them); each was compiled for sm_80 and sm_90 at the resnet50,
-# wide_resnet50_2 and resnext layer1-2 shapes with zero spills (tests/test_conv3x3_conv1x1_nhwc.py).
-# Registers per thread are what sizes them: the fp32 mid accumulator [BLOCK_M, C_mid] and the
-# rounded mid tile kept as the 1x1's A operand live alongside a [BLOCK_M, BLOCK_N] accumulator.
+# Untuned (no GPU has measured them). Every tile the rule gives the torchvision models that
+# fuses_conv3x3_conv1x1 admits compiles for sm_80 and sm_90 with zero spills
+# (tests/test_conv3x3_conv1x1_nhwc.py::test_aot_fused_blocks_fit_sm80_and_sm90). Registers per
+# thread size them: the fp32 mid accumulator [BLOCK_M, MID_BLOCK], then the rounded mid tile held
+# as the 1x1's A operand next to a [BLOCK_M, BLOCK_N] output accumulator.
 FUSED_CONFIGS = {
-    # 16-bit, groups=1: one 64-row wgmma warpgroup (sm_90) / 4 mma.sync warps (sm_80). With
-    # C_mid = 128 the mid accumulator is 64 regs/thread and the fp16 mid tile 32.
-    "tc": FusedConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_K_SC=64, num_warps=4, num_stages=3),
-    # too few 64-row programs to fill a GPU (small batch): half the rows, twice the programs
-    "tc_small_m": FusedConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, BLOCK_K_SC=64, num_warps=4, num_stages=3),
-    # 16-bit, grouped: one chunk holds all C_out (<= 256) so the 3x3 runs once; 8 warps keep that
-    # [64, 256] fp32 accumulator at 64 regs/thread
-    "tc_grouped": FusedConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=16, BLOCK_K_SC=64, num_warps=8, num_stages=3),
-    # fp32: IEEE dots on the FMA units; operand tiles go through shared memory
-    "fp32": FusedConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_K_SC=32, num_warps=4, num_stages=2),
-    "fp32_grouped": FusedConfig(BLOCK_M=32, BLOCK_N=256, BLOCK_K=16, BLOCK_K_SC=32, num_warps=8, num_stages=2),
+    # 16-bit, groups=1: the whole mid tile once (MID_BLOCK >= C_mid), then the output chunks.
+    # 8 warps: at C_mid = 128, 4 warps on 64 rows spill on sm_80 (255 regs); 8 need 100-150.
+    "tc": FusedConfig(BLOCK_M=64, MID_BLOCK=128, BLOCK_N=128, BLOCK_K=64, BLOCK_K_SC=64, num_warps=8, num_stages=3),
+    # fewer than 128 "tc" programs (batch 1-2 at layer1-2): half the rows, twice the programs
+    "tc_small_m": FusedConfig(BLOCK_M=32, MID_BLOCK=128, BLOCK_N=128, BLOCK_K=64, BLOCK_K_SC=64, num_warps=4,
+                              num_stages=3),
+    # 16-bit, grouped: one mid block per packed group and one output chunk (C_out <= 256), so the
+    # 3x3 runs once; the [64, 256] fp32 output accumulator is 64 regs/thread on 8 warps
+    "tc_grouped": FusedConfig(BLOCK_M=64, MID_BLOCK=16, BLOCK_N=256, BLOCK_K=16, BLOCK_K_SC=64, num_warps=8,
+                              num_stages=3),
+    # fp32: IEEE dots on the FMA units, where a thread holds its rows (columns) of an operand
+    # across the whole K of a dot. The mid tile (K = C_mid of the 1x1) is therefore met by narrow
+    # 32-column output chunks: 50-80 regs; 128-column chunks spill.
+    "fp32": FusedConfig(BLOCK_M=32, MID_BLOCK=128, BLOCK_N=32, BLOCK_K=32, BLOCK_K_SC=32, num_warps=8, num_stages=2),
+    "fp32_grouped": FusedConfig(BLOCK_M=32, MID_BLOCK=16, BLOCK_N=256, BLOCK_K=16, BLOCK_K_SC=16, num_warps=8,
+                                num_stages=2),
     # Triton interpreter (CPU tensors): few large programs, one chunk, one K step per tap
-    "interpreter": FusedConfig(BLOCK_M=128, BLOCK_N=1024, BLOCK_K=128, BLOCK_K_SC=256, num_warps=4, num_stages=1),
+    "interpreter": FusedConfig(BLOCK_M=128, MID_BLOCK=1024, BLOCK_N=1024, BLOCK_K=128, BLOCK_K_SC=256, num_warps=4,
+                               num_stages=1),
 }
 _SMALL_M_PROGRAMS = 128         # fewer "tc" programs than this leave most of an H100's 132 SMs idle
 _MAX_DENSE_MID = 128            # see fuses_conv3x3_conv1x1
-_MAX_GROUPED_MID = 256
 _MAX_GROUPED_OUT = 256
 
 
@@ -318,17 +335,29 @@ def _largest_pow2_divisor(n: int) -> int:
     return n & -n
 
 
+def fit_config(cfg: FusedConfig, group_in: int, group_mid: int, c_out: int, c_sc: int) -> FusedConfig:
+    """Clamp a configuration's tiles to a shape: MID_BLOCK to the packed group's mid channels,
+    BLOCK_N to C_out (pow2, >= 16), BLOCK_K to the largest power of two dividing the packed group's
+    input channels (a K step must not straddle a tap), BLOCK_K_SC to the shortcut channels (pow2,
+    >= 16; a tail is masked)."""
+    return dataclasses.replace(
+        cfg,
+        MID_BLOCK=min(cfg.MID_BLOCK, group_mid),
+        BLOCK_N=min(cfg.BLOCK_N, max(_MIN_TILE_CHANNELS, _pow2_at_least(c_out))),
+        BLOCK_K=min(cfg.BLOCK_K, _largest_pow2_divisor(group_in)),
+        BLOCK_K_SC=min(cfg.BLOCK_K_SC, max(_MIN_TILE_CHANNELS, _pow2_at_least(c_sc))),
+    )
+
+
 @functools.lru_cache(maxsize=4096)
 def fused_config(m: int, group_in: int, group_mid: int, c_mid: int, c_out: int, c_sc: int,
                  dtype: torch.dtype, device_type: str) -> FusedConfig:
     """Tile rule, keyed on M = N*OH*OW, the packed 3x3 group widths, C_mid, C_out, the shortcut's
     channels, the operand width and whether the interpreter runs it.
 
-    GPU: grouped (group_mid < c_mid) -> tc_grouped / fp32_grouped; else 16-bit -> tc, or tc_small_m
-    when M gives fewer than 128 tc programs; fp32 -> fp32. Interpreter (device cpu): the interpreter
-    tile, BLOCK_M shrunk to M. Then BLOCK_N is clamped to C_out (pow2, >= 16), BLOCK_K to the
-    largest power of two dividing the packed group's input channels (a K step must not straddle a
-    tap) and BLOCK_K_SC to the shortcut channels (pow2, >= 16; a tail is masked).
+    GPU: several packed groups (ResNeXt) -> tc_grouped / fp32_grouped; else 16-bit -> tc, or
+    tc_small_m when M gives fewer than 128 tc programs; fp32 -> fp32. Interpreter (device cpu):
+    the interpreter tile, BLOCK_M shrunk to M. Then ``fit_config``.
     """
     grouped = group_mid < c_mid
     if device_type == "cpu":
@@ -342,53 +371,47 @@ def fused_config(m: int, group_in: int, group_mid: int, c_mid: int, c_out: int, 
         cfg = FUSED_CONFIGS["tc"]
         if triton.cdiv(m, cfg.BLOCK_M) < _SMALL_M_PROGRAMS:
             cfg = FUSED_CONFIGS["tc_small_m"]
-    return dataclasses.replace(
-        cfg,
-        BLOCK_N=min(cfg.BLOCK_N, max(_MIN_TILE_CHANNELS, _pow2_at_least(c_out))),
-        BLOCK_K=min(cfg.BLOCK_K, _largest_pow2_divisor(group_in)),
-        BLOCK_K_SC=min(cfg.BLOCK_K_SC, max(_MIN_TILE_CHANNELS, _pow2_at_least(c_sc))),
-    )
+    return fit_config(cfg, group_in, group_mid, c_out, c_sc)
 
 
 def fuses_conv3x3_conv1x1(c_mid: int, c_in_mid: int, c_out: int, groups: int, dtype: torch.dtype) -> bool:
     """Whether the plan runs a bottleneck's conv2 (3x3, ``c_in_mid`` -> ``c_mid``, ``groups``) and
     conv3 (1x1, ``c_mid`` -> ``c_out``) as this one kernel instead of two ``conv2d_nhwc`` launches.
+    Stride, padding, dilation, batch, spatial size and the shortcut kind do not change the answer.
 
-    True when all of these hold (stride, padding, dilation and the shortcut kind do not matter):
+    The 3x3's groups are packed as ``conv2d_nhwc`` packs them (block-diagonal tiles of >= 16
+    channels); the kernel needs power-of-two packed mid widths >= 16 and packed input widths that
+    are multiples of 16, and dtype float16, bfloat16 or float32. Then:
 
-    * dtype is float16, bfloat16 or float32;
-    * groups == 1 and c_mid is a power of two in [16, 128] (resnet50/101/152 layer1-2,
-      wide_resnet50_2/101_2 layer1, resnet18-style widths do not apply: they have no bottleneck).
-      The whole [BLOCK_M, c_mid] fp32 mid accumulator plus its rounded copy must stay in registers;
-      at c_mid = 128 that is 96 regs/thread on a 64-row, 4-warp tile. c_mid = 256 (layer3) would
-      need 192 of them before the output accumulator: it spills or forces 8 warps on 64 rows with
-      a quarter of the programs of the unfused 3x3, so it is left unfused;
-    * or groups > 1 (ResNeXt) with packed groups (``conv2d_nhwc``'s block-diagonal tiles of >= 16
-      channels) whose widths are powers of two, c_mid <= 256 and c_out <= 256: the 1x1 GEMM's K is
-      split by packed group, which needs the whole [64, c_out] output accumulator in registers
-      (one chunk, else the 3x3 is recomputed per chunk). That is resnext50_32x4d layer1 (32 groups
-      of 4), resnext101_32x8d layer1 (32 of 8) and resnext101_64x4d layer1 (64 of 4); their
-      layer2 has c_out = 512 and stays unfused;
-    * c_in_mid per packed group is a multiple of 16 (the tap-major K loop).
+    * one packed group (groups == 1): fused when c_mid <= 128. The whole [BLOCK_M, c_mid] fp32 mid
+      accumulator and its rounded copy live in registers next to an output-chunk accumulator; at
+      c_mid = 128 the shipped tiles need 100-150 regs/thread (16-bit, 64 rows, 8 warps), 100-130
+      (32 rows, 4 warps) and 50-80 (fp32). That covers resnet50/101/152 layer1-2 and
+      wide_resnet50_2/101_2 layer1. c_mid = 256 (layer3; wide layer2) was compiled too: 186-242
+      regs and 168-240 KB shared memory on sm_90 (over its 227 KB limit) on 64 rows, 226-238 regs
+      on 32 rows, and fp32 spills kilobytes: not a sane tile, so it stays unfused.
+    * several packed groups (ResNeXt): fused when c_out <= 256. The 1x1 GEMM's K is split by packed
+      group, so the whole [64, c_out] fp32 output accumulator stays in registers (with fewer
+      columns per chunk the 3x3 would be recomputed per chunk): 120-210 regs (16-bit, 8 warps),
+      110-130 (fp32). That is layer1 of resnext50_32x4d (32 groups of 4), resnext101_32x8d
+      (32 of 8) and resnext101_64x4d (64 of 4). Their layer2 (c_out = 512) spills on sm_90 (and
+      needs 255 regs on sm_80): unfused.
 
-    Every configuration this admits for those models compiles for sm_80 and sm_90 with zero
-    spills (checked by tests/test_conv3x3_conv1x1_nhwc.py::test_aot_fused_blocks_fit_sm80_sm90).
-    Otherwise the plan falls back to the unfused pair.
+    Every configuration this admits for those torchvision models compiles for sm_80 and sm_90
+    with zero spills: tests/test_conv3x3_conv1x1_nhwc.py::test_aot_fused_blocks_fit_sm80_and_sm90.
+    Otherwise the plan runs the unfused pair.
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if groups < 1 or c_mid % groups or c_in_mid % groups:
+    if min(c_mid, c_in_mid, c_out, groups) < 1 or c_mid % groups or c_in_mid % groups:
         return False
-    if groups == 1:
-        if not (_is_pow2(c_mid) and _MIN_TILE_CHANNELS <= c_mid <= _MAX_DENSE_MID):
-            return False
-        return not _kernel_layout_problem(c_mid, c_in_mid, c_mid)
-    from .conv2d_nhwc import _tile_groups
     t = _tile_groups(groups, c_in_mid // groups, c_mid // groups)
     group_in, group_mid = t * c_in_mid // groups, t * c_mid // groups
-    if c_mid > _MAX_GROUPED_MID or c_out > _MAX_GROUPED_OUT:
+    if _kernel_layout_problem(group_in, group_mid):
         return False
-    return not _kernel_layout_problem(c_mid, group_in, group_mid)
+    if group_mid == c_mid:
+        return c_mid <= _MAX_DENSE_MID
+    return c_out <= _MAX_GROUPED_OUT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,7 +563,7 @@ def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilatio
         C_SC=c_sc, SC_STRIDE=shortcut_stride if shortcut is not None else 1,
         HAS_RESIDUAL=residual is not None, HAS_SHORTCUT_GEMM=shortcut is not None,
         INTERPRETER_BF16=y1.dtype == torch.bfloat16 and y1.device.type == "cpu",
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_K_SC=cfg.BLOCK_K_SC,
+        BLOCK_M=cfg.BLOCK_M, MID_BLOCK=cfg.MID_BLOCK, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_K_SC=cfg.BLOCK_K_SC,
     )
     groups = packed.groups
     name = (f"conv3x3_conv1x1_nhwc[s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")

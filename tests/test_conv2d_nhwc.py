@@ -5,11 +5,12 @@ interpreter (CPU tensors), which must be switched on before Python starts:
 
     TRITON_INTERPRET=1 pytest tests/test_conv2d_nhwc.py
 
-How bf16 is covered: the triton 3.8 interpreter's bf16 ``tl.dot`` returns garbage, so under the
-interpreter the wrapper upcasts the two bf16 dot tiles to fp32 (UPCAST_DOT_OPERANDS); bf16 loads,
-the fp32 epilogue and the bf16 store still run, and are checked here. The bf16 tensor-core dot
-itself is checked by compiling the real kernel for sm_80/sm_90 (AOT check) and by these same tests
-on a GPU, where UPCAST_DOT_OPERANDS is off.
+How bf16 is covered: the triton 3.8 interpreter's bf16 ``tl.dot`` returns garbage and its
+fp32 -> bf16 cast truncates, so under the interpreter the wrapper sets INTERPRETER_BF16: the two
+bf16 dot tiles are upcast to fp32 and the store is rounded to nearest-even by hand. bf16 loads,
+the fp32 epilogue and the bf16 store still run and are checked here (bf16 on the shapes that reach
+every K mode, the shortcut, NaN). The bf16 tensor-core dot itself is checked by compiling the real
+kernel (INTERPRETER_BF16 off) for sm_80/sm_90 in the AOT check, and by these same tests on a GPU.
 """
 import math
 import os
@@ -50,6 +51,7 @@ def _single_threaded_blas():
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
 
 # (dtype, atol, rtol). atol is per sqrt(K): outputs here are O(1) sums of K terms of size
 # O(1/sqrt(K)), whose rounding error grows like sqrt(K).
@@ -129,7 +131,8 @@ def _double(t):
 
 
 def _assert_close_to_reference(out, torch_out, ref64, dtype, k_len, *, what=""):
-    """fp32: elementwise against the fp64 reference. fp16/bf16: relative to torch's own error."""
+    """fp32: elementwise against the fp64 reference. fp16/bf16: relative to torch's own error, and
+    every element the exact result rounded once."""
     assert out.dtype == dtype and out.shape == ref64.shape
     assert out.is_contiguous(memory_format=CL), "output must be channels_last"
     finite = torch.isfinite(ref64)

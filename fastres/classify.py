@@ -1,0 +1,198 @@
+"""``fastres classify``: image files in, top-k classes out, through the Engine.
+
+Files are decoded by ``torchvision.io`` in DataLoader workers, resized (shorter side) and centre-
+cropped as the model's preprocessing metadata says (torchvision's ``ImageClassification`` steps:
+bilinear, antialiased), and sent to the Engine as uint8 [N, H, W, 3] batches, which normalises
+them. A file that cannot be read or decoded is reported on stderr by name and skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+__all__ = ["IMAGE_EXTENSIONS", "find_images", "ImageFiles", "resolve_model", "preprocessing",
+           "classify_files", "main"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+DEFAULT_PREPROCESS = {"resize": 256, "crop": 224}
+
+
+def find_images(paths: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(image files, missing paths): files are taken as given, directories walked (sorted) for
+    files with an image extension."""
+    files, missing = [], []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names)
+                          if n.lower().endswith(IMAGE_EXTENSIONS)]
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            missing.append(path)
+    return files, missing
+
+
+def load_image(path: str, resize: int, crop: int) -> torch.Tensor:
+    """uint8 [crop, crop, 3]: decoded as RGB, shorter side resized to ``resize``, centre-cropped."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        image = decode_image(path, mode=ImageReadMode.RGB)
+    image = TF.resize(image, [resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    image = TF.center_crop(image, [crop])
+    return image.permute(1, 2, 0).contiguous()
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item i: (i, uint8 [crop, crop, 3] image or None, error message or None)."""
+
+    def __init__(self, files: list[str], resize: int, crop: int):
+        self.files, self.resize, self.crop = files, resize, crop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, load_image(self.files[i], self.resize, self.crop), None
+        except (RuntimeError, OSError, ValueError) as err:
+            return i, None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}"
+
+
+def _collate(items):
+    good = [(i, image) for i, image, _ in items if image is not None]
+    failed = [(i, error) for i, image, error in items if image is None]
+    images = torch.stack([image for _, image in good]) if good else None
+    return [i for i, _ in good], images, failed
+
+
+@dataclass
+class Result:
+    path: str
+    indices: Optional[list] = None
+    probs: Optional[list] = None
+    labels: Optional[list] = None
+    error: Optional[str] = None
+
+    def json(self) -> str:
+        labels = self.labels or [None] * len(self.indices)
+        return json.dumps({"path": self.path, "topk": [
+            {"index": i, "label": label, "prob": p} for i, label, p in zip(self.indices, labels, self.probs)]})
+
+    def text(self) -> str:
+        labels = self.labels or [f"class {i}" for i in self.indices]
+        return f"{self.path}: " + ", ".join(f"{label} ({p:.1%})" for label, p in zip(labels, self.probs))
+
+
+def preprocessing(meta: dict) -> tuple[int, int]:
+    """(resize, crop) from a model's preprocessing metadata, torchvision's defaults for the missing."""
+    pre = (meta or {}).get("preprocess") or {}
+    crop = pre.get("crop") or DEFAULT_PREPROCESS["crop"]
+    resize = pre.get("resize") or (crop if pre.get("crop") else DEFAULT_PREPROCESS["resize"])
+    return int(resize), int(crop)
+
+
+def classify_files(engine, files: list[str], *, resize: int, crop: int, batch: int = 64, topk: int = 5,
+                   workers: int = 2, progress: bool = True) -> Iterator[Result]:
+    """Results in file order: top-k per readable file, an ``error`` for each unreadable one."""
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(ImageFiles(files, resize, crop), batch_size=batch,
+                                         num_workers=workers, collate_fn=_collate)
+    with tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr) as bar:
+        for indices, images, failed in loader:
+            results = {i: Result(files[i], error=error) for i, error in failed}
+            if images is not None:
+                top = engine.classify(images, topk=topk)
+                for row, i in enumerate(indices):
+                    results[i] = Result(files[i], top.indices[row].tolist(), top.probs[row].tolist(),
+                                        top.labels[row] if top.labels is not None else None)
+            for i in sorted(results):
+                yield results[i]
+            bar.update(len(indices) + len(failed))
+
+
+def resolve_model(weights: str, arch: str = "resnet50"):
+    """A model from a fastres export file, a checkpoint file (with ``arch``), or a torchvision weights
+    name: ``ResNet50_Weights.IMAGENET1K_V2`` (the architecture follows from the enum) or a member
+    name like ``DEFAULT`` for ``arch`` (downloaded through torchvision: needs the network)."""
+    from . import models
+    from .export import FORMAT, load
+
+    if os.path.isfile(weights):
+        if weights.endswith(".safetensors"):
+            from safetensors import safe_open
+            try:
+                with safe_open(weights, framework="pt") as f:
+                    is_export = (f.metadata() or {}).get("format") == FORMAT
+            except Exception:
+                is_export = False
+            if is_export:
+                return load(weights)
+        return getattr(models, arch)(weights=weights)
+    if os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors")):
+        raise FileNotFoundError(f"--weights {weights}: no such file")
+    enum_name, dot, _ = weights.partition(".")
+    if dot:
+        for name, enum in models._WEIGHT_ENUMS.items():
+            if enum.__name__ == enum_name:
+                arch = name
+                break
+        else:
+            raise ValueError(f"unknown torchvision weights {weights!r}: {enum_name} is not a ResNet "
+                             "weights enum (e.g. ResNet50_Weights.IMAGENET1K_V2)")
+    try:
+        return getattr(models, arch)(weights=weights)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:   # the download itself
+        raise RuntimeError(f"could not get torchvision weights {weights!r} for {arch} ({type(err).__name__}: "
+                           f"{err}); without network access pass --weights FILE, a fastres export "
+                           "(fastres export) or a local checkpoint") from err
+
+
+def main(args) -> int:
+    """The ``fastres classify`` command (arguments parsed by ``fastres.cli``)."""
+    from .engine import Engine
+
+    if args.topk < 1 or args.batch < 1 or args.workers < 0:
+        print("fastres classify: --topk and --batch must be >= 1, --workers >= 0", file=sys.stderr)
+        return 2
+    files, missing = find_images(args.paths)
+    for path in missing:
+        print(f"fastres classify: {path}: no such file or directory", file=sys.stderr)
+    if not files:
+        print("fastres classify: no image files found "
+              f"(directories are searched for {', '.join(IMAGE_EXTENSIONS)})", file=sys.stderr)
+        return 2
+    try:
+        model = resolve_model(args.weights, args.arch)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"fastres classify: {err}", file=sys.stderr)
+        return 2
+    resize, crop = preprocessing(getattr(model, "meta", {}))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    buckets = sorted({b for b in (1, 8, 32, 128) if b < args.batch} | {args.batch})
+    engine = Engine(model, batch_sizes=buckets, image_size=crop, device=device, input="uint8_nhwc")
+    failures = len(missing)
+    progress = not args.no_progress and sys.stderr.isatty()
+    for result in classify_files(engine, files, resize=resize, crop=crop, batch=args.batch,
+                                 topk=args.topk, workers=args.workers, progress=progress):
+        if result.error is not None:
+            failures += 1
+            print(f"fastres classify: skipped {result.path}: {result.error}", file=sys.stderr)
+        else:
+            print(result.json() if args.json else result.text(), flush=True)
+    return 1 if failures else 0
