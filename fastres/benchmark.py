@@ -385,7 +385,10 @@ def markdown(results: list[Measurement]) -> str:
 
 
 def plot(results: list[Measurement], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the benchmark plot needs matplotlib: pip install 'fastres[bench]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

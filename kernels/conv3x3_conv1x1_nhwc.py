@@ -316,7 +316,8 @@ FUSED_CONFIGS = {
     # across the whole K of a dot. The mid tile (K = C_mid of the 1x1) is therefore met by narrow
     # 32-column output chunks: 50-80 regs; 128-column chunks spill.
     "fp32": FusedConfig(BLOCK_M=32, MID_BLOCK=128, BLOCK_N=32, BLOCK_K=32, BLOCK_K_SC=32, num_warps=8, num_stages=2),
-    "fp32_grouped": FusedConfig(BLOCK_M=32, MID_BLOCK=16, BLOCK_N=256, BLOCK_K=16, BLOCK_K_SC=16, num_warps=8,
+    # 16 rows: on 32 rows ptxas caps the 8-warp grouped tile at 128 regs on sm_90 and spills 8 B
+    "fp32_grouped": FusedConfig(BLOCK_M=16, MID_BLOCK=16, BLOCK_N=256, BLOCK_K=16, BLOCK_K_SC=16, num_warps=8,
                                 num_stages=2),
     # Triton interpreter (CPU tensors): few large programs, one chunk, one K step per tap
     "interpreter": FusedConfig(BLOCK_M=128, MID_BLOCK=1024, BLOCK_N=1024, BLOCK_K=128, BLOCK_K_SC=256, num_warps=4,
@@ -384,18 +385,19 @@ def fuses_conv3x3_conv1x1(c_mid: int, c_in_mid: int, c_out: int, groups: int, dt
     are multiples of 16, and dtype float16, bfloat16 or float32. Then:
 
     * one packed group (groups == 1): fused when c_mid <= 128. The whole [BLOCK_M, c_mid] fp32 mid
-      accumulator and its rounded copy live in registers next to an output-chunk accumulator; at
-      c_mid = 128 the shipped tiles need 100-150 regs/thread (16-bit, 64 rows, 8 warps), 100-130
-      (32 rows, 4 warps) and 50-80 (fp32). That covers resnet50/101/152 layer1-2 and
-      wide_resnet50_2/101_2 layer1. c_mid = 256 (layer3; wide layer2) was compiled too: 186-242
-      regs and 168-240 KB shared memory on sm_90 (over its 227 KB limit) on 64 rows, 226-238 regs
-      on 32 rows, and fp32 spills kilobytes: not a sane tile, so it stays unfused.
+      accumulator and its rounded copy live in registers next to an output-chunk accumulator; for
+      c_mid 64 and 128 the shipped tiles need 100-150 regs/thread (16-bit, 64 rows, 8 warps),
+      96-164 (32 rows, 4 warps) and 48-80 (fp32), at most 200 KB shared memory (sm_90). That
+      covers resnet50/101/152 layer1-2 and wide_resnet50_2/101_2 layer1. c_mid = 256 (layer3;
+      wide layer2) was compiled too: 186-242 regs and 168-240 KB shared memory on sm_90 (over its
+      227 KB limit) on 64 rows, 226-238 regs on 32 rows, kilobytes of spills in fp32: not a sane
+      tile, so it stays unfused.
     * several packed groups (ResNeXt): fused when c_out <= 256. The 1x1 GEMM's K is split by packed
       group, so the whole [64, c_out] fp32 output accumulator stays in registers (with fewer
-      columns per chunk the 3x3 would be recomputed per chunk): 120-210 regs (16-bit, 8 warps),
-      110-130 (fp32). That is layer1 of resnext50_32x4d (32 groups of 4), resnext101_32x8d
-      (32 of 8) and resnext101_64x4d (64 of 4). Their layer2 (c_out = 512) spills on sm_90 (and
-      needs 255 regs on sm_80): unfused.
+      columns per chunk the 3x3 would be recomputed per chunk): 123-184 regs (16-bit, 8 warps),
+      76-110 (fp32, 16 rows). That is layer1 of resnext50_32x4d (32 groups of 4), resnext101_32x8d
+      (32 of 8) and resnext101_64x4d (64 of 4). Their layer2 (c_out = 512) spills on sm_90 and
+      needs 255 regs on sm_80: unfused.
 
     Every configuration this admits for those torchvision models compiles for sm_80 and sm_90
     with zero spills: tests/test_conv3x3_conv1x1_nhwc.py::test_aot_fused_blocks_fit_sm80_and_sm90.

@@ -17,3 +17,12 @@ import pytest  # noqa: E402
 @pytest.fixture
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_threaded_blas():
+    """Under the interpreter every tl.dot is a tiny numpy matmul; a multithreaded BLAS makes those
+    several times slower on a busy 2-core machine. (Torch's own CPU kernels are not affected.)"""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -319,7 +319,8 @@ def test_mid_is_rounded_once(dtype):
 
     p["residual"] = _channels_last(-mid64.to(dtype))
     left = _run_kernel(p).double()
-    assert (left <= _ulp(mid64, dtype)).all()                 # at most a mid rounded the other way
+    # at most a mid rounded the other way (fp32: summation order)
+    assert (left <= _ulp(mid64, dtype) + ONE_ROUNDING_FP32_NOISE * math.sqrt(9 * 64)).all()
     if dtype != torch.float32:
         assert left.count_nonzero() <= 0.01 * left.numel(), f"{left.count_nonzero()} of {left.numel()} nonzero"
 
@@ -465,14 +466,14 @@ def test_config_rule_keeps_gpu_tiles_sane():
         for m in (28 * 28, 56 * 56, 32 * 56 * 56, 256 * 56 * 56):
             for dtype in (torch.float16, torch.bfloat16, torch.float32):
                 cfg = fused_config(m, group_in, group_mid, c_mid, c_out, c_sc, dtype, "cuda")
-                assert min(cfg.BLOCK_N, cfg.BLOCK_K, cfg.BLOCK_K_SC, cfg.MID_BLOCK) >= 16 and cfg.BLOCK_M >= 32
+                assert min(cfg.BLOCK_N, cfg.BLOCK_K, cfg.BLOCK_K_SC, cfg.MID_BLOCK, cfg.BLOCK_M) >= 16
                 assert group_in % cfg.BLOCK_K == 0 and group_mid % cfg.MID_BLOCK == 0
                 if group_mid == c_mid:
                     assert cfg.MID_BLOCK == c_mid
                 else:
                     assert cfg.BLOCK_N >= c_out
                 if dtype != torch.float32:
-                    assert cfg.num_warps % 4 == 0
+                    assert cfg.num_warps % 4 == 0 and cfg.BLOCK_M >= 32       # tensor-core tiles
     assert fused_config(56 * 56, 64, 64, 64, 256, 64, torch.float16, "cuda").BLOCK_M == 32    # batch 1: small M
     assert fused_config(32 * 56 * 56, 64, 64, 64, 256, 64, torch.float16, "cuda").BLOCK_M == 64
 
