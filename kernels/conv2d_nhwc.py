@@ -48,6 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import _autotune
 from ._launch import KernelCall, is_recording
 
 
@@ -460,13 +461,43 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > _INT32_MAX or h * w * c_in > _INT32_MAX:
         raise ValueError(f"batch {n} x {h}x{w} pixels x {c_in} channels exceeds the kernel's int32 pixel "
                          "(and per-image element) index")
-    _build_call(x, packed, out, bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
-                residual=residual, relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride).launch()
+    problem = dict(bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), residual=residual,
+                   relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride)
+    config = None
+    if x.device.type == "cuda" and _autotune.enabled() and not is_recording():
+        config = _tuned_config(x, packed, out, problem)
+    _build_call(x, packed, out, config=config, **problem).launch()
     return out
 
 
+def _candidate_configs(x, packed, out) -> dict:
+    """The rule's choice and every other GPU tile for this operand width, clamped like the rule."""
+    cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
+    flat_k = cin_g % _MIN_TILE_CHANNELS != 0
+    names = ["fp32"] if x.dtype == torch.float32 else ["tc_wide", "tc_narrow", "tc_small_m"]
+    block_k_cap = _FLAT_K_BLOCK_K if flat_k else _largest_pow2_divisor(cin_g)
+    candidates = {name: dataclasses.replace(
+        CONV_CONFIGS[name], BLOCK_N=min(CONV_CONFIGS[name].BLOCK_N, max(_MIN_TILE_CHANNELS, _pow2_at_least(cout_g))),
+        BLOCK_K=min(CONV_CONFIGS[name].BLOCK_K, block_k_cap)) for name in names}
+    m = out.shape[0] * out.shape[2] * out.shape[3]
+    candidates["rule"] = conv_config(m, cout_g, packed.out_channels // cout_g, cin_g, flat_k, x.dtype, "cuda")
+    return candidates
+
+
+def _tuned_config(x, packed, out, problem) -> ConvConfig:
+    """FASTRES_AUTOTUNE=1 on a GPU: time the candidates once per problem, cache the choice on disk."""
+    scratch = torch.empty_like(out)   # timing runs must not write into a live buffer (out may alias residual)
+    key = (tuple(x.shape), str(x.dtype), packed.out_channels, packed.kernel_size, packed.groups,
+           packed.shortcut_in_channels, problem["stride"], problem["padding"], problem["dilation"],
+           problem["residual"] is not None, bool(problem["relu"]))
+    return _autotune.choose(
+        "conv2d_nhwc", key, _candidate_configs(x, packed, out),
+        run=lambda cfg: _build_call(x, packed, scratch, config=cfg, **problem).launch(),
+        gpu=torch.cuda.get_device_name(x.device))
+
+
 def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
-                shortcut_stride) -> KernelCall:
+                shortcut_stride, config: ConvConfig | None = None) -> KernelCall:
     """The KernelCall of one (already validated) convolution; touches no tensor data."""
     n, c_in, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -482,7 +513,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     if device_type == "meta" and not is_recording():
         raise RuntimeError("conv2d_nhwc on meta tensors only records its launch: call it inside "
                            "fastres.kernels._launch.record_launches()")
-    cfg = conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type)
+    cfg = config or conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type)
     grid = (triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(cout_g, cfg.BLOCK_N),)
     args = dict(x_ptr=x, w_ptr=packed.weight, out_ptr=out, BATCH=n, H=h, W=w, OH=oh, OW=ow)
     # Absent operands are None, which Triton treats as constexpr: they go with the constexprs.

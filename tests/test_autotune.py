@@ -1,0 +1,82 @@
+"""Optional GPU autotuning: the choice logic and its on-disk cache (the timing itself needs a GPU;
+here a fake timer stands in for triton.testing.do_bench)."""
+import json
+
+import pytest
+import torch
+
+from fastres.kernels import _autotune
+from fastres.kernels.conv2d_nhwc import (CONV_CONFIGS, _candidate_configs, conv_config,
+                                         pack_conv_weight)
+
+
+@pytest.fixture
+def cache_file(tmp_path, monkeypatch):
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv("FASTRES_AUTOTUNE_CACHE", str(path))
+    monkeypatch.setattr(_autotune, "_caches", {})
+    return path
+
+
+def test_choose_times_once_then_reads_the_cache(cache_file, monkeypatch):
+    ran = []
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    candidates = {name: name.upper() for name in times}
+
+    def timer(fn):
+        fn()
+        return times[ran[-1]]
+
+    choice = _autotune.choose("k", (1, 2), candidates, run=lambda cfg: ran.append(cfg.lower()),
+                              gpu="GPU-X", timer=timer)
+    assert choice == "B" and sorted(ran) == ["a", "b", "c"]
+    assert json.loads(cache_file.read_text()) == {"GPU-X": {"k": {"(1, 2)": "b"}}}
+
+    # a new process (fresh in-memory cache) reuses the stored choice without timing
+    monkeypatch.setattr(_autotune, "_caches", {})
+
+    def no_timing(fn):
+        raise AssertionError("should not time again")
+
+    assert _autotune.choose("k", (1, 2), candidates, run=None, gpu="GPU-X", timer=no_timing) == "B"
+    # another GPU model or another problem is tuned separately
+    assert _autotune.choose("k", (1, 2), candidates, run=lambda c: ran.append(c.lower()),
+                            gpu="GPU-Y", timer=timer) == "B"
+    assert set(json.loads(cache_file.read_text())) == {"GPU-X", "GPU-Y"}
+
+
+def test_stale_or_corrupt_cache_is_retuned(cache_file, monkeypatch):
+    cache_file.write_text(json.dumps({"G": {"k": {"(3,)": "gone"}}}))
+    pick = _autotune.choose("k", (3,), {"x": 1, "y": 2}, run=lambda c: None, gpu="G",
+                            timer=lambda fn: 1.0)
+    assert pick == 1
+    cache_file.write_text("{not json")
+    monkeypatch.setattr(_autotune, "_caches", {})
+    assert _autotune.choose("k", (3,), {"x": 1, "y": 2}, run=lambda c: None, gpu="G",
+                            timer=lambda fn: 1.0) == 1
+    assert json.loads(cache_file.read_text())["G"]["k"]["(3,)"] == "x"
+
+
+def test_enabled_switch(monkeypatch):
+    monkeypatch.delenv("FASTRES_AUTOTUNE", raising=False)
+    assert not _autotune.enabled()
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    assert _autotune.enabled()
+
+
+@pytest.mark.parametrize("c_in, c_out, k, groups, dtype", [
+    (64, 64, 3, 1, torch.float16), (3, 64, 7, 1, torch.float16), (128, 128, 3, 32, torch.bfloat16),
+    (256, 1024, 1, 1, torch.float32),
+])
+def test_candidates_include_the_rule_and_respect_its_clamps(c_in, c_out, k, groups, dtype):
+    weight = torch.empty(c_out, c_in // groups, k, k, dtype=dtype, device="meta")
+    packed = pack_conv_weight(weight, groups=groups)
+    x = torch.empty(8, c_in, 14, 14, dtype=dtype, device="meta", memory_format=torch.channels_last)
+    out = torch.empty(8, c_out, 14, 14, dtype=dtype, device="meta", memory_format=torch.channels_last)
+    candidates = _candidate_configs(x, packed, out)
+    cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
+    flat = cin_g % 16 != 0
+    assert candidates["rule"] == conv_config(8 * 14 * 14, cout_g, c_out // cout_g, cin_g, flat, dtype, "cuda")
+    for cfg in candidates.values():
+        assert cfg.BLOCK_N <= max(16, cout_g) and (flat or cin_g % cfg.BLOCK_K == 0)
+        assert cfg != CONV_CONFIGS["interpreter"]
