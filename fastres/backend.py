@@ -98,6 +98,17 @@ class TorchBackend:
                             shortcut_stride=sc.stride if sc else 1, upcast=self._upcast(x))
         return out.copy_(y) if out is not None else y
 
+    def conv_pair(self, step, x, *, residual=None, shortcut=None, out=None):
+        from .kernels.conv3x3_conv1x1_nhwc import conv3x3_conv1x1_nhwc_ref
+        mid, last = step.mid, step.last
+        sc = last.shortcut
+        y = conv3x3_conv1x1_nhwc_ref(x, mid.weight, mid.bias, last.weight, last.bias, stride=mid.stride,
+                                     padding=mid.padding, dilation=mid.dilation, groups=mid.groups,
+                                     residual=residual, shortcut=shortcut,
+                                     shortcut_weight=sc.weight if sc else None,
+                                     shortcut_stride=sc.stride if sc else 1, upcast=self._upcast(x))
+        return out.copy_(y) if out is not None else y
+
     def max_pool(self, step, x, *, out=None):
         from .kernels.max_pool2d_nhwc import max_pool2d_nhwc_ref
         y = max_pool2d_nhwc_ref(x)
@@ -141,6 +152,14 @@ class TritonBackend:
                                     shortcut=shortcut,
                                     shortcut_stride=step.shortcut.stride if step.shortcut else 1,
                                     out=out)
+
+    def conv_pair(self, step, x, *, residual=None, shortcut=None, out=None):
+        from .kernels.conv3x3_conv1x1_nhwc import conv3x3_conv1x1_nhwc_packed
+        mid, last = step.mid, step.last
+        return conv3x3_conv1x1_nhwc_packed(
+            x, self.prepare(step), mid.bias, last.bias, stride=mid.stride, padding=mid.padding,
+            dilation=mid.dilation, residual=residual, shortcut=shortcut,
+            shortcut_stride=last.shortcut.stride if last.shortcut else 1, out=out)
 
     def max_pool(self, step, x, *, out=None):
         from .kernels.max_pool2d_nhwc import max_pool2d_nhwc

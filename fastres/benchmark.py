@@ -156,6 +156,17 @@ class Workload:
                 self._references[batch] = model(self.input(batch).float()).float()
         return self._references[batch]
 
+    @property
+    def flops_per_image(self) -> float:
+        """Model FLOPs of one image (2 per multiply-add), counted by torch on meta tensors."""
+        if "flops" not in self._built:
+            from torch.utils.flop_counter import FlopCounterMode
+            model = copy.deepcopy(self.master).to("meta")
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                model(torch.empty(1, 3, self.size, self.size, device="meta"))
+            self._built["flops"] = float(counter.get_total_flops())
+        return self._built["flops"]
+
     def _get(self, key: str, build: Callable):
         if key not in self._built:
             try:
@@ -258,6 +269,7 @@ class Measurement:
     device: str
     dtype: str
     device_name: str = ""
+    flops_per_image: Optional[float] = None
     times: list = field(default_factory=list)     # seconds per call
     max_rel_error: Optional[float] = None
     top1_agreement: Optional[float] = None
@@ -268,6 +280,12 @@ class Measurement:
     def images_per_s(self) -> Optional[float]:
         return self.batch / statistics.median(self.times) if self.times else None
 
+    @property
+    def gflops_per_s(self) -> Optional[float]:
+        if self.images_per_s is None or self.flops_per_image is None:
+            return None
+        return self.images_per_s * self.flops_per_image / 1e9
+
     def ms(self, q: float) -> Optional[float]:
         if not self.times:
             return None
@@ -276,7 +294,8 @@ class Measurement:
 
     def row(self) -> dict:
         return {"arch": self.arch, "impl": self.impl, "batch": self.batch, "size": self.size,
-                "images_per_s": self.images_per_s, "device": self.device, "dtype": self.dtype,
+                "images_per_s": self.images_per_s, "gflops_per_s": self.gflops_per_s,
+                "device": self.device, "dtype": self.dtype,
                 "device_name": self.device_name, "ms_p50": self.ms(0.5), "ms_p20": self.ms(0.2),
                 "ms_p80": self.ms(0.8), "rounds": len(self.times), "speedup": self.speedup,
                 "max_rel_error": self.max_rel_error, "top1_agreement": self.top1_agreement,
@@ -296,7 +315,8 @@ def prepare(workload: Workload, impl: str, batch: int) -> tuple[Callable, Measur
     timed to size the number of rounds (``rounds_for``).
     """
     m = Measurement(workload.arch, impl, batch, workload.size, workload.device,
-                    str(workload.dtype).removeprefix("torch."), device_name(workload.device))
+                    str(workload.dtype).removeprefix("torch."), device_name(workload.device),
+                    flops_per_image=workload.flops_per_image)
     runner = workload.runner(impl, batch)
     out = runner().float()                       # warm-up: compilation, graph capture, first call
     for _ in range(GPU_EXTRA_WARMUP if workload.device == "cuda" else 0):
@@ -372,12 +392,13 @@ def markdown(results: list[Measurement]) -> str:
         lines.append(f"{first.device_name}; {first.device} {first.dtype}; images {first.size}x{first.size}; "
                      + ", ".join(f"{k} {v}" for k, v in info.items()))
         lines.append("")
-    lines += ["| arch | batch | implementation | images/s | ms p50 (p20-p80) | speedup vs torchvision "
-              "| max rel. error | top-1 agree | note |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += ["| arch | batch | implementation | images/s | ms p50 (p20-p80) | GFLOP/s "
+              "| speedup vs torchvision | max rel. error | top-1 agree | note |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for m in results:
         ms = f"{m.ms(0.5):.2f} ({m.ms(0.2):.2f}-{m.ms(0.8):.2f})" if m.times else ""
         lines.append(f"| {m.arch} | {m.batch} | {m.impl} | {_fmt(m.images_per_s, '.1f')} | {ms} | "
+                     f"{_fmt(m.gflops_per_s, '.1f')} | "
                      f"{_fmt(m.speedup, '.2f') + ('x' if m.speedup else '')} | "
                      f"{_fmt(m.max_rel_error, '.1e')} | {_fmt(m.top1_agreement, '.0%')} | "
                      f"{'skipped: ' + m.skipped if m.skipped else ''} |")

@@ -185,7 +185,11 @@ def main(args) -> int:
     resize, crop = preprocessing(getattr(model, "meta", {}))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     buckets = sorted({b for b in (1, 8, 32, 128) if b < args.batch} | {args.batch})
-    engine = Engine(model, batch_sizes=buckets, image_size=crop, device=device, input="uint8_nhwc")
+    try:
+        engine = Engine(model, batch_sizes=buckets, image_size=crop, device=device, input="uint8_nhwc")
+    except (ValueError, TypeError, RuntimeError) as err:
+        print(f"fastres classify: {err}", file=sys.stderr)
+        return 2
     failures = len(missing)
     progress = not args.no_progress and sys.stderr.isatty()
     for result in classify_files(engine, files, resize=resize, crop=crop, batch=args.batch,

@@ -12,7 +12,8 @@ What an engine serves
 Buckets
     ``batch_sizes`` are the batch shapes the engine runs. A call with N rows returns exactly N rows
     of logits: full chunks of the largest bucket, and the rest padded up to the smallest bucket that
-    holds it (rows are independent, so padding rows never change real ones).
+    holds it (rows are independent, so padding rows never change real ones). The CPU torch path
+    needs no fixed shapes and does not pad (below).
 
 Execution, chosen once at build time
     * CUDA (``executor == "cuda-graphs"``): per bucket a static input, activation buffers allocated
@@ -39,8 +40,10 @@ Thread safety
     The static-buffer paths hold one lock for a whole call (copy in, replay, copy out) and issue
     all work on one engine stream, which waits for the caller's current stream first and which the
     caller's stream waits for afterwards: calls from many threads are serialised on the GPU in lock
-    order and return what one thread would get. The CPU torch paths share only read-only weights
-    and allocate their activations per call, so they run concurrently without a lock.
+    order and return what one thread would get (the lock also serialises Triton-interpreter runs,
+    which are not thread-safe). The CPU torch paths share only read-only weights and allocate
+    their activations per call, so they run concurrently without a lock; only a bucket's first
+    oneDNN weight reorder takes it.
 """
 from __future__ import annotations
 
@@ -162,14 +165,25 @@ def _onednn_available() -> bool:
             and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
 
 
+def _conv_steps(step) -> list:
+    """The ConvSteps a step computes: itself, a fused pair's two (mid 3x3, last 1x1), or none."""
+    if isinstance(step, ConvStep):
+        return [step]
+    mid, last = getattr(step, "mid", None), getattr(step, "last", None)
+    if isinstance(mid, ConvStep) and isinstance(last, ConvStep):
+        return [mid, last]
+    return []
+
+
 class _OneDnnRunner:
     """Runs a float32 plan on CPU with oneDNN's fused convolution primitive.
 
-    Each conv step is one ``mkldnn::_convolution_pointwise`` call: conv + bias + ReLU, or with the
-    residual (or the projection shortcut's output) added inside the primitive before the ReLU.
-    Weights are reordered once into oneDNN's blocked layout (what makes it faster than
-    ``F.conv2d``, which reorders per call) for ``hint_shape``; the hint picks the layout, it does
-    not restrict the input: any batch and image size still runs.
+    Each conv is one ``mkldnn::_convolution_pointwise`` call: conv + bias + ReLU, or with the
+    residual (or the projection shortcut's output) added inside the primitive before the ReLU; a
+    fused 3x3+1x1 pair of the plan runs as its two convs. Weights are reordered once into oneDNN's
+    blocked layout (what makes it faster than ``F.conv2d``, which reorders per call) for
+    ``hint_shape``; the hint picks the layout, it does not restrict the input: any batch and image
+    size still runs.
     """
 
     def __init__(self, plan: Plan, hint_shape: tuple):
@@ -177,14 +191,15 @@ class _OneDnnRunner:
         shapes = plan.value_shapes(hint_shape)
         self.weights = {}
         for step in plan.steps:
-            if isinstance(step, ConvStep):
-                weight = self._reorder(step.weight, step.padding, step.stride, step.dilation,
-                                       step.groups, shapes[step.src])
+            for conv in _conv_steps(step):
+                shapes.setdefault(conv.dst, conv.out_shape(shapes))   # a pair's inner value
+                weight = self._reorder(conv.weight, conv.padding, conv.stride, conv.dilation,
+                                       conv.groups, shapes[conv.src])
                 shortcut = None
-                if step.shortcut is not None:
-                    shortcut = self._reorder(step.shortcut.weight, 0, step.shortcut.stride, 1, 1,
-                                             shapes[step.shortcut.src])
-                self.weights[step.name] = (weight, shortcut)
+                if conv.shortcut is not None:
+                    shortcut = self._reorder(conv.shortcut.weight, 0, conv.shortcut.stride, 1, 1,
+                                             shapes[conv.shortcut.src])
+                self.weights[conv.name] = (weight, shortcut)
 
     @staticmethod
     def _reorder(weight, padding, stride, dilation, groups, input_shape):
@@ -192,31 +207,36 @@ class _OneDnnRunner:
             weight.contiguous().to_mkldnn(), [padding] * 2, [stride] * 2, [dilation] * 2, groups,
             list(input_shape))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, step: ConvStep, env: dict) -> torch.Tensor:
         pointwise = torch.ops.mkldnn._convolution_pointwise
+        weight, shortcut_weight = self.weights[step.name]
+        geometry = ([step.padding] * 2, [step.stride] * 2, [step.dilation] * 2, step.groups)
+        unary = "relu" if step.relu else "none"
+        other = env[step.residual] if step.residual else None
+        if step.shortcut is not None:
+            sc = step.shortcut
+            other = pointwise(env[sc.src], shortcut_weight, None, [0, 0], [sc.stride] * 2, [1, 1], 1,
+                              "none", [], "")
+        if other is None:
+            return pointwise(env[step.src], weight, step.bias, *geometry, unary, [], "")
+        return pointwise.binary(env[step.src], other, weight, step.bias, *geometry, "add", None,
+                                unary, [], "")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         env = {"input": x.contiguous(memory_format=torch.channels_last)}
         for step, release in zip(self.plan.steps, self.plan._release):
-            if isinstance(step, ConvStep):
-                weight, shortcut_weight = self.weights[step.name]
-                geometry = ([step.padding] * 2, [step.stride] * 2, [step.dilation] * 2, step.groups)
-                unary = "relu" if step.relu else "none"
-                other = env[step.residual] if step.residual else None
-                if step.shortcut is not None:
-                    sc = step.shortcut
-                    other = pointwise(env[sc.src], shortcut_weight, None, [0, 0], [sc.stride] * 2,
-                                      [1, 1], 1, "none", [], "")
-                if other is None:
-                    out = pointwise(env[step.src], weight, step.bias, *geometry, unary, [], "")
-                else:
-                    out = pointwise.binary(env[step.src], other, weight, step.bias, *geometry,
-                                           "add", None, unary, [], "")
+            convs = _conv_steps(step)
+            if convs:
+                for conv in convs:
+                    env[conv.dst] = self._conv(conv, env)
+                for inner in convs[:-1]:
+                    del env[inner.dst]
             elif isinstance(step, MaxPoolStep):
-                out = F.max_pool2d(env[step.src], kernel_size=3, stride=2, padding=1)
+                env[step.dst] = F.max_pool2d(env[step.src], kernel_size=3, stride=2, padding=1)
             elif isinstance(step, HeadStep) and step.module is None:
-                out = F.linear(env[step.src].mean(dim=(2, 3)), step.weight, step.bias)
+                env[step.dst] = F.linear(env[step.src].mean(dim=(2, 3)), step.weight, step.bias)
             else:
-                out = step.run(_backend.get_backend("torch"), env)
-            env[step.dst] = out
+                env[step.dst] = step.run(_backend.get_backend("torch"), env)
             for name in release:
                 del env[name]
         return env[self.plan.output]

@@ -9,7 +9,8 @@ PyTorch reference beside it. The plan knows nothing about tiles; kernels know no
     MaxPool     3x3/s2/p1
     Block*      Basic:      conv3x3+ReLU -> conv3x3 + shortcut + ReLU
                 Bottleneck: conv1x1+ReLU -> conv3x3+ReLU -> conv1x1 + shortcut + ReLU
-                (a projection shortcut is a second operand of the last GEMM: concatenated K)
+                (a projection shortcut is a second operand of the last GEMM: concatenated K;
+                where the mid width allows, the 3x3 and last 1x1 are one kernel: ConvPairStep)
     Head        global average pool + FC
 
 Plans are cached on the model and guarded by the identity and version counter of every parameter
@@ -28,6 +29,7 @@ from torch import nn
 
 from . import backend as _backend
 from .fold import NotFoldableError, fold_conv_bn
+from .kernels.conv3x3_conv1x1_nhwc import fuses_conv3x3_conv1x1
 
 backend_for = _backend.backend_for
 
@@ -117,6 +119,59 @@ class ConvStep:
         return backend.conv(self, env[self.src],
                             residual=env[self.residual] if self.residual else None,
                             shortcut=env[self.shortcut.src] if self.shortcut else None, out=out)
+
+
+@dataclass(eq=False)
+class ConvPairStep:
+    """A bottleneck's 3x3 and last 1x1 in one kernel; the 3x3 output never touches memory.
+
+    ``dst = relu(conv1x1(relu(conv3x3(src) + b_mid)) [+ projection] + bias [+ residual])``: ``mid``
+    is the 3x3 step and ``last`` the 1x1 step (with the block's shortcut) it replaces. Which
+    blocks fuse is ``kernels.conv3x3_conv1x1_nhwc.fuses_conv3x3_conv1x1``.
+    """
+    name: str
+    mid: ConvStep
+    last: ConvStep
+    packed: dict = field(default_factory=dict)
+
+    src = property(lambda self: self.mid.src)
+    dst = property(lambda self: self.last.dst)
+
+    @property
+    def reads(self) -> list[str]:
+        return [self.mid.src] + self.last.reads[1:]
+
+    @property
+    def ops(self) -> list[str]:
+        return self.mid.ops + ["(on chip)"] + self.last.ops
+
+    def pack_for_triton(self):
+        from .kernels.conv3x3_conv1x1_nhwc import pack_conv3x3_conv1x1
+        sc = self.last.shortcut
+        return pack_conv3x3_conv1x1(self.mid.weight, self.last.weight, groups=self.mid.groups,
+                                    shortcut_weight=sc.weight if sc else None)
+
+    def out_shape(self, shapes: dict) -> tuple:
+        mid = self.mid.out_shape(shapes)
+        return (mid[0], self.last.weight.shape[0], mid[2], mid[3])
+
+    def cost(self, shapes: dict, itemsize: int) -> dict:
+        mid_shape = self.mid.out_shape(shapes)
+        inner = dict(shapes, **{self.mid.dst: mid_shape})
+        a = self.mid.cost(inner, itemsize)
+        b = self.last.cost(dict(inner, **{self.last.dst: self.out_shape(shapes)}), itemsize)
+        mid_bytes = 2 * _numel(mid_shape) * itemsize   # written by the 3x3, read by the 1x1: not here
+        return {"flops": a["flops"] + b["flops"],
+                "act_bytes": a["act_bytes"] + b["act_bytes"] - mid_bytes,
+                "weight_bytes": a["weight_bytes"] + b["weight_bytes"],
+                "shape": {"M": b["shape"]["M"], "N": b["shape"]["N"],
+                          "K": f'{a["shape"]["K"]}+{b["shape"]["K"]}'}}
+
+    def run(self, backend, env: dict, out=None):
+        return backend.conv_pair(self, env[self.mid.src],
+                                 residual=env[self.last.residual] if self.last.residual else None,
+                                 shortcut=env[self.last.shortcut.src] if self.last.shortcut else None,
+                                 out=out)
 
 
 @dataclass(eq=False)
@@ -341,6 +396,10 @@ def build_plan(model) -> Plan:
                     raise NotFoldableError(f"{prefix}.downsample.0 is not a 1x1 projection")
                 step.bias = step.bias + proj.bias
                 step.shortcut = Shortcut(src=current, weight=proj.weight, stride=proj.stride)
+            if n_convs == 3 and fuses_conv3x3_conv1x1(
+                    c_mid=steps[-1].weight.shape[0], c_in_mid=steps[-1].weight.shape[1] * steps[-1].groups,
+                    c_out=step.weight.shape[0], groups=steps[-1].groups, dtype=dtype):
+                step = ConvPairStep(name=f"{prefix}.conv2+conv3", mid=steps.pop(), last=step)
             steps.append(step)
             current = prefix
     fc = model.fc

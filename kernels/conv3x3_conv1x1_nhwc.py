@@ -3,11 +3,13 @@
     mid = round_to_dtype(relu(conv3x3(y1, W_mid; stride, padding, dilation, groups) + bias_mid))
     out = relu(mid @ W_out [+ conv1x1_stride_s(shortcut, W_sc)] + bias_out [+ residual])
 
-One program owns BLOCK_M output pixels. It computes their 3x3 outputs for *all* mid channels
-(``acc_mid`` [BLOCK_M, C_mid] in fp32), applies bias and ReLU, rounds the tile to the compute dtype
-(exactly what the unfused pair stores and reloads) and keeps it in registers as the A operand of
-the 1x1 GEMM, which it walks in chunks of BLOCK_N output channels. The mid tensor never touches
-memory: per block that saves writing and re-reading N*OH*OW*C_mid values and one launch.
+One program owns BLOCK_M output pixels (grid: one program per M tile; every program produces all
+C_out channels of its pixels). It computes their 3x3 outputs for *all* mid channels (an fp32
+[BLOCK_M, C_mid] accumulator), applies bias and ReLU, rounds the tile to the compute dtype (what
+the unfused pair stores and reloads) and keeps it in registers as the A operand of the 1x1 GEMM,
+which it walks in chunks of BLOCK_N output channels; each chunk then adds the shortcut, bias,
+residual and ReLU and is stored. The mid tensor never touches memory: per block that saves
+writing and re-reading N*OH*OW*C_mid values, and one launch.
 
 Operands and layouts are those of ``conv2d_nhwc`` (its module docstring explains them), and the
 packing is its ``pack_conv_weight``:
@@ -16,13 +18,13 @@ packing is its ``pack_conv_weight``:
 * the 1x1 weight is [C_mid (+ C_sc), C_out]; a projection shortcut is a concat-K second operand
   of the 1x1 GEMM (rows C_mid.. read ``shortcut`` at (oh*s, ow*s)), the caller pre-sums biases.
 
-Grouped 3x3 (ResNeXt): the mid tile cannot be assembled from per-group pieces in registers, so
-the 1x1 GEMM's K is split by packed group instead: for each packed group g (``tile_groups`` conv
-groups, block-diagonal, >= 16 channels), mid_g [BLOCK_M, group_mid] is computed and multiplied
-into the output accumulator by the rows of W_out that belong to g. That loop sits inside the loop
-over output-channel chunks, so the config rule gives grouped shapes a single chunk
-(BLOCK_N >= C_out): more chunks would recompute the 3x3. With groups == 1 the mid tile is
-computed once, before the chunk loop.
+Mid blocks (MID_BLOCK, constexpr): the mid tile is computed MID_BLOCK channels at a time, each
+block inside one packed group. MID_BLOCK = C_mid (groups == 1, the shipped dense tiles): the whole
+tile once, before the chunk loop. MID_BLOCK < C_mid (ResNeXt, where one register tile cannot be
+assembled from per-group pieces): the 1x1 GEMM's K is split by mid block instead, each block
+computed and multiplied into the chunk's accumulator by its rows of W_out. That loop sits inside
+the chunk loop, so the config rule gives such shapes one chunk (BLOCK_N >= C_out): more chunks
+would recompute the 3x3.
 
 Which blocks the plan fuses is ``fuses_conv3x3_conv1x1`` (the rule and its reasons are in its
 docstring); the tiles are ``fused_config``. Runtime ints are the batch and spatial sizes; channel
@@ -470,8 +472,10 @@ def conv3x3_conv1x1_nhwc_packed(y1, packed: PackedConv3x3Conv1x1, bias_mid, bias
                          f"padding {(ph, pw)}, dilation {(dh, dw)}")
     if not isinstance(packed, PackedConv3x3Conv1x1):
         raise TypeError(f"packed must come from pack_conv3x3_conv1x1, got {type(packed).__name__}")
-    if not isinstance(y1, torch.Tensor) or y1.dim() != 4:
-        raise ValueError(f"y1 must be a 4-D [N, C, H, W] tensor, got {getattr(y1, 'shape', type(y1).__name__)}")
+    if not isinstance(y1, torch.Tensor):
+        raise TypeError(f"y1 must be a tensor, got {type(y1).__name__}")
+    if y1.dim() != 4:
+        raise ValueError(f"y1 must be 4-D [N, C, H, W], got shape {tuple(y1.shape)}")
     n, c_in, h, w = y1.shape
     if c_in != packed.in_channels:
         raise ValueError(f"y1 has {c_in} channels, the packed 3x3 weight expects {packed.in_channels}")
@@ -488,10 +492,10 @@ def conv3x3_conv1x1_nhwc_packed(y1, packed: PackedConv3x3Conv1x1, bias_mid, bias
     c_mid, c_out = packed.mid_channels, packed.out_channels
     out_shape = (n, c_out, oh, ow)
 
-    def check_activation(t, what, shape=None):
+    def check_activation(t, what, shape):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
-        if shape is not None and tuple(t.shape) != shape:
+        if tuple(t.shape) != shape:
             raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
         if t.dtype != y1.dtype or t.device != y1.device:
             raise TypeError(f"{what} ({t.dtype}, {t.device}) must match y1 ({y1.dtype}, {y1.device})")
@@ -516,22 +520,26 @@ def conv3x3_conv1x1_nhwc_packed(y1, packed: PackedConv3x3Conv1x1, bias_mid, bias
     if shortcut is not None:
         if not isinstance(shortcut_stride, int) or shortcut_stride < 1:
             raise ValueError(f"shortcut_stride must be a positive int, got {shortcut_stride!r}")
-        check_activation(shortcut, "shortcut")
-        if shortcut.dim() != 4 or shortcut.shape[0] != n or shortcut.shape[1] != c_sc:
-            raise ValueError(f"shortcut must be [N={n}, C_sc={c_sc}, H, W], got {tuple(shortcut.shape)}")
+        if not isinstance(shortcut, torch.Tensor) or shortcut.dim() != 4 or shortcut.shape[:2] != (n, c_sc):
+            raise ValueError(f"shortcut must be [N={n}, C_sc={c_sc}, H, W], got "
+                             f"{tuple(getattr(shortcut, 'shape', ())) or type(shortcut).__name__}")
         sc_h, sc_w = shortcut.shape[2], shortcut.shape[3]
         s = shortcut_stride
         if (sc_h - 1) // s + 1 != oh or (sc_w - 1) // s + 1 != ow:
             raise ValueError(f"shortcut {sc_h}x{sc_w} with stride {s} gives "
                              f"{(sc_h - 1) // s + 1}x{(sc_w - 1) // s + 1}, the 3x3 output is {oh}x{ow}")
+        check_activation(shortcut, "shortcut", tuple(shortcut.shape))
     if out is None:
         out = torch.empty(out_shape, dtype=y1.dtype, device=y1.device, memory_format=torch.channels_last)
     else:
         check_activation(out, "out", out_shape)
-        # Programs read y1 and the shortcut around and beside their own pixels: out may not overlap them.
+        # Programs read y1 and the shortcut around and beside their own pixels: out may not overlap
+        # them. Each element of the residual is read by the program that writes it, just before.
         for what, t in (("y1", y1), ("shortcut", shortcut)):
             if t is not None and _overlaps(out, t):
                 raise ValueError(f"out must not overlap {what}")
+        if residual is not None and _overlaps(out, residual) and out.data_ptr() != residual.data_ptr():
+            raise ValueError("out must be the residual buffer itself or not overlap it")
     if n == 0:
         return out
     if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > _INT32_MAX:
@@ -565,7 +573,8 @@ def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilatio
         C_SC=c_sc, SC_STRIDE=shortcut_stride if shortcut is not None else 1,
         HAS_RESIDUAL=residual is not None, HAS_SHORTCUT_GEMM=shortcut is not None,
         INTERPRETER_BF16=y1.dtype == torch.bfloat16 and y1.device.type == "cpu",
-        BLOCK_M=cfg.BLOCK_M, MID_BLOCK=cfg.MID_BLOCK, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_K_SC=cfg.BLOCK_K_SC,
+        BLOCK_M=cfg.BLOCK_M, MID_BLOCK=cfg.MID_BLOCK, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        BLOCK_K_SC=cfg.BLOCK_K_SC,
     )
     groups = packed.groups
     name = (f"conv3x3_conv1x1_nhwc[s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")
@@ -577,7 +586,8 @@ def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilatio
     return KernelCall(
         kernel=_conv3x3_conv1x1_nhwc_kernel, grid=(triton.cdiv(m, cfg.BLOCK_M),), args=args,
         constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,
-        info=dict(M=m, C_mid=c_mid, N=c_out, K=f"{k_mid}+{c_mid + c_sc}", flops=2 * macs,
+        # the 3x3 GEMM is M x C_mid x K_mid, the 1x1 (with its concat-K shortcut) M x N x K
+        info=dict(M=m, C_mid=c_mid, K_mid=k_mid, N=c_out, K=c_mid + c_sc, flops=2 * macs,
                   dtype=str(y1.dtype).replace("torch.", ""),
                   bytes=(y1.numel() + out.numel() * (2 if residual is not None else 1)
                          + (n * oh * ow * c_sc if shortcut is not None else 0) + weights) * itemsize

@@ -47,11 +47,12 @@ def uint8_images(n, size, seed=0):
 
 
 def normalise_then(model, images, mean, std):
-    """torchvision's way: uint8 HWC -> float CHW in 0-1 -> Normalize -> model."""
+    """torchvision's way: uint8 HWC -> float CHW in 0-1 -> Normalize -> torchvision's forward
+    (unfused, also for a fastres model)."""
     x = images.permute(0, 3, 1, 2).float() / 255
     x = torchvision.transforms.functional.normalize(x, list(mean), list(std))
     with torch.no_grad():
-        return model(x)
+        return torchvision.models.ResNet.forward(model, x)
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def test_cpu_engine_half_precision(torch_backend, dtype):
 
 @pytest.mark.parametrize("mean, std", [(None, None), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
 def test_uint8_input_equals_normalise_then_model(torch_backend, mean, std):
-    tv = reference("resnet50", num_classes=20)
+    tv = reference("resnet18", num_classes=20)
     engine = Engine(tv, batch_sizes=BUCKETS, image_size=40, mean=mean, std=std)
     assert engine.input == "uint8_nhwc"
     images = uint8_images(5, 40)
@@ -141,8 +142,7 @@ def test_triton_engine_uint8_input(digits, device):
     model, _, images_test = digits
     engine = triton_engine(model, device, mean=MEAN, std=STD)
     images = (images_test[:3] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    with fastres.use_backend("torch"):
-        expected = normalise_then(model, images, MEAN, STD)
+    expected = normalise_then(model, images, MEAN, STD)
     assert_logits_close(engine(images).cpu(), expected)
 
 
@@ -174,9 +174,9 @@ def test_threads_cpu(torch_backend):
     engine = Engine(tv, batch_sizes=BUCKETS, image_size=32, input="float_nchw")
     batches = [image_batch(n, 32, seed=10 + n) for n in (1, 3, 4, 5, 2, 4)]
     single = [engine(b) for b in batches]
-    for _ in range(2):
+    for _ in range(2):   # oneDNN may split work differently under concurrency: fp32 rounding only
         for got, expected in zip(run_threads(engine, batches), single):
-            torch.testing.assert_close(got, expected, atol=0, rtol=0)
+            assert_logits_close(got, expected)
 
 
 @needs_triton
