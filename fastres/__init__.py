@@ -19,11 +19,11 @@ _LAZY = {
                        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
                        "wide_resnet50_2", "wide_resnet101_2"],
     "fastres.fold": ["fold_bn"],
-    "fastres.export": ["export", "load"],
+    "fastres.checkpoint": ["export", "load"],
     "fastres.engine": ["Engine", "IMAGENET_MEAN", "IMAGENET_STD"],
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
-_SUBMODULES = {"ops", "aot", "plan", "models", "export", "fold", "kernels", "extension", "normalize"}
+_SUBMODULES = {"ops", "aot", "plan", "models", "checkpoint", "fold", "kernels", "extension", "normalize"}
 
 __all__ = ["__version__", "set_backend", "use_backend", "ops", *_WHERE]
 

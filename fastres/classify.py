@@ -129,7 +129,7 @@ def resolve_model(weights: str, arch: str = "resnet50"):
     name: ``ResNet50_Weights.IMAGENET1K_V2`` (the architecture follows from the enum) or a member
     name like ``DEFAULT`` for ``arch`` (downloaded through torchvision: needs the network)."""
     from . import models
-    from .export import FORMAT, load
+    from .checkpoint import FORMAT, load
 
     if os.path.isfile(weights):
         if weights.endswith(".safetensors"):

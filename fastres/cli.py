@@ -40,7 +40,7 @@ def cmd_export(args) -> int:
     import torch
 
     from . import models
-    from .export import export
+    from .checkpoint import export
     from .verify import DTYPES
 
     if args.arch not in models.ARCHITECTURES:

@@ -290,7 +290,7 @@ class Engine:
                  std: Optional[Sequence[float]] = None, cuda_graphs: bool = True):
         model = model_or_exported_path
         if isinstance(model, (str, os.PathLike)):
-            from .export import load
+            from .checkpoint import load
             model = load(model)
             default_device = "cuda" if torch.cuda.is_available() else "cpu"
         elif isinstance(model, nn.Module):

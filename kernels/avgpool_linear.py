@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._common import check_nhwc_input, check_out
 from ._launch import KernelCall
 
 
@@ -132,13 +133,7 @@ def pack_linear_weight(weight):
 
 
 def _check_inputs(x, packed, bias, out):
-    if x.dim() != 4:
-        raise ValueError(f"avgpool_linear: x must be [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"avgpool_linear: x dtype must be float16, bfloat16 or float32, got {x.dtype}")
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("avgpool_linear: x must be in torch.channels_last memory format (NHWC), "
-                         f"got strides {x.stride()} for shape {tuple(x.shape)}")
+    check_nhwc_input(x, "avgpool_linear")
     if packed.dim() != 2 or packed.stride(1) != 1:
         raise ValueError("avgpool_linear: packed weight must be the [C, classes] tensor from "
                          f"pack_linear_weight, got shape {tuple(packed.shape)} strides {packed.stride()}")
@@ -160,12 +155,7 @@ def _check_inputs(x, packed, bias, out):
         if not bias.is_contiguous():
             raise ValueError("avgpool_linear: bias must be contiguous")
     if out is not None:
-        if tuple(out.shape) != (x.shape[0], classes):
-            raise ValueError(f"avgpool_linear: out must have shape {(x.shape[0], classes)}, got {tuple(out.shape)}")
-        if out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(f"avgpool_linear: out must be {x.dtype} on {x.device}, got {out.dtype} on {out.device}")
-        if not out.is_contiguous():
-            raise ValueError("avgpool_linear: out must be contiguous")
+        check_out(out, "avgpool_linear", (x.shape[0], classes), x, channels_last=False)
 
 
 def avgpool_linear_packed(x, packed, bias=None, out=None, *, config=None):

@@ -49,6 +49,9 @@ import triton
 import triton.language as tl
 
 from . import _autotune
+from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activation, check_bias, check_packed_input,
+                      check_shortcut, conv_geometry, conv_output_hw, dot_contiguous_k, is_channels_last,
+                      largest_pow2_divisor, pow2_at_least, store_conv_epilogue, tile_groups)
 from ._launch import KernelCall, is_recording
 
 
@@ -108,19 +111,8 @@ def _conv2d_nhwc_kernel(
     if KH == 1 and KW == 1 and STRIDE_H == 1 and STRIDE_W == 1 and PAD_H == 0 and PAD_W == 0:
         # Plain GEMM: output pixel m reads input pixel m.
         a_ptrs = x_ptr + (offs_m.to(tl.int64) * C_IN + group * CIN_PER_GROUP)[:, None] + offs_k[None, :]
-        for kb in range(0, tl.cdiv(CIN_PER_GROUP, BLOCK_K)):
-            if CIN_PER_GROUP % BLOCK_K == 0:
-                a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
-                b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
-            else:
-                k_ok = offs_k < CIN_PER_GROUP - kb * BLOCK_K
-                a = tl.load(a_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
-            if INTERPRETER_BF16:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * C_OUT
+        acc = dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, CIN_PER_GROUP, C_OUT, EVEN_N,
+                               INTERPRETER_BF16, BLOCK_K)
     elif FLAT_K:
         K_MAIN: tl.constexpr = KH * KW * CIN_PER_GROUP
         ih0 = oh * STRIDE_H - PAD_H
@@ -173,41 +165,16 @@ def _conv2d_nhwc_kernel(
         sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE
         w_ptrs = w_ptr + (KH * KW * CIN_PER_GROUP + offs_k)[:, None] * C_OUT + offs_n[None, :]
         a_ptrs = shortcut_ptr + (sc_pixel.to(tl.int64) * C_SC)[:, None] + offs_k[None, :]
-        for kb in range(0, tl.cdiv(C_SC, BLOCK_K)):
-            if C_SC % BLOCK_K == 0:
-                a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
-                b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
-            else:
-                c_ok = offs_k < C_SC - kb * BLOCK_K
-                a = tl.load(a_ptrs, mask=m_mask[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
-            if INTERPRETER_BF16:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * C_OUT
+        acc = dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, C_SC, C_OUT, EVEN_N, INTERPRETER_BF16,
+                               BLOCK_K)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
-    if APPLY_RELU:
-        # torch.relu keeps NaN; tl.maximum would drop it.
-        acc = tl.where(acc < 0.0, 0.0, acc)
-    if INTERPRETER_BF16:
-        bits = acc.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        acc = tl.where(acc != acc, acc, rounded)    # NaN payloads must not carry into the sign bit
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_conv_epilogue(acc, out_ptr, bias_ptr, residual_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT,
+                        HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, APPLY_RELU=APPLY_RELU,
+                        INTERPRETER_BF16=INTERPRETER_BF16)
 
 
 # ----------------------------------------------------------------------------------------------
 # Packed weights
-
-
-_MIN_TILE_CHANNELS = 16   # smallest tl.dot N and K tile
 
 
 @dataclass
@@ -242,14 +209,6 @@ class PackedConvWeight:
         return self.weight.device
 
 
-def _tile_groups(groups: int, in_per_group: int, out_per_group: int) -> int:
-    """Smallest divisor t of ``groups`` with t*in and t*out >= 16 (else all groups, one dense block)."""
-    for t in range(1, groups + 1):
-        if groups % t == 0 and t * in_per_group >= _MIN_TILE_CHANNELS and t * out_per_group >= _MIN_TILE_CHANNELS:
-            return t
-    return groups
-
-
 def pack_conv_weight(weight, *, groups=1, shortcut_weight=None) -> PackedConvWeight:
     """Pack a PyTorch conv weight [C_out, C_in/groups, KH, KW] (and optionally a 1x1 projection
     shortcut weight [C_out, C_sc, 1, 1], groups=1 only) for ``conv2d_nhwc_packed``.
@@ -264,7 +223,7 @@ def pack_conv_weight(weight, *, groups=1, shortcut_weight=None) -> PackedConvWei
     if groups < 1 or c_out % groups != 0:
         raise ValueError(f"groups={groups} must divide the {c_out} output channels of the weight")
     cout_g = c_out // groups
-    t = _tile_groups(groups, cin_g, cout_g)
+    t = tile_groups(groups, cin_g, cout_g)
     if t > 1:
         # Block-diagonal packed groups: [s, i, o, j, c] = weight[s, i, o, c] if i == j else 0.
         w = weight.reshape(groups // t, t, cout_g, cin_g, kh, kw)
@@ -322,14 +281,6 @@ _FLAT_K_BLOCK_K = 32           # the stem's K=147 -> 5 steps over 160
 _SMALL_M_PROGRAMS = 128        # fewer tc_wide/narrow programs than this: too few to fill a GPU
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _largest_pow2_divisor(n: int) -> int:
-    return n & -n
-
-
 @functools.lru_cache(maxsize=4096)
 def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_channels: int, flat_k: bool,
                 dtype: torch.dtype, device_type: str) -> ConvConfig:
@@ -345,7 +296,7 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
     """
     if device_type == "cpu":
         cfg = CONV_CONFIGS["interpreter"]
-        cfg = dataclasses.replace(cfg, BLOCK_M=min(cfg.BLOCK_M, max(16, _pow2_at_least(m))))
+        cfg = dataclasses.replace(cfg, BLOCK_M=min(cfg.BLOCK_M, max(16, pow2_at_least(m))))
     elif dtype == torch.float32:
         cfg = CONV_CONFIGS["fp32"]
     else:
@@ -353,36 +304,16 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
         programs = triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(group_out_channels, cfg.BLOCK_N)
         if programs < _SMALL_M_PROGRAMS:
             cfg = CONV_CONFIGS["tc_small_m"]
-    block_n = min(cfg.BLOCK_N, max(_MIN_TILE_CHANNELS, _pow2_at_least(group_out_channels)))
+    block_n = min(cfg.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(group_out_channels)))
     if flat_k:
         block_k = min(cfg.BLOCK_K, _FLAT_K_BLOCK_K)
     else:
-        block_k = min(cfg.BLOCK_K, _largest_pow2_divisor(group_in_channels))
+        block_k = min(cfg.BLOCK_K, largest_pow2_divisor(group_in_channels))
     return dataclasses.replace(cfg, BLOCK_N=block_n, BLOCK_K=block_k)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch wrappers
-
-
-def _pair(v, name):
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return v
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _output_size(size, k, stride, pad, dil):
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
-_INT32_MAX = 2**31 - 1
 
 
 def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padding=0, dilation=1,
@@ -395,70 +326,25 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     packed weight carries a projection shortcut, read at (oh*shortcut_stride, ow*shortcut_stride).
     Works on meta tensors inside ``record_launches()``.
     """
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    (sh, sw), (ph, pw), (dh, dw) = conv_geometry(stride, padding, dilation)
+    check_packed_input(x, "x", packed)
     n, c_in, h, w = x.shape
-    if c_in != packed.in_channels:
-        raise ValueError(f"x has {c_in} channels, the packed weight expects {packed.in_channels}")
-    if x.dtype != packed.dtype:
-        raise TypeError(f"x dtype {x.dtype} != packed weight dtype {packed.dtype}")
-    if x.device != packed.device:
-        raise ValueError(f"x is on {x.device}, the packed weight on {packed.device}")
-    if not _is_channels_last(x):
-        raise ValueError("x must be channels_last: call x.contiguous(memory_format=torch.channels_last)")
-    kh, kw = packed.kernel_size
-    oh, ow = _output_size(h, kh, sh, ph, dh), _output_size(w, kw, sw, pw, dw)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"output size {oh}x{ow} < 1 for input {h}x{w}, kernel {kh}x{kw}, "
-                         f"stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
-    c_out = packed.out_channels
-    out_shape = (n, c_out, oh, ow)
-
-    def check_like_out(t, what):
-        if tuple(t.shape) != out_shape:
-            raise ValueError(f"{what} must have shape {out_shape}, got {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"{what} ({t.dtype}, {t.device}) must match x ({x.dtype}, {x.device})")
-        if not _is_channels_last(t):
-            raise ValueError(f"{what} must be channels_last: call .contiguous(memory_format=torch.channels_last)")
-
+    oh, ow = conv_output_hw(h, w, packed.kernel_size, (sh, sw), (ph, pw), (dh, dw))
+    out_shape = (n, packed.out_channels, oh, ow)
     if residual is not None:
-        check_like_out(residual, "residual")
+        check_activation(residual, "residual", out_shape, x, "x")
     if bias is not None:
-        if tuple(bias.shape) != (c_out,) or not bias.is_floating_point() or bias.device != x.device:
-            raise ValueError(f"bias must be a float [{c_out}] tensor on {x.device}, "
-                             f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
-        if not bias.is_contiguous():
-            raise ValueError("bias must be contiguous")
-    c_sc = packed.shortcut_in_channels
-    if (shortcut is None) != (c_sc == 0):
-        raise ValueError("shortcut must be given exactly when the packed weight has a shortcut weight "
-                         f"(packed shortcut channels: {c_sc})")
-    sc_h = sc_w = None
-    if shortcut is not None:
-        if shortcut.dim() != 4 or shortcut.shape[0] != n or shortcut.shape[1] != c_sc:
-            raise ValueError(f"shortcut must be [N={n}, C_sc={c_sc}, H, W], got {tuple(shortcut.shape)}")
-        sc_h, sc_w = shortcut.shape[2], shortcut.shape[3]
-        s = shortcut_stride
-        if (sc_h - 1) // s + 1 != oh or (sc_w - 1) // s + 1 != ow:
-            raise ValueError(f"shortcut {sc_h}x{sc_w} with stride {s} gives "
-                             f"{(sc_h - 1) // s + 1}x{(sc_w - 1) // s + 1}, the conv output is {oh}x{ow}")
-        if shortcut.dtype != x.dtype or shortcut.device != x.device:
-            raise TypeError(f"shortcut ({shortcut.dtype}, {shortcut.device}) must match x ({x.dtype}, {x.device})")
-        if not _is_channels_last(shortcut):
-            raise ValueError("shortcut must be channels_last: call .contiguous(memory_format=torch.channels_last)")
+        check_bias(bias, "bias", packed.out_channels, x.device)
+    sc_h, sc_w = check_shortcut(shortcut, shortcut_stride, packed.shortcut_in_channels, n, oh, ow, x, "x")
     if out is None:
         out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     else:
-        check_like_out(out, "out")
+        check_activation(out, "out", out_shape, x, "x")
         if x.device.type != "meta" and out.numel() and x.numel() and out.data_ptr() == x.data_ptr():
             raise ValueError("out must not alias x")
     if n == 0:
         return out
-    if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > _INT32_MAX or h * w * c_in > _INT32_MAX:
+    if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > INT32_MAX or h * w * c_in > INT32_MAX:
         raise ValueError(f"batch {n} x {h}x{w} pixels x {c_in} channels exceeds the kernel's int32 pixel "
                          "(and per-image element) index")
     problem = dict(bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), residual=residual,
@@ -473,11 +359,11 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
 def _candidate_configs(x, packed, out) -> dict:
     """The rule's choice and every other GPU tile for this operand width, clamped like the rule."""
     cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
-    flat_k = cin_g % _MIN_TILE_CHANNELS != 0
+    flat_k = cin_g % MIN_TILE_CHANNELS != 0
     names = ["fp32"] if x.dtype == torch.float32 else ["tc_wide", "tc_narrow", "tc_small_m"]
-    block_k_cap = _FLAT_K_BLOCK_K if flat_k else _largest_pow2_divisor(cin_g)
+    block_k_cap = _FLAT_K_BLOCK_K if flat_k else largest_pow2_divisor(cin_g)
     candidates = {name: dataclasses.replace(
-        CONV_CONFIGS[name], BLOCK_N=min(CONV_CONFIGS[name].BLOCK_N, max(_MIN_TILE_CHANNELS, _pow2_at_least(cout_g))),
+        CONV_CONFIGS[name], BLOCK_N=min(CONV_CONFIGS[name].BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(cout_g))),
         BLOCK_K=min(CONV_CONFIGS[name].BLOCK_K, block_k_cap)) for name in names}
     m = out.shape[0] * out.shape[2] * out.shape[3]
     candidates["rule"] = conv_config(m, cout_g, packed.out_channels // cout_g, cin_g, flat_k, x.dtype, "cuda")
@@ -504,15 +390,9 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     kh, kw = packed.kernel_size
     cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
     num_groups = packed.out_channels // cout_g
-    flat_k = cin_g % _MIN_TILE_CHANNELS != 0
+    flat_k = cin_g % MIN_TILE_CHANNELS != 0
     m = n * oh * ow
     device_type = x.device.type
-    if device_type == "cpu" and not is_recording() and isinstance(_conv2d_nhwc_kernel, triton.runtime.JITFunction):
-        raise RuntimeError("conv2d_nhwc on CPU tensors runs the Triton kernel under the interpreter: set "
-                           "TRITON_INTERPRET=1 before importing fastres, or use conv2d_nhwc_ref")
-    if device_type == "meta" and not is_recording():
-        raise RuntimeError("conv2d_nhwc on meta tensors only records its launch: call it inside "
-                           "fastres.kernels._launch.record_launches()")
     cfg = config or conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type)
     grid = (triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(cout_g, cfg.BLOCK_N),)
     args = dict(x_ptr=x, w_ptr=packed.weight, out_ptr=out, BATCH=n, H=h, W=w, OH=oh, OW=ow)
@@ -563,13 +443,8 @@ def conv2d_nhwc(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups
         raise ValueError(f"weight must be 4-D [C_out, C_in/groups, KH, KW], got shape {tuple(weight.shape)}")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got stride {(sh, sw)}, "
-                         f"padding {(ph, pw)}, dilation {(dh, dw)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    (sh, sw), (ph, pw), (dh, dw) = conv_geometry(stride, padding, dilation)
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x dtype must be float16, bfloat16 or float32, got {x.dtype}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} != x dtype {x.dtype}")
@@ -589,21 +464,9 @@ def conv2d_nhwc(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups
                          f"the weight expects {cin_g} input channels per group")
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
-    if not _is_channels_last(x):
+    if not is_channels_last(x):
         raise ValueError("x must be in channels_last memory format: call "
                          "x.contiguous(memory_format=torch.channels_last)")
-    oh = _output_size(x.shape[2], weight.shape[2], sh, ph, dh)
-    ow = _output_size(x.shape[3], weight.shape[3], sw, pw, dw)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"output size {oh}x{ow} < 1 for input {tuple(x.shape[2:])}, kernel "
-                         f"{tuple(weight.shape[2:])}, stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
-    if residual is not None:
-        expected = (x.shape[0], c_out, oh, ow)
-        if tuple(residual.shape) != expected:
-            raise ValueError(f"residual must have the output's shape {expected}, got {tuple(residual.shape)}")
-        if not _is_channels_last(residual):
-            raise ValueError("residual must be in channels_last memory format: call "
-                             "residual.contiguous(memory_format=torch.channels_last)")
     if bias is not None:
         bias = bias.contiguous()
     packed = pack_conv_weight(weight, groups=groups)
@@ -628,7 +491,7 @@ def conv2d_nhwc_ref(x, weight, bias=None, *, stride=1, padding=0, dilation=1, gr
     channels_last out.
     """
     out_dtype = x.dtype
-    channels_last = _is_channels_last(x)
+    channels_last = is_channels_last(x)
     if upcast:
         x, weight = x.float(), weight.float()
         residual = residual.float() if residual is not None else None
@@ -643,6 +506,6 @@ def conv2d_nhwc_ref(x, weight, bias=None, *, stride=1, padding=0, dilation=1, gr
     if relu:
         out = out.relu_()
     out = out.to(out_dtype)
-    if channels_last and not _is_channels_last(out):
+    if channels_last and not is_channels_last(out):
         out = out.contiguous(memory_format=torch.channels_last)
     return out

@@ -41,19 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activation, check_bias,
+                      check_packed_input, check_shortcut, conv_geometry, conv_output_hw, dot_contiguous_k,
+                      largest_pow2_divisor, overlaps, pow2_at_least, round_to_bf16_nearest_even,
+                      store_conv_epilogue, tile_groups)
 from ._launch import KernelCall
-from .conv2d_nhwc import PackedConvWeight, _tile_groups, conv2d_nhwc_ref, pack_conv_weight
-
-_MIN_TILE_CHANNELS = 16   # smallest tl.dot N and K tile (also conv2d_nhwc's packed-group minimum)
-
-
-@triton.jit
-def _round_to_bf16_nearest_even(x):
-    """fp32 -> fp32 holding the nearest-even bf16 value: the triton 3.8 interpreter's fp32 -> bf16
-    cast truncates, a GPU's cvt.rn rounds. NaN payloads must not carry into the sign bit."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, rounded)
+from .conv2d_nhwc import PackedConvWeight, conv2d_nhwc_ref, pack_conv_weight
 
 
 @triton.jit
@@ -97,7 +90,7 @@ def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, mid_block, img, oh, ow, m_mask, H,
     acc += tl.load(bias_mid_ptr + offs_mid).to(tl.float32)[None, :]
     acc = tl.where(acc < 0.0, 0.0, acc)       # torch.relu keeps NaN; tl.maximum would drop it
     if INTERPRETER_BF16:
-        return _round_to_bf16_nearest_even(acc)   # stays fp32: the interpreter's dot runs in fp32
+        return round_to_bf16_nearest_even(acc)   # stays fp32: the interpreter's dot runs in fp32
     return acc.to(y_ptr.dtype.element_ty)
 
 
@@ -167,33 +160,12 @@ def _conv3x3_conv1x1_nhwc_kernel(
         if HAS_SHORTCUT_GEMM:
             # Concat-K: the shortcut rows follow the C_MID rows of W_out.
             wsc_ptrs = w_out_ptr + (C_MID + offs_k_sc)[:, None] * C_OUT + offs_n[None, :]
-            sc_ptrs = sc_rows[:, None] + offs_k_sc[None, :]
-            for kb in range(0, tl.cdiv(C_SC, BLOCK_K_SC)):
-                if C_SC % BLOCK_K_SC == 0:
-                    sc_tile = tl.load(sc_ptrs, mask=m_mask[:, None], other=0.0)
-                    if EVEN_N:
-                        wsc_tile = tl.load(wsc_ptrs)
-                    else:
-                        wsc_tile = tl.load(wsc_ptrs, mask=n_mask[None, :], other=0.0)
-                else:
-                    c_ok = offs_k_sc < C_SC - kb * BLOCK_K_SC
-                    sc_tile = tl.load(sc_ptrs, mask=m_mask[:, None] & c_ok[None, :], other=0.0)
-                    wsc_tile = tl.load(wsc_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
-                if INTERPRETER_BF16:
-                    sc_tile, wsc_tile = sc_tile.to(tl.float32), wsc_tile.to(tl.float32)
-                acc = tl.dot(sc_tile, wsc_tile, acc, input_precision="ieee")
-                sc_ptrs += BLOCK_K_SC
-                wsc_ptrs += BLOCK_K_SC * C_OUT
+            acc = dot_contiguous_k(acc, sc_rows[:, None] + offs_k_sc[None, :], wsc_ptrs, offs_k_sc, m_mask, n_mask,
+                                   C_SC, C_OUT, EVEN_N, INTERPRETER_BF16, BLOCK_K_SC)
 
-        acc += tl.load(bias_out_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        if HAS_RESIDUAL:
-            acc += tl.load(residual_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
-        acc = tl.where(acc < 0.0, 0.0, acc)
-        if INTERPRETER_BF16:
-            acc = _round_to_bf16_nearest_even(acc)
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        store_conv_epilogue(acc, out_ptr, bias_out_ptr, residual_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT,
+                            HAS_BIAS=True, HAS_RESIDUAL=HAS_RESIDUAL, APPLY_RELU=True,
+                            INTERPRETER_BF16=INTERPRETER_BF16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,10 +217,10 @@ def _is_pow2(n: int) -> bool:
 
 def _kernel_layout_problem(group_in: int, group_mid: int) -> str:
     """Why the kernel cannot run a (packed) shape, or "" when it can."""
-    if not _is_pow2(group_mid) or group_mid < _MIN_TILE_CHANNELS:
+    if not _is_pow2(group_mid) or group_mid < MIN_TILE_CHANNELS:
         return (f"a packed group of {group_mid} mid channels (the kernel's register tile needs a power of two "
-                f">= {_MIN_TILE_CHANNELS})")
-    if group_in % _MIN_TILE_CHANNELS != 0:
+                f">= {MIN_TILE_CHANNELS})")
+    if group_in % MIN_TILE_CHANNELS != 0:
         return f"a packed group of {group_in} 3x3 input channels (the tap-major K loop needs a multiple of 16)"
     return ""
 
@@ -272,7 +244,7 @@ def pack_conv3x3_conv1x1(w_mid, w_out, *, groups=1, shortcut_weight=None) -> Pac
                          f"{tuple(w_out.shape)}")
     if w_out.dtype != w_mid.dtype or w_out.device != w_mid.device:
         raise ValueError(f"w_out ({w_out.dtype}, {w_out.device}) must match w_mid ({w_mid.dtype}, {w_mid.device})")
-    if w_mid.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if w_mid.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weights must be float16, bfloat16 or float32, got {w_mid.dtype}")
     mid = pack_conv_weight(w_mid, groups=groups)
     problem = _kernel_layout_problem(mid.group_in_channels, mid.group_out_channels)
@@ -330,14 +302,6 @@ _MAX_DENSE_MID = 128            # see fuses_conv3x3_conv1x1
 _MAX_GROUPED_OUT = 256
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _largest_pow2_divisor(n: int) -> int:
-    return n & -n
-
-
 def fit_config(cfg: FusedConfig, group_in: int, group_mid: int, c_out: int, c_sc: int) -> FusedConfig:
     """Clamp a configuration's tiles to a shape: MID_BLOCK to the packed group's mid channels,
     BLOCK_N to C_out (pow2, >= 16), BLOCK_K to the largest power of two dividing the packed group's
@@ -346,9 +310,9 @@ def fit_config(cfg: FusedConfig, group_in: int, group_mid: int, c_out: int, c_sc
     return dataclasses.replace(
         cfg,
         MID_BLOCK=min(cfg.MID_BLOCK, group_mid),
-        BLOCK_N=min(cfg.BLOCK_N, max(_MIN_TILE_CHANNELS, _pow2_at_least(c_out))),
-        BLOCK_K=min(cfg.BLOCK_K, _largest_pow2_divisor(group_in)),
-        BLOCK_K_SC=min(cfg.BLOCK_K_SC, max(_MIN_TILE_CHANNELS, _pow2_at_least(c_sc))),
+        BLOCK_N=min(cfg.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(c_out))),
+        BLOCK_K=min(cfg.BLOCK_K, largest_pow2_divisor(group_in)),
+        BLOCK_K_SC=min(cfg.BLOCK_K_SC, max(MIN_TILE_CHANNELS, pow2_at_least(c_sc))),
     )
 
 
@@ -365,7 +329,7 @@ def fused_config(m: int, group_in: int, group_mid: int, c_mid: int, c_out: int, 
     grouped = group_mid < c_mid
     if device_type == "cpu":
         cfg = FUSED_CONFIGS["interpreter"]
-        cfg = dataclasses.replace(cfg, BLOCK_M=min(cfg.BLOCK_M, max(16, _pow2_at_least(m))))
+        cfg = dataclasses.replace(cfg, BLOCK_M=min(cfg.BLOCK_M, max(16, pow2_at_least(m))))
     elif dtype == torch.float32:
         cfg = FUSED_CONFIGS["fp32_grouped" if grouped else "fp32"]
     elif grouped:
@@ -405,11 +369,11 @@ def fuses_conv3x3_conv1x1(c_mid: int, c_in_mid: int, c_out: int, groups: int, dt
     with zero spills: tests/test_conv3x3_conv1x1_nhwc.py::test_aot_fused_blocks_fit_sm80_and_sm90.
     Otherwise the plan runs the unfused pair.
     """
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype not in FLOAT_DTYPES:
         return False
     if min(c_mid, c_in_mid, c_out, groups) < 1 or c_mid % groups or c_in_mid % groups:
         return False
-    t = _tile_groups(groups, c_in_mid // groups, c_mid // groups)
+    t = tile_groups(groups, c_in_mid // groups, c_mid // groups)
     group_in, group_mid = t * c_in_mid // groups, t * c_mid // groups
     if _kernel_layout_problem(group_in, group_mid):
         return False
@@ -420,36 +384,6 @@ def fuses_conv3x3_conv1x1(c_mid: int, c_in_mid: int, c_out: int, groups: int, dt
 
 # ----------------------------------------------------------------------------------------------
 # Launch wrapper
-
-
-def _pair(v, name):
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    try:
-        v = tuple(v)
-    except TypeError:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
-    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return v
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _output_size(size, k, stride, pad, dil):
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device != b.device or a.device.type == "meta" or not a.numel() or not b.numel():
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
-
-
-_INT32_MAX = 2**31 - 1
 
 
 def conv3x3_conv1x1_nhwc_packed(y1, packed: PackedConv3x3Conv1x1, bias_mid, bias_out, *, stride, padding,
@@ -464,85 +398,32 @@ def conv3x3_conv1x1_nhwc_packed(y1, packed: PackedConv3x3Conv1x1, bias_mid, bias
     packed weights carry a projection, read at (oh*shortcut_stride, ow*shortcut_stride).
     Works on meta tensors inside ``record_launches()``.
     """
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got stride {(sh, sw)}, "
-                         f"padding {(ph, pw)}, dilation {(dh, dw)}")
+    (sh, sw), (ph, pw), (dh, dw) = conv_geometry(stride, padding, dilation)
     if not isinstance(packed, PackedConv3x3Conv1x1):
         raise TypeError(f"packed must come from pack_conv3x3_conv1x1, got {type(packed).__name__}")
-    if not isinstance(y1, torch.Tensor):
-        raise TypeError(f"y1 must be a tensor, got {type(y1).__name__}")
-    if y1.dim() != 4:
-        raise ValueError(f"y1 must be 4-D [N, C, H, W], got shape {tuple(y1.shape)}")
+    check_packed_input(y1, "y1", packed)
     n, c_in, h, w = y1.shape
-    if c_in != packed.in_channels:
-        raise ValueError(f"y1 has {c_in} channels, the packed 3x3 weight expects {packed.in_channels}")
-    if y1.dtype != packed.dtype:
-        raise TypeError(f"y1 dtype {y1.dtype} != packed weight dtype {packed.dtype}")
-    if y1.device != packed.device:
-        raise ValueError(f"y1 is on {y1.device}, the packed weights on {packed.device}")
-    if not _is_channels_last(y1):
-        raise ValueError("y1 must be channels_last: call y1.contiguous(memory_format=torch.channels_last)")
-    oh, ow = _output_size(h, 3, sh, ph, dh), _output_size(w, 3, sw, pw, dw)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"output size {oh}x{ow} < 1 for input {h}x{w}, kernel 3x3, stride {(sh, sw)}, "
-                         f"padding {(ph, pw)}, dilation {(dh, dw)}")
-    c_mid, c_out = packed.mid_channels, packed.out_channels
-    out_shape = (n, c_out, oh, ow)
-
-    def check_activation(t, what, shape):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != y1.dtype or t.device != y1.device:
-            raise TypeError(f"{what} ({t.dtype}, {t.device}) must match y1 ({y1.dtype}, {y1.device})")
-        if not _is_channels_last(t):
-            raise ValueError(f"{what} must be channels_last: call .contiguous(memory_format=torch.channels_last)")
-
-    for what, bias, size in (("bias_mid", bias_mid, c_mid), ("bias_out", bias_out, c_out)):
-        if (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (size,) or not bias.is_floating_point()
-                or bias.device != y1.device):
-            raise ValueError(f"{what} must be a float [{size}] tensor on {y1.device}, got "
-                             + (f"{tuple(bias.shape)} {bias.dtype} on {bias.device}" if isinstance(bias, torch.Tensor)
-                                else type(bias).__name__))
-        if not bias.is_contiguous():
-            raise ValueError(f"{what} must be contiguous")
+    oh, ow = conv_output_hw(h, w, (3, 3), (sh, sw), (ph, pw), (dh, dw))
+    out_shape = (n, packed.out_channels, oh, ow)
+    check_bias(bias_mid, "bias_mid", packed.mid_channels, y1.device)
+    check_bias(bias_out, "bias_out", packed.out_channels, y1.device)
     if residual is not None:
-        check_activation(residual, "residual", out_shape)
-    c_sc = packed.shortcut_in_channels
-    if (shortcut is None) != (c_sc == 0):
-        raise ValueError("shortcut must be given exactly when the packed weights have a shortcut weight "
-                         f"(packed shortcut channels: {c_sc})")
-    sc_h = sc_w = None
-    if shortcut is not None:
-        if not isinstance(shortcut_stride, int) or shortcut_stride < 1:
-            raise ValueError(f"shortcut_stride must be a positive int, got {shortcut_stride!r}")
-        if not isinstance(shortcut, torch.Tensor) or shortcut.dim() != 4 or shortcut.shape[:2] != (n, c_sc):
-            raise ValueError(f"shortcut must be [N={n}, C_sc={c_sc}, H, W], got "
-                             f"{tuple(getattr(shortcut, 'shape', ())) or type(shortcut).__name__}")
-        sc_h, sc_w = shortcut.shape[2], shortcut.shape[3]
-        s = shortcut_stride
-        if (sc_h - 1) // s + 1 != oh or (sc_w - 1) // s + 1 != ow:
-            raise ValueError(f"shortcut {sc_h}x{sc_w} with stride {s} gives "
-                             f"{(sc_h - 1) // s + 1}x{(sc_w - 1) // s + 1}, the 3x3 output is {oh}x{ow}")
-        check_activation(shortcut, "shortcut", tuple(shortcut.shape))
+        check_activation(residual, "residual", out_shape, y1, "y1")
+    sc_h, sc_w = check_shortcut(shortcut, shortcut_stride, packed.shortcut_in_channels, n, oh, ow, y1, "y1")
     if out is None:
         out = torch.empty(out_shape, dtype=y1.dtype, device=y1.device, memory_format=torch.channels_last)
     else:
-        check_activation(out, "out", out_shape)
+        check_activation(out, "out", out_shape, y1, "y1")
         # Programs read y1 and the shortcut around and beside their own pixels: out may not overlap
         # them. Each element of the residual is read by the program that writes it, just before.
         for what, t in (("y1", y1), ("shortcut", shortcut)):
-            if t is not None and _overlaps(out, t):
+            if t is not None and overlaps(out, t):
                 raise ValueError(f"out must not overlap {what}")
-        if residual is not None and _overlaps(out, residual) and out.data_ptr() != residual.data_ptr():
+        if residual is not None and overlaps(out, residual) and out.data_ptr() != residual.data_ptr():
             raise ValueError("out must be the residual buffer itself or not overlap it")
     if n == 0:
         return out
-    if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > _INT32_MAX:
+    if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > INT32_MAX:
         raise ValueError(f"batch {n} x {h}x{w} pixels exceeds the kernel's int32 pixel index")
     _build_call(y1, packed, bias_mid, bias_out, out, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
                 residual=residual, shortcut=shortcut, shortcut_stride=shortcut_stride).launch()

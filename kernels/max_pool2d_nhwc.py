@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._common import check_nhwc_input, check_out
 from ._launch import KernelCall
 
 KERNEL_SIZE, STRIDE, PADDING = 3, 2, 1
@@ -71,25 +72,13 @@ def max_pool2d_config(C, device_type="cuda"):
     return dict(BLOCK_P=max(elements // block_c, 16), BLOCK_C=block_c, num_warps=4)
 
 
-def _check_input(x):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"max_pool2d_nhwc: x must be a tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"max_pool2d_nhwc: x must be [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"max_pool2d_nhwc: x dtype must be float16, bfloat16 or float32, got {x.dtype}")
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("max_pool2d_nhwc: x must be in torch.channels_last memory format "
-                         f"(NHWC), got strides {x.stride()} for shape {tuple(x.shape)}")
-
-
 def max_pool2d_nhwc(x, *, out=None, config=None):
     """3x3/s2/p1 max pooling of a channels_last ``[N, C, H, W]`` tensor; see the module docstring.
 
     ``out`` (optional) receives the result: ``[N, C, OH, OW]``, x's dtype and device, channels_last.
     ``config`` overrides ``max_pool2d_config`` (benchmarks and tests try other tiles with it).
     """
-    _check_input(x)
+    check_nhwc_input(x, "max_pool2d_nhwc")
     N, C, H, W = x.shape
     OH = (H + 2 * PADDING - KERNEL_SIZE) // STRIDE + 1
     OW = (W + 2 * PADDING - KERNEL_SIZE) // STRIDE + 1
@@ -97,13 +86,7 @@ def max_pool2d_nhwc(x, *, out=None, config=None):
         out = torch.empty((N, C, OH, OW), dtype=x.dtype, device=x.device,
                           memory_format=torch.channels_last)
     else:
-        if tuple(out.shape) != (N, C, OH, OW):
-            raise ValueError(f"max_pool2d_nhwc: out must have shape {(N, C, OH, OW)}, got {tuple(out.shape)}")
-        if out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(f"max_pool2d_nhwc: out must be {x.dtype} on {x.device}, "
-                             f"got {out.dtype} on {out.device}")
-        if not out.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError("max_pool2d_nhwc: out must be in torch.channels_last memory format")
+        check_out(out, "max_pool2d_nhwc", (N, C, OH, OW), x, channels_last=True)
     P = N * OH * OW
     if P == 0 or C == 0:
         return out

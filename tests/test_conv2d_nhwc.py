@@ -13,17 +13,15 @@ every K mode, the shortcut, NaN). The bf16 tensor-core dot itself is checked by 
 kernel (INTERPRETER_BF16 off) for sm_80/sm_90 in the AOT check, and by these same tests on a GPU.
 """
 import math
-import os
 
 import pytest
 import torch
 import torchvision
 import triton
+from kernel_testing import (CL, DEVICE, ON_CUDA, assert_fp32_close, assert_rounded_once, assert_within_twice_torch,
+                            channels_last, skip_if_compiled_without_gpu, skip_without_gpu_or_interpreter)
 
-_ON_CUDA = torch.cuda.is_available()
-if not _ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the Triton conv kernel needs a GPU or the interpreter: run with TRITON_INTERPRET=1 set in the "
-                "environment before Python starts", allow_module_level=True)
+skip_without_gpu_or_interpreter("the Triton conv kernel")
 
 from fastres.kernels import conv2d_nhwc as conv_module  # noqa: E402
 from fastres.kernels._launch import KernelCall, record_launches  # noqa: E402
@@ -31,39 +29,9 @@ from fastres.kernels.conv2d_nhwc import (  # noqa: E402
     CONV_CONFIGS, PackedConvWeight, conv2d_nhwc, conv2d_nhwc_packed, conv2d_nhwc_ref, conv_config,
     pack_conv_weight)
 
-if not _ON_CUDA and isinstance(conv_module._conv2d_nhwc_kernel, triton.runtime.JITFunction):
-    pytest.skip("fastres.kernels was imported before TRITON_INTERPRET=1 was set: set it in the environment "
-                "before Python starts", allow_module_level=True)
+skip_if_compiled_without_gpu(conv_module._conv2d_nhwc_kernel)
 
-DEVICE = "cuda" if _ON_CUDA else "cpu"
-CL = torch.channels_last
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_threaded_blas():
-    """The interpreter runs each tl.dot as one small numpy matmul; multi-threaded OpenBLAS spends
-    far longer waking its threads than multiplying (measured: a resnet50 conv stack at 64x64
-    takes 5x longer on a busy 2-core machine). Scoped to this module, restored afterwards."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:          # it comes with scikit-learn (test extra); without it, just slower
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-# (dtype, atol, rtol). atol is per sqrt(K): outputs here are O(1) sums of K terms of size
-# O(1/sqrt(K)), whose rounding error grows like sqrt(K).
-FP32_TOL = (torch.float32, 1e-6, 1e-4)
-# 16-bit: err_fastres <= 2 * err_torch + atol * sqrt(K), both errors against an fp64 reference
-# computed from the same rounded inputs (style guide #11) ...
-HALF_TOL = {torch.float16: (torch.float16, 1e-4, 0.0), torch.bfloat16: (torch.bfloat16, 1e-4, 0.0)}
-# ... and, since the kernel accumulates and runs the epilogue in fp32 and rounds once, every element
-# within half an ulp of the exact result plus this fp32 accumulation noise (absolute, per sqrt(K)).
-# This one catches a truncating store (1 ulp), which the 2x-of-torch bound cannot.
-ONE_ROUNDING_FP32_NOISE = 1e-6
-_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
+# Tolerances are kernel_testing's (K = C_in/groups * KH * KW, + C_sc with a shortcut).
 
 # ------------------------------------------------------------------------------------------------
 # The conv shapes of the torchvision ResNets, read off the models themselves
@@ -109,20 +77,16 @@ def _shape_id(shape):
 # Helpers
 
 
-def _channels_last(t):
-    return t.contiguous(memory_format=CL)
-
-
 def _make_problem(batch, c_in, c_out, h, w, k, stride, padding, dilation, groups, dtype, *, bias, residual,
                   seed=0):
     gen = torch.Generator().manual_seed(seed)
     fan_in = c_in // groups * k * k
-    x = _channels_last(torch.randn(batch, c_in, h, w, generator=gen).to(dtype)).to(DEVICE)
+    x = channels_last(torch.randn(batch, c_in, h, w, generator=gen).to(dtype)).to(DEVICE)
     weight = (torch.randn(c_out, c_in // groups, k, k, generator=gen) / math.sqrt(fan_in)).to(dtype).to(DEVICE)
     b = (0.5 * torch.randn(c_out, generator=gen)).to(DEVICE) if bias else None
     oh = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     ow = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    r = _channels_last(torch.randn(batch, c_out, oh, ow, generator=gen).to(dtype)).to(DEVICE) if residual else None
+    r = channels_last(torch.randn(batch, c_out, oh, ow, generator=gen).to(dtype)).to(DEVICE) if residual else None
     return x, weight, b, r
 
 
@@ -139,23 +103,11 @@ def _assert_close_to_reference(out, torch_out, ref64, dtype, k_len, *, what=""):
     assert torch.equal(torch.isfinite(out.double()), finite), f"{what}: non-finite values differ"
     out64, ref64 = out.double()[finite], ref64[finite]
     if dtype == torch.float32:
-        _, atol, rtol = FP32_TOL
-        bound = atol * math.sqrt(k_len) + rtol * ref64.abs()
-        worst = ((out64 - ref64).abs() - bound).max().item()
-        assert worst <= 0, f"{what}: fp32 error exceeds |err| <= {atol}*sqrt(K) + {rtol}*|ref| by {worst:.3g}"
+        assert_fp32_close(out64, ref64, k_len, what=what)
     else:
-        _, atol, _ = HALF_TOL[dtype]
-        err = (out64 - ref64).abs().max().item()
         if torch_out is not None:
-            err_torch = (torch_out.double()[finite] - ref64).abs().max().item()
-            assert err <= 2 * err_torch + atol * math.sqrt(k_len), \
-                f"{what}: {dtype} error {err:.3g} > 2 * torch's {err_torch:.3g} + {atol}*sqrt({k_len})"
-        _, exponent = torch.frexp(ref64)               # |ref| in [2**(e-1), 2**e)
-        half_ulp = torch.ldexp(torch.ones_like(ref64), exponent - 2 - _MANTISSA_BITS[dtype])
-        half_ulp = half_ulp.clamp_min(2.0**-25)        # fp16 subnormal spacing
-        bound = half_ulp + ONE_ROUNDING_FP32_NOISE * math.sqrt(k_len)
-        worst = ((out64 - ref64).abs() - bound).max().item()
-        assert worst <= 0, f"{what}: {dtype} output is not the exact result rounded once (by {worst:.3g})"
+            assert_within_twice_torch(out64, torch_out.double()[finite], ref64, dtype, k_len, what=what)
+        assert_rounded_once(out64, ref64, dtype, k_len, what=what)
 
 
 def _check_conv(batch, c_in, c_out, h, w, k, stride, padding, dilation, groups, dtype, *, bias, residual, relu,
@@ -271,13 +223,13 @@ def test_gpu_tile_configs_under_the_interpreter(config_name, monkeypatch):
 
 def _shortcut_problem(batch, c_mid, c_out, h, w, c_sc, sc_stride, dtype, *, k=1, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x = _channels_last(torch.randn(batch, c_mid, h, w, generator=gen).to(dtype)).to(DEVICE)
+    x = channels_last(torch.randn(batch, c_mid, h, w, generator=gen).to(dtype)).to(DEVICE)
     weight = (torch.randn(c_out, c_mid, k, k, generator=gen) / math.sqrt(c_mid * k * k)).to(dtype).to(DEVICE)
     sc_weight = (torch.randn(c_out, c_sc, 1, 1, generator=gen) / math.sqrt(c_sc)).to(dtype).to(DEVICE)
     # The shortcut input is the block input: sc_stride x the conv output size (odd sizes allowed).
     oh, ow = h, w  # k x k convs here keep the size (padding k // 2, stride 1)
     shortcut = torch.randn(batch, c_sc, oh * sc_stride - (sc_stride > 1), ow * sc_stride, generator=gen)
-    shortcut = _channels_last(shortcut.to(dtype)).to(DEVICE)
+    shortcut = channels_last(shortcut.to(dtype)).to(DEVICE)
     bias = (0.5 * torch.randn(c_out, generator=gen)).to(DEVICE)
     return x, weight, sc_weight, bias, shortcut
 
@@ -338,7 +290,7 @@ def test_relu_propagates_nan(dtype):
 
 def test_out_parameter_is_written_and_returned():
     x, weight, b, r = _make_problem(2, 64, 128, 6, 7, 3, 2, 1, 1, 1, torch.float32, bias=True, residual=True)
-    out = _channels_last(torch.full((2, 128, 3, 4), float("nan"), device=DEVICE))
+    out = channels_last(torch.full((2, 128, 3, 4), float("nan"), device=DEVICE))
     result = conv2d_nhwc_packed(x, pack_conv_weight(weight), b, stride=2, padding=1, residual=r, relu=True, out=out)
     assert result is out
     ref64 = conv2d_nhwc_ref(x.double(), weight.double(), b.double(), stride=2, padding=1, residual=r.double(),
@@ -347,7 +299,7 @@ def test_out_parameter_is_written_and_returned():
 
 
 def test_out_must_not_alias_x():
-    x = _channels_last(torch.randn(1, 16, 5, 5, device=DEVICE))
+    x = channels_last(torch.randn(1, 16, 5, 5, device=DEVICE))
     with pytest.raises(ValueError, match="alias"):
         conv2d_nhwc_packed(x, pack_conv_weight(torch.randn(16, 16, 1, 1, device=DEVICE)), out=x)
 
@@ -361,10 +313,10 @@ def test_out_may_be_the_residual_buffer():
 
 @pytest.mark.parametrize("with_out", [False, True])
 def test_empty_batch(with_out):
-    x = _channels_last(torch.empty(0, 64, 7, 5, device=DEVICE))
+    x = channels_last(torch.empty(0, 64, 7, 5, device=DEVICE))
     weight = torch.randn(32, 64, 3, 3, device=DEVICE)
     if with_out:
-        out = _channels_last(torch.empty(0, 32, 4, 3, device=DEVICE))
+        out = channels_last(torch.empty(0, 32, 4, 3, device=DEVICE))
         result = conv2d_nhwc_packed(x, pack_conv_weight(weight), stride=2, padding=1, out=out)
         assert result is out
     else:
@@ -373,13 +325,13 @@ def test_empty_batch(with_out):
 
 
 def test_launch_is_recorded_on_meta_tensors():
-    x = _channels_last(torch.empty(8, 256, 14, 14, device="meta", dtype=torch.float16))
+    x = channels_last(torch.empty(8, 256, 14, 14, device="meta", dtype=torch.float16))
     weight = torch.empty(512, 64, 1, 1, device="meta", dtype=torch.float16)
     sc_weight = torch.empty(512, 256, 1, 1, device="meta", dtype=torch.float16)
-    y = _channels_last(torch.empty(8, 64, 7, 7, device="meta", dtype=torch.float16))
+    y = channels_last(torch.empty(8, 64, 7, 7, device="meta", dtype=torch.float16))
     bias = torch.empty(512, device="meta")
     packed = pack_conv_weight(weight, shortcut_weight=sc_weight)
-    preallocated = _channels_last(torch.empty(8, 512, 7, 7, device="meta", dtype=torch.float16))
+    preallocated = channels_last(torch.empty(8, 512, 7, 7, device="meta", dtype=torch.float16))
     with record_launches() as calls:
         out = conv2d_nhwc_packed(y, packed, bias, relu=True, shortcut=x, shortcut_stride=2)
         conv2d_nhwc_packed(y, packed, bias, relu=True, shortcut=x, shortcut_stride=2, out=preallocated)
@@ -400,16 +352,16 @@ def test_launch_is_recorded_on_meta_tensors():
 
 
 def test_meta_tensors_outside_recording_are_refused():
-    x = _channels_last(torch.empty(1, 16, 5, 5, device="meta"))
+    x = channels_last(torch.empty(1, 16, 5, 5, device="meta"))
     with pytest.raises(RuntimeError, match="record_launches"):
         conv2d_nhwc(x, torch.empty(16, 16, 3, 3, device="meta"), padding=1)
 
 
-@pytest.mark.skipif(_ON_CUDA, reason="checks the CPU-without-interpreter message")
+@pytest.mark.skipif(ON_CUDA, reason="checks the CPU-without-interpreter message")
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     compiled_kernel = triton.runtime.JITFunction(conv_module._conv2d_nhwc_kernel.fn)
     monkeypatch.setattr(conv_module, "_conv2d_nhwc_kernel", compiled_kernel)
-    x = _channels_last(torch.randn(1, 16, 5, 5))
+    x = channels_last(torch.randn(1, 16, 5, 5))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         conv2d_nhwc(x, torch.randn(16, 16, 3, 3), padding=1)
 
@@ -464,10 +416,10 @@ def test_reference_keeps_channels_last_and_upcasts():
 
 
 def _good():
-    x = _channels_last(torch.randn(2, 8, 6, 6, device=DEVICE))
+    x = channels_last(torch.randn(2, 8, 6, 6, device=DEVICE))
     return dict(x=x, weight=torch.randn(16, 8, 3, 3, device=DEVICE), bias=torch.randn(16, device=DEVICE),
                 stride=1, padding=1, dilation=1, groups=1,
-                residual=_channels_last(torch.randn(2, 16, 6, 6, device=DEVICE)), relu=True)
+                residual=channels_last(torch.randn(2, 16, 6, 6, device=DEVICE)), relu=True)
 
 
 def _bad(**changes):
@@ -482,7 +434,7 @@ def _bad(**changes):
 @pytest.mark.parametrize("make_kwargs,error,match", [
     (_bad(x=lambda k: k["x"][0]), ValueError, "4-D"),
     (_bad(weight=lambda k: k["weight"][0]), ValueError, "weight must be 4-D"),
-    (_bad(x=lambda k: _channels_last(torch.randn(2, 12, 6, 6, device=DEVICE))), ValueError, "channels per group"),
+    (_bad(x=lambda k: channels_last(torch.randn(2, 12, 6, 6, device=DEVICE))), ValueError, "channels per group"),
     (_bad(groups=lambda k: 3), ValueError, "groups=3 must divide"),
     (_bad(groups=lambda k: 0), ValueError, "groups must be a positive int"),
     (_bad(weight=lambda k: k["weight"].half()), TypeError, "weight dtype"),
@@ -492,9 +444,9 @@ def _bad(**changes):
     (_bad(bias=lambda k: torch.ones(15, device=DEVICE)), ValueError, "bias must have shape"),
     (_bad(weight=lambda k: k["weight"].to("meta")), ValueError, "weight is on meta"),
     (_bad(x=lambda k: k["x"].contiguous()), ValueError, r"contiguous\(memory_format=torch.channels_last\)"),
-    (_bad(residual=lambda k: k["residual"].contiguous()), ValueError, "residual must be in channels_last"),
-    (_bad(residual=lambda k: k["residual"][:, :, :5]), ValueError, "residual must have the output's shape"),
-    (_bad(padding=lambda k: 0, x=lambda k: _channels_last(torch.randn(2, 8, 2, 6, device=DEVICE))),
+    (_bad(residual=lambda k: k["residual"].contiguous()), ValueError, "residual must be channels_last"),
+    (_bad(residual=lambda k: k["residual"][:, :, :5]), ValueError, r"residual must have shape \(2, 16, 6, 6\)"),
+    (_bad(padding=lambda k: 0, x=lambda k: channels_last(torch.randn(2, 8, 2, 6, device=DEVICE))),
      ValueError, "output size"),
     (_bad(stride=lambda k: 0), ValueError, "stride and dilation must be >= 1"),
     (_bad(padding=lambda k: (1, 2, 3)), ValueError, "padding must be an int or a pair"),
@@ -509,10 +461,10 @@ def test_bad_input_raises_clear_error(make_kwargs, error, match):
 
 
 def _packed_good():
-    x = _channels_last(torch.randn(2, 8, 6, 6, device=DEVICE))
+    x = channels_last(torch.randn(2, 8, 6, 6, device=DEVICE))
     packed = pack_conv_weight(torch.randn(16, 8, 1, 1, device=DEVICE),
                               shortcut_weight=torch.randn(16, 4, 1, 1, device=DEVICE))
-    shortcut = _channels_last(torch.randn(2, 4, 12, 12, device=DEVICE))
+    shortcut = channels_last(torch.randn(2, 4, 12, 12, device=DEVICE))
     return x, packed, dict(shortcut=shortcut, shortcut_stride=2)
 
 
@@ -523,9 +475,9 @@ def _packed_good():
     (lambda x, p, kw: kw.update(shortcut=kw["shortcut"].contiguous()), ValueError, "shortcut must be channels_last"),
     (lambda x, p, kw: kw.update(shortcut=kw["shortcut"].half()), TypeError, "shortcut"),
     (lambda x, p, kw: kw.update(out=torch.empty(2, 16, 6, 6, device=DEVICE)), ValueError, "out must be channels_last"),
-    (lambda x, p, kw: kw.update(out=_channels_last(torch.empty(2, 16, 6, 5, device=DEVICE))), ValueError,
+    (lambda x, p, kw: kw.update(out=channels_last(torch.empty(2, 16, 6, 5, device=DEVICE))), ValueError,
      "out must have shape"),
-    (lambda x, p, kw: kw.update(out=_channels_last(torch.empty(2, 16, 6, 6, device=DEVICE, dtype=torch.half))),
+    (lambda x, p, kw: kw.update(out=channels_last(torch.empty(2, 16, 6, 6, device=DEVICE, dtype=torch.half))),
      TypeError, "out"),
     (lambda x, p, kw: kw.update(x=x.half()), TypeError, "packed weight dtype"),
     (lambda x, p, kw: kw.update(x=x[:, :4]), ValueError, "packed weight expects 8"),

@@ -20,18 +20,17 @@ these same tests on a GPU, where INTERPRETER_BF16 is off.
 import dataclasses
 import io
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 import triton
+from kernel_testing import (CL, DEVICE, ON_CUDA, ONE_ROUNDING_FP32_NOISE, assert_fp32_close, assert_rounded_once,
+                            assert_within_twice_torch, channels_last, skip_if_compiled_without_gpu,
+                            skip_without_gpu_or_interpreter, ulp)
 
-_ON_CUDA = torch.cuda.is_available()
-if not _ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the Triton kernel needs a GPU or the interpreter: run with TRITON_INTERPRET=1 set in the "
-                "environment before Python starts", allow_module_level=True)
+skip_without_gpu_or_interpreter("the Triton kernel")
 
 from fastres import aot  # noqa: E402
 from fastres.kernels import conv3x3_conv1x1_nhwc as fused_module  # noqa: E402
@@ -40,42 +39,15 @@ from fastres.kernels.conv3x3_conv1x1_nhwc import (  # noqa: E402
     FUSED_CONFIGS, PackedConv3x3Conv1x1, conv3x3_conv1x1_nhwc_packed, conv3x3_conv1x1_nhwc_ref, fit_config,
     fused_config, fuses_conv3x3_conv1x1, pack_conv3x3_conv1x1)
 
-if not _ON_CUDA and isinstance(fused_module._conv3x3_conv1x1_nhwc_kernel, triton.runtime.JITFunction):
-    pytest.skip("fastres.kernels was imported before TRITON_INTERPRET=1 was set: set it in the environment "
-                "before Python starts", allow_module_level=True)
+skip_if_compiled_without_gpu(fused_module._conv3x3_conv1x1_nhwc_kernel)
 
-DEVICE = "cuda" if _ON_CUDA else "cpu"
-CL = torch.channels_last
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_threaded_blas():
-    """The interpreter runs each tl.dot as one small numpy matmul; multi-threaded OpenBLAS spends
-    longer waking its threads than multiplying. Scoped to this module, restored afterwards."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:          # it comes with scikit-learn (test extra); without it, just slower
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-# (dtype, atol, rtol); atol is per sqrt(K), K = 9*C_mid_in/groups + C_mid + C_sc: outputs are O(1)
-# sums of K terms of size O(1/sqrt(K)), whose rounding error grows like sqrt(K).
-FP32_TOL = (torch.float32, 1e-6, 1e-4)
-# 16-bit: err_fastres <= 2 * err_torch + atol * sqrt(K), both max-abs errors against the fp64
-# composition of the same rounded inputs (style guide #11). Both round the mid once; the fp64
-# reference rounds the exact mid, so a mid element may land one ulp apart, which is what atol
-# covers.
-HALF_TOL = {torch.float16: (torch.float16, 1e-4, 0.0), torch.bfloat16: (torch.bfloat16, 1e-4, 0.0)}
-# Against the module's own reference (upcast: the kernel's numerics, other summation order): one
-# ulp of the output, plus this (relative to the output scale) for mid elements rounded apart.
+# Tolerances are kernel_testing's, K = 9*C_mid_in/groups + C_mid + C_sc; the 16-bit reference is
+# the fp64 composition of the same rounded inputs. Against the module's own reference (upcast: the
+# kernel's numerics, other summation order): one ulp of the output, plus this (relative to the
+# output scale) for mid elements rounded apart.
 OWN_REF_SLACK = 1e-3
-# The sharp rounding tests: within half an ulp of the exact value plus fp32 accumulation noise.
-ONE_ROUNDING_FP32_NOISE = 1e-6
-_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,10 +115,6 @@ def test_fused_block_table_comes_from_torchvision():
 # Problems and references
 
 
-def _channels_last(t):
-    return t.contiguous(memory_format=CL)
-
-
 def _make_block(kind, batch, h, w, dtype, *, seed=0):
     """Activations and folded-like weights of one bottleneck: dict of tensors and conv arguments."""
     c_in, c_mid_in, c_mid, c_out, stride, dilation, groups, sc_stride = kind
@@ -154,7 +122,7 @@ def _make_block(kind, batch, h, w, dtype, *, seed=0):
 
     def act(*shape, relu=False):
         t = torch.randn(*shape, generator=gen)
-        return _channels_last((t.relu() if relu else t).to(dtype)).to(DEVICE)
+        return channels_last((t.relu() if relu else t).to(dtype)).to(DEVICE)
 
     def weight(*shape, fan_in):
         return (torch.randn(*shape, generator=gen) * math.sqrt(2.0 / fan_in)).to(dtype).to(DEVICE)
@@ -212,13 +180,6 @@ def _own_reference(p, **kwargs):
                                     **kwargs)
 
 
-def _ulp(ref64, dtype):
-    _, exponent = torch.frexp(ref64)                   # |ref| in [2**(e-1), 2**e)
-    tiny = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133, torch.float32: 2.0**-149}[dtype]
-    bits = {torch.float32: 23, **_MANTISSA_BITS}[dtype]
-    return torch.ldexp(torch.ones_like(ref64), exponent - 1 - bits).clamp_min(tiny)
-
-
 def _check_block(p, dtype, *, what):
     out = _run_kernel(p)
     ref64 = _functional(p, torch.float64, dtype)
@@ -227,20 +188,14 @@ def _check_block(p, dtype, *, what):
     assert torch.isfinite(ref64).all() and torch.isfinite(out).all(), what
     out64, k_len = out.double(), _k_len(p)
     scale = ref64.abs().max().item()
-    err = (out64 - ref64).abs()
     if dtype == torch.float32:
-        _, atol, rtol = FP32_TOL
-        worst = (err - atol * math.sqrt(k_len) - rtol * ref64.abs()).max().item()
-        assert worst <= 0, f"{what}: fp32 error exceeds {atol}*sqrt(K) + {rtol}*|ref| by {worst:.3g}"
+        assert_fp32_close(out64, ref64, k_len, what=what)
     else:
-        _, atol, _ = HALF_TOL[dtype]
-        err_torch = (_functional(p, dtype, dtype).double() - ref64).abs().max().item()
-        assert err.max().item() <= 2 * err_torch + atol * math.sqrt(k_len), \
-            f"{what}: {dtype} error {err.max().item():.3g} > 2 * torch's {err_torch:.3g} + {atol}*sqrt({k_len})"
+        assert_within_twice_torch(out64, _functional(p, dtype, dtype).double(), ref64, dtype, k_len, what=what)
     own = _own_reference(p, upcast=True)
     assert own.dtype == dtype and own.is_contiguous(memory_format=CL)
     own64 = own.double()
-    own_err = ((out64 - own64).abs() - _ulp(own64, dtype) - OWN_REF_SLACK * scale).max().item()
+    own_err = ((out64 - own64).abs() - ulp(own64, dtype) - OWN_REF_SLACK * scale).max().item()
     assert own_err <= 0, f"{what}: more than one ulp from conv3x3_conv1x1_nhwc_ref(upcast=True) (by {own_err:.3g})"
     return out
 
@@ -314,13 +269,12 @@ def test_mid_is_rounded_once(dtype):
     p["residual"] = None
     out = _run_kernel(p).double()
     mid64 = F.conv2d(p["y1"].double(), p["w_mid"].double(), p["b_mid"].double(), padding=1).relu()
-    bound = _ulp(mid64, dtype) / 2 + ONE_ROUNDING_FP32_NOISE * math.sqrt(9 * 64)
-    assert ((out - mid64).abs() <= bound).all(), f"worst {((out - mid64).abs() - bound).max().item():.3g}"
+    assert_rounded_once(out, mid64, dtype, 9 * 64, what="mid")
 
-    p["residual"] = _channels_last(-mid64.to(dtype))
+    p["residual"] = channels_last(-mid64.to(dtype))
     left = _run_kernel(p).double()
     # at most a mid rounded the other way (fp32: summation order)
-    assert (left <= _ulp(mid64, dtype) + ONE_ROUNDING_FP32_NOISE * math.sqrt(9 * 64)).all()
+    assert (left <= ulp(mid64, dtype) + ONE_ROUNDING_FP32_NOISE * math.sqrt(9 * 64)).all()
     if dtype != torch.float32:
         assert left.count_nonzero() <= 0.01 * left.numel(), f"{left.count_nonzero()} of {left.numel()} nonzero"
 
@@ -337,8 +291,7 @@ def test_output_is_rounded_once(dtype):
     p["b_mid"] = torch.zeros(64, device=DEVICE)
     out = _run_kernel(p).double()
     exact = _functional(p, torch.float64, torch.float64)
-    bound = _ulp(exact, dtype) / 2 + ONE_ROUNDING_FP32_NOISE * math.sqrt(_k_len(p))
-    assert ((out - exact).abs() <= bound).all(), f"worst {((out - exact).abs() - bound).max().item():.3g}"
+    assert_rounded_once(out, exact, dtype, _k_len(p), what="output")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # numpy's matmul meeting NaN
@@ -366,7 +319,7 @@ def test_nan_and_inf_propagate(dtype):
 
 def test_out_is_written_and_returned():
     p = _make_block((256, 128, 128, 512, 2, 1, 1, 2), 2, 7, 6, torch.float32, seed=9)
-    out = _channels_last(torch.full((2, 512, 4, 3), float("nan"), device=DEVICE))
+    out = channels_last(torch.full((2, 512, 4, 3), float("nan"), device=DEVICE))
     assert _run_kernel(p, out=out) is out
     ref64 = _functional(p, torch.float64, torch.float32)
     assert torch.allclose(out.double(), ref64, rtol=1e-4, atol=1e-4)
@@ -383,7 +336,7 @@ def test_out_may_be_the_residual_buffer():
 @pytest.mark.parametrize("with_out", [False, True])
 def test_empty_batch(with_out):
     p = _make_block((64, 64, 64, 256, 2, 1, 1, 2), 0, 7, 5, torch.float32)
-    out = _channels_last(torch.empty(0, 256, 4, 3, device=DEVICE)) if with_out else None
+    out = channels_last(torch.empty(0, 256, 4, 3, device=DEVICE)) if with_out else None
     result = _run_kernel(p, out=out)
     assert result.shape == (0, 256, 4, 3) and result.is_contiguous(memory_format=CL)
     assert result is out or not with_out
@@ -391,7 +344,7 @@ def test_empty_batch(with_out):
 
 def _meta(*shape, dtype=torch.float32, channels_last=False):
     t = torch.empty(*shape, device="meta", dtype=dtype)
-    return _channels_last(t) if channels_last else t
+    return channels_last(t) if channels_last else t
 
 
 def test_launch_is_recorded_on_meta_tensors():
@@ -428,7 +381,7 @@ def test_meta_tensors_outside_recording_are_refused():
                                     residual=residual)
 
 
-@pytest.mark.skipif(_ON_CUDA, reason="checks the CPU-without-interpreter message")
+@pytest.mark.skipif(ON_CUDA, reason="checks the CPU-without-interpreter message")
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     compiled_kernel = triton.runtime.JITFunction(fused_module._conv3x3_conv1x1_nhwc_kernel.fn)
     monkeypatch.setattr(fused_module, "_conv3x3_conv1x1_nhwc_kernel", compiled_kernel)
@@ -510,7 +463,7 @@ def test_reference_rounds_the_mid():
 
 def _good():
     p = _make_block((32, 32, 32, 64, 1, 1, 1, 2), 2, 6, 6, torch.float32)
-    p["shortcut"] = _channels_last(torch.randn(2, 32, 12, 12, device=DEVICE))
+    p["shortcut"] = channels_last(torch.randn(2, 32, 12, 12, device=DEVICE))
     return p
 
 
@@ -537,16 +490,16 @@ _BAD_CALLS = {
     "missing_shortcut": (dict(shortcut=lambda a: None), ValueError, "shortcut must be given exactly when"),
     "shortcut_size": (dict(shortcut_stride=lambda a: 1), ValueError, "with stride 1 gives 12x12"),
     "shortcut_rank": (dict(shortcut=lambda a: a["shortcut"][0]), ValueError, r"shortcut must be \[N=2, C_sc=32"),
-    "shortcut_channels": (dict(shortcut=lambda a: _channels_last(torch.randn(2, 8, 12, 12, device=DEVICE))),
+    "shortcut_channels": (dict(shortcut=lambda a: channels_last(torch.randn(2, 8, 12, 12, device=DEVICE))),
                           ValueError, "C_sc=32"),
     "shortcut_nchw": (dict(shortcut=lambda a: a["shortcut"].contiguous()), ValueError, "shortcut must be channels"),
     "shortcut_dtype": (dict(shortcut=lambda a: a["shortcut"].half()), TypeError, "shortcut"),
-    "residual_shape": (dict(residual=lambda a: _channels_last(torch.randn(2, 64, 6, 5, device=DEVICE))),
+    "residual_shape": (dict(residual=lambda a: channels_last(torch.randn(2, 64, 6, 5, device=DEVICE))),
                        ValueError, r"residual must have shape \(2, 64, 6, 6\)"),
     "out_nchw": (dict(out=lambda a: torch.empty(2, 64, 6, 6, device=DEVICE)), ValueError, "out must be channels"),
-    "out_dtype": (dict(out=lambda a: _channels_last(torch.empty(2, 64, 6, 6, device=DEVICE).half())),
+    "out_dtype": (dict(out=lambda a: channels_last(torch.empty(2, 64, 6, 6, device=DEVICE).half())),
                   TypeError, "out"),
-    "output_size": (dict(padding=lambda a: 0, y1=lambda a: _channels_last(torch.randn(2, 32, 2, 6, device=DEVICE))),
+    "output_size": (dict(padding=lambda a: 0, y1=lambda a: channels_last(torch.randn(2, 32, 2, 6, device=DEVICE))),
                     ValueError, "output size"),
     "stride_zero": (dict(stride=lambda a: 0), ValueError, "stride and dilation must be >= 1"),
     "padding_pair": (dict(padding=lambda a: (1, 2, 3)), ValueError, "padding must be an int or a pair"),

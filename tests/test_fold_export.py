@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import fastres
-from fastres.export import ExportFormatError
+from fastres.checkpoint import ExportFormatError
 from fastres.fold import conv_norm_pairs, fold_conv_bn
 from fastres.verify import image_batch, randomize_norm_stats_
 
@@ -161,7 +161,7 @@ def _rewrite(path, tensors=None, **meta_changes):
     meta.update(meta_changes)
     tensors = tensors if tensors is not None else old
     if "sha256" not in meta_changes:
-        from fastres.export import _digest
+        from fastres.checkpoint import _digest
         meta["sha256"] = _digest(tensors)
     save_file(tensors, str(path), metadata=meta)
     return old
@@ -226,3 +226,12 @@ def test_trained_model_fold_export_reload(tmp_path):
         pred16 = fastres.load(path16)(x_test.half()).argmax(1)
     assert (pred16 == ref_pred).float().mean() >= 0.99
     assert abs((pred16 == y_test).float().mean().item() - accuracy) <= 0.01
+
+
+def test_public_names_survive_submodule_imports():
+    """Lazy top-level names must not be shadowed by submodules of the same package."""
+    import importlib
+    for name in ("checkpoint", "fold", "models", "plan", "engine", "classify", "ops", "cli"):
+        importlib.import_module(f"fastres.{name}")
+    assert callable(fastres.export) and callable(fastres.load) and callable(fastres.fold_bn)
+    assert isinstance(fastres.Engine, type) and isinstance(fastres.ResNet, type)

@@ -14,16 +14,11 @@ bf16 loads, the pooling, the fp32 epilogue and the bf16 store still run and are 
 bf16 tensor-core dot itself is compiled for sm_80/sm_90 in tests/test_aot.py and checked by these
 same tests on a GPU, where UPCAST_DOT_OPERANDS is off (test_recorded_bf16_head_keeps_the_bf16_dot).
 """
-import os
-
 import pytest
 import torch
-import triton
+from kernel_testing import CL, DEVICE, skip_if_compiled_without_gpu, skip_without_gpu_or_interpreter
 
-_ON_CUDA = torch.cuda.is_available()
-if not _ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the Triton pool/head kernels need a GPU or the interpreter: run with TRITON_INTERPRET=1 set "
-                "in the environment before Python starts", allow_module_level=True)
+skip_without_gpu_or_interpreter("the Triton pool/head kernels")
 
 from fastres.kernels import avgpool_linear as head_module  # noqa: E402
 from fastres.kernels._launch import record_launches  # noqa: E402
@@ -32,12 +27,8 @@ from fastres.kernels.avgpool_linear import (  # noqa: E402
 from fastres.kernels.max_pool2d_nhwc import (  # noqa: E402
     max_pool2d_config, max_pool2d_nhwc, max_pool2d_nhwc_ref)
 
-if not _ON_CUDA and isinstance(head_module._avgpool_linear_kernel, triton.runtime.JITFunction):
-    pytest.skip("fastres.kernels was imported before TRITON_INTERPRET=1 was set: set it in the environment "
-                "before Python starts", allow_module_level=True)
+skip_if_compiled_without_gpu(head_module._avgpool_linear_kernel)
 
-DEVICE = "cuda" if _ON_CUDA else "cpu"
-CL = torch.channels_last
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # Head tolerances (dtype, atol, rtol) against the fp32 reference (avgpool_linear_ref(upcast=True)).

@@ -1,6 +1,7 @@
 """Export the BN-folded weights of a ResNet to a safetensors file, and load them back.
 
-The file holds only tensors and string metadata (no pickle, nothing executes from it):
+Written by ``fastres.export``, read by ``fastres.load``. The file holds only tensors and string
+metadata (no pickle, nothing executes from it):
 
     tensors   the folded model's state_dict: conv weights and fc weight in the export dtype,
               conv biases (BN folded into them) and fc bias in fp32, as the kernels' epilogues use them

@@ -1,0 +1,241 @@
+"""What the kernel modules share: input checks of their launch wrappers, small integer rules and
+the interpreter's bf16 rounding. No kernel lives here (one kernel per module stays the rule).
+
+Activations are [N, C, H, W] tensors in ``torch.channels_last`` memory (NHWC bytes) everywhere.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_TILE_CHANNELS = 16    # smallest tl.dot N and K tile, hence the narrowest packed conv group
+INT32_MAX = 2**31 - 1     # pixel indices inside the kernels are int32
+
+
+# ----------------------------------------------------------------------------------------------
+# @triton.jit helpers of the convolution kernels (inlined into them when compiled)
+
+
+@triton.jit
+def round_to_bf16_nearest_even(x):
+    """fp32 -> fp32 holding the nearest-even bf16 value: the triton 3.8 interpreter's fp32 -> bf16
+    cast truncates, a GPU's cvt.rn rounds. NaN payloads must not carry into the sign bit."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
+def dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, K: tl.constexpr, W_ROW_STRIDE: tl.constexpr,
+                     EVEN_N: tl.constexpr, INTERPRETER_BF16: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + A @ W, fp32 accumulation, where row m of A is K contiguous channels of one pixel and W
+    has K rows W_ROW_STRIDE elements apart (a 1x1 conv, or a concat-K shortcut).
+
+    ``a_ptrs`` [BLOCK_M, BLOCK_K] and ``w_ptrs`` [BLOCK_K, BLOCK_N] point at the first K step;
+    ``offs_k`` is ``tl.arange(0, BLOCK_K)``. A K tail is masked; EVEN_N (BLOCK_N divides the
+    columns) drops the column mask. INTERPRETER_BF16: the dot runs on fp32 tiles, because the
+    triton 3.8 interpreter's bf16 tl.dot is wrong.
+    """
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if K % BLOCK_K == 0:
+            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+            b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+        if INTERPRETER_BF16:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * W_ROW_STRIDE
+    return acc
+
+
+@triton.jit
+def store_conv_epilogue(acc, out_ptr, bias_ptr, residual_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+                        INTERPRETER_BF16: tl.constexpr):
+    """out[m, n] = relu?(acc + bias [+ residual]) for an fp32 [BLOCK_M, BLOCK_N] tile of an NHWC
+    output (pixel offs_m, channel offs_n, C_OUT channels), computed in fp32 and rounded once to
+    out's dtype (to nearest-even by hand under INTERPRETER_BF16: the interpreter's cast truncates).
+    """
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+    if APPLY_RELU:
+        # torch.relu keeps NaN; tl.maximum would drop it.
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    if INTERPRETER_BF16:
+        acc = round_to_bf16_nearest_even(acc)
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Integer rules
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def largest_pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def tile_groups(groups: int, in_per_group: int, out_per_group: int) -> int:
+    """How many adjacent conv groups one packed (block-diagonal) group holds: the smallest divisor t
+    of ``groups`` with t*in and t*out >= 16 (else all groups, one dense block)."""
+    for t in range(1, groups + 1):
+        if groups % t == 0 and t * in_per_group >= MIN_TILE_CHANNELS and t * out_per_group >= MIN_TILE_CHANNELS:
+            return t
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution arguments
+
+
+def pair(v, name: str) -> tuple:
+    """An int or a pair of ints (not bools) as a pair."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    try:
+        v = tuple(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def conv_geometry(stride, padding, dilation) -> tuple:
+    """(stride, padding, dilation) as pairs, checked: stride and dilation >= 1, padding >= 0."""
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got stride {(sh, sw)}, "
+                         f"padding {(ph, pw)}, dilation {(dh, dw)}")
+    return (sh, sw), (ph, pw), (dh, dw)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_output_hw(h: int, w: int, kernel_size, stride, padding, dilation) -> tuple:
+    """(OH, OW) of a convolution over an H x W input; ValueError when either is < 1."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    oh, ow = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"output size {oh}x{ow} < 1 for input {h}x{w}, kernel {kh}x{kw}, "
+                         f"stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
+    return oh, ow
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the bytes of two tensors on one (real) device overlap."""
+    if a.device != b.device or a.device.type == "meta" or not a.numel() or not b.numel():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def check_packed_input(x, what: str, packed) -> None:
+    """``x``: a 4-D channels_last tensor with ``packed``'s input channels, dtype and device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{what} must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != packed.in_channels:
+        raise ValueError(f"{what} has {x.shape[1]} channels, the packed weight expects {packed.in_channels}")
+    if x.dtype != packed.dtype:
+        raise TypeError(f"{what} dtype {x.dtype} != packed weight dtype {packed.dtype}")
+    if x.device != packed.device:
+        raise ValueError(f"{what} is on {x.device}, the packed weight on {packed.device}")
+    if not is_channels_last(x):
+        raise ValueError(f"{what} must be channels_last: call {what}.contiguous(memory_format=torch.channels_last)")
+
+
+def check_activation(t, what: str, shape: tuple, like: torch.Tensor, like_what: str) -> None:
+    """``t``: shaped ``shape``, channels_last, ``like``'s dtype and device (residual, out, shortcut)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype or t.device != like.device:
+        raise TypeError(f"{what} ({t.dtype}, {t.device}) must match {like_what} ({like.dtype}, {like.device})")
+    if not is_channels_last(t):
+        raise ValueError(f"{what} must be channels_last: call .contiguous(memory_format=torch.channels_last)")
+
+
+def check_bias(bias, what: str, size: int, device: torch.device) -> None:
+    """``bias``: a contiguous float [size] tensor on ``device`` (the kernels read it in fp32)."""
+    if (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (size,) or not bias.is_floating_point()
+            or bias.device != device):
+        raise ValueError(f"{what} must be a float [{size}] tensor on {device}, got "
+                         + (f"{tuple(bias.shape)} {bias.dtype} on {bias.device}" if isinstance(bias, torch.Tensor)
+                            else type(bias).__name__))
+    if not bias.is_contiguous():
+        raise ValueError(f"{what} must be contiguous")
+
+
+def check_shortcut(shortcut, shortcut_stride, shortcut_channels: int, n: int, oh: int, ow: int,
+                   like: torch.Tensor, like_what: str):
+    """The concat-K projection shortcut: given exactly when the packed weight has shortcut rows
+    (``shortcut_channels`` > 0), [N, C_sc, H_sc, W_sc] channels_last with stride-s samples covering
+    the OH x OW output. Returns (H_sc, W_sc), or (None, None) without a shortcut."""
+    if (shortcut is None) != (shortcut_channels == 0):
+        raise ValueError("shortcut must be given exactly when the packed weight has a shortcut weight "
+                         f"(packed shortcut channels: {shortcut_channels})")
+    if shortcut is None:
+        return None, None
+    if not isinstance(shortcut_stride, int) or isinstance(shortcut_stride, bool) or shortcut_stride < 1:
+        raise ValueError(f"shortcut_stride must be a positive int, got {shortcut_stride!r}")
+    if not isinstance(shortcut, torch.Tensor) or shortcut.dim() != 4 or shortcut.shape[:2] != (n, shortcut_channels):
+        raise ValueError(f"shortcut must be [N={n}, C_sc={shortcut_channels}, H, W], got "
+                         f"{tuple(getattr(shortcut, 'shape', ())) or type(shortcut).__name__}")
+    sc_h, sc_w = shortcut.shape[2], shortcut.shape[3]
+    s = shortcut_stride
+    if (sc_h - 1) // s + 1 != oh or (sc_w - 1) // s + 1 != ow:
+        raise ValueError(f"shortcut {sc_h}x{sc_w} with stride {s} gives "
+                         f"{(sc_h - 1) // s + 1}x{(sc_w - 1) // s + 1}, the conv output is {oh}x{ow}")
+    check_activation(shortcut, "shortcut", tuple(shortcut.shape), like, like_what)
+    return sc_h, sc_w
+
+
+def check_nhwc_input(x, op: str) -> None:
+    """``x`` of a pooling op: a 4-D float tensor in channels_last memory. Errors name ``op``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: x dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    if not is_channels_last(x):
+        raise ValueError(f"{op}: x must be in torch.channels_last memory format (NHWC), "
+                         f"got strides {x.stride()} for shape {tuple(x.shape)}")
+
+
+def check_out(out: torch.Tensor, op: str, shape: tuple, like: torch.Tensor, *, channels_last: bool) -> None:
+    """A preallocated ``out`` of a pooling op: ``shape``, ``like``'s dtype and device, dense."""
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{op}: out must have shape {shape}, got {tuple(out.shape)}")
+    if out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"{op}: out must be {like.dtype} on {like.device}, got {out.dtype} on {out.device}")
+    if channels_last and not is_channels_last(out):
+        raise ValueError(f"{op}: out must be in torch.channels_last memory format")
+    if not channels_last and not out.is_contiguous():
+        raise ValueError(f"{op}: out must be contiguous")
