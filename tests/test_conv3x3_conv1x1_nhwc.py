@@ -344,7 +344,7 @@ def test_empty_batch(with_out):
 
 def _meta(*shape, dtype=torch.float32, channels_last=False):
     t = torch.empty(*shape, device="meta", dtype=dtype)
-    return channels_last(t) if channels_last else t
+    return t.contiguous(memory_format=CL) if channels_last else t
 
 
 def test_launch_is_recorded_on_meta_tensors():
