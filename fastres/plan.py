@@ -164,8 +164,9 @@ class ConvPairStep:
         return {"flops": a["flops"] + b["flops"],
                 "act_bytes": a["act_bytes"] + b["act_bytes"] - mid_bytes,
                 "weight_bytes": a["weight_bytes"] + b["weight_bytes"],
-                "shape": {"M": b["shape"]["M"], "N": b["shape"]["N"],
-                          "K": f'{a["shape"]["K"]}+{b["shape"]["K"]}'}}
+                # the 1x1 GEMM (M, N, K) and the on-chip 3x3 GEMM feeding it (N_mid, K_mid)
+                "shape": {"M": b["shape"]["M"], "N": b["shape"]["N"], "K": b["shape"]["K"],
+                          "N_mid": a["shape"]["N"], "K_mid": a["shape"]["K"]}}
 
     def run(self, backend, env: dict, out=None):
         return backend.conv_pair(self, env[self.mid.src],

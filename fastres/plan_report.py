@@ -122,12 +122,13 @@ def inspect_arch(arch: str = "resnet50", batch: int = 256, size: int = 224, dtyp
 def format_report(report: dict) -> str:
     lines = [f"fastres plan: {report['arch']}  batch {report['batch']}  {report['size']}x"
              f"{report['size']}  {report['dtype']}  (modelled traffic, see fastres/plan_report.py)",
-             f"{'#':>3} {'kernel':<16} {'fused ops':<52} {'M':>9} {'N':>5} {'K':>5} "
+             f"{'#':>3} {'kernel':<20} {'fused ops':<78} {'M':>9} {'N':>5} {'K':>8} "
              f"{'GFLOP':>8} {'MB':>8}"]
     for i, row in enumerate(report["kernels"]):
         s = row["shape"]
-        lines.append(f"{i:>3} {row['name']:<16} {' + '.join(row['ops']):<52} {s['M']:>9} {s['N']:>5} "
-                     f"{s['K']:>5} {row['flops'] / 1e9:>8.2f} {row['bytes'] / 1e6:>8.2f}")
+        k = f"{s['K_mid']}+{s['K']}" if "K_mid" in s else str(s["K"])
+        lines.append(f"{i:>3} {row['name']:<20} {' + '.join(row['ops']):<78} {s['M']:>9} {s['N']:>5} "
+                     f"{k:>8} {row['flops'] / 1e9:>8.2f} {row['bytes'] / 1e6:>8.2f}")
     t, r = report["totals"], report["reference"]
     lines += ["", f"{'per image':<22} {'launches':>9} {'GFLOP':>8} {'MB moved':>9}",
               f"{'fastres plan':<22} {t['launches']:>9} {t['flops_per_image'] / 1e9:>8.2f} "
