@@ -107,6 +107,10 @@ def test_resnet50_launches_and_traffic_are_pinned():
     assert totals["bytes_per_image"] <= 47.5e6
     assert totals["bytes_per_image"] == pytest.approx(44.86e6, rel=0.005)
     assert report["reference"]["launches"] == 174
+    pairs = [row for row in report["kernels"] if row["name"].endswith("conv2+conv3")]
+    assert len(pairs) == 7
+    first = pairs[0]["shape"]   # layer1.0: 3x3 64->64 on chip, then 1x1 64->256 + projection 64
+    assert first == {"M": 256 * 56 * 56, "N": 256, "K": 64 + 64, "N_mid": 64, "K_mid": 9 * 64}
 
 
 @requires_kernels
