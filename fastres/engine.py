@@ -104,60 +104,6 @@ def _frozen_model(model: nn.Module, dtype: torch.dtype, device: torch.device) ->
     return frozen.to(device)
 
 
-# -- activation buffers -----------------------------------------------------------------------
-def _activation_layout(plan: Plan, input_shape: tuple) -> tuple[dict, list]:
-    """Assign every value a forward writes to a memory slot; values whose lifetimes (from the step
-    that writes them to the last step that reads them) do not overlap share a slot.
-
-    Returns ({value: (slot, shape)}, [slot numel]). A step's inputs are alive while it runs, so its
-    output never shares memory with them (the kernels refuse aliasing).
-    """
-    shapes = plan.value_shapes(input_shape)
-    last_read = {}
-    for i, step in enumerate(plan.steps):
-        for name in step.reads:
-            last_read[name] = i
-    slot_sizes: list[int] = []
-    slot_busy_until: list[int] = []
-    layout = {}
-    for i, step in enumerate(plan.steps):
-        shape = shapes[step.dst]
-        if -1 in shape:      # a custom fc module allocates its own output
-            continue
-        numel = math.prod(shape)
-        free = [s for s in range(len(slot_sizes)) if slot_busy_until[s] < i]
-        fitting = [s for s in free if slot_sizes[s] >= numel]
-        if fitting:
-            slot = min(fitting, key=lambda s: slot_sizes[s])
-        elif free:
-            slot = max(free, key=lambda s: slot_sizes[s])
-            slot_sizes[slot] = numel
-        else:
-            slot = len(slot_sizes)
-            slot_sizes.append(numel)
-            slot_busy_until.append(0)
-        # the plan's output is read after the forward: it stays alive to the end
-        slot_busy_until[slot] = last_read.get(step.dst, len(plan.steps))
-        layout[step.dst] = (slot, shape)
-    return layout, slot_sizes
-
-
-def _allocate_activations(plan: Plan, input_shape: tuple, device) -> dict[str, torch.Tensor]:
-    """``plan.run`` buffers for ``input_shape``: channels_last activations, contiguous logits,
-    laid out by ``_activation_layout``."""
-    layout, slot_sizes = _activation_layout(plan, input_shape)
-    slots = [torch.empty(n, dtype=plan.dtype, device=device) for n in slot_sizes]
-    buffers = {}
-    for name, (slot, shape) in layout.items():
-        flat = slots[slot][:math.prod(shape)]
-        if len(shape) == 4:
-            n, c, h, w = shape
-            buffers[name] = flat.view(n, h, w, c).permute(0, 3, 1, 2)
-        else:
-            buffers[name] = flat.view(shape)
-    return buffers
-
-
 # -- CPU: the plan through oneDNN ---------------------------------------------------------------
 def _onednn_available() -> bool:
     return (torch.backends.mkldnn.is_available()
@@ -403,7 +349,7 @@ class Engine:
 
     def bucket_bytes(self, size: int) -> int:
         """Bytes of the static input and activation buffers the bucket ``size`` allocates."""
-        _, slot_sizes = _activation_layout(self.plan, self._input_shape(size))
+        _, slot_sizes = self.plan.memory_layout(self._input_shape(size))
         item = self.plan.dtype.itemsize
         total = sum(slot_sizes) * item
         if self.input == "uint8_nhwc":   # uint8 images + their normalised copy (in the graph pool)
@@ -435,7 +381,7 @@ class Engine:
         else:
             static = torch.zeros(shape, dtype=self.dtype, device=self.device).contiguous(
                 memory_format=torch.channels_last)
-        buffers = _allocate_activations(self.plan, shape, self.device)
+        buffers = self.plan.allocate(shape)
         plan, backend, normalise = self.plan, self.backend, self._normaliser
 
         def forward() -> torch.Tensor:

@@ -261,11 +261,11 @@ class Plan:
 
     def __post_init__(self):
         # drop each intermediate after its last reader so CPU memory stays at a few activations
-        last_use: dict[str, int] = {}
+        self._last_read: dict[str, int] = {}
         for i, step in enumerate(self.steps):
             for name in step.reads:
-                last_use[name] = i
-        self._release = [[n for n, i in last_use.items() if i == k and n != "input"]
+                self._last_read[name] = i
+        self._release = [[n for n, i in self._last_read.items() if i == k and n != "input"]
                          for k in range(len(self.steps))]
 
     def run(self, x: torch.Tensor, backend: Optional[str] = None,
@@ -301,15 +301,61 @@ class Plan:
             shapes[step.dst] = step.out_shape(shapes)
         return shapes
 
-    def allocate(self, input_shape: tuple) -> dict[str, torch.Tensor]:
-        """Preallocated outputs (channels_last activations, contiguous logits) for ``run``."""
-        buffers = {}
-        for name, shape in self.value_shapes(input_shape).items():
-            if name == "input" or -1 in shape:
+    def memory_layout(self, input_shape: tuple) -> tuple[dict, list]:
+        """Assign every value a forward writes to a memory slot; values whose lifetimes (from the
+        step that writes them to the last step that reads them) do not overlap share a slot.
+
+        Returns ({value: (slot, shape)}, [slot numel]). A step's inputs are alive while it runs,
+        so its output never shares memory with them (the kernels refuse aliasing); the output
+        stays alive to the end.
+        """
+        shapes = self.value_shapes(input_shape)
+        slot_sizes: list[int] = []
+        slot_busy_until: list[int] = []
+        layout = {}
+        for i, step in enumerate(self.steps):
+            shape = shapes[step.dst]
+            if -1 in shape:      # a custom fc module allocates its own output
                 continue
-            fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
-            buffers[name] = torch.empty(shape, dtype=self.dtype, device=self.device,
-                                        memory_format=fmt)
+            numel = _numel(shape)
+            free = [s for s in range(len(slot_sizes)) if slot_busy_until[s] < i]
+            fitting = [s for s in free if slot_sizes[s] >= numel]
+            if fitting:
+                slot = min(fitting, key=lambda s: slot_sizes[s])
+            elif free:
+                slot = max(free, key=lambda s: slot_sizes[s])
+                slot_sizes[slot] = numel
+            else:
+                slot = len(slot_sizes)
+                slot_sizes.append(numel)
+                slot_busy_until.append(0)
+            slot_busy_until[slot] = self._last_read.get(step.dst, len(self.steps))
+            layout[step.dst] = (slot, shape)
+        return layout, slot_sizes
+
+    def allocate(self, input_shape: tuple, *, share_memory: bool = True) -> dict[str, torch.Tensor]:
+        """Preallocated outputs for ``run``: channels_last activations, contiguous logits.
+
+        ``share_memory`` lays values out by ``memory_layout`` (a few activations' worth, what the
+        engine keeps per batch bucket); without it every value keeps its own buffer, so all
+        intermediates can be inspected after the forward.
+        """
+        if share_memory:
+            layout, slot_sizes = self.memory_layout(input_shape)
+        else:
+            shapes = self.value_shapes(input_shape)
+            named = [(s.dst, shapes[s.dst]) for s in self.steps if -1 not in shapes[s.dst]]
+            layout = {name: (i, shape) for i, (name, shape) in enumerate(named)}
+            slot_sizes = [_numel(shape) for _, shape in named]
+        slots = [torch.empty(n, dtype=self.dtype, device=self.device) for n in slot_sizes]
+        buffers = {}
+        for name, (slot, shape) in layout.items():
+            flat = slots[slot][:_numel(shape)]
+            if len(shape) == 4:
+                n, c, h, w = shape
+                buffers[name] = flat.view(n, h, w, c).permute(0, 3, 1, 2)   # channels_last
+            else:
+                buffers[name] = flat.view(shape)
         return buffers
 
     def __len__(self) -> int:
@@ -358,8 +404,7 @@ def _check_structure(model) -> None:
         raise NotFoldableError("model.avgpool is not AdaptiveAvgPool2d((1, 1))")
     for li in range(1, 5):
         for block in getattr(model, f"layer{li}"):
-            if type(block) not in (tv.BasicBlock, tv.Bottleneck) and not isinstance(
-                    block, (tv.BasicBlock, tv.Bottleneck)):
+            if not isinstance(block, (tv.BasicBlock, tv.Bottleneck)):
                 raise NotFoldableError(f"layer{li} holds a {type(block).__name__} block")
             if type(block).forward not in (tv.BasicBlock.forward, tv.Bottleneck.forward):
                 raise NotFoldableError(f"{type(block).__name__} overrides forward")

@@ -9,10 +9,9 @@ import torch
 import torchvision
 
 import fastres
-from fastres import engine as engine_module
 from fastres.backend import interpreter_enabled
-from fastres.engine import Engine, _activation_layout
-from fastres.plan import build_plan
+from fastres.engine import Engine
+from fastres.plan import Plan, build_plan
 from fastres.verify import image_batch, randomize_norm_stats_
 
 from digits import MEAN, STD, trained_digits_model
@@ -326,16 +325,16 @@ def test_out_of_memory_names_the_bucket(monkeypatch, digits):
     model, _, _ = digits
     if not (interpreter_enabled() or torch.cuda.is_available()):
         pytest.skip("the static-buffer path needs TRITON_INTERPRET=1 or a CUDA device")
-    allocate = engine_module._allocate_activations
+    allocate = Plan.allocate
     calls = []
 
-    def failing(plan, shape, device):
+    def failing(plan, shape, **kwargs):
         calls.append(shape[0])
         if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
-        return allocate(plan, shape, device)
+        return allocate(plan, shape, **kwargs)
 
-    monkeypatch.setattr(engine_module, "_allocate_activations", failing)
+    monkeypatch.setattr(Plan, "allocate", failing)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with pytest.raises(torch.OutOfMemoryError, match=r"batch bucket 2 .* needs \d+\.\d MiB") as info:
         triton_engine(model, device)
@@ -350,7 +349,7 @@ def test_activation_layout_never_overwrites_a_live_value(arch):
         model = getattr(fastres, arch)().eval()
     plan = build_plan(model)
     shape = (3, 3, 64, 48)
-    layout, slots = _activation_layout(plan, shape)
+    layout, slots = plan.memory_layout(shape)
     shapes = plan.value_shapes(shape)
     last_read = {}
     for i, step in enumerate(plan.steps):
