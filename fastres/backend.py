@@ -123,6 +123,68 @@ class TorchBackend:
         return x.mean(dim=(2, 3))
 
 
+def onednn_available() -> bool:
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+
+
+class OneDnnBackend(TorchBackend):
+    """fp32 on CPU through oneDNN's fused convolution primitive (what the Engine uses on CPU).
+
+    Each conv is one ``mkldnn::_convolution_pointwise`` call: conv + bias + ReLU, or with the
+    residual (or the projection shortcut's output) added inside the primitive before the ReLU; a
+    fused 3x3+1x1 pair runs as its two convs. Weights are reordered once, here, into oneDNN's
+    blocked layout for ``hint_shape`` (``F.conv2d`` reorders per call). The layout oneDNN picks
+    depends on the batch, so an instance is made per batch bucket; the hint does not restrict the
+    input: any batch and image size still runs. Pooling and the head are the torch references.
+    """
+    name = "onednn"
+
+    def __init__(self, plan, hint_shape: tuple):
+        from .plan import ConvPairStep, ConvStep
+        shapes = plan.value_shapes(hint_shape)
+        self.weights = {}
+        for step in plan.steps:
+            convs = ([step.mid, step.last] if isinstance(step, ConvPairStep)
+                     else [step] if isinstance(step, ConvStep) else [])
+            for conv in convs:
+                shapes.setdefault(conv.dst, conv.out_shape(shapes))   # a pair's inner value
+                weight = self._reorder(conv.weight, conv.padding, conv.stride, conv.dilation,
+                                       conv.groups, shapes[conv.src])
+                shortcut = None
+                if conv.shortcut is not None:
+                    shortcut = self._reorder(conv.shortcut.weight, 0, conv.shortcut.stride, 1, 1,
+                                             shapes[conv.shortcut.src])
+                self.weights[conv.name] = (weight, shortcut)
+
+    @staticmethod
+    def _reorder(weight, padding, stride, dilation, groups, input_shape):
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.contiguous().to_mkldnn(), [padding] * 2, [stride] * 2, [dilation] * 2, groups,
+            list(input_shape))
+
+    def conv(self, step, x, *, residual=None, shortcut=None, out=None):
+        pointwise = torch.ops.mkldnn._convolution_pointwise
+        weight, shortcut_weight = self.weights[step.name]
+        geometry = ([step.padding] * 2, [step.stride] * 2, [step.dilation] * 2, step.groups)
+        unary = "relu" if step.relu else "none"
+        other = residual
+        if step.shortcut is not None:
+            sc = step.shortcut
+            other = pointwise(shortcut, shortcut_weight, None, [0, 0], [sc.stride] * 2, [1, 1], 1,
+                              "none", [], "")
+        if other is None:
+            y = pointwise(x, weight, step.bias, *geometry, unary, [], "")
+        else:
+            y = pointwise.binary(x, other, weight, step.bias, *geometry, "add", None, unary, [], "")
+        return out.copy_(y) if out is not None else y
+
+    def conv_pair(self, step, x, *, residual=None, shortcut=None, out=None):
+        mid = self.conv(step.mid, x)
+        return self.conv(step.last, mid, residual=residual, shortcut=shortcut, out=out)
+
+
 class TritonBackend:
     """Runs each plan step as one Triton kernel launch; weights are packed once per plan."""
     name = "triton"

@@ -56,11 +56,10 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import backend as _backend
-from .plan import ConvStep, HeadStep, MaxPoolStep, Plan, build_plan
+from .plan import build_plan
 
 __all__ = ["Engine", "Classification", "IMAGENET_MEAN", "IMAGENET_STD", "INPUT_MODES"]
 
@@ -102,90 +101,6 @@ def _frozen_model(model: nn.Module, dtype: torch.dtype, device: torch.device) ->
         for p in frozen.fc.parameters():
             p.data = p.data.to(dtype)
     return frozen.to(device)
-
-
-# -- CPU: the plan through oneDNN ---------------------------------------------------------------
-def _onednn_available() -> bool:
-    return (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
-
-
-def _conv_steps(step) -> list:
-    """The ConvSteps a step computes: itself, a fused pair's two (mid 3x3, last 1x1), or none."""
-    if isinstance(step, ConvStep):
-        return [step]
-    mid, last = getattr(step, "mid", None), getattr(step, "last", None)
-    if isinstance(mid, ConvStep) and isinstance(last, ConvStep):
-        return [mid, last]
-    return []
-
-
-class _OneDnnRunner:
-    """Runs a float32 plan on CPU with oneDNN's fused convolution primitive.
-
-    Each conv is one ``mkldnn::_convolution_pointwise`` call: conv + bias + ReLU, or with the
-    residual (or the projection shortcut's output) added inside the primitive before the ReLU; a
-    fused 3x3+1x1 pair of the plan runs as its two convs. Weights are reordered once into oneDNN's
-    blocked layout (what makes it faster than ``F.conv2d``, which reorders per call) for
-    ``hint_shape``; the hint picks the layout, it does not restrict the input: any batch and image
-    size still runs.
-    """
-
-    def __init__(self, plan: Plan, hint_shape: tuple):
-        self.plan = plan
-        shapes = plan.value_shapes(hint_shape)
-        self.weights = {}
-        for step in plan.steps:
-            for conv in _conv_steps(step):
-                shapes.setdefault(conv.dst, conv.out_shape(shapes))   # a pair's inner value
-                weight = self._reorder(conv.weight, conv.padding, conv.stride, conv.dilation,
-                                       conv.groups, shapes[conv.src])
-                shortcut = None
-                if conv.shortcut is not None:
-                    shortcut = self._reorder(conv.shortcut.weight, 0, conv.shortcut.stride, 1, 1,
-                                             shapes[conv.shortcut.src])
-                self.weights[conv.name] = (weight, shortcut)
-
-    @staticmethod
-    def _reorder(weight, padding, stride, dilation, groups, input_shape):
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.contiguous().to_mkldnn(), [padding] * 2, [stride] * 2, [dilation] * 2, groups,
-            list(input_shape))
-
-    def _conv(self, step: ConvStep, env: dict) -> torch.Tensor:
-        pointwise = torch.ops.mkldnn._convolution_pointwise
-        weight, shortcut_weight = self.weights[step.name]
-        geometry = ([step.padding] * 2, [step.stride] * 2, [step.dilation] * 2, step.groups)
-        unary = "relu" if step.relu else "none"
-        other = env[step.residual] if step.residual else None
-        if step.shortcut is not None:
-            sc = step.shortcut
-            other = pointwise(env[sc.src], shortcut_weight, None, [0, 0], [sc.stride] * 2, [1, 1], 1,
-                              "none", [], "")
-        if other is None:
-            return pointwise(env[step.src], weight, step.bias, *geometry, unary, [], "")
-        return pointwise.binary(env[step.src], other, weight, step.bias, *geometry, "add", None,
-                                unary, [], "")
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        env = {"input": x.contiguous(memory_format=torch.channels_last)}
-        for step, release in zip(self.plan.steps, self.plan._release):
-            convs = _conv_steps(step)
-            if convs:
-                for conv in convs:
-                    env[conv.dst] = self._conv(conv, env)
-                for inner in convs[:-1]:
-                    del env[inner.dst]
-            elif isinstance(step, MaxPoolStep):
-                env[step.dst] = F.max_pool2d(env[step.src], kernel_size=3, stride=2, padding=1)
-            elif isinstance(step, HeadStep) and step.module is None:
-                env[step.dst] = F.linear(env[step.src].mean(dim=(2, 3)), step.weight, step.bias)
-            else:
-                env[step.dst] = step.run(_backend.get_backend("torch"), env)
-            for name in release:
-                del env[name]
-        return env[self.plan.output]
 
 
 # -- buckets ----------------------------------------------------------------------------------
@@ -296,8 +211,8 @@ class Engine:
         self._stream = None
         self._onednn = None
         if self.device.type == "cpu" and self.backend == "torch":
-            if dtype == torch.float32 and _onednn_available():
-                self._onednn = {}     # bucket -> _OneDnnRunner, made on the bucket's first call
+            if dtype == torch.float32 and _backend.onednn_available():
+                self._onednn = {}     # bucket -> OneDnnBackend, made on the bucket's first call
                 self.executor = "onednn"
             else:
                 self.executor = "plan"
@@ -450,10 +365,10 @@ class Engine:
     def _run_cpu(self, images: torch.Tensor) -> torch.Tensor:
         x = self._normaliser(images) if self.input == "uint8_nhwc" else images.to(self.dtype)
         if self._onednn is not None:
-            return self._onednn_runner(self._bucket_for(x.shape[0]))(x)
+            return self.plan.run(x, backend=self._onednn_runner(self._bucket_for(x.shape[0])))
         return self.plan.run(x, backend=self.backend)
 
-    def _onednn_runner(self, bucket: int) -> _OneDnnRunner:
+    def _onednn_runner(self, bucket: int) -> "_backend.OneDnnBackend":
         """The runner whose weights oneDNN laid out for this bucket's batch. The layout it picks
         depends on the batch (measured on resnet50: batch 1 runs ~5x slower on weights reordered for
         batch 64, and batch 16 ~3x slower on weights reordered for batch 1), so each bucket gets
@@ -463,7 +378,8 @@ class Engine:
             with self._lock:
                 runner = self._onednn.get(bucket)
                 if runner is None:
-                    runner = self._onednn[bucket] = _OneDnnRunner(self.plan, self._input_shape(bucket))
+                    runner = self._onednn[bucket] = _backend.OneDnnBackend(
+                        self.plan, self._input_shape(bucket))
         return runner
 
     def _bucket_for(self, rows: int) -> int:

@@ -268,14 +268,16 @@ class Plan:
         self._release = [[n for n, i in self._last_read.items() if i == k and n != "input"]
                          for k in range(len(self.steps))]
 
-    def run(self, x: torch.Tensor, backend: Optional[str] = None,
-            buffers: Optional[dict] = None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, backend=None, buffers: Optional[dict] = None) -> torch.Tensor:
         """Logits for an input batch ``x`` [N, C, H, W] (NCHW or channels_last memory).
 
+        ``backend``: a name (default: chosen from ``x.device``) or a backend instance such as a
+        per-bucket ``fastres.backend.OneDnnBackend``.
         ``buffers`` (from ``allocate``) makes every step write into a preallocated output, so a
         forward allocates nothing (what the engine captures in a CUDA graph).
         """
-        impl = _backend.get_backend(backend or backend_for(x.device))
+        impl = (backend if backend is not None and not isinstance(backend, str)
+                else _backend.get_backend(backend or backend_for(x.device)))
         if x.shape[0] == 0:
             return torch.empty(0, self.num_classes, dtype=self.dtype, device=x.device)
         env = {"input": impl.to_nhwc(x)}
