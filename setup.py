@@ -1,7 +1,8 @@
 """Build script: the Python packages (kernels/ installed as fastres.kernels) and the extension fastres._C.
 
 fastres._C is plain pybind11 over raw pointers (no torch headers, no libtorch link), compiled from
-csrc/ by torch's BuildExtension, which runs nvcc and ninja. Build with torch importable:
+csrc/ by torch's BuildExtension, which runs nvcc and ninja; fastres._guard (csrc/guard.cpp, the
+plan guard's check) is a small CppExtension against PyTorch's headers. Build with torch importable:
 ``pip install --no-build-isolation -e .``. Environment:
 
   FASTRES_CUDA_BUILD    auto (default): CUDA kernels when nvcc is found (CUDA_HOME, PATH or
@@ -53,7 +54,7 @@ def extension_build():
     """(ext_modules, cmdclass) for fastres._C, or nothing when torch is not importable."""
     try:
         import pybind11
-        from torch.utils.cpp_extension import BuildExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as error:
         print(f"fastres: building without the C++ extension fastres._C ({error}); "
               "install torch and pybind11, then pip install --no-build-isolation -e .")
@@ -77,7 +78,10 @@ def extension_build():
     extension = Extension(
         "fastres._C", sources, include_dirs=[pybind11.get_include()], libraries=libraries,
         library_dirs=library_dirs, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, language="c++")
-    return [extension], {"build_ext": BuildExtension}
+    # The plan guard reads tensors' version counters from their TensorImpl: PyTorch's headers.
+    guard = CppExtension("fastres._guard", ["csrc/guard.cpp"],
+                         extra_compile_args={"cxx": ["-O2", "-std=c++20", "-g0"]})
+    return [extension, guard], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = extension_build()

@@ -17,13 +17,15 @@ _LAZY = {
     "fastres.models": ["ARCHITECTURES", "ResNet", "BasicBlock", "Bottleneck", "from_torchvision",
                        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-                       "wide_resnet50_2", "wide_resnet101_2"],
-    "fastres.fold": ["fold_bn"],
+                       "wide_resnet50_2", "wide_resnet101_2", "fold_bn"],
+    "fastres.capture": ["FallbackWarning"],
+    "fastres.optimize": ["optimize"],
     "fastres.checkpoint": ["export", "load"],
     "fastres.engine": ["Engine", "IMAGENET_MEAN", "IMAGENET_STD"],
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
-_SUBMODULES = {"ops", "aot", "plan", "models", "checkpoint", "fold", "kernels", "extension", "normalize"}
+_SUBMODULES = {"ops", "aot", "ir", "capture", "guard", "models", "checkpoint", "fold", "kernels",
+               "extension", "normalize", "plan_report", "backend"}
 
 __all__ = ["__version__", "set_backend", "use_backend", "ops", *_WHERE]
 

@@ -1,4 +1,4 @@
-"""Which kernels execute a plan: the Triton kernels, or their plain-PyTorch references.
+"""Which kernels execute a plan: backend objects passed to ``Plan.run``.
 
 The choice is made per call from the tensors' device, so one op never resolves two ways behind the
 user's back:
@@ -71,122 +71,32 @@ def backend_for(device: torch.device) -> str:
 
 
 # -- implementations --------------------------------------------------------------------------
-class TorchBackend:
-    """Runs each plan step as the plain-PyTorch reference beside its kernel (channels_last).
+class ReferenceBackend:
+    """Runs each step as the plain-PyTorch reference beside its kernel (channels_last).
 
     On CPU, half-precision steps compute in fp32 and round once, like the kernels' epilogues.
     """
     name = "torch"
 
-    def prepare(self, step):
+    def prepare(self, step, op):
         return None
 
     def to_nhwc(self, x):
         return x.contiguous(memory_format=torch.channels_last)
 
-    @staticmethod
-    def _upcast(x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
-
-    def conv(self, step, x, *, residual=None, shortcut=None, out=None):
-        from .kernels.conv2d_nhwc import conv2d_nhwc_ref
-        sc = step.shortcut
-        y = conv2d_nhwc_ref(x, step.weight, step.bias, stride=step.stride, padding=step.padding,
-                            dilation=step.dilation, groups=step.groups, residual=residual,
-                            relu=step.relu, shortcut=shortcut,
-                            shortcut_weight=sc.weight if sc else None,
-                            shortcut_stride=sc.stride if sc else 1, upcast=self._upcast(x))
-        return out.copy_(y) if out is not None else y
-
-    def conv_pair(self, step, x, *, residual=None, shortcut=None, out=None):
-        from .kernels.conv3x3_conv1x1_nhwc import conv3x3_conv1x1_nhwc_ref
-        mid, last = step.mid, step.last
-        sc = last.shortcut
-        y = conv3x3_conv1x1_nhwc_ref(x, mid.weight, mid.bias, last.weight, last.bias, stride=mid.stride,
-                                     padding=mid.padding, dilation=mid.dilation, groups=mid.groups,
-                                     residual=residual, shortcut=shortcut,
-                                     shortcut_weight=sc.weight if sc else None,
-                                     shortcut_stride=sc.stride if sc else 1, upcast=self._upcast(x))
-        return out.copy_(y) if out is not None else y
-
-    def max_pool(self, step, x, *, out=None):
-        from .kernels.max_pool2d_nhwc import max_pool2d_nhwc_ref
-        y = max_pool2d_nhwc_ref(x)
-        return out.copy_(y) if out is not None else y
-
-    def head(self, step, x, *, out=None):
-        from .kernels.avgpool_linear import avgpool_linear_ref
-        y = avgpool_linear_ref(x, step.weight, step.bias, upcast=self._upcast(x))
-        return out.copy_(y) if out is not None else y
-
-    def avgpool(self, x):
-        return x.mean(dim=(2, 3))
+    def run(self, step, op, args, out):
+        x = args.get("x")
+        upcast = (x is not None and x.device.type == "cpu"
+                  and x.dtype in (torch.float16, torch.bfloat16))
+        return op.reference(step, args, out, upcast)
 
 
-def onednn_available() -> bool:
-    return (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
-
-
-class OneDnnBackend(TorchBackend):
-    """fp32 on CPU through oneDNN's fused convolution primitive (what the Engine uses on CPU).
-
-    Each conv is one ``mkldnn::_convolution_pointwise`` call: conv + bias + ReLU, or with the
-    residual (or the projection shortcut's output) added inside the primitive before the ReLU; a
-    fused 3x3+1x1 pair runs as its two convs. Weights are reordered once, here, into oneDNN's
-    blocked layout for ``hint_shape`` (``F.conv2d`` reorders per call). The layout oneDNN picks
-    depends on the batch, so an instance is made per batch bucket; the hint does not restrict the
-    input: any batch and image size still runs. Pooling and the head are the torch references.
-    """
-    name = "onednn"
-
-    def __init__(self, plan, hint_shape: tuple):
-        from .plan import ConvPairStep, ConvStep
-        shapes = plan.value_shapes(hint_shape)
-        self.weights = {}
-        for step in plan.steps:
-            convs = ([step.mid, step.last] if isinstance(step, ConvPairStep)
-                     else [step] if isinstance(step, ConvStep) else [])
-            for conv in convs:
-                shapes.setdefault(conv.dst, conv.out_shape(shapes))   # a pair's inner value
-                weight = self._reorder(conv.weight, conv.padding, conv.stride, conv.dilation,
-                                       conv.groups, shapes[conv.src])
-                shortcut = None
-                if conv.shortcut is not None:
-                    shortcut = self._reorder(conv.shortcut.weight, 0, conv.shortcut.stride, 1, 1,
-                                             shapes[conv.shortcut.src])
-                self.weights[conv.name] = (weight, shortcut)
-
-    @staticmethod
-    def _reorder(weight, padding, stride, dilation, groups, input_shape):
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.contiguous().to_mkldnn(), [padding] * 2, [stride] * 2, [dilation] * 2, groups,
-            list(input_shape))
-
-    def conv(self, step, x, *, residual=None, shortcut=None, out=None):
-        pointwise = torch.ops.mkldnn._convolution_pointwise
-        weight, shortcut_weight = self.weights[step.name]
-        geometry = ([step.padding] * 2, [step.stride] * 2, [step.dilation] * 2, step.groups)
-        unary = "relu" if step.relu else "none"
-        other = residual
-        if step.shortcut is not None:
-            sc = step.shortcut
-            other = pointwise(shortcut, shortcut_weight, None, [0, 0], [sc.stride] * 2, [1, 1], 1,
-                              "none", [], "")
-        if other is None:
-            y = pointwise(x, weight, step.bias, *geometry, unary, [], "")
-        else:
-            y = pointwise.binary(x, other, weight, step.bias, *geometry, "add", None, unary, [], "")
-        return out.copy_(y) if out is not None else y
-
-    def conv_pair(self, step, x, *, residual=None, shortcut=None, out=None):
-        mid = self.conv(step.mid, x)
-        return self.conv(step.last, mid, residual=residual, shortcut=shortcut, out=out)
+TorchBackend = ReferenceBackend
 
 
 class TritonBackend:
-    """Runs each plan step as one Triton kernel launch; weights are packed once per plan."""
+    """Runs each kernel step as one Triton kernel launch; weights are packed once per plan.
+    PyTorch steps run as PyTorch runs them."""
     name = "triton"
 
     def to_nhwc(self, x):
@@ -199,44 +109,98 @@ class TritonBackend:
             return nchw_to_nhwc(x)
         return x.contiguous(memory_format=torch.channels_last)
 
-    def prepare(self, step):
+    def prepare(self, step, op):
         """Pack ``step``'s weights for its kernel, once per plan (``step.packed["triton"]``)."""
         packed = step.packed.get(self.name)
-        if packed is None:
-            packed = step.packed[self.name] = step.pack_for_triton()
+        if packed is None and op.pack is not None:
+            packed = step.packed[self.name] = op.pack(step)
         return packed
 
-    def conv(self, step, x, *, residual=None, shortcut=None, out=None):
-        from .kernels import conv2d_nhwc as k
-        packed = self.prepare(step)
-        return k.conv2d_nhwc_packed(x, packed, step.bias, stride=step.stride, padding=step.padding,
-                                    dilation=step.dilation, residual=residual, relu=step.relu,
-                                    shortcut=shortcut,
-                                    shortcut_stride=step.shortcut.stride if step.shortcut else 1,
-                                    out=out)
-
-    def conv_pair(self, step, x, *, residual=None, shortcut=None, out=None):
-        from .kernels.conv3x3_conv1x1_nhwc import conv3x3_conv1x1_nhwc_packed
-        mid, last = step.mid, step.last
-        return conv3x3_conv1x1_nhwc_packed(
-            x, self.prepare(step), mid.bias, last.bias, stride=mid.stride, padding=mid.padding,
-            dilation=mid.dilation, residual=residual, shortcut=shortcut,
-            shortcut_stride=last.shortcut.stride if last.shortcut else 1, out=out)
-
-    def max_pool(self, step, x, *, out=None):
-        from .kernels.max_pool2d_nhwc import max_pool2d_nhwc
-        return max_pool2d_nhwc(x, out=out)
-
-    def head(self, step, x, *, out=None):
-        from .kernels import avgpool_linear as k
-        return k.avgpool_linear_packed(x, self.prepare(step), step.bias, out=out)
-
-    def avgpool(self, x):
-        return x.mean(dim=(2, 3))
+    def run(self, step, op, args, out):
+        if op.launch is None:
+            return op.reference(step, args, out, False)
+        return op.launch(step, args, self.prepare(step, op), out)
 
 
-_IMPLS = {"torch": TorchBackend(), "triton": TritonBackend()}
+def onednn_available() -> bool:
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+
+
+class OneDnnBackend(ReferenceBackend):
+    """fp32 on CPU through oneDNN's fused convolution primitive (what the Engine uses on CPU).
+
+    Each conv is one ``mkldnn::_convolution_pointwise`` call: conv + bias + ReLU, or with the
+    residual (or the projection shortcut's output) added inside the primitive before the ReLU; a
+    fused 3x3+1x1 pair runs as its two convs. Weights are reordered once, here, into oneDNN's
+    blocked layout for ``hint_shape`` (``F.conv2d`` reorders per call). The layout oneDNN picks
+    depends on the batch, so an instance is made per batch bucket; the hint does not restrict the
+    input: any batch and image size still runs. Other steps run their references.
+    """
+    name = "onednn"
+
+    def __init__(self, plan, hint_shape: tuple):
+        shapes = plan.value_shapes(hint_shape)
+        self.weights = {}
+        for step in plan.steps:
+            if step.kind not in ("conv", "conv_pair"):
+                continue
+            a, t = step.attrs, step.tensors
+            x_shape = shapes[step.inputs["x"]]
+            shortcut = None
+            if "shortcut" in step.inputs:
+                shortcut = self._reorder(t["shortcut_weight"], (0, 0), (a["shortcut_stride"],) * 2,
+                                         (1, 1), 1, shapes[step.inputs["shortcut"]])
+            if step.kind == "conv":
+                self.weights[step.name] = (self._reorder(t["weight"], a["padding"], a["stride"],
+                                                         a["dilation"], a["groups"], x_shape), shortcut)
+            else:
+                mid = self._reorder(t["mid_weight"], a["padding"], a["stride"], a["dilation"],
+                                    a["groups"], x_shape)
+                mid_shape = (x_shape[0], t["mid_weight"].shape[0], *shapes[step.output][2:])
+                last = self._reorder(t["weight"], (0, 0), (1, 1), (1, 1), 1, mid_shape)
+                self.weights[step.name] = (mid, last, shortcut)
+
+    @staticmethod
+    def _reorder(weight, padding, stride, dilation, groups, input_shape):
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.contiguous().to_mkldnn(), list(padding), list(stride), list(dilation), groups,
+            list(input_shape))
+
+    @staticmethod
+    def _conv(x, weight, bias, padding, stride, dilation, groups, relu, other):
+        pointwise = torch.ops.mkldnn._convolution_pointwise
+        geometry = (list(padding), list(stride), list(dilation), groups)
+        unary = "relu" if relu else "none"
+        if other is None:
+            return pointwise(x, weight, bias, *geometry, unary, [], "")
+        return pointwise.binary(x, other, weight, bias, *geometry, "add", None, unary, [], "")
+
+    def run(self, step, op, args, out):
+        if step.kind not in ("conv", "conv_pair") or args["x"].dtype != torch.float32:
+            return super().run(step, op, args, out)
+        a, t = step.attrs, step.tensors
+        weights = self.weights[step.name]
+        other = args.get("residual")
+        if "shortcut" in step.inputs:
+            s = a["shortcut_stride"]
+            other = torch.ops.mkldnn._convolution_pointwise(
+                args["shortcut"], weights[-1], None, [0, 0], [s, s], [1, 1], 1, "none", [], "")
+        x = args["x"]
+        if step.kind == "conv":
+            y = self._conv(x, weights[0], t["bias"], a["padding"], a["stride"], a["dilation"],
+                           a["groups"], a["relu"], other)
+        else:
+            mid = self._conv(x, weights[0], t["mid_bias"], a["padding"], a["stride"], a["dilation"],
+                             a["groups"], True, None)
+            y = self._conv(mid, weights[1], t["bias"], (0, 0), (1, 1), (1, 1), 1, True, other)
+        return out.copy_(y) if out is not None else y
+
+
+_IMPLS = {"torch": ReferenceBackend(), "triton": TritonBackend()}
 
 
 def get_backend(name: str):
+    """The shared backend object of ``name`` ("torch" or "triton")."""
     return _IMPLS[name]

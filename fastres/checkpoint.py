@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .fold import fold_bn, folded_skeleton_
+from .fold import folded_skeleton_
 from .version import __version__
 
 FORMAT = "fastres-folded-resnet"
@@ -52,6 +52,8 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch
     torchvision ``weights=``.
     """
     from safetensors.torch import save_file
+
+    from .models import fold_bn
 
     if dtype not in _DTYPES.values():
         raise ValueError(f"export dtype must be one of float16, bfloat16, float32; got {dtype}")

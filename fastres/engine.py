@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from .plan import build_plan
+from .capture import capture
 
 __all__ = ["Engine", "Classification", "IMAGENET_MEAN", "IMAGENET_STD", "INPUT_MODES"]
 
@@ -83,8 +83,8 @@ class Classification(NamedTuple):
 def _frozen_model(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """An inference-only, BN-folded copy of ``model`` in ``dtype`` on ``device`` that nothing else
     references (so later edits of ``model`` cannot reach the engine's plan)."""
-    from .fold import conv_norm_pairs, fold_bn
-    from .models import ResNet, from_torchvision
+    from .fold import conv_norm_pairs
+    from .models import ResNet, fold_bn, from_torchvision
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastres.Engine takes a ResNet module or the path of a fastres export, "
@@ -195,14 +195,16 @@ class Engine:
         with torch.no_grad():
             frozen = _frozen_model(model, dtype, self.device)
             self.arch = getattr(frozen, "arch", "resnet")
-            self.plan = build_plan(frozen)
-        if self.categories is not None and len(self.categories) != self.plan.num_classes:
+            self.plan = capture(frozen)
+        self.num_classes = self.plan.classes(self._input_shape(1))
+        if self.categories is not None and len(self.categories) != self.num_classes:
             raise ValueError(f"fastres.Engine: {len(self.categories)} categories for a model with "
-                             f"{self.plan.num_classes} classes")
-        if self.input == "uint8_nhwc" and self.plan.in_channels != 3:
+                             f"{self.num_classes} classes")
+        if self.input == "uint8_nhwc" and (self.plan.in_channels or 3) != 3:
             raise ValueError(f"fastres.Engine: uint8 RGB input needs a 3-channel stem, this model's "
                              f"has {self.plan.in_channels}; use input='float_nchw'")
         self.backend = _backend.backend_for(self.device)
+        self._backend_impl = _backend.get_backend(self.backend)
 
         self._normaliser = (self._make_normaliser() if self.input == "uint8_nhwc"
                             else lambda images: images)
@@ -245,7 +247,7 @@ class Engine:
         return floats
 
     def _input_shape(self, batch: int) -> tuple:
-        return (batch, self.plan.in_channels, self.image_size, self.image_size)
+        return (batch, self.plan.in_channels or 3, self.image_size, self.image_size)
 
     # -- the static-buffer path ---------------------------------------------------------------
     def _build_buckets(self, use_graphs: bool) -> None:
@@ -297,10 +299,10 @@ class Engine:
             static = torch.zeros(shape, dtype=self.dtype, device=self.device).contiguous(
                 memory_format=torch.channels_last)
         buffers = self.plan.allocate(shape)
-        plan, backend, normalise = self.plan, self.backend, self._normaliser
+        plan, backend, normalise = self.plan, self._backend_impl, self._normaliser
 
         def forward() -> torch.Tensor:
-            return plan.run(normalise(static), backend=backend, buffers=buffers)
+            return plan.run(normalise(static), backend, buffers=buffers)
 
         bucket = _Bucket(size, static, forward)
         if self._stream is not None:
@@ -365,8 +367,8 @@ class Engine:
     def _run_cpu(self, images: torch.Tensor) -> torch.Tensor:
         x = self._normaliser(images) if self.input == "uint8_nhwc" else images.to(self.dtype)
         if self._onednn is not None:
-            return self.plan.run(x, backend=self._onednn_runner(self._bucket_for(x.shape[0])))
-        return self.plan.run(x, backend=self.backend)
+            return self.plan.run(x, self._onednn_runner(self._bucket_for(x.shape[0])))
+        return self.plan.run(x, self._backend_impl)
 
     def _onednn_runner(self, bucket: int) -> "_backend.OneDnnBackend":
         """The runner whose weights oneDNN laid out for this bucket's batch. The layout it picks
@@ -404,10 +406,6 @@ class Engine:
             labels = [[self.categories[i] for i in row] for row in top_indices.tolist()]
         return Classification(top_indices, top_probs, labels)
 
-    @property
-    def num_classes(self) -> int:
-        return self.plan.num_classes
-
     # -- input checks -------------------------------------------------------------------------
     def _check_images(self, images) -> torch.Tensor:
         if not torch.is_tensor(images):
@@ -435,7 +433,7 @@ class Engine:
                                  f"{tuple(images.shape)}{hint}")
             height, width = images.shape[1], images.shape[2]
         else:
-            c = self.plan.in_channels
+            c = self.plan.in_channels or 3
             expected = f"float images [N, {c}, {s}, {s}]"
             if not images.is_floating_point():
                 hint = (" (for uint8 pixels build the engine with input='uint8_nhwc')"

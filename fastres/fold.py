@@ -1,4 +1,4 @@
-"""BatchNorm folding: a pure tensor function, and the module rewrite built on it.
+"""BatchNorm folding: a pure tensor function, and the structural rewrite ``fastres.fold_bn`` uses.
 
 For a convolution followed by an eval-mode BatchNorm,
 
@@ -10,13 +10,10 @@ computed in fp32 whatever the parameters' dtype, and cast once to the compute dt
 """
 from __future__ import annotations
 
-import copy
-from typing import Optional
-
 import torch
 from torch import nn
 
-__all__ = ["fold_conv_bn", "fold_bn", "conv_norm_pairs", "NotFoldableError"]
+__all__ = ["fold_conv_bn", "conv_norm_pairs", "folded_skeleton_", "NotFoldableError"]
 
 
 class NotFoldableError(ValueError):
@@ -80,36 +77,3 @@ def folded_skeleton_(model: nn.Module) -> nn.Module:
         _replace(model, norm_name, nn.Identity())
     model.inference_only = True
     return model
-
-
-def fold_bn(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """An inference-only copy of a ResNet with every BatchNorm folded into its convolution.
-
-    Accepts a fastres or torchvision ResNet; the original is left untouched. The copy keeps the
-    model's dtype (or casts weights to ``dtype``; biases stay fp32 so the epilogue adds them
-    exactly), refuses ``train()`` and has ``requires_grad`` off. Its outputs equal the unfolded
-    eval model's within fp32 rounding.
-    """
-    from .models import ResNet, from_torchvision
-
-    source = from_torchvision(model) if not isinstance(model, ResNet) else model
-    if getattr(source, "inference_only", False):
-        return source
-    # 1. new weights first, from the untouched model
-    folded = {conv: fold_conv_bn(source.get_submodule(conv), source.get_submodule(norm))
-              for conv, norm in conv_norm_pairs(source)}
-    # 2. then the structural swap on a copy
-    out = copy.deepcopy(source)
-    folded_skeleton_(out)
-    weight_dtype = dtype or source.conv1.weight.dtype
-    with torch.no_grad():
-        for conv_name, (weight, bias) in folded.items():
-            conv = out.get_submodule(conv_name)
-            conv.weight = nn.Parameter(weight.to(weight_dtype), requires_grad=False)
-            conv.bias = nn.Parameter(bias, requires_grad=False)
-    if dtype is not None:
-        fc = out.fc
-        for p in fc.parameters():
-            p.data = p.data.to(dtype)
-    out.requires_grad_(False)
-    return out.eval()

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from torchvision.models import resnet as tv
 
-from . import plan as _plan
-from .fold import NotFoldableError
+from .capture import FastPath, is_graph_capture
+from .fold import conv_norm_pairs, fold_conv_bn, folded_skeleton_
+from .ir import Plan
 
 __all__ = [
     "ResNet", "BasicBlock", "Bottleneck", "from_torchvision",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-    "wide_resnet50_2", "wide_resnet101_2",
+    "wide_resnet50_2", "wide_resnet101_2", "fold_bn",
 ]
 
 
@@ -40,15 +40,15 @@ _BLOCKS = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
 class ResNet(tv.ResNet):
     """torchvision's ResNet; in eval mode the forward runs the fused inference plan.
 
-    The plan (BN folded, conv + bias + residual + ReLU fused, NHWC activations) is built on the first
-    eval forward and rebuilt whenever a parameter or buffer changes: ``load_state_dict``, ``.to()``,
-    ``.half()``, an optimizer step or an assignment are all seen through the tensors' identities and
-    version counters (``fastres.plan.ParameterGuard``).
-
-    When autograd has to reach the parameters (grad mode on and a parameter requires grad, or an
-    input that requires grad on the Triton backend), the eval forward is torchvision's unfused one, so
-    gradients stay exact; use ``torch.inference_mode()`` / ``torch.no_grad()`` (or
-    ``requires_grad_(False)``) to serve from the plan.
+    The plan (BN folded, conv + bias + residual + ReLU fused, NHWC activations) is captured from
+    the eval forward by tracing it (``fastres.capture``) on the first eval call and rebuilt
+    whenever anything that changes the answer changes: a parameter or buffer (``load_state_dict``,
+    ``.to()``, ``.half()``, an optimizer step, assignment), a submodule or one of its attributes,
+    hooks (``fastres.guard``). Where the plan cannot give exactly PyTorch's result (hooks,
+    parametrizations, a submodule in train mode, autograd reaching the parameters, autocast,
+    float64) the forward is torchvision's own, with a one-time ``fastres.FallbackWarning`` naming
+    the reason. Scripting, ``torch.jit.trace``, ``torch.fx`` and ``torch.compile`` / ``torch.export``
+    see torchvision's forward.
     """
 
     def __init__(self, block, layers, num_classes: int = 1000, zero_init_residual: bool = False,
@@ -72,9 +72,7 @@ class ResNet(tv.ResNet):
         self.arch = _arch_name(self.config)
         self.inference_only = False   # set by fastres.fold_bn / fastres.load
         self.meta: dict[str, Any] = {}   # categories, preprocessing, weights name (for export)
-        self._plan_cache = _plan.PlanCache()
-        self._warned_autograd = False
-        self._warned_unfoldable = False
+        self._fastres = FastPath()
 
     # -- modes --------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -86,54 +84,52 @@ class ResNet(tv.ResNet):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training or torch.jit.is_scripting():
             return self._forward_impl(x)
-        _plan.check_input(x, self)
-        if self._needs_autograd(x):
-            if not self._warned_autograd:
-                self._warned_autograd = True
-                warnings.warn(
-                    "fastres: eval-mode forward with autograd reaching the parameters runs "
-                    "torchvision's unfused forward so gradients stay exact; wrap inference in "
-                    "torch.inference_mode() (or call requires_grad_(False)) to run the fused plan",
-                    stacklevel=2)
-            return self._forward_impl(x)
-        try:
-            plan = self.plan()
-        except NotFoldableError as err:
-            if not self._warned_unfoldable:
-                self._warned_unfoldable = True
-                warnings.warn(f"fastres: {err}; eval runs torchvision's unfused forward", stacklevel=2)
-            return self._forward_impl(x)
-        return plan.run(x)
+        return self._eval_forward(x)
 
-    def _needs_autograd(self, x: torch.Tensor) -> bool:
-        if self.inference_only or not torch.is_grad_enabled():
-            return False
-        return any(p.requires_grad for p in self.parameters()) or (
-            x.requires_grad and _plan.backend_for(x.device) != "torch")
+    @torch.jit.unused
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_graph_capture():
+            return self._forward_impl(x)
+        check_input(x, self)
+        return self._fastres(self, x, self._forward_impl)
 
-    def plan(self) -> "_plan.Plan":
-        """The current inference plan (rebuilt if any parameter or buffer changed since)."""
-        return self._plan_cache.get(self)
+    def plan(self) -> Plan:
+        """The current inference plan (recaptured if anything it depends on changed since);
+        raises ``fastres.capture.Unsupported`` naming the reason when the forward falls back."""
+        return self._fastres.plan(self)
 
     def plan_cache_clear(self) -> None:
         """Drop the cached plan (needed only after writes through ``.data``, which bypass the
         version counters that guard it)."""
-        self._plan_cache.clear()
+        self._fastres.clear()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         _check_state_dict_keys(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def __deepcopy__(self, memo):
-        # The cached plan holds weak references; a copy starts with an empty cache.
-        cls = self.__class__
-        new = cls.__new__(cls)
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = _plan.PlanCache() if k == "_plan_cache" else copy.deepcopy(v, memo)
-        return new
+
+def check_input(x, model) -> None:
+    """Clear errors for inputs the network cannot take (instead of a failure deep in a kernel)."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+    weight = getattr(model.conv1, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        return
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected {weight.shape[1]} input channels, got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)}; images go in as [N, C, H, W])")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"input of spatial size {x.shape[2]}x{x.shape[3]} is too small: "
+                         "the network needs at least 1x1 pixels")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"input dtype {x.dtype} does not match the model's {weight.dtype}: "
+                        f"cast the input (x.to({weight.dtype})) or the model")
+    if x.device != weight.device:
+        raise ValueError(f"input is on {x.device} but the model is on {weight.device}")
 
 
 def _arch_name(config: dict) -> str:
@@ -322,3 +318,35 @@ def from_torchvision(model: tv.ResNet) -> ResNet:
                 setattr(mine, attr, getattr(theirs, attr))
     new.train(model.training)
     return new
+
+
+# -- folding ---------------------------------------------------------------------------------
+def fold_bn(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """An inference-only copy of a ResNet with every BatchNorm folded into its convolution.
+
+    Accepts a fastres or torchvision ResNet; the original is left untouched. The copy keeps the
+    model's dtype (or casts weights to ``dtype``; biases stay fp32 so the epilogue adds them
+    exactly), refuses ``train()`` and has ``requires_grad`` off. Its outputs equal the unfolded
+    eval model's within fp32 rounding.
+    """
+    source = from_torchvision(model) if not isinstance(model, ResNet) else model
+    if getattr(source, "inference_only", False):
+        return source
+    # 1. new weights first, from the untouched model
+    folded = {conv: fold_conv_bn(source.get_submodule(conv), source.get_submodule(norm))
+              for conv, norm in conv_norm_pairs(source)}
+    # 2. then the structural swap on a copy
+    out = copy.deepcopy(source)
+    folded_skeleton_(out)
+    weight_dtype = dtype or source.conv1.weight.dtype
+    with torch.no_grad():
+        for conv_name, (weight, bias) in folded.items():
+            conv = out.get_submodule(conv_name)
+            conv.weight = nn.Parameter(weight.to(weight_dtype), requires_grad=False)
+            conv.bias = nn.Parameter(bias, requires_grad=False)
+    if dtype is not None:
+        fc = out.fc
+        for p in fc.parameters():
+            p.data = p.data.to(dtype)
+    out.requires_grad_(False)
+    return out.eval()

@@ -190,8 +190,9 @@ def avgpool_linear_packed(x, packed, bias=None, out=None, *, config=None):
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         name="avgpool_linear",
-        info=dict(N=N, C=C, HW=H * W, classes=classes, flops=2 * N * C * classes,
-                  bytes=(x.numel() + packed.numel() + out.numel()) * x.element_size()),
+        info=dict(N=N, C=C, HW=H * W, classes=classes, flops=x.numel() + 2 * N * C * classes,
+                  bytes=(x.numel() + classes * C + out.numel()) * x.element_size()
+                  + (4 * classes if bias is not None else 0)),
     ).launch()
     return out
 

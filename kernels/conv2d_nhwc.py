@@ -421,10 +421,12 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     return KernelCall(
         kernel=_conv2d_nhwc_kernel, grid=grid, args=args, constexprs=constexprs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,
+        # modelled traffic: each input once (only the strided shortcut pixels), the output once,
+        # the weights as PyTorch holds them (not the packed zeros of block-diagonal groups), fp32 bias
         info=dict(M=m, N=packed.out_channels, K=k_main + c_sc, flops=2 * macs, dtype=str(x.dtype).replace("torch.", ""),
-                  bytes=(x.numel() + out.numel() * (2 if residual is not None else 1)
-                         + (shortcut.numel() if shortcut is not None else 0)) * x.element_size()
-                  + packed.weight.numel() * packed.weight.element_size()),
+                  bytes=(x.numel() + out.numel() * (2 if residual is not None else 1) + m * c_sc
+                         + packed.out_channels * (k_main // packed.tile_groups + c_sc)) * x.element_size()
+                  + (4 * packed.out_channels if bias is not None else 0)),
     )
 
 

@@ -463,7 +463,7 @@ def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilatio
     k_mid = 9 * c_in // groups
     macs = m * (c_mid * k_mid + c_out * (c_mid + c_sc))
     itemsize = y1.element_size()
-    weights = packed.mid.weight.numel() + packed.out.weight.numel()
+    weights = c_mid * k_mid + c_out * (c_mid + c_sc)   # as PyTorch holds them (modelled traffic)
     return KernelCall(
         kernel=_conv3x3_conv1x1_nhwc_kernel, grid=(triton.cdiv(m, cfg.BLOCK_M),), args=args,
         constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,

@@ -101,7 +101,7 @@ def max_pool2d_nhwc(x, *, out=None, config=None):
         num_warps=cfg["num_warps"],
         num_stages=1,  # no loop to pipeline
         name=f"max_pool2d_nhwc[{KERNEL_SIZE}x{KERNEL_SIZE}/s{STRIDE}]",
-        info=dict(N=N, C=C, H=H, W=W, OH=OH, OW=OW,
+        info=dict(N=N, C=C, H=H, W=W, OH=OH, OW=OW, flops=KERNEL_SIZE * KERNEL_SIZE * P * C,
                   bytes=(x.numel() + out.numel()) * x.element_size()),
     ).launch()
     return out

@@ -2,6 +2,8 @@
 import copy
 import os
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -46,7 +48,7 @@ def test_constructor_matches_torchvision(arch):
     with torch.no_grad():
         expected, got = reference(x), model(x)
     assert rel_err(got, expected) <= 1e-5
-    assert model._plan_cache.builds == 1
+    assert model._fastres.builds == 1
     # train: exactly torchvision (outputs, gradients, BN statistics)
     reference.train(), model.train()
     xr, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -159,17 +161,28 @@ def test_from_torchvision_dilated_and_wide():
             assert rel_err(model(x), tv(x)) <= 1e-5
 
 
-def test_unfoldable_norm_runs_torchvision_forward():
+def test_unfoldable_norm_runs_as_pytorch_steps_of_the_plan():
+    """GroupNorm cannot fold into a conv: each conv is a fused step without the norm, and each
+    GroupNorm (and the ReLU/add after it) a PyTorch step of the plan; the answer is torchvision's."""
     def group_norm(c):
         return nn.GroupNorm(8, c)
     torch.manual_seed(0)
     tv = torchvision.models.resnet18(norm_layer=group_norm).eval()
     model = fastres.resnet18(norm_layer=group_norm).eval()
     model.load_state_dict(tv.state_dict())
+    for m in model.modules():
+        if isinstance(m, nn.GroupNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.2, 0.2)
+    tv.load_state_dict(model.state_dict())
     x = image_batch(2, 32)
-    with torch.no_grad(), pytest.warns(UserWarning, match="GroupNorm cannot be folded"):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")          # no fallback: the plan runs
         got = model(x)
-    assert torch.equal(got, tv(x))
+    assert rel_err(got, tv(x)) <= 1e-5
+    plan = model.plan()
+    kinds = [s.kind for s in plan.steps]
+    assert kinds.count("torch") >= 20 and kinds.count("conv") == 20
+    assert sum("GroupNorm" in s.ops[0] for s in plan.steps if s.kind == "torch") == 20
 
 
 def test_eval_with_autograd_stays_exact():
@@ -182,7 +195,7 @@ def test_eval_with_autograd_stays_exact():
     out.sum().backward()
     reference(x).sum().backward()
     assert torch.equal(model.fc.weight.grad, reference.fc.weight.grad)
-    assert model._plan_cache.builds == 0
+    assert model._fastres.builds == 0
 
 
 # -- plan invalidation --------------------------------------------------------------------------
@@ -196,7 +209,7 @@ def _check(reference, model, x, builds):
     with torch.no_grad():
         expected, got = reference(x), model(x)
     assert rel_err(got, expected) <= 1e-5
-    assert model._plan_cache.builds == builds
+    assert model._fastres.builds == builds
 
 
 def test_plan_is_cached(eval_twins):
@@ -271,12 +284,12 @@ def test_plan_rebuilt_after_dtype_and_device_moves(eval_twins):
     with torch.no_grad():
         got = model(x.half()).float()
         expected = reference(x)
-    assert got.dtype == torch.float32 and model._plan_cache.builds == 4
+    assert got.dtype == torch.float32 and model._fastres.builds == 4
     assert rel_err(got, expected) <= 2e-2
     model.bfloat16()
     with torch.no_grad():
         assert model(x.bfloat16()).dtype == torch.bfloat16
-    assert model._plan_cache.builds == 5
+    assert model._fastres.builds == 5
 
 
 # -- bad input ----------------------------------------------------------------------------------

@@ -1,0 +1,614 @@
+"""Capture: a module's eval forward, traced, matched into fused steps, guarded, or not used at all.
+
+    trace      torch.fx traces the module's forward (torch.nn layers and torchvision's
+               FrozenBatchNorm2d stay leaves); the plan is built from what the forward really does,
+               not from a walk of torchvision's structure
+    match      conv -> [BN] -> [ReLU]                          -> a ``conv`` step (BN folded in fp32)
+               conv -> [BN] -> + (value | 1x1 conv [-> BN]) -> [ReLU]
+                                                            -> a ``conv`` step with a residual, or a
+                                                               projection shortcut as concatenated K
+               3x3 conv step -> 1x1 conv step (bottleneck)   -> a ``conv_pair`` step (on chip)
+               MaxPool2d(3, 2, 1)                             -> ``max_pool``
+               global average pool -> flatten -> Linear       -> ``head``
+               nn.Identity / Dropout (eval)                   -> nothing (the value passes through)
+               anything else                                  -> a ``torch`` step: the same PyTorch
+                                                                 call, so the plan always computes
+                                                                 what the module computes
+    guard      the plan is valid while nothing that changes its answer changed (``Guard``)
+    fallback   where fastres cannot compute exactly what PyTorch would (hooks, parametrizations, a
+               submodule in training mode, autograd, autocast, a dtype the kernels lack, a forward
+               fx cannot trace), the module's own forward runs, with a one-time warning that says
+               why (``FastPath``)
+"""
+from __future__ import annotations
+
+import operator
+import threading
+import warnings
+from collections import defaultdict
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .fold import NotFoldableError, fold_conv_bn
+from .guard import Guard
+from .ir import Plan, Ref, Step
+from .kernels.conv3x3_conv1x1_nhwc import fuses_conv3x3_conv1x1
+
+__all__ = ["capture", "Unsupported", "FastPath", "FallbackWarning", "SUPPORTED_DTYPES",
+           "fallback_reason", "is_graph_capture"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+class Unsupported(NotFoldableError):
+    """fastres cannot reproduce this module's forward exactly; the message says why."""
+
+
+class FallbackWarning(UserWarning):
+    """A forward ran the module's own PyTorch code instead of the fused plan (said once per reason)."""
+
+
+def is_graph_capture() -> bool:
+    """True while torch.jit.trace, torch.fx (fastres's own capture too) or dynamo (torch.compile,
+    torch.export) records the forward: they get the module's PyTorch forward, whose graph follows
+    later weight edits as the plain module does."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+# -- static reasons not to capture -------------------------------------------------------------
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _global_hook_dicts() -> list:
+    m = torch.nn.modules.module
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+             "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+    return [getattr(m, n) for n in names if hasattr(m, n)]
+
+
+def fallback_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module``'s eval forward cannot be captured at all, or None."""
+    if any(len(d) for d in _global_hook_dicts()):
+        return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
+    from torch.nn.utils import parametrize
+    for name, m in module.named_modules():
+        label = name or type(module).__name__
+        for attr in _HOOK_DICTS:
+            if len(getattr(m, attr, ())):
+                kind = attr.strip("_").replace("_", " ").removesuffix("s")
+                return f"'{label}' has a {kind} (weight_norm, spectral_norm and pruning are hooks too)"
+        if parametrize.is_parametrized(m):
+            return f"'{label}' has a parametrization ({', '.join(m.parametrizations)})"
+        if m.training:
+            return f"'{label}' ({type(m).__name__}) is in training mode inside an eval model"
+    dtypes = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
+    if len(dtypes) > 1:
+        return f"its parameters mix dtypes ({', '.join(sorted(str(d) for d in dtypes))})"
+    if dtypes and next(iter(dtypes)) not in SUPPORTED_DTYPES:
+        return f"the kernels do not run {next(iter(dtypes))}"
+    devices = {t.device for t in (*module.parameters(), *module.buffers())}
+    if len(devices) > 1:
+        return f"its parameters are on several devices ({', '.join(sorted(map(str, devices)))})"
+    return None
+
+
+# -- tracing ----------------------------------------------------------------------------------
+class _Tracer(fx.Tracer):
+    """torch.nn layers are leaves (fx's default), and so is torchvision's FrozenBatchNorm2d, so the
+    matcher sees a norm layer as one node it can fold."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        return isinstance(m, FrozenBatchNorm2d) or super().is_leaf_module(m, qualname)
+
+
+def _trace(module: nn.Module) -> fx.Graph:
+    try:
+        return _Tracer().trace(module)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means: run the module itself
+        raise Unsupported(f"torch.fx cannot trace its forward ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+# -- node predicates ----------------------------------------------------------------------------
+def _is_module(node, modules, *types, exact=True) -> bool:
+    if node.op != "call_module":
+        return False
+    m = modules[node.target]
+    return type(m) in types if exact else isinstance(m, types)
+
+
+def _foldable_conv(node, modules) -> bool:
+    if not _is_module(node, modules, nn.Conv2d) or node.kwargs or len(node.args) != 1:
+        return False
+    conv = modules[node.target]
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+def _foldable_norm(node, modules) -> bool:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    if node.op != "call_module" or node.kwargs or len(node.args) != 1:
+        return False
+    m = modules[node.target]
+    if isinstance(m, FrozenBatchNorm2d):
+        return True
+    return (type(m) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not m.training
+            and m.running_mean is not None and m.running_var is not None)
+
+
+def _is_relu(node, modules) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_, F.relu_) and len(node.args) == 1
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+
+
+def _is_add(node) -> bool:
+    if node.kwargs or len(node.args) != 2:
+        return False
+    if node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add):
+        return all(isinstance(a, fx.Node) for a in node.args)
+    return (node.op == "call_method" and node.target in ("add", "add_")
+            and all(isinstance(a, fx.Node) for a in node.args))
+
+
+def _is_passthrough(node, modules) -> bool:
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return False
+    m = modules[node.target]
+    return type(m) is nn.Identity or (type(m) in (nn.Dropout, nn.Dropout2d) and not m.training)
+
+
+def _is_stem_pool(node, modules) -> bool:
+    if not _is_module(node, modules, nn.MaxPool2d) or len(node.args) != 1:
+        return False
+    p = modules[node.target]
+    pairs = {k: (v, v) if isinstance(v, int) else tuple(v) for k, v in
+             (("k", p.kernel_size), ("s", p.stride), ("p", p.padding), ("d", p.dilation))}
+    return (pairs == {"k": (3, 3), "s": (2, 2), "p": (1, 1), "d": (1, 1)}
+            and not p.ceil_mode and not p.return_indices)
+
+
+def _is_global_pool(node, modules) -> bool:
+    if node.op == "call_module" and len(node.args) == 1:
+        m = modules[node.target]
+        return type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1))
+    return (node.op == "call_function" and node.target is F.adaptive_avg_pool2d
+            and len(node.args) == 2 and node.args[1] in (1, (1, 1)))
+
+
+def _is_flatten(node, modules) -> bool:
+    if node.op == "call_function" and node.target is torch.flatten:
+        return node.args[1:] == (1,) and not node.kwargs
+    if node.op == "call_method" and node.target == "flatten":
+        return node.args[1:] == (1,) and not node.kwargs
+    if node.op == "call_module" and type(modules[node.target]) is nn.Flatten:
+        m = modules[node.target]
+        return m.start_dim == 1 and m.end_dim == -1
+    return False
+
+
+# -- matching -----------------------------------------------------------------------------------
+class _Matcher:
+    def __init__(self, root: nn.Module, graph: fx.Graph, dtype: torch.dtype):
+        self.root, self.graph, self.dtype = root, graph, dtype
+        self.modules = dict(root.named_modules())
+        self.nodes = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.alias: dict = {}
+        for n in self.nodes:
+            if _is_passthrough(n, self.modules):
+                self.alias[n] = n.args[0]
+        self.users = defaultdict(list)
+        for n in self.nodes:
+            if n in self.alias:
+                continue
+            for a in n.all_input_nodes:
+                self.users[self.resolve(a)].append(n)
+        self.claimed: set = set()
+        self.steps: list = []           # (position, Step)
+        self.notes: list = []
+
+    def resolve(self, n):
+        while n in self.alias:
+            n = self.alias[n]
+        return n
+
+    def value(self, n) -> str:
+        return self.resolve(n).name
+
+    def single_user(self, n):
+        users = self.users[self.resolve(n)]
+        return users[0] if len(users) == 1 else None
+
+    # conv -> [norm]
+    def conv_unit(self, conv):
+        user = self.single_user(conv)
+        if user is not None and _foldable_norm(user, self.modules) and self.resolve(user.args[0]) is conv:
+            return conv, user
+        return conv, None
+
+    def unit_end(self, unit):
+        return unit[1] if unit[1] is not None else unit[0]
+
+    def unit_at(self, node):
+        """The conv unit whose last node is ``node`` (a conv or the norm after one), or None."""
+        node = self.resolve(node)
+        if _foldable_conv(node, self.modules):
+            unit = self.conv_unit(node)
+            return unit if unit[1] is None else None
+        if _foldable_norm(node, self.modules):
+            src = self.resolve(node.args[0])
+            if _foldable_conv(src, self.modules):
+                unit = self.conv_unit(src)
+                return unit if unit[1] is node else None
+        return None
+
+    def is_projection(self, unit) -> bool:
+        conv = self.modules[unit[0].target]
+        return (conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+                and conv.dilation == (1, 1) and conv.stride[0] == conv.stride[1])
+
+    def add_operands(self, add):
+        """(main unit, shortcut unit or None, residual node or None) of an add fed by a conv unit."""
+        p, q = (self.resolve(a) for a in add.args)
+        if p is q:
+            return None
+        units = []
+        for node in (p, q):
+            unit = self.unit_at(node)
+            ok = unit is not None and self.single_user(self.unit_end(unit)) is add
+            units.append(unit if ok else None)
+        up, uq = units
+        if up and uq:
+            if self.is_projection(uq):
+                return up, uq, None
+            if self.is_projection(up):
+                return uq, up, None
+            return up, None, q
+        if up:
+            return up, None, q
+        if uq:
+            return uq, None, p
+        return None
+
+    def fold(self, unit, what: str):
+        conv = self.modules[unit[0].target]
+        norm = self.modules[unit[1].target] if unit[1] is not None else nn.Identity()
+        weight, bias = fold_conv_bn(conv, norm)
+        return _compute_weight(weight, self.dtype, what), bias
+
+    def conv_step(self, unit):
+        conv_node = unit[0]
+        conv = self.modules[conv_node.target]
+        fused = [n for n in unit if n is not None]
+        weight, bias = self.fold(unit, conv_node.target)
+        attrs = dict(stride=tuple(conv.stride), padding=tuple(conv.padding),
+                     dilation=tuple(conv.dilation), groups=conv.groups, relu=False)
+        tensors = {"weight": weight, "bias": bias}
+        inputs = {"x": self.value(conv_node.args[0])}
+        end = self.unit_end(unit)
+        user = self.single_user(end)
+        if user is not None and _is_add(user):
+            operands = self.add_operands(user)
+            if operands is not None and operands[0] == unit:
+                _, shortcut, residual = operands
+                fused.append(user)
+                if shortcut is not None:
+                    sc_conv = self.modules[shortcut[0].target]
+                    sc_weight, sc_bias = self.fold(shortcut, shortcut[0].target)
+                    tensors["shortcut_weight"] = sc_weight
+                    tensors["bias"] = bias + sc_bias
+                    inputs["shortcut"] = self.value(shortcut[0].args[0])
+                    attrs["shortcut_stride"] = sc_conv.stride[0]
+                    fused += [n for n in shortcut if n is not None]
+                else:
+                    inputs["residual"] = self.value(residual)
+                end = user
+                user = self.single_user(end)
+        if user is not None and _is_relu(user, self.modules):
+            attrs["relu"] = True
+            fused.append(user)
+            end = user
+        self.claim(fused)
+        return Step("conv", conv_node.target, inputs, self.value(end), attrs, tensors, tuple(n.name for n in fused)), end
+
+    def claim(self, nodes):
+        self.claimed.update(nodes)
+
+    def head_step(self, pool):
+        flat = self.single_user(pool)
+        if flat is None or not _is_flatten(flat, self.modules):
+            return None
+        fc = self.single_user(flat)
+        if fc is None or not _is_module(fc, self.modules, nn.Linear) or len(fc.args) != 1:
+            return None
+        linear = self.modules[fc.target]
+        weight = linear.weight.detach()
+        bias = (linear.bias.detach().float() if linear.bias is not None
+                else torch.zeros(linear.out_features, device=weight.device))
+        self.claim([pool, flat, fc])
+        step = Step("head", fc.target, {"x": self.value(pool.args[0])}, fc.name, {},
+                    {"weight": weight.to(self.dtype).contiguous(), "bias": bias},
+                    (pool.name, flat.name, fc.name))
+        return step, fc
+
+    def torch_step(self, node) -> Step:
+        refs = {}
+
+        def to_ref(n):
+            name = self.value(n)
+            refs[name] = name
+            return Ref(name)
+        args = fx.node.map_arg(node.args, to_ref)
+        kwargs = fx.node.map_arg(node.kwargs, to_ref)
+        fn = _callable(self.root, node)
+        what = _describe_node(node, self.modules)
+
+        def call(env_args, fn=fn, args=args, kwargs=kwargs):
+            return fn(*_bind(args, env_args), **_bind(kwargs, env_args))
+        return Step("torch", node.target if node.op == "call_module" else node.name,
+                    {name: name for name in refs}, node.name, {"call": call, "what": what, "target": fn}, {},
+                    (node.name,))
+
+    def run(self):
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise Unsupported(f"its forward takes {len(placeholders)} inputs (fastres runs one)")
+        for n in self.nodes:
+            if n in self.claimed or n in self.alias or n.op in ("placeholder", "output"):
+                continue
+            step = end = None
+            if _foldable_conv(n, self.modules):
+                unit = self.conv_unit(n)
+                user = self.single_user(self.unit_end(unit))
+                operands = self.add_operands(user) if user is not None and _is_add(user) else None
+                if operands is not None and operands[1] == unit:
+                    continue   # the projection shortcut of a later conv: it claims this one
+                step, end = self.conv_step(unit)
+            elif _is_stem_pool(n, self.modules):
+                step, end = Step("max_pool", n.target, {"x": self.value(n.args[0])}, n.name, {}, {},
+                                 (n.name,)), n
+                self.claim([n])
+            elif _is_global_pool(n, self.modules):
+                found = self.head_step(n)
+                if found is not None:
+                    step, end = found
+            if step is None:
+                step, end = self.torch_step(n), n
+                self.notes.append(f"{step.name}: {step.attrs['what']} runs as PyTorch")
+            self.steps.append((self.index[end], step))
+        self.steps.sort(key=lambda pair: pair[0])
+        steps = _fuse_pairs([s for _, s in self.steps], self.dtype)
+        output = next(n for n in self.nodes if n.op == "output")
+        structure = fx.node.map_arg(output.args[0], lambda n: Ref(self.value(n)))
+        return steps, structure, placeholders[0].name
+
+
+def _bind(structure, env):
+    if isinstance(structure, Ref):
+        return env[structure.name]
+    if isinstance(structure, tuple):
+        return tuple(_bind(v, env) for v in structure)
+    if isinstance(structure, list):
+        return [_bind(v, env) for v in structure]
+    if isinstance(structure, dict):
+        return {k: _bind(v, env) for k, v in structure.items()}
+    if isinstance(structure, slice):
+        return slice(_bind(structure.start, env), _bind(structure.stop, env), _bind(structure.step, env))
+    return structure
+
+
+def _callable(root, node) -> Callable:
+    if node.op == "call_module":
+        return root.get_submodule(node.target)
+    if node.op == "call_function":
+        return node.target
+    if node.op == "call_method":
+        name = node.target
+        return lambda self, *args, **kwargs: getattr(self, name)(*args, **kwargs)
+    if node.op == "get_attr":
+        path = node.target
+        return lambda: operator.attrgetter(path)(root)
+    raise Unsupported(f"cannot run fx node {node.op} {node.target}")
+
+
+def _describe_node(node, modules) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "get_attr":
+        return f"attribute {node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _fuse_pairs(steps: list, dtype) -> list:
+    """A 3x3 conv step whose only reader is a 1x1/s1 conv step (a bottleneck's conv2 -> conv3)
+    becomes one ``conv_pair`` step where ``fuses_conv3x3_conv1x1`` says it fits."""
+    readers = defaultdict(list)
+    for s in steps:
+        for name in s.reads:
+            readers[name].append(s)
+    out, skip = [], set()
+    for i, mid in enumerate(steps):
+        if id(mid) in skip:
+            continue
+        last = steps[i + 1] if i + 1 < len(steps) else None
+        if (last is not None and mid.kind == "conv" and last.kind == "conv"
+                and _pairable(mid, last, readers)):
+            a, w = mid.attrs, mid.tensors["weight"]
+            if fuses_conv3x3_conv1x1(c_mid=w.shape[0], c_in_mid=w.shape[1] * a["groups"],
+                                     c_out=last.tensors["weight"].shape[0], groups=a["groups"],
+                                     dtype=dtype):
+                inputs = dict(last.inputs, x=mid.inputs["x"])
+                attrs = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
+                if "shortcut_stride" in last.attrs:
+                    attrs["shortcut_stride"] = last.attrs["shortcut_stride"]
+                tensors = {"mid_weight": w, "mid_bias": mid.tensors["bias"],
+                           **{k: v for k, v in last.tensors.items()}}
+                name = f"{mid.name}+{last.name.rsplit('.', 1)[-1]}"
+                out.append(Step("conv_pair", name, inputs, last.output, attrs, tensors,
+                                mid.fused + last.fused))
+                skip.add(id(last))
+                continue
+        out.append(mid)
+    return out
+
+
+def _pairable(mid: Step, last: Step, readers) -> bool:
+    a, b = mid.attrs, last.attrs
+    w_mid, w_last = mid.tensors["weight"], last.tensors["weight"]
+    return (tuple(w_mid.shape[2:]) == (3, 3) and a["relu"] and set(mid.inputs) == {"x"}
+            and len(set(a["stride"])) == 1 and len(set(a["padding"])) == 1 and len(set(a["dilation"])) == 1
+            and tuple(w_last.shape[2:]) == (1, 1) and b["stride"] == (1, 1) and b["padding"] == (0, 0)
+            and b["groups"] == 1 and b["relu"] and last.inputs["x"] == mid.output
+            and readers[mid.output] == [last]
+            and mid.output not in (last.inputs.get("residual"), last.inputs.get("shortcut")))
+
+
+def _compute_weight(weight: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if dtype == torch.float16 and weight.device.type != "meta":
+        peak = weight.abs().max().item() if weight.numel() else 0.0
+        if not peak <= _FP16_MAX:   # also catches NaN
+            raise Unsupported(
+                f"the folded weight of {name} reaches {peak:.4g}, beyond float16's range "
+                f"({_FP16_MAX:.0f}): a BatchNorm running_var near zero? (run it in float32 or bfloat16)")
+    return weight.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None) -> Plan:
+    """The plan of ``module``'s eval forward, or ``Unsupported`` with the reason it has none.
+
+    ``dtype``: the compute dtype of the fused steps (default: the module's); weights are folded
+    in fp32 and cast once. PyTorch steps run the module's own layers in its own dtype, so a
+    ``dtype`` other than the module's needs a plan without them (the engine's case).
+    """
+    reason = fallback_reason(module)
+    if reason is not None:
+        raise Unsupported(reason)
+    param = next(iter((*module.parameters(), *module.buffers())), None)
+    model_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = dtype or model_dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise Unsupported(f"the kernels do not run {dtype}")
+    graph = _trace(module)
+    with torch.inference_mode(False), torch.no_grad():
+        steps, output, input_name = _Matcher(module, graph, dtype).run()
+    if dtype != model_dtype and any(s.kind == "torch" for s in steps):
+        raise Unsupported(f"it has steps that run as PyTorch in {model_dtype}, and a plan in {dtype} "
+                          "was asked for")
+    in_channels = None
+    for s in steps:
+        if s.kind in ("conv", "conv_pair") and s.inputs["x"] == input_name:
+            w = s.tensors["mid_weight" if s.kind == "conv_pair" else "weight"]
+            in_channels = w.shape[1] * s.attrs["groups"]
+    plan = Plan(steps=steps, output=output, dtype=dtype, device=device, input_name=input_name,
+                in_channels=in_channels)
+    plan.notes = [f"{s.name}: {s.attrs['what']} runs as PyTorch" for s in steps if s.kind == "torch"]
+    return plan
+
+
+# -- the per-module cache ----------------------------------------------------------------------
+class _State:
+    __slots__ = ("guard", "plan", "reason")
+
+    def __init__(self, guard, plan, reason):
+        self.guard, self.plan, self.reason = guard, plan, reason
+
+
+class FastPath:
+    """The cached plan of one module (or the reason it runs PyTorch's forward) and its guard.
+
+    ``__call__`` checks the guard (everything that changes the answer: module tree, attributes,
+    hooks, parameter and buffer identity, storage and version; read before the weights are
+    folded, so an update racing a build is seen by the next call), then the per-call conditions
+    (autograd, autocast, the input's dtype and device), and runs the plan on the backend the
+    input's device selects, or ``pytorch_forward`` with a one-time ``FallbackWarning``.
+    Pickling or copying a module drops its cache.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._state: Optional[_State] = None
+        self._warned: set = set()
+        self.builds = 0
+
+    def __reduce__(self):
+        return (FastPath, ())
+
+    def __deepcopy__(self, memo):
+        return FastPath()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._state = None
+
+    def state(self, module: nn.Module) -> _State:
+        state = self._state
+        if state is not None and state.guard.check():
+            return state
+        with self._lock:
+            state = self._state
+            if state is None or not state.guard.check():
+                guard = Guard(module)            # read before any weight is read
+                try:
+                    plan, reason = capture(module), None
+                except Unsupported as err:
+                    plan, reason = None, str(err)
+                state = self._state = _State(guard, plan, reason)
+                self.builds += 1
+        return state
+
+    def plan(self, module: nn.Module) -> Plan:
+        state = self.state(module)
+        if state.plan is None:
+            raise Unsupported(state.reason)
+        return state.plan
+
+    def notice(self, reason: str, stacklevel: int = 4) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"fastres: {reason}; running the module's own PyTorch forward",
+                          FallbackWarning, stacklevel=stacklevel)
+
+    def __call__(self, module: nn.Module, x, pytorch_forward: Callable):
+        reason = _call_reason(module, x)
+        if reason is None:
+            state = self.state(module)
+            reason = state.reason or _input_mismatch(state.plan, x)
+        if reason is not None:
+            self.notice(reason)
+            return pytorch_forward(x)
+        from .backend import backend_for, get_backend
+        return state.plan.run(x, get_backend(backend_for(x.device)))
+
+
+def _call_reason(module: nn.Module, x) -> Optional[str]:
+    """Why this call must run PyTorch's forward whatever the plan, or None (cheap: no plan)."""
+    if not torch.is_tensor(x):
+        return f"the input is a {type(x).__name__}, not a tensor"
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return ("autograd reaches the parameters or the input (grad mode on); serve under "
+                "torch.inference_mode() or torch.no_grad() to run the fused plan")
+    if torch.is_autocast_enabled(x.device.type):
+        return "torch.autocast is active (PyTorch picks per-op dtypes the plan does not follow)"
+    if x.dim() != 4:
+        return "an input that is not 4-D [N, C, H, W]"
+    if x.shape[0] == 0:
+        return "an empty batch"
+    return None
+
+
+def _input_mismatch(plan: Plan, x) -> Optional[str]:
+    if x.dtype != plan.dtype or x.device != plan.device:
+        return "an input whose dtype or device differs from the parameters'"
+    return None

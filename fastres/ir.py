@@ -1,0 +1,414 @@
+"""The step IR and the op table: what a plan is, and how each kind of step runs.
+
+A plan is a list of ``Step``s over named values. A step is data: its ``kind`` (a row of ``OPS``),
+the values it reads by role (``inputs``: ``{"x": ..., "residual": ..., "shortcut": ...}``), the
+value it writes, static attributes (stride, padding, relu, ...) and its folded tensors (weights in
+the compute dtype and PyTorch layout, fp32 biases). ``OPS`` maps each kind to
+
+    pack        weights -> the layout its Triton kernel takes (once per plan, cached on the step)
+    launch      one Triton kernel launch (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)
+    reference   the plain-PyTorch reference beside the kernel (channels_last)
+    out_shape   the output shape from the input shapes (memory planning without running anything)
+    describe    the fused ops, for ``fastres inspect``
+
+and what a launch costs is what its recorded ``KernelCall`` says (``kernels._launch``), so
+``inspect`` reports the launches a forward really makes. A ``torch`` step is any PyTorch call the
+capture did not fuse (``fastres.capture``): it runs as PyTorch runs it, on every backend.
+
+Backends (``fastres.backend``) are objects passed to ``Plan.run``; the plan knows nothing about
+tiles, and the kernels know nothing about ResNet.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from .kernels import avgpool_linear as _avgpool_linear
+from .kernels import conv2d_nhwc as _conv
+from .kernels import conv3x3_conv1x1_nhwc as _pair
+from .kernels import max_pool2d_nhwc as _max_pool
+from .kernels._common import conv_output_size
+
+__all__ = ["Step", "Ref", "OpKind", "OPS", "Plan", "KERNEL_KINDS"]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A value of the plan named inside a ``torch`` step's arguments."""
+    name: str
+
+
+@dataclass(eq=False)
+class Step:
+    kind: str
+    name: str                       # the module path(s) it came from, for reports
+    inputs: dict                    # role -> value name
+    output: str
+    attrs: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)
+    fused: tuple = ()               # the traced nodes this step computes
+    packed: dict = field(default_factory=dict)   # backend name -> packed weights
+
+    @property
+    def reads(self) -> list[str]:
+        return list(self.inputs.values())
+
+    @property
+    def ops(self) -> list[str]:
+        return OPS[self.kind].describe(self)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{k}={v}" for k, v in self.inputs.items())
+        return f"Step({self.kind} {self.name}: {ins} -> {self.output})"
+
+
+# -- conv: relu?(conv(x) [+ conv1x1_s(shortcut)] + bias [+ residual]) -------------------------
+def _conv_pack(step):
+    t = step.tensors
+    return _conv.pack_conv_weight(t["weight"], groups=step.attrs["groups"],
+                                  shortcut_weight=t.get("shortcut_weight"))
+
+
+def _conv_launch(step, args, packed, out):
+    a = step.attrs
+    return _conv.conv2d_nhwc_packed(
+        args["x"], packed, step.tensors["bias"], stride=a["stride"], padding=a["padding"],
+        dilation=a["dilation"], residual=args.get("residual"), relu=a["relu"],
+        shortcut=args.get("shortcut"), shortcut_stride=a.get("shortcut_stride", 1), out=out)
+
+
+def _conv_reference(step, args, out, upcast):
+    a, t = step.attrs, step.tensors
+    y = _conv.conv2d_nhwc_ref(
+        args["x"], t["weight"], t["bias"], stride=a["stride"], padding=a["padding"],
+        dilation=a["dilation"], groups=a["groups"], residual=args.get("residual"), relu=a["relu"],
+        shortcut=args.get("shortcut"), shortcut_weight=t.get("shortcut_weight"),
+        shortcut_stride=a.get("shortcut_stride", 1), upcast=upcast)
+    return _into(out, y)
+
+
+def _conv_out_shape(step, shapes):
+    n, _, h, w = shapes["x"]
+    weight, a = step.tensors["weight"], step.attrs
+    kh, kw = weight.shape[2:]
+    return (n, weight.shape[0],
+            conv_output_size(h, kh, a["stride"][0], a["padding"][0], a["dilation"][0]),
+            conv_output_size(w, kw, a["stride"][1], a["padding"][1], a["dilation"][1]))
+
+
+def _conv_describe(step):
+    a, weight = step.attrs, step.tensors["weight"]
+    kh, kw = weight.shape[2:]
+    s, d = a["stride"], a["dilation"]
+    ops = [f"conv{kh}x{kw}/s{s[0]}" + (f"/d{d[0]}" if d[0] > 1 else "")
+           + (f"/g{a['groups']}" if a["groups"] > 1 else "")]
+    if "shortcut" in step.inputs:
+        ops.append(f"projection1x1/s{a['shortcut_stride']}")
+    ops.append("bias")
+    if "residual" in step.inputs:
+        ops.append("residual")
+    if a["relu"]:
+        ops.append("relu")
+    return ops
+
+
+# -- conv_pair: a bottleneck's 3x3 and 1x1 in one kernel, the 3x3 output stays on chip ---------
+def _pair_pack(step):
+    t = step.tensors
+    return _pair.pack_conv3x3_conv1x1(t["mid_weight"], t["weight"], groups=step.attrs["groups"],
+                                      shortcut_weight=t.get("shortcut_weight"))
+
+
+def _pair_launch(step, args, packed, out):
+    a, t = step.attrs, step.tensors
+    return _pair.conv3x3_conv1x1_nhwc_packed(
+        args["x"], packed, t["mid_bias"], t["bias"], stride=a["stride"], padding=a["padding"],
+        dilation=a["dilation"], residual=args.get("residual"), shortcut=args.get("shortcut"),
+        shortcut_stride=a.get("shortcut_stride", 1), out=out)
+
+
+def _pair_reference(step, args, out, upcast):
+    a, t = step.attrs, step.tensors
+    y = _pair.conv3x3_conv1x1_nhwc_ref(
+        args["x"], t["mid_weight"], t["mid_bias"], t["weight"], t["bias"], stride=a["stride"],
+        padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
+        residual=args.get("residual"), shortcut=args.get("shortcut"),
+        shortcut_weight=t.get("shortcut_weight"), shortcut_stride=a.get("shortcut_stride", 1),
+        upcast=upcast)
+    return _into(out, y)
+
+
+def _pair_out_shape(step, shapes):
+    n, _, h, w = shapes["x"]
+    a = step.attrs
+    return (n, step.tensors["weight"].shape[0],
+            conv_output_size(h, 3, a["stride"][0], a["padding"][0], a["dilation"][0]),
+            conv_output_size(w, 3, a["stride"][1], a["padding"][1], a["dilation"][1]))
+
+
+def _pair_describe(step):
+    a = step.attrs
+    mid = (f"conv3x3/s{a['stride'][0]}" + (f"/d{a['dilation'][0]}" if a["dilation"][0] > 1 else "")
+           + (f"/g{a['groups']}" if a["groups"] > 1 else ""))
+    ops = [mid, "bias", "relu", "(on chip)", "conv1x1/s1"]
+    if "shortcut" in step.inputs:
+        ops.append(f"projection1x1/s{a['shortcut_stride']}")
+    ops.append("bias")
+    if "residual" in step.inputs:
+        ops.append("residual")
+    return ops + ["relu"]
+
+
+# -- max_pool: max_pool2d(x, 3, stride=2, padding=1) -----------------------------------------
+def _pool_launch(step, args, packed, out):
+    return _max_pool.max_pool2d_nhwc(args["x"], out=out)
+
+
+def _pool_reference(step, args, out, upcast):
+    return _into(out, _max_pool.max_pool2d_nhwc_ref(args["x"]))
+
+
+def _pool_out_shape(step, shapes):
+    n, c, h, w = shapes["x"]
+    return (n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1)
+
+
+# -- head: mean_hw(x) @ weight.T + bias -----------------------------------------------------
+def _head_pack(step):
+    return _avgpool_linear.pack_linear_weight(step.tensors["weight"])
+
+
+def _head_launch(step, args, packed, out):
+    return _avgpool_linear.avgpool_linear_packed(args["x"], packed, step.tensors["bias"], out=out)
+
+
+def _head_reference(step, args, out, upcast):
+    t = step.tensors
+    return _into(out, _avgpool_linear.avgpool_linear_ref(args["x"], t["weight"], t["bias"], upcast=upcast))
+
+
+def _head_out_shape(step, shapes):
+    return (shapes["x"][0], step.tensors["weight"].shape[0])
+
+
+# -- torch: any PyTorch call the capture did not fuse ---------------------------------------
+def _torch_reference(step, args, out, upcast):
+    y = step.attrs["call"](args)
+    return _into(out, y) if out is not None else y
+
+
+def _torch_describe(step):
+    return [step.attrs["what"]]
+
+
+def _into(out, y):
+    return out.copy_(y) if out is not None else y
+
+
+@dataclass(frozen=True)
+class OpKind:
+    pack: Optional[Callable]
+    launch: Optional[Callable]          # None: the reference runs on every backend
+    reference: Callable
+    out_shape: Optional[Callable]       # None: shapes come from running the step on fake tensors
+    describe: Callable
+
+
+OPS: dict[str, OpKind] = {
+    "conv": OpKind(_conv_pack, _conv_launch, _conv_reference, _conv_out_shape, _conv_describe),
+    "conv_pair": OpKind(_pair_pack, _pair_launch, _pair_reference, _pair_out_shape, _pair_describe),
+    "max_pool": OpKind(None, _pool_launch, _pool_reference, _pool_out_shape,
+                       lambda step: ["maxpool3x3/s2"]),
+    "head": OpKind(_head_pack, _head_launch, _head_reference, _head_out_shape,
+                   lambda step: ["avgpool", "linear", "bias"]),
+    "torch": OpKind(None, None, _torch_reference, None, _torch_describe),
+}
+KERNEL_KINDS = frozenset(k for k, op in OPS.items() if op.launch is not None)
+
+
+# -- the plan ---------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Plan:
+    """Steps over named values; ``output`` is the traced output structure with ``Ref``s in it."""
+    steps: list
+    output: Any
+    dtype: torch.dtype
+    device: torch.device
+    input_name: str = "input"
+    in_channels: Optional[int] = None     # what the first kernel reading the input expects
+    notes: list = field(default_factory=list)   # why steps run as PyTorch, for reports
+
+    def __post_init__(self):
+        self._last_read: dict[str, int] = {}
+        for i, step in enumerate(self.steps):
+            for name in step.reads:
+                self._last_read[name] = i
+        kept = set(_refs(self.output))
+        self._release = [[n for n, i in self._last_read.items()
+                          if i == k and n != self.input_name and n not in kept]
+                         for k in range(len(self.steps))]
+        # values a kernel reads that a kernel did not write: made channels_last before the launch
+        produced_by_kernel = {s.output for s in self.steps if s.kind in KERNEL_KINDS}
+        self._relayout = [tuple(role for role, name in s.inputs.items() if name not in produced_by_kernel)
+                          if s.kind in KERNEL_KINDS else () for s in self.steps]
+        self._ops = [OPS[s.kind] for s in self.steps]
+
+    @property
+    def output_names(self) -> list[str]:
+        return _refs(self.output)
+
+    def classes(self, input_shape: tuple) -> int:
+        """Columns of the plan's single [N, classes] output for inputs of ``input_shape``
+        (0 when the output is something else)."""
+        if not isinstance(self.output, Ref):
+            return 0
+        try:
+            shape = self.value_shapes(input_shape)[self.output.name]
+        except Exception:   # noqa: BLE001 - an output the fake run cannot size
+            return 0
+        return shape[1] if shape is not None and len(shape) == 2 else 0
+
+    def run(self, x: torch.Tensor, backend, buffers: Optional[dict] = None):
+        """The output for input ``x`` on ``backend`` (an object from ``fastres.backend``).
+
+        ``buffers`` (from ``allocate``) makes every kernel step write into a preallocated output,
+        so a forward allocates nothing but what PyTorch steps allocate (what the engine captures
+        in a CUDA graph).
+        """
+        env = {self.input_name: x}
+        for step, op, relayout, release in zip(self.steps, self._ops, self._relayout, self._release):
+            args = {role: env[name] for role, name in step.inputs.items()}
+            for role in relayout:
+                args[role] = backend.to_nhwc(args[role])
+            out = buffers.get(step.output) if buffers else None
+            env[step.output] = backend.run(step, op, args, out)
+            if buffers is None:
+                for name in release:
+                    del env[name]
+        return _map_refs(self.output, env)
+
+    def prepare(self, backend) -> "Plan":
+        """Pack every step's weights for ``backend`` now (otherwise on first use)."""
+        with torch.no_grad():
+            for step, op in zip(self.steps, self._ops):
+                backend.prepare(step, op)
+        return self
+
+    def value_shapes(self, input_shape: tuple) -> dict[str, tuple]:
+        """Shape of every value a forward on ``input_shape`` produces, by name. Kernel steps are
+        sized by their formula; PyTorch steps run on fake tensors."""
+        shapes = {self.input_name: tuple(input_shape)}
+        fake = None
+        for step, op in zip(self.steps, self._ops):
+            ins = {role: shapes[name] for role, name in step.inputs.items()}
+            if op.out_shape is not None:
+                shapes[step.output] = tuple(op.out_shape(step, ins))
+                continue
+            if fake is None:
+                from torch._subclasses.fake_tensor import FakeTensorMode
+                fake = FakeTensorMode(allow_non_fake_inputs=True)
+            with fake:
+                args = {role: torch.empty(ins[role], dtype=self.dtype, device=self.device)
+                        for role in ins}
+                y = op.reference(step, args, None, False)
+            shapes[step.output] = tuple(y.shape) if torch.is_tensor(y) else None
+        return shapes
+
+    def memory_layout(self, input_shape: tuple) -> tuple[dict, list]:
+        """Assign every value a kernel step writes to a memory slot; values whose lifetimes (from
+        the step that writes them to the last step that reads them) do not overlap share a slot.
+
+        Returns ({value: (slot, shape)}, [slot numel]). A step's inputs are alive while it runs,
+        so its output never shares memory with them (the kernels refuse aliasing); outputs of the
+        plan stay alive to the end. PyTorch steps allocate their own outputs.
+        """
+        shapes = self.value_shapes(input_shape)
+        kept = set(self.output_names)
+        slot_sizes: list[int] = []
+        slot_busy_until: list[int] = []
+        layout = {}
+        for i, step in enumerate(self.steps):
+            if step.kind not in KERNEL_KINDS:
+                continue
+            shape = shapes[step.output]
+            numel = math.prod(shape)
+            free = [s for s in range(len(slot_sizes)) if slot_busy_until[s] < i]
+            fitting = [s for s in free if slot_sizes[s] >= numel]
+            if fitting:
+                slot = min(fitting, key=lambda s: slot_sizes[s])
+            elif free:
+                slot = max(free, key=lambda s: slot_sizes[s])
+                slot_sizes[slot] = numel
+            else:
+                slot = len(slot_sizes)
+                slot_sizes.append(numel)
+                slot_busy_until.append(0)
+            end = len(self.steps) if step.output in kept else self._last_read.get(step.output, len(self.steps))
+            slot_busy_until[slot] = end
+            layout[step.output] = (slot, shape)
+        return layout, slot_sizes
+
+    def allocate(self, input_shape: tuple, *, share_memory: bool = True) -> dict[str, torch.Tensor]:
+        """Preallocated outputs for ``run``: channels_last activations, contiguous 2-D outputs.
+
+        ``share_memory`` lays values out by ``memory_layout`` (a few activations' worth, what the
+        engine keeps per batch bucket); without it every value keeps its own buffer, so all
+        intermediates can be inspected after the forward.
+        """
+        if share_memory:
+            layout, slot_sizes = self.memory_layout(input_shape)
+        else:
+            shapes = self.value_shapes(input_shape)
+            named = [(s.output, shapes[s.output]) for s in self.steps if s.kind in KERNEL_KINDS]
+            layout = {name: (i, shape) for i, (name, shape) in enumerate(named)}
+            slot_sizes = [math.prod(shape) for _, shape in named]
+        slots = [torch.empty(n, dtype=self.dtype, device=self.device) for n in slot_sizes]
+        buffers = {}
+        for name, (slot, shape) in layout.items():
+            flat = slots[slot][:math.prod(shape)]
+            if len(shape) == 4:
+                n, c, h, w = shape
+                buffers[name] = flat.view(n, h, w, c).permute(0, 3, 1, 2)   # channels_last
+            else:
+                buffers[name] = flat.view(shape)
+        return buffers
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __repr__(self) -> str:
+        kinds = {}
+        for s in self.steps:
+            kinds[s.kind] = kinds.get(s.kind, 0) + 1
+        return f"Plan({len(self.steps)} steps {kinds}, {self.dtype}, {self.device})"
+
+
+def _refs(structure) -> list[str]:
+    out: list[str] = []
+
+    def visit(v):
+        if isinstance(v, Ref):
+            out.append(v.name)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                visit(item)
+        elif isinstance(v, dict):
+            for item in v.values():
+                visit(item)
+    visit(structure)
+    return out
+
+
+def _map_refs(structure, env: dict):
+    if isinstance(structure, Ref):
+        return env[structure.name]
+    if isinstance(structure, tuple):
+        return tuple(_map_refs(v, env) for v in structure)
+    if isinstance(structure, list):
+        return [_map_refs(v, env) for v in structure]
+    if isinstance(structure, dict):
+        return {k: _map_refs(v, env) for k, v in structure.items()}
+    return structure
