@@ -19,7 +19,7 @@ _LAZY = {
                        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
                        "wide_resnet50_2", "wide_resnet101_2", "fold_bn"],
     "fastres.capture": ["FallbackWarning"],
-    "fastres.optimize": ["optimize"],
+    "fastres.optimized": ["optimize", "Optimized"],
     "fastres.checkpoint": ["export", "load"],
     "fastres.engine": ["Engine", "IMAGENET_MEAN", "IMAGENET_STD"],
 }

@@ -15,10 +15,12 @@
                                                                  call, so the plan always computes
                                                                  what the module computes
     guard      the plan is valid while nothing that changes its answer changed (``Guard``)
-    fallback   where fastres cannot compute exactly what PyTorch would (hooks, parametrizations, a
-               submodule in training mode, autograd, autocast, a dtype the kernels lack, a forward
-               fx cannot trace), the module's own forward runs, with a one-time warning that says
-               why (``FastPath``)
+    fallback   where fastres cannot compute exactly what PyTorch would (hooks, parametrizations,
+               autograd, autocast, a dtype the kernels lack, a forward fx cannot trace), the
+               module's own forward runs, with a one-time warning that says why (``FastPath``)
+
+A submodule left in training mode is never fused (a BatchNorm in train mode is not folded, a
+Dropout in train mode is not skipped): it runs as a PyTorch step, as PyTorch would run it.
 """
 from __future__ import annotations
 
@@ -85,17 +87,25 @@ def fallback_reason(module: nn.Module) -> Optional[str]:
                 return f"'{label}' has a {kind} (weight_norm, spectral_norm and pruning are hooks too)"
         if parametrize.is_parametrized(m):
             return f"'{label}' has a parametrization ({', '.join(m.parametrizations)})"
-        if m.training:
-            return f"'{label}' ({type(m).__name__}) is in training mode inside an eval model"
-    dtypes = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
-    if len(dtypes) > 1:
-        return f"its parameters mix dtypes ({', '.join(sorted(str(d) for d in dtypes))})"
-    if dtypes and next(iter(dtypes)) not in SUPPORTED_DTYPES:
-        return f"the kernels do not run {next(iter(dtypes))}"
+    dtype = compute_dtype(module)
+    if dtype not in SUPPORTED_DTYPES:
+        return f"the kernels do not run {dtype}"
     devices = {t.device for t in (*module.parameters(), *module.buffers())}
     if len(devices) > 1:
         return f"its parameters are on several devices ({', '.join(sorted(map(str, devices)))})"
     return None
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the plan computes in: its first convolution's weight's (biases may stay fp32, as
+    ``fastres.fold_bn`` keeps them), else its first floating parameter's, else float32."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.weight.dtype
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
 
 
 # -- tracing ----------------------------------------------------------------------------------
@@ -495,7 +505,7 @@ def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None) -> Plan:
     if reason is not None:
         raise Unsupported(reason)
     param = next(iter((*module.parameters(), *module.buffers())), None)
-    model_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    model_dtype = compute_dtype(module)
     device = param.device if param is not None else torch.device("cpu")
     dtype = dtype or model_dtype
     if dtype not in SUPPORTED_DTYPES:

@@ -58,6 +58,7 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch
     if dtype not in _DTYPES.values():
         raise ValueError(f"export dtype must be one of float16, bfloat16, float32; got {dtype}")
     folded = fold_bn(model, dtype=dtype)
+    _check_reproducible(folded)
     if not isinstance(folded.fc, nn.Linear):
         raise ValueError(f"export supports an nn.Linear fc head; this model's fc is "
                          f"{type(folded.fc).__name__}")
@@ -88,6 +89,21 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch
     path = os.fspath(path)
     save_file(tensors, path, metadata=metadata)
     return path
+
+
+def _check_reproducible(folded: nn.Module) -> None:
+    """An export holds a ResNet's folded weights and config, nothing else: refuse a model whose
+    forward that would not reproduce (hooks, a replaced activation or pool, a custom block)."""
+    from .capture import Unsupported, capture
+
+    try:
+        plan = capture(folded)
+    except Unsupported as err:
+        raise ValueError(f"fastres.export: this model cannot be exported faithfully: {err}") from None
+    custom = [f"{s.name} ({s.ops[0]})" for s in plan.steps if s.kind == "torch"]
+    if custom:
+        raise ValueError("fastres.export: the export format holds a torchvision-structured ResNet, "
+                         f"but this model computes more: {', '.join(custom[:5])} would be lost")
 
 
 def read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -50,7 +50,7 @@ def test_inspect_json_schema_and_totals(capsys):
     # FLOPs do not depend on fusion (up to BN/ReLU/add elementwise work)
     assert totals["flops_per_image"] == pytest.approx(report["reference"]["flops_per_image"], rel=0.02)
     main(["inspect", "--arch", "resnet18", "--batch", "8", "--size", "64"])
-    assert "torchvision eval" in capsys.readouterr().out
+    assert "unfused PyTorch eval" in capsys.readouterr().out
 
 
 def test_inspect_reference_counts_torchvision_eval():

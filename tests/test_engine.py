@@ -11,7 +11,8 @@ import torchvision
 import fastres
 from fastres.backend import interpreter_enabled
 from fastres.engine import Engine
-from fastres.plan import Plan, build_plan
+from fastres.capture import capture
+from fastres.ir import Plan
 from fastres.verify import image_batch, randomize_norm_stats_
 
 from digits import MEAN, STD, trained_digits_model
@@ -347,7 +348,7 @@ def test_out_of_memory_names_the_bucket(monkeypatch, digits):
 def test_activation_layout_never_overwrites_a_live_value(arch):
     with torch.device("meta"):
         model = getattr(fastres, arch)().eval()
-    plan = build_plan(model)
+    plan = capture(model)
     shape = (3, 3, 64, 48)
     layout, slots = plan.memory_layout(shape)
     shapes = plan.value_shapes(shape)
@@ -357,15 +358,15 @@ def test_activation_layout_never_overwrites_a_live_value(arch):
             last_read[name] = i
     written = {}
     for i, step in enumerate(plan.steps):
-        slot, value_shape = layout[step.dst]
-        assert value_shape == shapes[step.dst]
+        slot, value_shape = layout[step.output]
+        assert value_shape == shapes[step.output]
         assert slots[slot] >= torch.Size(value_shape).numel()
         for name, (other_slot, _) in layout.items():
             alive = name in written and last_read.get(name, len(plan.steps)) >= i
-            assert not (alive and other_slot == slot), f"{step.dst} overwrites {name} at step {i}"
-        written[step.dst] = i
+            assert not (alive and other_slot == slot), f"{step.output} overwrites {name} at step {i}"
+        written[step.output] = i
     assert len(slots) <= 4   # ResNets need 3: block input, a middle value, the next one
-    everything = sum(torch.Size(s).numel() for k, s in shapes.items() if k != "input")
+    everything = sum(torch.Size(s).numel() for k, s in shapes.items() if k != plan.input_name)
     assert sum(slots) < everything / 2
 
 

@@ -18,6 +18,7 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
+from fastres.backend import get_backend
 from fastres.verify import image_batch, randomize_norm_stats_
 
 from digits import trained_digits_model
@@ -93,7 +94,7 @@ def test_whole_model_fp32_matches_torchvision(arch, kwargs, size, device):
     x = image_batch(2, size).to(device)
     with torch.no_grad():
         expected = reference(x)
-        plan = model.plan().prepare("triton")   # fold and pack: plan-time work, not per forward
+        plan = model.plan().prepare(get_backend("triton"))   # fold and pack: plan-time work, not per forward
         with fastres.use_backend("triton"), count_launches() as (launches, recorder):
             got = model(x)   # NCHW input: the extension's nchw_to_nhwc, then the plan's kernels
     assert rel_err(got, expected) <= 1e-3
