@@ -31,9 +31,9 @@ from torch import nn
 
 __all__ = ["Guard", "native_guard_available"]
 
+# (the *_with_kwargs / *_always_called dicts only ever hold keys of hooks in these)
 _STRUCTURE_DICTS = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks",
-                    "_backward_hooks", "_backward_pre_hooks", "_forward_hooks_with_kwargs",
-                    "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+                    "_backward_hooks", "_backward_pre_hooks")
 
 
 def _native():
