@@ -15,6 +15,8 @@ import torch
 import fastres
 from fastres.guard import native_guard_available
 
+from conftest import QUICK
+
 GOAL_US = 20.0
 
 
@@ -56,4 +58,5 @@ def test_per_forward_overhead(served):
           f"load average {load:.2f}:")
     for name, values in rows.items():
         print(f"  {name:<16} {min(values):9.1f} us (best of 3 medians)")
-    assert min(rows["whole dispatch"]) < GOAL_US
+    if not QUICK:     # the quick run (CI, a loaded machine) reports; the full run holds the goal
+        assert min(rows["whole dispatch"]) < GOAL_US, f"per-forward overhead above {GOAL_US} us"

@@ -6,8 +6,8 @@ user's back:
 * CUDA tensors -> ``triton`` (our kernels); CPU tensors -> ``torch`` (the references in kernels/,
   channels_last, which is what makes the CPU path fast); ``meta`` tensors -> ``triton`` (recording
   launches for ``fastres aot`` / ``fastres inspect``).
-* ``FASTRES_BACKEND=triton|torch`` or ``fastres.set_backend(...)`` / ``with fastres.use_backend(...)``
-  force one. Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` in the environment
+* ``FASTRES_BACKEND=triton|torch`` (read when fastres is imported) or ``fastres.set_backend(...)`` /
+  ``with fastres.use_backend(...)`` force one. Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` in the environment
   before fastres is imported: that is how the exact GPU code path runs in tests.
 """
 from __future__ import annotations
@@ -51,9 +51,14 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# FASTRES_BACKEND is read once, at import: this runs on every forward, and an os.environ lookup
+# costs about a microsecond.
+_ENV_CHOICE = _validate(os.environ.get("FASTRES_BACKEND") or "auto")
+
+
 def requested_backend() -> str:
-    choice = getattr(_state, "choice", None) or _global_choice or os.environ.get("FASTRES_BACKEND") or "auto"
-    return _validate(choice)
+    choice = getattr(_state, "choice", None) or _global_choice
+    return choice if choice is not None else _ENV_CHOICE
 
 
 def backend_for(device: torch.device) -> str:

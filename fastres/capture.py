@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .backend import backend_for, get_backend
 from .fold import NotFoldableError, fold_conv_bn
 from .guard import Guard
 from .ir import Plan, Ref, Step
@@ -590,23 +591,43 @@ class FastPath:
             warnings.warn(f"fastres: {reason}; running the module's own PyTorch forward",
                           FallbackWarning, stacklevel=stacklevel)
 
-    def __call__(self, module: nn.Module, x, pytorch_forward: Callable):
-        reason = _call_reason(module, x)
-        if reason is None:
+    def __call__(self, module: nn.Module, x, pytorch_forward: Callable,
+                 check_input: Optional[Callable] = None):
+        """``module``'s forward on ``x``: the plan, or ``pytorch_forward(x)`` with the reason said
+        once. ``check_input(x, module)`` raises a clear error for an input the module cannot take;
+        it runs only when the input does not fit the plan (the per-forward cost is the guard)."""
+        state = self._state
+        if state is None or not state.guard.check():
             state = self.state(module)
-            reason = state.reason or _input_mismatch(state.plan, x)
-        if reason is not None:
-            self.notice(reason)
-            return pytorch_forward(x)
-        from .backend import backend_for, get_backend
-        return state.plan.run(x, get_backend(backend_for(x.device)))
+        plan = state.plan
+        if (plan is not None and type(x) is torch.Tensor and x.dim() == 4 and x.shape[0]
+                and x.dtype is plan.dtype and x.device == plan.device
+                and (plan.in_channels is None or x.shape[1] == plan.in_channels)
+                and not (torch.is_grad_enabled() and _needs_grad(module, x))
+                and not torch.is_autocast_enabled(x.device.type)):
+            return plan.run(x, _backend_for(x.device))
+        if check_input is not None:
+            check_input(x, module)
+        reason = _call_reason(module, x) or state.reason or _input_mismatch(plan, x)
+        if reason is None:     # e.g. a tensor subclass: the plan runs it as any tensor
+            return plan.run(x, _backend_for(x.device))
+        self.notice(reason)
+        return pytorch_forward(x)
+
+
+def _needs_grad(module: nn.Module, x) -> bool:
+    return x.requires_grad or any(p.requires_grad for p in module.parameters())
+
+
+def _backend_for(device):
+    return get_backend(backend_for(device))
 
 
 def _call_reason(module: nn.Module, x) -> Optional[str]:
     """Why this call must run PyTorch's forward whatever the plan, or None (cheap: no plan)."""
     if not torch.is_tensor(x):
         return f"the input is a {type(x).__name__}, not a tensor"
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+    if torch.is_grad_enabled() and _needs_grad(module, x):
         return ("autograd reaches the parameters or the input (grad mode on); serve under "
                 "torch.inference_mode() or torch.no_grad() to run the fused plan")
     if torch.is_autocast_enabled(x.device.type):
@@ -618,7 +639,7 @@ def _call_reason(module: nn.Module, x) -> Optional[str]:
     return None
 
 
-def _input_mismatch(plan: Plan, x) -> Optional[str]:
-    if x.dtype != plan.dtype or x.device != plan.device:
+def _input_mismatch(plan: Optional[Plan], x) -> Optional[str]:
+    if plan is not None and (x.dtype != plan.dtype or x.device != plan.device):
         return "an input whose dtype or device differs from the parameters'"
     return None

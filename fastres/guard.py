@@ -86,7 +86,8 @@ class Guard:
                 seen_classes.add(cls)
                 dicts.append(_class_dict(cls))
             tensors += [t for t in m._parameters.values() if t is not None]
-            tensors += [t for t in m._buffers.values() if t is not None]
+            # integer buffers (BatchNorm's num_batches_tracked) never change an eval result
+            tensors += [t for t in m._buffers.values() if t is not None and t.is_floating_point()]
         tensors = list({id(t): t for t in tensors}.values())
         self._dicts = dicts
         self._dict_items = [tuple(d.items()) for d in dicts]

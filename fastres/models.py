@@ -92,8 +92,7 @@ class ResNet(tv.ResNet):
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_graph_capture():
             return self._forward_impl(x)
-        check_input(x, self)
-        return self._fastres(self, x, self._forward_impl)
+        return self._fastres(self, x, self._forward_impl, check_input)
 
     def plan(self) -> Plan:
         """The current inference plan (recaptured if anything it depends on changed since);
