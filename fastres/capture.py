@@ -278,6 +278,12 @@ class _Matcher:
             ok = unit is not None and self.single_user(self.unit_end(unit)) is add
             units.append(unit if ok else None)
         up, uq = units
+        if add.target in (operator.iadd, "add_"):
+            # ``a += b`` writes into ``a``: fused, nothing is written, so ``a`` must be the conv
+            # output the step replaces (a later reader of ``b`` must not see the sum either way)
+            uq = None
+            if up is None:
+                return None
         if up and uq:
             if self.is_projection(uq):
                 return up, uq, None

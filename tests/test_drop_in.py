@@ -426,3 +426,22 @@ def test_export_refuses_a_model_its_plan_would_not_reproduce(tmp_path, pair):
     model.layer2.register_forward_hook(_scale_output)
     with pytest.raises(ValueError, match="forward hook"):
         fastres.export(model, tmp_path / "m.safetensors")
+
+
+def test_in_place_add_into_a_value_read_later_is_not_fused():
+    """``x += y`` writes into x, which a later node reads: fusing it would lose that write."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            x += y
+            return x * 2 + y
+    torch.manual_seed(0)
+    block = randomize_norm_stats_(Block()).eval()
+    x = torch.randn(2, 8, 8, 8)
+    fast = fastres.optimize(block).eval()
+    assert rel_err(fast(x.clone()), block(x.clone())) <= TOL
+    assert [s.kind for s in fast.plan().steps] == ["conv", "torch", "torch", "torch"]
