@@ -184,7 +184,7 @@ def test_other_format_and_other_architecture(exported, tmp_path):
     fastres.export(reference("resnet34", num_classes=5), other, dtype=torch.float32)
     from safetensors.torch import load_file
     _rewrite(exported, tensors=load_file(str(other)))
-    with pytest.raises(ExportFormatError, match="do not fit a resnet18.*unexpected"):
+    with pytest.raises(ExportFormatError, match=r"layers \[2, 2, 2, 2\] but the file holds \[3, 4, 6, 3\]"):
         fastres.load(exported)
 
 
