@@ -57,15 +57,14 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch
 
     if dtype not in _DTYPES.values():
         raise ValueError(f"export dtype must be one of float16, bfloat16, float32; got {dtype}")
-    folded = fold_bn(model, dtype=dtype)
+    folded = fold_bn(model, dtype=torch.float32)    # folded in fp32; cast below
     if not isinstance(folded.fc, nn.Linear):
         raise ValueError(f"export supports an nn.Linear fc head; this model's fc is "
                          f"{type(folded.fc).__name__}")
     config = dict(folded.config, num_classes=folded.fc.out_features)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in folded.state_dict().items()}
-    tensors["fc.weight"] = tensors["fc.weight"].to(dtype)
-    if "fc.bias" in tensors:
-        tensors["fc.bias"] = tensors["fc.bias"].float()
+    # weights in the export dtype, biases in fp32 (folded in fp32, never rounded through dtype)
+    tensors = {k: (v.to(dtype) if k.endswith(".weight") else v).detach().to("cpu").contiguous()
+               for k, v in folded.state_dict().items()}
     meta = getattr(folded, "meta", {}) or {}
     categories = categories if categories is not None else meta.get("categories")
     preprocess = preprocess if preprocess is not None else meta.get("preprocess")
@@ -128,6 +127,10 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, *,
          arch: Optional[str] = None) -> nn.Module:
     """A ready inference module (eval, inference-only) from a ``fastres.export`` file.
 
+    Every parameter is in the file's dtype (the file's fp32 biases are rounded to it once), as for
+    ``fastres.fold_bn``'s modules, so ``.float()``, ``.double()``, ``.half()``, ``.to()`` behave as
+    on any module; reload the file for the exact fp32 biases.
+
     ``arch``, when given, must match the file's architecture.
     """
     from .models import ResNet
@@ -152,6 +155,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, *,
             f"{path}: tensors do not fit a {metadata.get('arch')} with config {config} "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]})")
     model.load_state_dict(tensors, assign=True)
+    # one dtype for every parameter (fp32 biases of the file rounded once), like fold_bn's modules
+    model.to(dtype=_DTYPES[metadata["dtype"]])
     model.requires_grad_(False)
     if "categories" in metadata:
         model.meta["categories"] = metadata["categories"]

@@ -7,6 +7,8 @@ For a convolution followed by an eval-mode BatchNorm,
     b'    = (b - running_mean) * scale + beta      (b = 0 when the conv has no bias)
 
 computed in fp32 whatever the parameters' dtype, and cast once to the compute dtype by the caller.
+``fold_bn`` returns a module whose parameters all share one dtype (a plain module PyTorch's forward
+can run); the plan and export files keep the biases in fp32.
 """
 from __future__ import annotations
 
@@ -85,31 +87,32 @@ def folded_skeleton_(model: nn.Module) -> nn.Module:
 def fold_bn(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """An inference-only copy of a ResNet with every BatchNorm folded into its convolution.
 
-    Accepts a fastres or torchvision ResNet; the original is left untouched. The copy keeps the
-    model's dtype (or casts weights to ``dtype``; biases stay fp32 so the epilogue adds them
-    exactly), refuses ``train()`` and has ``requires_grad`` off. Its outputs equal the unfolded
-    eval model's within fp32 rounding.
+    Accepts a fastres or torchvision ResNet; the original is left untouched. Folding is computed in
+    fp32 and cast once to the model's dtype (or ``dtype``): every parameter of the copy, conv and fc
+    weights and biases alike, is in that one dtype, so the copy is an ordinary module that PyTorch's
+    own forward runs and that ``.float()``, ``.double()``, ``.half()`` and ``.to()`` move like any
+    other (the plan reads biases in fp32 whatever their dtype). The copy refuses ``train()``, has
+    ``requires_grad`` off, and its outputs equal the unfolded eval model's within rounding of ``dtype``.
     """
     from .models import ResNet, from_torchvision
 
     source = from_torchvision(model) if not isinstance(model, ResNet) else model
     if getattr(source, "inference_only", False):
-        return source
+        return source if dtype is None else copy.deepcopy(source).to(dtype)
     # 1. new weights first, from the untouched model
     folded = {conv: fold_conv_bn(source.get_submodule(conv), source.get_submodule(norm))
               for conv, norm in conv_norm_pairs(source)}
     # 2. then the structural swap on a copy
     out = copy.deepcopy(source)
     folded_skeleton_(out)
-    weight_dtype = dtype or source.conv1.weight.dtype
+    out_dtype = dtype or source.conv1.weight.dtype
     with torch.no_grad():
         for conv_name, (weight, bias) in folded.items():
             conv = out.get_submodule(conv_name)
-            conv.weight = nn.Parameter(weight.to(weight_dtype), requires_grad=False)
-            conv.bias = nn.Parameter(bias, requires_grad=False)
-    if dtype is not None:
-        fc = out.fc
-        for p in fc.parameters():
-            p.data = p.data.to(dtype)
+            conv.weight = nn.Parameter(weight.to(out_dtype), requires_grad=False)
+            conv.bias = nn.Parameter(bias.to(out_dtype), requires_grad=False)
+        for name, p in list(out.fc.named_parameters(recurse=False)):
+            setattr(out.fc, name, nn.Parameter(p.detach().to(out_dtype), requires_grad=False))
     out.requires_grad_(False)
     return out.eval()
+
