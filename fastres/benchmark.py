@@ -409,7 +409,7 @@ def plot(results: list[Measurement], path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("the benchmark plot needs matplotlib: pip install 'fastres[bench]'") from None
+        raise ImportError(f"the benchmark plot needs matplotlib: {PLOT_INSTALL_HINT}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -434,13 +434,29 @@ def plot(results: list[Measurement], path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[Measurement], out_dir: str) -> dict[str, str]:
-    """``bench.md`` (table), ``bench.json`` (one row per implementation x batch), ``bench.png``."""
+PLOT_INSTALL_HINT = "pip install matplotlib (or pip install -e '.[bench]')"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib (needed only for bench.png) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_report(results: list[Measurement], out_dir: str, *, png: bool = True) -> dict[str, str]:
+    """``bench.md`` (table), ``bench.json`` (one row per implementation x batch), and ``bench.png``
+    unless ``png`` is False (no matplotlib): the returned paths are the files written."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"bench.{ext}") for ext in ("md", "json", "png")}
     with open(paths["md"], "w") as f:
         f.write(markdown(results))
     with open(paths["json"], "w") as f:
         json.dump([m.row() for m in results], f, indent=1)
-    plot(results, paths["png"])
+    if png:
+        plot(results, paths["png"])
+    else:
+        del paths["png"]
     return paths

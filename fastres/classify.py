@@ -3,12 +3,16 @@
 Files are decoded by ``torchvision.io`` in DataLoader workers, resized (shorter side) and centre-
 cropped as the model's preprocessing metadata says (torchvision's ``ImageClassification`` steps:
 bilinear, antialiased), and sent to the Engine as uint8 [N, H, W, 3] batches, which normalises
-them. A file that cannot be read or decoded is reported on stderr by name and skipped.
+them. Grayscale, palette, CMYK and alpha images are converted to RGB, 16-bit PNGs scaled to 8 bits.
+A file that cannot be read or decoded (truncated, not an image, an unsupported format) is reported
+on stderr by name with the reason, and skipped; the others are classified. The exit status is 0
+when every file was classified, 1 when any path was missing or skipped, 2 for a usage error.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -50,6 +54,14 @@ def load_image(path: str, resize: int, crop: int) -> torch.Tensor:
         # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work
         warnings.simplefilter("ignore", DeprecationWarning)
         image = decode_image(path, mode=ImageReadMode.RGB)
+    if image.dtype == torch.uint16:      # 16-bit PNG: to 8 bits the way torchvision scales dtypes
+        from torchvision.transforms.v2.functional import to_dtype
+        image = to_dtype(image, torch.uint8, scale=True)
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"decoded to an unsupported {image.dtype} image of shape {tuple(image.shape)} "
+                         "(expected 8-bit RGB)")
+    if image.shape[1] < 1 or image.shape[2] < 1:
+        raise ValueError(f"image has no pixels ({image.shape[2]}x{image.shape[1]})")
     image = TF.resize(image, [resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
     image = TF.center_crop(image, [crop])
     return image.permute(1, 2, 0).contiguous()
@@ -67,8 +79,20 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             return i, load_image(self.files[i], self.resize, self.crop), None
-        except (RuntimeError, OSError, ValueError) as err:
-            return i, None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}"
+        except Exception as err:   # noqa: BLE001 - one bad file is reported and skipped, whatever failed
+            return i, None, _describe_error(err)
+
+
+def _describe_error(err: Exception) -> str:
+    """One line for a file that failed to load: the decoder's message without its C++ source location."""
+    lines = str(err).strip().splitlines()
+    text = lines[-1] if lines else ""
+    text = re.sub(r"^\w+, \S+\.(?:cpp|h|cu):\d+, ", "", text)   # "decode_jpeg, .../decode_jpeg.cpp:171, "
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror
+    if isinstance(err, RuntimeError) and text:
+        return f"cannot decode image: {text}"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _collate(items):

@@ -72,6 +72,17 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a usage error, exit status 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -90,12 +101,22 @@ def cmd_bench(args) -> int:
     except ValueError:
         print(f"fastres bench: --batch takes a comma list of ints, got {args.batch!r}", file=sys.stderr)
         return 2
+    if batches is not None and (not batches or min(batches) < 1):
+        print(f"fastres bench: --batch sizes must be >= 1, got {args.batch!r}", file=sys.stderr)
+        return 2
     archs = args.arch.split(",") if args.arch else None
+    # optional dependencies are checked before the (long) comparison runs, not after it
+    png = benchmark.can_plot()
+    if not png:
+        print(f"fastres bench: matplotlib is not installed, so bench.png will be skipped "
+              f"(bench.md and bench.json are written); for the plot: {benchmark.PLOT_INSTALL_HINT}",
+              file=sys.stderr)
     settings = benchmark.settings_for(args.quick, archs=archs, batches=batches, size=args.size)
     results = benchmark.run_comparison(settings, device, progress=not args.no_progress)
-    paths = benchmark.write_report(results, args.out)
+    paths = benchmark.write_report(results, args.out, png=png)
     print(benchmark.markdown(results))
-    print("wrote " + ", ".join(paths.values()))
+    print("wrote " + ", ".join(paths.values())
+          + ("" if png else f" (bench.png skipped: no matplotlib; {benchmark.PLOT_INSTALL_HINT})"))
     return 0
 
 
@@ -114,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_verify)
 
@@ -131,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(no GPU needed) and check registers, spills, shared memory")
     p.add_argument("--arch", default="resnet50,resnext50_32x4d", help="comma list")
     p.add_argument("--batch", default="1,32,256")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--sm", default="80,90")
     p.add_argument("--workers", type=int, default=2)
@@ -140,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print the plan: fused ops, GEMM shapes, FLOPs and modelled "
                                        "traffic per kernel, against torchvision's unfused forward")
     p.add_argument("--arch", default="resnet50")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=positive_int, default=256)
+    p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
@@ -151,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="architecture or comma list "
                                                 "(default resnet50,resnet18,resnet101; --quick: resnet18)")
     p.add_argument("--batch", default=None, help="comma list (default 1,8,64,256; --quick: 1,4)")
-    p.add_argument("--size", type=int, default=None, help="image side (default 224; --quick: 64)")
+    p.add_argument("--size", type=positive_int, default=None, help="image side (default 224; --quick: 64)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="small batches and size, few rounds")
@@ -159,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("classify", help="top-k classes of image files (or directories of them)")
+    p = sub.add_parser("classify", help="top-k classes of image files (or directories of them)",
+                       epilog="A file that cannot be decoded is reported on stderr with the reason and "
+                              "skipped; the rest are classified. Exit status: 0 all classified, 1 some "
+                              "path missing or skipped, 2 usage error (bad option, no images, bad weights).")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--weights", default="DEFAULT",
                    help="a fastres export file, a checkpoint file, or torchvision weights "

@@ -7,6 +7,8 @@ For a convolution followed by an eval-mode BatchNorm,
     b'    = (b - running_mean) * scale + beta      (b = 0 when the conv has no bias)
 
 computed in fp32 whatever the parameters' dtype, and cast once to the compute dtype by the caller.
+``fold_bn`` returns a module whose parameters all share one dtype (a plain module PyTorch's forward
+can run); the plan and export files keep the biases in fp32.
 """
 from __future__ import annotations
 

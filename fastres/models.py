@@ -7,8 +7,12 @@ produces the same logits from BN-folded, fused operations (see ``fastres.plan``)
 from __future__ import annotations
 
 import copy
+import functools
 import os
-from typing import Any, Optional
+import pickle
+import struct
+import warnings
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -19,7 +23,7 @@ from .fold import conv_norm_pairs, fold_conv_bn, folded_skeleton_
 from .ir import Plan
 
 __all__ = [
-    "ResNet", "BasicBlock", "Bottleneck", "from_torchvision",
+    "ResNet", "BasicBlock", "Bottleneck", "from_torchvision", "CheckpointError",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
     "wide_resnet50_2", "wide_resnet101_2", "fold_bn",
@@ -177,17 +181,25 @@ _WEIGHT_ENUMS = {
 }
 
 
+class CheckpointError(ValueError):
+    """A local checkpoint given as ``weights=`` that cannot be read or does not fit the model."""
+
+
+_LEGACY_WEIGHTS = "IMAGENET1K_V1"   # what torchvision's pretrained=True means for every ResNet
+
+
 def _build(arch: str, weights, progress: bool, kwargs: dict) -> ResNet:
     block, layers, fixed = _ARCHS[arch]
     for key, value in fixed.items():
         if key in kwargs and kwargs[key] != value:
             raise ValueError(f"{arch} fixes {key}={value}, got {key}={kwargs[key]}")
         kwargs[key] = value
-    checkpoint = None
+    checkpoint = path = None
     if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights):
-        checkpoint = _read_checkpoint(os.fspath(weights))
+        path = os.fspath(weights)
+        checkpoint = read_checkpoint(path)
         fc_weight = checkpoint.get("fc.weight")
-        if fc_weight is not None:
+        if fc_weight is not None and fc_weight.dim() == 2:
             kwargs.setdefault("num_classes", fc_weight.shape[0])
         weights = None
     else:
@@ -203,17 +215,21 @@ def _build(arch: str, weights, progress: bool, kwargs: dict) -> ResNet:
         model.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True))
         model.meta.update(_weights_meta(weights))
     if checkpoint is not None:
+        _check_checkpoint_fits(model, checkpoint, path, arch)
         model.load_state_dict(checkpoint)
     return model
 
 
 def _verify_weights(enum, weights):
-    if isinstance(weights, (str, os.PathLike)) and (
-            os.sep in os.fspath(weights) or os.fspath(weights).endswith((".pth", ".pt", ".safetensors"))):
-        raise FileNotFoundError(f"weights={os.fspath(weights)!r}: no such checkpoint file")
+    if isinstance(weights, (str, os.PathLike)):
+        name = os.fspath(weights)
+        if os.path.isdir(name):
+            raise CheckpointError(f"weights={name!r} is a directory, not a checkpoint file")
+        if os.sep in name or name.endswith((".pth", ".pt", ".safetensors")):
+            raise FileNotFoundError(f"weights={name!r}: no such checkpoint file")
     try:
         return enum.verify(weights)
-    except KeyError:
+    except (KeyError, TypeError, AssertionError):
         names = ", ".join(["DEFAULT", *enum.__members__])
         raise ValueError(f"unknown weights {weights!r} for {enum.__name__}; choose one of {names} "
                          "or give the path of a local checkpoint") from None
@@ -234,35 +250,139 @@ def _weights_meta(weights) -> dict:
     return meta
 
 
-def _read_checkpoint(path: str) -> dict:
-    """A torchvision-style state_dict from a local .pth/.pt or .safetensors file (no pickle code)."""
+# Containers training scripts wrap a state_dict in (checked in this order, at most this deep)
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "ema")
+_MAX_NESTING = 4
+
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """A torchvision-style state_dict from a local .pth/.pt or .safetensors file (no pickle code).
+
+    Every failure is a ``CheckpointError`` naming the file and what is wrong with it (empty,
+    truncated, not safetensors, pickled objects, no state_dict, non-tensor values).
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            if (f.metadata() or {}).get("format") == "fastres-folded-resnet":
-                raise ValueError(f"{path} is a fastres BN-folded export; load it with fastres.load()")
-            return {k: f.get_tensor(k) for k in f.keys()}
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+        state = _read_safetensors(path)
+    else:
+        state = _read_pickle_checkpoint(path)
+    for _ in range(_MAX_NESTING):
+        if not isinstance(state, dict):
+            break
+        if state and all(torch.is_tensor(v) for v in state.values()):
+            break
+        inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
+        raise CheckpointError(f"checkpoint {path} does not hold a state_dict (a dict of tensors): it "
+                              f"holds a {type(state).__name__}")
+    if not state:
+        raise CheckpointError(f"checkpoint {path} holds an empty dict, not a state_dict")
+    bad = [(k, v) for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if bad:
+        shown = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in bad[:5])
+        wrappers = " or ".join(repr(k) for k in _WRAPPER_KEYS)
+        raise CheckpointError(
+            f"checkpoint {path} is not a state_dict: {len(bad)} of its {len(state)} entries are not "
+            f"tensors under string keys ({shown}); a wrapped state_dict must sit under {wrappers}")
     return state
 
 
+def _read_safetensors(path: str) -> dict:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("format") == "fastres-folded-resnet":
+                raise CheckpointError(f"{path} is a fastres BN-folded export; load it with fastres.load()")
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file (truncated, "
+                              f"corrupt, or another format named .safetensors): {err}") from None
+
+
+def _read_pickle_checkpoint(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
+        if not detail:   # a bad opcode: not a pickle at all, or a damaged one
+            raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint (not written "
+                                  "by torch.save, or corrupt)") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely: it holds pickled Python objects other than "
+            f"tensors and plain containers ({detail}); save model.state_dict() with torch.save "
+            "or safetensors") from None
+    except (EOFError, RuntimeError, OSError, ValueError, KeyError, IndexError,
+            AttributeError, TypeError, ImportError, struct.error) as err:
+        text = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or "
+                              f"corrupt?): {type(err).__name__}: {text}") from None
+
+
+def _check_checkpoint_fits(model: nn.Module, state: dict, path: str, arch: str) -> None:
+    """A CheckpointError naming the file and the keys/shapes that do not fit ``model``."""
+    keys = list(state)
+    if all(k.startswith("module.") for k in keys):
+        raise CheckpointError(f"checkpoint {path}: keys start with 'module.' (saved from DataParallel/"
+                              "DistributedDataParallel); strip the prefix and save it again")
+    own = model.state_dict()
+    if not any(k.endswith(".running_mean") for k in keys) and any(k.endswith("conv1.bias") for k in keys):
+        raise CheckpointError(f"checkpoint {path} holds BN-folded weights (conv biases, no BatchNorm "
+                              "keys): load it with fastres.load() or into fastres.fold_bn(model)")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in keys if k not in own]
+    wrong = [f"{k} {list(state[k].shape)} (expected {list(own[k].shape)})"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    not_float = [f"{k} ({state[k].dtype})" for k in own if k in state and own[k].is_floating_point()
+                 and not state[k].is_floating_point()]
+    if missing or unexpected or wrong or not_float:
+        parts = []
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                            ("not floating point", not_float)):
+            if items:
+                more = f", ... ({len(items)} in all)" if len(items) > 4 else ""
+                parts.append(f"{what}: {', '.join(items[:4])}{more}")
+        raise CheckpointError(f"checkpoint {path} does not fit {arch} "
+                              f"(config {model.config}): " + "; ".join(parts))
+
+
 def _constructor(arch: str):
+    from torchvision.models._utils import handle_legacy_interface
+
     enum = _WEIGHT_ENUMS[arch]
 
     def build(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
         return _build(arch, weights, progress, kwargs)
 
     build.__name__ = build.__qualname__ = arch
-    build.__doc__ = (
+    build.__module__ = __name__
+    # torchvision.models.get_model_weights reads the enum off the ``weights`` annotation
+    build.__annotations__ = {"weights": Optional[Union[enum, str, os.PathLike]], "progress": bool,
+                             "kwargs": Any, "return": ResNet}
+    # pretrained=True/False (positional or keyword) as torchvision: its warning, its weights
+    legacy = handle_legacy_interface(weights=("pretrained", enum[_LEGACY_WEIGHTS]))(build)
+
+    @functools.wraps(legacy)
+    def constructor(*args: Any, **kwargs: Any) -> ResNet:
+        # a path object would read as a legacy ``pretrained`` flag to torchvision's wrapper
+        if isinstance(kwargs.get("weights"), os.PathLike):
+            kwargs["weights"] = os.fspath(kwargs["weights"])
+        if args and isinstance(args[0], os.PathLike):
+            args = (os.fspath(args[0]), *args[1:])
+        return legacy(*args, **kwargs)
+
+    constructor.__doc__ = (
         f"fastres {arch}: same signature and state_dict as torchvision.models.{arch}.\n\n"
         f"``weights`` takes a {enum.__name__} value or its name (downloaded through torchvision), "
-        "or the path of a local checkpoint (.pth/.pt state_dict or .safetensors).")
-    return build
+        "or the path of a local checkpoint (.pth/.pt state_dict or .safetensors). "
+        f"``pretrained=True`` (deprecated, as in torchvision) means {enum.__name__}.{_LEGACY_WEIGHTS}.")
+    return constructor
 
 
 resnet18 = _constructor("resnet18")
@@ -323,29 +443,29 @@ def from_torchvision(model: tv.ResNet) -> ResNet:
 def fold_bn(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """An inference-only copy of a ResNet with every BatchNorm folded into its convolution.
 
-    Accepts a fastres or torchvision ResNet; the original is left untouched. The copy keeps the
-    model's dtype (or casts weights to ``dtype``; biases stay fp32 so the epilogue adds them
-    exactly), refuses ``train()`` and has ``requires_grad`` off. Its outputs equal the unfolded
-    eval model's within fp32 rounding.
+    Accepts a fastres or torchvision ResNet; the original is left untouched. Folding is computed in
+    fp32 and cast once to the model's dtype (or ``dtype``): every parameter of the copy, conv and fc
+    weights and biases alike, is in that one dtype, so the copy is an ordinary module that PyTorch's
+    own forward runs and that ``.float()``, ``.double()``, ``.half()`` and ``.to()`` move like any
+    other (the plan reads biases in fp32 whatever their dtype). The copy refuses ``train()``, has
+    ``requires_grad`` off, and its outputs equal the unfolded eval model's within rounding of ``dtype``.
     """
     source = from_torchvision(model) if not isinstance(model, ResNet) else model
     if getattr(source, "inference_only", False):
-        return source
+        return source if dtype is None else copy.deepcopy(source).to(dtype)
     # 1. new weights first, from the untouched model
     folded = {conv: fold_conv_bn(source.get_submodule(conv), source.get_submodule(norm))
               for conv, norm in conv_norm_pairs(source)}
     # 2. then the structural swap on a copy
     out = copy.deepcopy(source)
     folded_skeleton_(out)
-    weight_dtype = dtype or source.conv1.weight.dtype
+    out_dtype = dtype or source.conv1.weight.dtype
     with torch.no_grad():
         for conv_name, (weight, bias) in folded.items():
             conv = out.get_submodule(conv_name)
-            conv.weight = nn.Parameter(weight.to(weight_dtype), requires_grad=False)
-            conv.bias = nn.Parameter(bias, requires_grad=False)
-    if dtype is not None:
-        fc = out.fc
-        for p in fc.parameters():
-            p.data = p.data.to(dtype)
+            conv.weight = nn.Parameter(weight.to(out_dtype), requires_grad=False)
+            conv.bias = nn.Parameter(bias.to(out_dtype), requires_grad=False)
+        for name, p in list(out.fc.named_parameters(recurse=False)):
+            setattr(out.fc, name, nn.Parameter(p.detach().to(out_dtype), requires_grad=False))
     out.requires_grad_(False)
     return out.eval()

@@ -133,3 +133,45 @@ def test_find_images_and_preprocessing(digits_files):
     assert preprocessing({}) == (256, 224)
     assert preprocessing({"preprocess": {"resize": 232, "crop": 224}}) == (232, 224)
     assert preprocessing({"preprocess": {"crop": 64}}) == (64, 64)
+
+
+def test_classify_odd_and_broken_images(digits_files, tmp_path, capsys):
+    """16-bit, palette, CMYK and alpha images are converted and classified; truncated, non-image and
+    unsupported files are reported one per line with the reason and skipped; exit status 1."""
+    import numpy as np
+    from PIL import Image
+
+    export, _, files = digits_files
+    source = sorted(files)[0]
+    rgb = np.asarray(Image.open(source).convert("RGB"))
+    gray = np.asarray(Image.open(source).convert("L"))
+    odd = {
+        "gray16.png": lambda p: Image.fromarray(gray.astype(np.uint16) * 257).save(p),  # exact 16-bit twin
+        "gray8.png": lambda p: Image.fromarray(gray).save(p),
+        "palette.png": lambda p: Image.fromarray(rgb).convert("P").save(p),
+        "rgba.png": lambda p: Image.fromarray(np.dstack([rgb, np.full(gray.shape, 200, np.uint8)])).save(p),
+        "cmyk.jpg": lambda p: Image.fromarray(rgb).convert("CMYK").save(p, quality=95),
+    }
+    for name, write in odd.items():
+        write(tmp_path / name)
+    Image.fromarray(rgb).resize((64, 64)).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.jpg").write_text("just text")
+    Image.fromarray(rgb).save(tmp_path / "bitmap.png", format="BMP")   # a BMP named .png
+    paths = sorted(str(p) for p in tmp_path.iterdir() if p.name != "whole.jpg")
+    code = cli.main(["classify", *paths, "--weights", str(export), "--json", "--workers", "0",
+                     "--batch", "3", "--topk", "1"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    rows = {json.loads(line)["path"].rsplit("/", 1)[1]: json.loads(line)["topk"] for line in out.splitlines()}
+    assert set(rows) == set(odd)
+    skipped = {line.split("skipped ")[1].split(":")[0].rsplit("/", 1)[1]: line for line in err.splitlines()
+               if "skipped" in line}
+    assert set(skipped) == {"truncated.jpg", "text.jpg", "bitmap.png"}
+    assert "incomplete or truncated" in skipped["truncated.jpg"]
+    assert "Unsupported image file" in skipped["text.jpg"] and ".cpp" not in skipped["text.jpg"]
+    # the 16-bit PNG holds the 8-bit grayscale values x 257: it must classify exactly as the 8-bit one
+    assert rows["gray16.png"] == rows["gray8.png"]
+    expected = trained_model_predictions([str(tmp_path / "gray8.png")])[0]
+    assert rows["gray8.png"][0]["index"] == int(expected.argmax())
