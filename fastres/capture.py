@@ -602,19 +602,22 @@ class FastPath:
         """``module``'s forward on ``x``: the plan, or ``pytorch_forward(x)`` with the reason said
         once. ``check_input(x, module)`` raises a clear error for an input the module cannot take;
         it runs only when the input does not fit the plan (the per-forward cost is the guard)."""
-        state = self._state
-        if state is None or not state.guard.check():
-            state = self.state(module)
-        plan = state.plan
+        if torch.is_grad_enabled() and torch.is_tensor(x) and _needs_grad(module, x):
+            state = plan = None      # autograd: PyTorch's forward, no plan built for it
+        else:
+            state = self._state
+            if state is None or not state.guard.check():
+                state = self.state(module)
+            plan = state.plan
         if (plan is not None and type(x) is torch.Tensor and x.dim() == 4 and x.shape[0]
                 and x.dtype is plan.dtype and x.device == plan.device
                 and (plan.in_channels is None or x.shape[1] == plan.in_channels)
-                and not (torch.is_grad_enabled() and _needs_grad(module, x))
                 and not torch.is_autocast_enabled(x.device.type)):
             return plan.run(x, _backend_for(x.device))
         if check_input is not None:
             check_input(x, module)
-        reason = _call_reason(module, x) or state.reason or _input_mismatch(plan, x)
+        reason = (_call_reason(module, x) or (state.reason if state is not None else None)
+                  or _input_mismatch(plan, x))
         if reason is None:     # e.g. a tensor subclass: the plan runs it as any tensor
             return plan.run(x, _backend_for(x.device))
         self.notice(reason)
