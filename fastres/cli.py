@@ -59,7 +59,8 @@ def cmd_aot(args) -> int:
 
     calls = {f"{arch} b{batch}": record_plan_launches(arch, batch, args.size, args.dtype)
              for arch in args.arch.split(",") for batch in _ints(args.batch)}
-    return run_aot(calls, sms=_ints(args.sm), workers=args.workers)
+    return run_aot(calls, sms=_ints(args.sm), workers=args.workers, loop_stats=args.loop_stats,
+                   json_output=args.json)
 
 
 def cmd_inspect(args) -> int:
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--sm", default="80,90")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--loop-stats", action="store_true",
+                   help="also print the static loop report: K-loop SASS instructions per step, MMA shape, "
+                        "load widths, wgmma depth, stages, CTAs per SM, waves (fastres/sass.py)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the tables")
     p.set_defaults(func=cmd_aot)
 
     p = sub.add_parser("inspect", help="print the plan: fused ops, GEMM shapes, FLOPs and modelled "
