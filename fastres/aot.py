@@ -111,6 +111,7 @@ class AotRow:
     dtypes: str                                     # pointer element types, e.g. "fp16,fp32"
     config: str                                     # constexprs, warps, stages
     num_warps: int = 4
+    k_steps: int = 0                                # K steps of the call (KernelCall.info["k_steps"]) if known
     uses: list = dataclasses.field(default_factory=list)        # (label, shape) of each call
     programs: list = dataclasses.field(default_factory=list)    # grid size (CTAs) of each call
     resources: dict = dataclasses.field(default_factory=dict)   # sm -> KernelResources
@@ -337,7 +338,7 @@ def _programs(grid) -> int:
 
 
 def _shape_of(call) -> str:
-    return " ".join(f"{k}={v}" for k, v in call.info.items() if k not in ("flops", "bytes"))
+    return " ".join(f"{k}={v}" for k, v in call.info.items() if k not in ("flops", "bytes", "k_steps"))
 
 
 def _dtypes_of(spec: CompileSpec) -> str:
@@ -371,7 +372,7 @@ def aot_report(calls: Iterable | Mapping[str, Iterable], sms: Sequence[int] = DE
             if row is None:
                 row = rows[key] = AotRow(kernel=call.name or call_specs[0].kernel_name,
                                          dtypes=_dtypes_of(call_specs[0]), config=_config_of(call),
-                                         num_warps=call.num_warps)
+                                         num_warps=call.num_warps, k_steps=call.info.get("k_steps", 0))
                 for spec in call_specs:
                     specs[(key, spec.sm)] = spec
             row.uses.append((label, _shape_of(call)))
@@ -479,13 +480,18 @@ def loop_report(rows: Sequence[AotRow], sms: Sequence[int] = DEFAULT_SMS) -> lis
                     k_loops=[dataclasses.asdict(loop) | dict(sub_word_loads=loop.sub_word_loads,
                                                              narrow_loads=loop.narrow_loads,
                                                              wgmma_async=loop.wgmma_async)
-                             for loop in r.loops.k_loops],
+                             for loop in _per_step(r.loops.k_loops, row.k_steps)],
                     global_stores=r.loops.global_stores,
                     uses=[dict(label=label, shape=shape, programs=programs,
                                waves=round(sass.waves(programs, ctas, gpu_sms), 3) if gpu_sms else None)
                           for (label, shape), programs in zip(row.uses, row.programs)])
             out.append(entry)
     return out
+
+
+def _per_step(loops, k_steps: int) -> list:
+    """An unrolled mma.sync region (no per-step commit in the SASS) divided by the call's K steps."""
+    return [loop.per_step(k_steps) if loop.region and not loop.unrolled and k_steps > 1 else loop for loop in loops]
 
 
 def format_loop_table(report: Sequence[dict]) -> str:

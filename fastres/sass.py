@@ -129,6 +129,19 @@ class LoopStats:
     predicate_ops: int                      # ISETP/PLOP3/FSETP... per step
     wgmma: bool                             # issues warpgroup MMA (sm_90)
     wgmma_in_flight: int | None             # N of the step's last `WARPGROUP.DEPBAR.LE gsb0, N`; 0 = synchronous
+    unrolled: int = 0                       # K steps of a fully unrolled K loop this averages over, else 0
+    region: bool = False                    # an unrolled straight-line region, not a loop
+
+    def per_step(self, steps: int) -> "LoopStats":
+        """This region's counts divided by ``steps`` (an unrolled region whose step count the SASS
+        does not show: mma.sync code has no per-step commit)."""
+        if steps <= 1:
+            return self
+        div = lambda n: round(n / steps)  # noqa: E731
+        return dataclasses.replace(
+            self, instructions=div(self.instructions), mma_count=div(self.mma_count),
+            global_loads={k: div(v) for k, v in self.global_loads.items()}, shared_stores=div(self.shared_stores),
+            predicate_ops=div(self.predicate_ops), unrolled=steps)
 
     @property
     def sub_word_loads(self) -> int:
@@ -149,7 +162,8 @@ class LoopStats:
         mode = ""
         if self.wgmma:
             mode = f" async({self.wgmma_in_flight})" if self.wgmma_async else " sync"
-        return f"{self.instructions} instr/step, {self.mma_count}x {self.mma}{mode}, loads {loads or '-'}"
+        unrolled = f" (unrolled, {self.unrolled} steps)" if self.unrolled else ""
+        return f"{self.instructions} instr/step{unrolled}, {self.mma_count}x {self.mma}{mode}, loads {loads or '-'}"
 
 
 @dataclasses.dataclass
@@ -188,14 +202,34 @@ def loop_stats(instructions: list[Instruction], first: int, last: int) -> LoopSt
     )
 
 
+def unrolled_stats(instructions: list[Instruction]) -> LoopStats | None:
+    """A K loop that ptxas unrolled completely (a short constant trip count), averaged per step.
+
+    wgmma code commits one group per K step (the step's last HGMMA carries ``gsb0``): the steps are
+    the spans between consecutive commits. mma.sync code shows no step boundary: the region from
+    the first to the last MMA is returned with ``unrolled = 0`` (totals), for ``per_step``.
+    """
+    mma = [i for i, ins in enumerate(instructions) if ins.base in MMA_OPCODES]
+    if not mma:
+        return None
+    commits = [i for i in mma if "gsb0" in instructions[i].operands]
+    if len(commits) >= 2:
+        stats = dataclasses.replace(loop_stats(instructions, commits[0] + 1, commits[-1]), region=True)
+        return stats.per_step(len(commits) - 1) if len(commits) > 2 else dataclasses.replace(stats, unrolled=1)
+    return dataclasses.replace(loop_stats(instructions, mma[0], mma[-1]), region=True)
+
+
 def kernel_stats(text: str) -> KernelStats:
-    """The static loop report of one kernel from its ``nvdisasm -c`` text."""
+    """The static loop report of one kernel from its ``nvdisasm -c`` text: its innermost MMA loops,
+    or, when ptxas unrolled the K loop away, the unrolled region (``unrolled_stats``)."""
     instructions, labels = parse(text)
     found = loops(instructions, labels)
     innermost = [(a, b) for a, b in found
                  if not any((a, b) != (c, d) and a <= c and d <= b for c, d in found)]
     k_loops = [loop_stats(instructions, a, b) for a, b in sorted(innermost)
                if any(ins.base in MMA_OPCODES for ins in instructions[a:b + 1])]
+    if not k_loops:
+        k_loops = [stats for stats in [unrolled_stats(instructions)] if stats is not None]
     return KernelStats(k_loops=k_loops,
                        global_stores=_count(_access_name(i) for i in instructions if i.base in GLOBAL_STORES),
                        instructions=len(instructions))
