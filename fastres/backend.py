@@ -84,6 +84,10 @@ class TorchBackend:
     def to_nhwc(self, x):
         return x.contiguous(memory_format=torch.channels_last)
 
+    def plan_input(self, plan, x):
+        """The value "input" of a plan run: ``x`` in the layout this backend's first steps read."""
+        return self.to_nhwc(x)
+
     @staticmethod
     def _upcast(x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
@@ -203,12 +207,53 @@ class TritonBackend:
         """Pack ``step``'s weights for its kernel, once per plan (``step.packed["triton"]``)."""
         packed = step.packed.get(self.name)
         if packed is None:
-            packed = step.packed[self.name] = step.pack_for_triton()
+            packed = step.packed[self.name] = (self._pack_stem(step) if self._is_padded_stem(step)
+                                               else step.pack_for_triton())
         return packed
+
+    # The stem (a conv reading the plan input, <= 4 channels, see kernels.conv2d_nhwc.pads_stem_input)
+    # runs with padding 0 over a zero-bordered 4-channel copy of the input (ROW_K: 16-byte loads);
+    # plan_input writes that copy in place of the plain NHWC transpose, and an input already in that
+    # layout (4 channels for a 3-channel plan, e.g. from preprocess(border=...)) is used as is.
+    @staticmethod
+    def _is_padded_stem(step) -> bool:
+        from .kernels.conv2d_nhwc import pads_stem_input
+        return (getattr(step, "src", None) == "input" and hasattr(step, "groups") and step.shortcut is None
+                and pads_stem_input(step.weight, groups=step.groups, dilation=step.dilation))
+
+    @staticmethod
+    def _pack_stem(step):
+        from .kernels.conv2d_nhwc import pack_stem_weight
+        return pack_stem_weight(step.weight)
+
+    def plan_input(self, plan, x):
+        from .kernels.conv2d_nhwc import STEM_CHANNELS
+        readers = [s for s in plan.steps if "input" in s.reads]
+        if not readers or not all(self._is_padded_stem(s) for s in readers):
+            return self.to_nhwc(x)
+        if x.shape[1] == STEM_CHANNELS != plan.in_channels:
+            return self.to_nhwc(x)     # already the padded stem input
+        if any((s.padding, s.stride) != (readers[0].padding, readers[0].stride) for s in readers):
+            return self.to_nhwc(x)
+        return self._padded_stem_input(x, readers[0])
+
+    @staticmethod
+    def _padded_stem_input(x, step):
+        """[N, C<=4, H, W] -> the zero-bordered [N, 4, H', W'] channels_last input of the ROW_K stem."""
+        from .extension import nchw_to_nhwc_padded, nchw_to_nhwc_padded_ref
+        from .kernels.conv2d_nhwc import STEM_CHANNELS, stem_input_padding
+        border = stem_input_padding(x.shape[2], x.shape[3], step.padding, step.stride)
+        pad = nchw_to_nhwc_padded_ref if x.device.type == "meta" else nchw_to_nhwc_padded
+        return pad(x, STEM_CHANNELS, border)
 
     def conv(self, step, x, *, residual=None, shortcut=None, out=None):
         from .kernels import conv2d_nhwc as k
         packed = self.prepare(step)
+        if packed.row_k:
+            if x.shape[1] != packed.in_channels:   # a 3-channel input reached the stem: pad it here
+                x = self._padded_stem_input(x, step)
+            return k.conv2d_nhwc_packed(x, packed, step.bias, stride=step.stride, padding=0, relu=step.relu,
+                                        residual=residual, out=out)
         return k.conv2d_nhwc_packed(x, packed, step.bias, stride=step.stride, padding=step.padding,
                                     dilation=step.dilation, residual=residual, relu=step.relu,
                                     shortcut=shortcut,

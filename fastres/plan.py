@@ -280,7 +280,7 @@ class Plan:
                 else _backend.get_backend(backend or backend_for(x.device)))
         if x.shape[0] == 0:
             return torch.empty(0, self.num_classes, dtype=self.dtype, device=x.device)
-        env = {"input": impl.to_nhwc(x)}
+        env = {"input": impl.plan_input(self, x)}
         for step, release in zip(self.steps, self._release):
             env[step.dst] = step.run(impl, env, out=buffers.get(step.dst) if buffers else None)
             if buffers is None:

@@ -265,6 +265,19 @@ def pad_stem_weight(weight, channels: int = STEM_CHANNELS):
     return torch.cat([weight, weight.new_zeros(c_out, channels - c_in, kh, kw)], dim=1)
 
 
+def pads_stem_input(weight, *, groups: int = 1, dilation: int = 1) -> bool:
+    """Whether a conv with this PyTorch-layout weight should run as the padded-input ROW_K stem:
+    at most ``STEM_CHANNELS`` input channels, groups 1, dilation 1 and a kernel row of <= 64
+    elements over the padded channels (the ResNet stem, 7x7 over 3 channels)."""
+    c_in, kw = weight.shape[1], weight.shape[3]
+    return c_in <= STEM_CHANNELS and dilation == 1 and row_k_fits(kw, STEM_CHANNELS, groups)
+
+
+def pack_stem_weight(weight) -> "PackedConvWeight":
+    """The stem weight [C_out, C_in<=4, KH, KW] padded to 4 input channels and packed for ROW_K."""
+    return pack_conv_weight(pad_stem_weight(weight), row_k=True)
+
+
 def stem_input_padding(height: int, width: int, padding: int = 3, stride: int = 2) -> tuple:
     """(top, bottom, left, right) zero border that turns a conv with ``padding`` into one with padding 0.
 
