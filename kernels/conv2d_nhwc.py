@@ -19,7 +19,9 @@ into that one matrix:
 * concat-K projection shortcut (HAS_SHORTCUT_GEMM): the rows of the 1x1 shortcut weight follow the
   main K rows, and the K loop walks the main input, then the shortcut input at (oh*s, ow*s). The
   downsampling branch of a residual block is then part of the same GEMM, never a tensor in memory;
-  the caller pre-sums both biases.
+  the caller pre-sums both biases. Behind a 1x1 main GEMM (the bottleneck's last conv) both
+  operands run in one K loop whose row base is chosen per step (``dot_concat_k``: one pipeline
+  fill); behind a 3x3 (BasicBlock) the shortcut is a second loop.
 
 K loop modes (constexpr, chosen from the shape):
 
@@ -55,7 +57,7 @@ import triton.language as tl
 
 from . import _autotune
 from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activation, check_bias, check_packed_input,
-                      check_shortcut, conv_geometry, conv_output_hw, dot_contiguous_k, is_channels_last,
+                      check_shortcut, conv_geometry, conv_output_hw, dot_concat_k, dot_contiguous_k, is_channels_last,
                       largest_pow2_divisor, pow2_at_least, store_conv_epilogue, tile_groups)
 from ._launch import KernelCall, is_recording
 
@@ -73,7 +75,7 @@ def _conv2d_nhwc_kernel(
     C_SC: tl.constexpr, SC_STRIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
     HAS_SHORTCUT_GEMM: tl.constexpr, FLAT_K: tl.constexpr, ROW_K: tl.constexpr,
-    ROW_ALIGN: tl.constexpr, ROW_K_MASK: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, ROW_K_MASK: tl.constexpr, CONCAT_ALIGN: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -114,7 +116,17 @@ def _conv2d_nhwc_kernel(
     EVEN_N: tl.constexpr = COUT_PER_GROUP % BLOCK_N == 0
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if KH == 1 and KW == 1 and STRIDE_H == 1 and STRIDE_W == 1 and PAD_H == 0 and PAD_W == 0:
+    PLAIN_GEMM: tl.constexpr = KH == 1 and KW == 1 and STRIDE_H == 1 and STRIDE_W == 1 and PAD_H == 0 and PAD_W == 0
+    # A 1x1 main GEMM and its projection shortcut in one K loop when BLOCK_K divides both K's.
+    CONCAT_ONE_LOOP: tl.constexpr = (HAS_SHORTCUT_GEMM and PLAIN_GEMM and CIN_PER_GROUP % BLOCK_K == 0
+                                     and C_SC % BLOCK_K == 0)
+    if CONCAT_ONE_LOOP:
+        # groups == 1 with a shortcut (checked at pack time); the shortcut rows follow the main rows of W.
+        sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE
+        acc = dot_concat_k(acc, x_ptr + offs_m.to(tl.int64) * C_IN, shortcut_ptr + sc_pixel.to(tl.int64) * C_SC,
+                           w_ptrs, offs_k, m_mask, n_mask, C_IN, C_SC, C_OUT, CONCAT_ALIGN, EVEN_N, INTERPRETER_BF16,
+                           BLOCK_K)
+    elif PLAIN_GEMM:
         # Plain GEMM: output pixel m reads input pixel m.
         a_ptrs = x_ptr + (offs_m.to(tl.int64) * C_IN + group * CIN_PER_GROUP)[:, None] + offs_k[None, :]
         acc = dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, CIN_PER_GROUP, C_OUT, EVEN_N,
@@ -186,7 +198,7 @@ def _conv2d_nhwc_kernel(
             acc = tl.dot(a, b, acc, input_precision="ieee")
             w_ptrs += BLOCK_K * C_OUT
 
-    if HAS_SHORTCUT_GEMM:
+    if HAS_SHORTCUT_GEMM and not CONCAT_ONE_LOOP:
         # groups == 1 here (checked at pack time) and w_ptrs now points at the shortcut rows, which
         # follow the KH*KW*C_IN main rows; the shortcut input is read at (oh*s, ow*s).
         sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE
@@ -480,6 +492,17 @@ def _tuned_config(x, packed, out, problem) -> ConvConfig:
         gpu=torch.cuda.get_device_name(x.device))
 
 
+def _concat_align(x, shortcut, c_in: int, c_sc: int, block_k: int) -> int:
+    """Bytes every row base of the one-loop concat-K (x rows, shortcut rows, + k*BLOCK_K) is a multiple
+    of: 16 when both tensors start 16-byte aligned and every channel count is a multiple of 16 bytes."""
+    if shortcut is None:
+        return 1
+    size = x.element_size()
+    aligned = (x.data_ptr() % 16 == 0 and shortcut.data_ptr() % 16 == 0
+               and all(c * size % 16 == 0 for c in (c_in, c_sc, block_k)))
+    return 16 if aligned else 1
+
+
 def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
                 shortcut_stride, config: ConvConfig | None = None) -> KernelCall:
     """The KernelCall of one (already validated) convolution; touches no tensor data."""
@@ -515,7 +538,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         C_SC=c_sc, SC_STRIDE=shortcut_stride if shortcut is not None else 1,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
         HAS_SHORTCUT_GEMM=shortcut is not None, FLAT_K=flat_k and not packed.row_k, ROW_K=bool(packed.row_k),
-        ROW_ALIGN=row_align, ROW_K_MASK=row_k_mask,
+        ROW_ALIGN=row_align, ROW_K_MASK=row_k_mask, CONCAT_ALIGN=_concat_align(x, shortcut, c_in, c_sc, cfg.BLOCK_K),
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )

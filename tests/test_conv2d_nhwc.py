@@ -581,3 +581,28 @@ def test_row_k_packing_rules():
     x = channels_last(torch.randn(1, 4, 20, 20)).to(DEVICE)
     with pytest.raises(ValueError, match="padding 0"):
         conv2d_nhwc_packed(x, pack_conv_weight(w4, row_k=True), stride=2, padding=3)
+
+
+def test_concat_k_alignment_hint_follows_the_pointers():
+    """dot_concat_k tells triton the row bases are 16-byte aligned only when they are."""
+    packed = pack_conv_weight(torch.randn(64, 32, 1, 1), shortcut_weight=torch.randn(64, 16, 1, 1))
+    x = channels_last(torch.randn(2, 32, 5, 5))
+    bias = torch.randn(64)
+    for storage_offset, expected in ((0, 16), (1, 1)):
+        base = torch.randn(2 * 16 * 10 * 10 + storage_offset)
+        shortcut = base[storage_offset:].view(2, 10, 10, 16).permute(0, 3, 1, 2)
+        with record_launches() as calls:
+            conv2d_nhwc_packed(x, packed, bias, shortcut=shortcut, shortcut_stride=2)
+        assert calls[0].constexprs["CONCAT_ALIGN"] == expected
+        out = conv2d_nhwc_packed(x, packed, bias, shortcut=shortcut, shortcut_stride=2)
+        ref = conv2d_nhwc_ref(x.double(), _unpack_main(packed).double(), bias.double(),
+                              shortcut=shortcut.double(), shortcut_weight=_unpack_sc(packed).double(), shortcut_stride=2)
+        assert_fp32_close(out.double(), ref, 48, what="concat-K offset shortcut")
+
+
+def _unpack_main(packed):
+    return packed.weight[:32].t().reshape(64, 32, 1, 1)
+
+
+def _unpack_sc(packed):
+    return packed.weight[32:].t().reshape(64, 16, 1, 1)

@@ -91,3 +91,16 @@ def test_stem_loop_is_a_gemm_loop(stem_and_reference):
     on90 = _loops(stem, 90)[0]
     assert on90.instructions <= 100 and on90.wgmma_async and on90.wgmma_in_flight == 1
     assert stem.resources[90].spill_bytes == 0 and stem.resources[80].spill_bytes == 0
+
+
+def test_concat_k_shortcut_is_one_k_loop(plan_rows):
+    """The bottleneck's last 1x1 with its projection shortcut: one K loop (one pipeline fill), 16-byte
+    cp.async for both operands, async wgmma on sm_90."""
+    rows = [row for row in plan_rows if row.kernel.startswith("conv2d_nhwc[1x1/s1+sc")]
+    assert len(rows) >= 4
+    for row in rows:
+        for sm in SMS:
+            loops = _loops(row, sm)
+            assert len(loops) == 1, (row.kernel, sm, [loop.summary() for loop in loops])
+            assert set(loops[0].global_loads) == {"LDGSTS.128"}, loops[0].global_loads
+        assert _loops(row, 90)[0].wgmma_async
