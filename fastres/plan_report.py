@@ -100,8 +100,10 @@ def _totals(rows: list[dict], batch: int) -> dict:
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def inspect_arch(arch: str = "resnet50", batch: int = 256, size: int = 224, dtype: str = "fp16") -> dict:
-    """The plan of ``arch`` for a batch of ``size`` x ``size`` images, as the JSON report."""
+def inspect_arch(arch: str = "resnet50", batch: int = 256, size: int = 224, dtype: str = "fp16",
+                 gpu: str | None = None) -> dict:
+    """The plan of ``arch`` for a batch of ``size`` x ``size`` images, as the JSON report; with
+    ``gpu`` (h100, h200, a100) also the modelled roofline floor of every launch (fastres.roofline)."""
     from . import models
 
     if arch not in models.ARCHITECTURES:
@@ -115,8 +117,12 @@ def inspect_arch(arch: str = "resnet50", batch: int = 256, size: int = 224, dtyp
     input_shape = (batch, 3, size, size)
     rows = plan_rows(model.plan(), input_shape, itemsize)
     reference = reference_rows(model, input_shape, itemsize)
-    return {"arch": arch, "batch": batch, "size": size, "dtype": dtype, "kernels": rows,
-            "totals": _totals(rows, batch), "reference": _totals(reference, batch)}
+    report = {"arch": arch, "batch": batch, "size": size, "dtype": dtype, "kernels": rows,
+              "totals": _totals(rows, batch), "reference": _totals(reference, batch)}
+    if gpu:
+        from .roofline import plan_floor
+        report["roofline"] = plan_floor(rows, gpu, dtype, batch)
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -137,13 +143,22 @@ def format_report(report: dict) -> str:
               f"{r['bytes_per_image'] / 1e6:>9.2f}",
               f"saving: {r['launches'] / t['launches']:.2f}x fewer launches, "
               f"{r['bytes_per_image'] / t['bytes_per_image']:.2f}x less traffic (modelled)"]
+    if "roofline" in report:
+        roof = report["roofline"]
+        lines.append(f"roofline floor on {roof['gpu']} (modelled, not measured): {roof['total_seconds'] * 1e3:.3f} ms "
+                     f"per batch, <= {roof['images_per_second_ceiling']:.0f} images/s; "
+                     f"{roof['memory_bound_launches']} of {len(roof['launches'])} launches memory-bound")
     return "\n".join(lines)
 
 
-def record_plan_launches(arch: str, batch: int, size: int = 224, dtype: str = "fp16") -> list:
-    """The KernelCalls a real Triton-path forward of ``arch`` launches, recorded on meta tensors."""
+def record_plan_launches(arch: str, batch: int, size: int = 224, dtype: str = "fp16", sm: int | None = None) -> list:
+    """The KernelCalls a real Triton-path forward of ``arch`` launches, recorded on meta tensors,
+    with tiles sized for the GPU of architecture ``sm`` (``kernels._target.TARGETS``; default H100)."""
+    import contextlib
+
     from . import models
     from .kernels._launch import record_launches
+    from .kernels._target import use_target
 
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
@@ -151,6 +166,6 @@ def record_plan_launches(arch: str, batch: int, size: int = 224, dtype: str = "f
     model = model.to(torch_dtype).eval()
     x = torch.empty(batch, 3, size, size, dtype=torch_dtype, device="meta",
                     memory_format=torch.channels_last)
-    with record_launches() as calls, torch.no_grad():
+    with record_launches() as calls, torch.no_grad(), (use_target(sm) if sm else contextlib.nullcontext()):
         model.plan().run(x, backend="triton")
     return calls
