@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.fastres-installed
 # The CUDA part of the extension builds when nvcc is here; FASTRES_CUDA_BUILD=0 skips it.
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 
-.PHONY: run test bench clean
+.PHONY: run test bench gpu-check clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench/ -q
+
+# On a CUDA machine: kernel + model tests on CUDA tensors, Engine graphs, autotune, resnet50 bench
+# -> gpu-report/ (within 8 minutes). DRY_RUN=1 prints the plan and checks the imports (CI runs it).
+gpu-check: $(STAMP)
+	$(BIN)/python -m fastres.gpu_check $(if $(DRY_RUN),--dry-run,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastres/_C*.so

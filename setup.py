@@ -18,8 +18,8 @@ import sys
 
 from setuptools import Extension, setup
 
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/preprocess_cpu.cpp", "csrc/transpose_cpu.cpp"]
-CUDA_SOURCES = ["csrc/preprocess.cu", "csrc/transpose.cu"]
+CPU_SOURCES = ["csrc/bindings.cpp", "csrc/preprocess_cpu.cpp", "csrc/transpose_cpu.cpp", "csrc/pad_nhwc_cpu.cpp"]
+CUDA_SOURCES = ["csrc/preprocess.cu", "csrc/transpose.cu", "csrc/pad_nhwc.cu"]
 
 
 def cuda_archs():

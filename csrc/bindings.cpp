@@ -10,6 +10,7 @@
 
 #include <vector>
 
+#include "pad_nhwc.h"
 #include "preprocess.h"
 #include "transpose.h"
 
@@ -21,10 +22,23 @@ using fastres::OutDtype;
 
 fastres::PreprocessParams preprocess_params(uintptr_t images, uintptr_t out, int64_t n, int64_t h, int64_t w,
                                             bool planar, const std::vector<double>& mean,
-                                            const std::vector<double>& std_dev, int c_pad, int out_dtype) {
+                                            const std::vector<double>& std_dev, int c_pad, int out_dtype,
+                                            const std::vector<int64_t>& border) {
   FASTRES_CHECK(mean.size() == 3 && std_dev.size() == 3, "preprocess needs 3 mean and 3 std values");
+  FASTRES_CHECK(border.size() == 4, "preprocess needs a border of 4 values (top, bottom, left, right)");
   return fastres::make_preprocess_params(reinterpret_cast<const uint8_t*>(images), reinterpret_cast<void*>(out), n, h,
-                                         w, planar, mean.data(), std_dev.data(), c_pad, out_dtype);
+                                         w, planar, mean.data(), std_dev.data(), c_pad, out_dtype, border[0], border[1],
+                                         border[2], border[3]);
+}
+
+fastres::PadNhwcParams pad_nhwc_params(uintptr_t src, uintptr_t dst, const std::vector<int64_t>& sizes,
+                                       const std::vector<int64_t>& strides, const std::vector<int64_t>& border,
+                                       int c_pad, int element_size) {
+  FASTRES_CHECK(sizes.size() == 4 && strides.size() == 4 && border.size() == 4,
+                "nchw_to_nhwc_padded needs 4 sizes, 4 strides and 4 border values");
+  return fastres::make_pad_nhwc_params(reinterpret_cast<const void*>(src), reinterpret_cast<void*>(dst), sizes[0],
+                                       sizes[1], sizes[2], sizes[3], strides[0], strides[1], strides[2], strides[3],
+                                       border[0], border[1], border[2], border[3], c_pad, element_size);
 }
 
 fastres::TransposeParams transpose_params(uintptr_t src, uintptr_t dst, int64_t batch, int64_t rows, int64_t cols,
@@ -61,22 +75,24 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "preprocess_cpu",
       [](uintptr_t images, uintptr_t out, int64_t n, int64_t h, int64_t w, bool planar, const std::vector<double>& mean,
-         const std::vector<double>& std_dev, int c_pad, int out_dtype) {
-        const auto params = preprocess_params(images, out, n, h, w, planar, mean, std_dev, c_pad, out_dtype);
+         const std::vector<double>& std_dev, int c_pad, int out_dtype, const std::vector<int64_t>& border) {
+        const auto params = preprocess_params(images, out, n, h, w, planar, mean, std_dev, c_pad, out_dtype, border);
         py::gil_scoped_release no_gil;
         fastres::preprocess_cpu(params, static_cast<OutDtype>(out_dtype), planar);
         return params.vectorized;
       },
-      "uint8 [N,H,W,3] (or planar [N,3,H,W]) -> [N,H,W,c_pad]; returns whether the 16-byte path was allowed.",
+      "uint8 [N,H,W,3] (or planar [N,3,H,W]) -> [N,H+top+bottom,W+left+right,c_pad] with a zero border; returns "
+      "whether the 16-byte path was allowed.",
       py::arg("images"), py::arg("out"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("planar"), py::arg("mean"),
-      py::arg("std"), py::arg("c_pad"), py::arg("out_dtype"));
+      py::arg("std"), py::arg("c_pad"), py::arg("out_dtype"), py::arg("border") = std::vector<int64_t>{0, 0, 0, 0});
 
   m.def(
       "preprocess_cuda",
       [](uintptr_t images, uintptr_t out, int64_t n, int64_t h, int64_t w, bool planar, const std::vector<double>& mean,
-         const std::vector<double>& std_dev, int c_pad, int out_dtype, uintptr_t stream) {
+         const std::vector<double>& std_dev, int c_pad, int out_dtype, const std::vector<int64_t>& border,
+         uintptr_t stream) {
         require_cuda();
-        const auto params = preprocess_params(images, out, n, h, w, planar, mean, std_dev, c_pad, out_dtype);
+        const auto params = preprocess_params(images, out, n, h, w, planar, mean, std_dev, c_pad, out_dtype, border);
 #ifdef FASTRES_WITH_CUDA
         fastres::preprocess_cuda(params, static_cast<OutDtype>(out_dtype), planar, reinterpret_cast<void*>(stream));
 #else
@@ -86,7 +102,36 @@ PYBIND11_MODULE(_C, m) {
       },
       "CUDA twin of preprocess_cpu, launched on `stream` of the current device.", py::arg("images"), py::arg("out"),
       py::arg("n"), py::arg("h"), py::arg("w"), py::arg("planar"), py::arg("mean"), py::arg("std"), py::arg("c_pad"),
-      py::arg("out_dtype"), py::arg("stream"));
+      py::arg("out_dtype"), py::arg("border"), py::arg("stream"));
+
+  m.def(
+      "pad_nhwc_cpu",
+      [](uintptr_t src, uintptr_t dst, const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides,
+         const std::vector<int64_t>& border, int c_pad, int element_size) {
+        const auto params = pad_nhwc_params(src, dst, sizes, strides, border, c_pad, element_size);
+        py::gil_scoped_release no_gil;
+        fastres::pad_nhwc_cpu(params, element_size);
+      },
+      "[N,C,H,W] at `strides` (elements) -> [N,H+top+bottom,W+left+right,c_pad] with zeros, 2- or 4-byte elements.",
+      py::arg("src"), py::arg("dst"), py::arg("sizes"), py::arg("strides"), py::arg("border"), py::arg("c_pad"),
+      py::arg("element_size"));
+
+  m.def(
+      "pad_nhwc_cuda",
+      [](uintptr_t src, uintptr_t dst, const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides,
+         const std::vector<int64_t>& border, int c_pad, int element_size, uintptr_t stream) {
+        require_cuda();
+        const auto params = pad_nhwc_params(src, dst, sizes, strides, border, c_pad, element_size);
+#ifdef FASTRES_WITH_CUDA
+        fastres::pad_nhwc_cuda(params, element_size, reinterpret_cast<void*>(stream));
+#else
+        (void)params;
+        (void)stream;
+#endif
+      },
+      "CUDA twin of pad_nhwc_cpu, launched on `stream` of the current device.", py::arg("src"), py::arg("dst"),
+      py::arg("sizes"), py::arg("strides"), py::arg("border"), py::arg("c_pad"), py::arg("element_size"),
+      py::arg("stream"));
 
   m.def(
       "transpose_cpu",

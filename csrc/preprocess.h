@@ -3,6 +3,11 @@
 //   out[n, h, w, c] = (x[n, h, w, c] / 255 - mean[c]) / std[c]   for c < 3
 //                   = 0                                            for 3 <= c < c_pad
 //
+// With a border (top, bottom, left, right) the output is [N, H + top + bottom, W + left + right, c_pad]
+// and pixels outside the image are 0 in every channel (0 in normalised space: the zero padding of
+// the stem conv, written once, so the stem runs with padding 0; see kernels/conv2d_nhwc.py ROW_K).
+// That layout is written one output pixel per thread (preprocess_padded_pixel), not in groups.
+//
 // computed as fma(x, scale[c], shift[c]) in fp32 with scale = 1 / (255 std), shift = -mean / std
 // (rounded once from fp64), then rounded to the output dtype. The input is either interleaved
 // (NHWC, or NCHW in channels_last memory: the same bytes) or planar (contiguous NCHW).
@@ -32,6 +37,10 @@ struct PreprocessParams {
   float shift[3];
   int c_pad;
   bool vectorized;        // 16-byte path allowed: both pointers aligned, planes a multiple of 16 pixels
+  bool padded;            // a zero border: one output pixel per group (preprocess_padded_pixel)
+  int64_t n, h, w;        // batch and image size
+  int64_t out_h, out_w;   // output size (h, w without a border)
+  int64_t top, left;      // border above and left of the image
 };
 
 template <OutDtype D>
@@ -72,6 +81,28 @@ FASTRES_HD void put_element(Vec16& v, int e, Bits bits) {
   } else {
     v.w[e / 2] |= static_cast<uint32_t>(bits) << (16 * (e % 2));
   }
+}
+
+// Output pixel q of the bordered layout: the image pixel it shows, or zeros.
+template <OutDtype D, bool PLANAR>
+FASTRES_HD void preprocess_padded_pixel(const PreprocessParams& params, int64_t q) {
+  using Traits = OutTraits<D>;
+  using Bits = typename Traits::Bits;
+  Bits* out = static_cast<Bits*>(params.out) + q * params.c_pad;
+  const int64_t ow = q % params.out_w;
+  const int64_t rest = q / params.out_w;
+  const int64_t oh = rest % params.out_h;
+  const int64_t n = rest / params.out_h;
+  const int64_t ih = oh - params.top;
+  const int64_t iw = ow - params.left;
+  const bool inside = ih >= 0 && ih < params.h && iw >= 0 && iw < params.w;
+  const int64_t p = inside ? (n * params.h + ih) * params.w + iw : 0;
+  FASTRES_UNROLL
+  for (int c = 0; c < 3; ++c) {
+    const float x = inside ? static_cast<float>(params.images[input_offset<PLANAR>(p, c, params.plane)]) : 0.0f;
+    out[c] = inside ? Traits::convert(fused_multiply_add(x, params.scale[c], params.shift[c])) : Bits(0);
+  }
+  for (int c = 3; c < params.c_pad; ++c) out[c] = 0;
 }
 
 // One group of kPixelsPerGroup pixels: a GPU thread's work, and one step of the CPU twin's loop.
@@ -130,13 +161,15 @@ FASTRES_HD void preprocess_group(const PreprocessParams& params, int64_t group) 
 }
 
 inline int64_t preprocess_groups(const PreprocessParams& params) {
+  if (params.padded) return params.n * params.out_h * params.out_w;
   return (params.pixels + kPixelsPerGroup - 1) / kPixelsPerGroup;
 }
 
 // Checks the raw arguments and derives the kernel parameters; shared by the CPU and CUDA entry points.
 inline PreprocessParams make_preprocess_params(const uint8_t* images, void* out, int64_t n, int64_t h, int64_t w,
                                                bool planar, const double* mean, const double* std_dev, int c_pad,
-                                               int out_dtype) {
+                                               int out_dtype, int64_t top = 0, int64_t bottom = 0, int64_t left = 0,
+                                               int64_t right = 0) {
   FASTRES_CHECK(images != nullptr && out != nullptr, "preprocess got a null pointer");
   FASTRES_CHECK(n >= 0 && h >= 0 && w >= 0, "preprocess got a negative size");
   FASTRES_CHECK(c_pad >= 3, "preprocess needs at least 3 output channels, got c_pad=" + std::to_string(c_pad));
@@ -155,7 +188,33 @@ inline PreprocessParams make_preprocess_params(const uint8_t* images, void* out,
   }
   params.c_pad = c_pad;
   params.vectorized = aligned16(images) && aligned16(out) && (!planar || params.plane % kPixelsPerGroup == 0);
+  FASTRES_CHECK(top >= 0 && bottom >= 0 && left >= 0 && right >= 0, "preprocess got a negative border");
+  params.padded = top || bottom || left || right;
+  params.n = n;
+  params.h = h;
+  params.w = w;
+  params.out_h = h + top + bottom;
+  params.out_w = w + left + right;
+  params.top = top;
+  params.left = left;
   return params;
+}
+
+// Calls fn(dtype tag, planar tag) for the bordered layout (one output pixel per group).
+template <typename Fn>
+void dispatch_preprocess_padded(OutDtype dtype, bool planar, Fn&& fn) {
+  auto with_layout = [&](auto dtype_tag) {
+    if (planar) {
+      fn(dtype_tag, std::true_type{});
+    } else {
+      fn(dtype_tag, std::false_type{});
+    }
+  };
+  switch (dtype) {
+    case OutDtype::kFloat16: with_layout(std::integral_constant<OutDtype, OutDtype::kFloat16>{}); break;
+    case OutDtype::kBFloat16: with_layout(std::integral_constant<OutDtype, OutDtype::kBFloat16>{}); break;
+    case OutDtype::kFloat32: with_layout(std::integral_constant<OutDtype, OutDtype::kFloat32>{}); break;
+  }
 }
 
 // Calls fn(dtype tag, pad tag, planar tag) with the compile-time instantiation for these arguments.

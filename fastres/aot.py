@@ -84,6 +84,8 @@ class KernelResources:
     local_bytes: int = 0            # cuobjdump LOCAL: local memory outside the stack frame
     shared_bytes: int = 0           # dynamic shared memory (kernel.metadata.shared)
     uses_wgmma: bool = False
+    loops: object = None            # fastres.sass.KernelStats of the cubin (static loop report)
+    stages: int = 0                 # shared-memory pipeline stages (fastres.sass.shared_stages)
     hash: str = ""                  # triton's compile hash
     cache_dir: str = ""             # where triton keeps this kernel's IR (ttgir, ptx) and cubin
     error: str = ""                 # compile failure, empty when it compiled
@@ -108,7 +110,10 @@ class AotRow:
     kernel: str                                     # the call's name, e.g. "avgpool_linear"
     dtypes: str                                     # pointer element types, e.g. "fp16,fp32"
     config: str                                     # constexprs, warps, stages
+    num_warps: int = 4
+    k_steps: int = 0                                # K steps of the call (KernelCall.info["k_steps"]) if known
     uses: list = dataclasses.field(default_factory=list)        # (label, shape) of each call
+    programs: list = dataclasses.field(default_factory=list)    # grid size (CTAs) of each call
     resources: dict = dataclasses.field(default_factory=dict)   # sm -> KernelResources
 
     def problems(self) -> list[str]:
@@ -230,8 +235,10 @@ def cubin_resources(cubin: bytes) -> dict:
 
 
 def compile_spec(spec: CompileSpec) -> KernelResources:
-    """Compile one configuration (cached by triton) and measure it. Needs no GPU."""
+    """Compile one configuration (cached by triton) and measure it, loop report included. Needs no GPU."""
     import triton
+
+    from . import sass
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     try:
@@ -240,6 +247,7 @@ def compile_spec(spec: CompileSpec) -> KernelResources:
         source = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), attrs)
         kernel = triton.compile(source, target=GPUTarget("cuda", spec.sm, 32), options=dict(spec.options))
         usage = cubin_resources(kernel.asm["cubin"])
+        loops = sass.kernel_stats(sass.disassemble(kernel.asm["cubin"]))
     except Exception as e:  # reported as a failed configuration, not a crash of the whole run
         last_line = (str(e).strip().splitlines() or [""])[-1]  # triton puts the source excerpt first
         return KernelResources(sm=spec.sm, kernel_name=spec.kernel_name, error=f"{type(e).__name__}: {last_line}")
@@ -248,6 +256,7 @@ def compile_spec(spec: CompileSpec) -> KernelResources:
         registers=usage["registers"], spill_bytes=usage["stack"], local_bytes=usage["local"],
         shared_bytes=kernel.metadata.shared,
         uses_wgmma="wgmma.mma_async" in kernel.asm["ptx"],
+        loops=loops, stages=sass.shared_stages(kernel.asm["ttgir"]),
         hash=kernel.hash,
         cache_dir=os.path.dirname(next(iter(kernel.metadata_group.values()))),
     )
@@ -276,17 +285,28 @@ def _compile_here(specs: list, workers: int) -> list:
         return pool.map(compile_spec, specs, chunksize=1)
 
 
+_compiled: dict[bytes, KernelResources] = {}    # in-process cache: pickled spec -> its result
+
+
 def compile_specs(specs: Sequence[CompileSpec], *, workers: int = 2) -> list[KernelResources]:
-    """``compile_spec`` over ``specs`` in ``workers`` parallel processes (forked).
+    """``compile_spec`` over ``specs`` in ``workers`` parallel processes (forked); results are
+    cached in this process, so a second report over the same configurations compiles nothing.
 
     Under the interpreter (``@triton.jit`` then builds interpreter objects) the compiles run in a
     fresh Python (``sys.executable`` with this ``sys.path``) started without ``TRITON_INTERPRET``,
     which forks its own workers; the caller needs no ``__main__`` guard either way.
     """
-    from triton import knobs
     specs = list(specs)
-    if not specs:
-        return []
+    keys = [pickle.dumps(s) for s in specs]
+    todo = {k: s for k, s in zip(keys, specs) if k not in _compiled}
+    if todo:
+        for key, result in zip(todo, _compile_uncached(list(todo.values()), workers)):
+            _compiled[key] = result
+    return [_compiled[k] for k in keys]
+
+
+def _compile_uncached(specs: list, workers: int) -> list[KernelResources]:
+    from triton import knobs
     if not knobs.runtime.interpret:
         return _compile_here(specs, workers)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -310,8 +330,15 @@ def compile_call(call, sm: int) -> KernelResources:
 # ---------------------------------------------------------------------------------------------
 # Reports
 
+def _programs(grid) -> int:
+    total = 1
+    for g in grid:
+        total *= g
+    return total
+
+
 def _shape_of(call) -> str:
-    return " ".join(f"{k}={v}" for k, v in call.info.items() if k not in ("flops", "bytes"))
+    return " ".join(f"{k}={v}" for k, v in call.info.items() if k not in ("flops", "bytes", "k_steps"))
 
 
 def _dtypes_of(spec: CompileSpec) -> str:
@@ -344,10 +371,12 @@ def aot_report(calls: Iterable | Mapping[str, Iterable], sms: Sequence[int] = DE
             row = rows.get(key)
             if row is None:
                 row = rows[key] = AotRow(kernel=call.name or call_specs[0].kernel_name,
-                                         dtypes=_dtypes_of(call_specs[0]), config=_config_of(call))
+                                         dtypes=_dtypes_of(call_specs[0]), config=_config_of(call),
+                                         num_warps=call.num_warps, k_steps=call.info.get("k_steps", 0))
                 for spec in call_specs:
                     specs[(key, spec.sm)] = spec
             row.uses.append((label, _shape_of(call)))
+            row.programs.append(_programs(call.grid))
     results = compile_specs(list(specs.values()), workers=workers)
     for (key, sm), result in zip(specs, results):
         rows[key].resources[sm] = result
@@ -399,6 +428,99 @@ def print_report(rows: Sequence[AotRow], sms: Sequence[int] = DEFAULT_SMS, *, fi
 
 
 def run_aot(calls_by_label: Mapping[str, Iterable], sms: Sequence[int] = DEFAULT_SMS, *,
-            workers: int = 2, file=None) -> int:
-    """``fastres aot``'s body: compile everything, print the report, return the exit code."""
-    return print_report(aot_report(calls_by_label, sms, workers=workers), sms, file=file)
+            workers: int = 2, file=None, loop_stats: bool = False, json_output: bool = False) -> int:
+    """``fastres aot``'s body: compile everything, print the report (and with ``loop_stats`` the
+    static loop report; ``json_output``: one JSON object instead of tables), return the exit code."""
+    import json
+    file = file if file is not None else sys.stdout
+    rows = aot_report(calls_by_label, sms, workers=workers)
+    if json_output:
+        problems = [f"{row.kernel} [{row.dtypes}; {row.config}]: {p}" for row in rows for p in row.problems()]
+        payload = dict(configurations=[dict(kernel=row.kernel, dtypes=row.dtypes, config=row.config,
+                                            uses=[dict(label=lab, shape=shape) for lab, shape in row.uses],
+                                            resources={sm: dict(registers=r.registers, spill_bytes=r.spill_bytes,
+                                                                local_bytes=r.local_bytes,
+                                                                shared_bytes=r.shared_bytes,
+                                                                uses_wgmma=r.uses_wgmma, error=r.error)
+                                                       for sm, r in row.resources.items()})
+                                       for row in rows],
+                       problems=problems)
+        if loop_stats:
+            payload["loop_stats"] = loop_report(rows, sms)
+        print(json.dumps(payload, indent=1), file=file)
+        return 1 if problems else 0
+    status = print_report(rows, sms, file=file)
+    if loop_stats:
+        print("", file=file)
+        print(format_loop_table(loop_report(rows, sms)), file=file)
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# Static loop report (--loop-stats)
+
+def loop_report(rows: Sequence[AotRow], sms: Sequence[int] = DEFAULT_SMS) -> list[dict]:
+    """Per configuration and architecture, the static loop report (see ``fastres.sass``) as JSON data:
+    main K loop instructions per step, MMA instruction and shape, global load widths in the loop,
+    store widths of the kernel, wgmma async depth, shared-memory stages, registers, shared memory,
+    CTAs per SM, and per use the waves on the GPU sized by ``fastres.sass.GPU_SMS`` (H100 for
+    sm_90, A100 for sm_80). Static analysis: nothing here is measured on a GPU."""
+    from . import sass
+    out = []
+    for row in rows:
+        for sm in sms:
+            r = row.resources[sm]
+            entry = dict(kernel=row.kernel, dtypes=row.dtypes, config=row.config, sm=sm, error=r.error)
+            if not r.error:
+                ctas = sass.ctas_per_sm(sm, r.registers, r.shared_bytes, row.num_warps)
+                gpu_sms = sass.GPU_SMS.get(sm)
+                entry.update(
+                    registers=r.registers, shared_bytes=r.shared_bytes, spill_bytes=r.spill_bytes + r.local_bytes,
+                    stages=r.stages, ctas_per_sm=ctas, gpu_sms=gpu_sms,
+                    k_loops=[dataclasses.asdict(loop) | dict(sub_word_loads=loop.sub_word_loads,
+                                                             narrow_loads=loop.narrow_loads,
+                                                             wgmma_async=loop.wgmma_async)
+                             for loop in _per_step(r.loops.k_loops, row.k_steps)],
+                    global_stores=r.loops.global_stores,
+                    uses=[dict(label=label, shape=shape, programs=programs,
+                               waves=round(sass.waves(programs, ctas, gpu_sms), 3) if gpu_sms else None)
+                          for (label, shape), programs in zip(row.uses, row.programs)])
+            out.append(entry)
+    return out
+
+
+def _per_step(loops, k_steps: int) -> list:
+    """An unrolled mma.sync region (no per-step commit in the SASS) divided by the call's K steps."""
+    return [loop.per_step(k_steps) if loop.region and not loop.unrolled and k_steps > 1 else loop for loop in loops]
+
+
+def format_loop_table(report: Sequence[dict]) -> str:
+    """The loop report as text, one line per configuration and architecture."""
+    header = ["kernel", "dtypes", "sm", "K loops", "instr/step", "MMA", "wgmma", "loop loads", "stores",
+              "stages", "regs", "smem KiB", "CTA/SM", "waves"]
+    lines = [header]
+    for e in report:
+        if e["error"]:
+            lines.append([e["kernel"], e["dtypes"], str(e["sm"])] + ["-"] * (len(header) - 3))
+            continue
+        loops = e["k_loops"]
+        main = max(loops, key=lambda lp: lp["mma_count"]) if loops else None
+        waves = sorted(u["waves"] for u in e["uses"] if u["waves"] is not None)
+        lines.append([
+            e["kernel"], e["dtypes"], str(e["sm"]), str(len(loops)),
+            "+".join(str(lp["instructions"]) for lp in loops) or "-",
+            f"{main['mma_count']}x{main['mma']}" if main else "-",
+            ("-" if not main or not main["wgmma"] else
+             f"async({main['wgmma_in_flight']})" if main["wgmma_async"] else "sync"),
+            " ".join(f"{k}x{v}" for k, v in sorted(main["global_loads"].items())) if main else "-",
+            " ".join(f"{k}x{v}" for k, v in sorted(e["global_stores"].items())) or "-",
+            str(e["stages"]), str(e["registers"]), f"{e['shared_bytes'] / 1024:.1f}", str(e["ctas_per_sm"]),
+            (f"{waves[0]:.2f}" if waves[0] == waves[-1] else f"{waves[0]:.2f}..{waves[-1]:.2f}") if waves else "-",
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    from . import sass
+    gpus = ", ".join(f"sm_{sm}: {n} SMs" for sm, n in sorted(sass.GPU_SMS.items()))
+    return "\n".join(text + [f"static analysis of the SASS (not measured); waves on {gpus} "
+                             "(H100 SXM for sm_90, A100 for sm_80)"])

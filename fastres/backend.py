@@ -89,6 +89,10 @@ class ReferenceBackend:
     def to_nhwc(self, x):
         return x.contiguous(memory_format=torch.channels_last)
 
+    def layout(self, step, role, x):
+        """``x`` (read by ``step`` as ``role``, written by no kernel) in the layout the step takes."""
+        return self.to_nhwc(x)
+
     def run(self, step, op, args, out):
         x = args.get("x")
         upcast = (x is not None and x.device.type == "cpu"
@@ -113,6 +117,13 @@ class TritonBackend:
             from .extension import nchw_to_nhwc
             return nchw_to_nhwc(x)
         return x.contiguous(memory_format=torch.channels_last)
+
+    def layout(self, step, role, x):
+        """The stem reads the plan input as it comes: its launch writes the zero-bordered 4-channel
+        copy it runs on (kernels.conv2d_nhwc ROW_K) instead of a plain NHWC transpose."""
+        if role == "x" and step.attrs.get("padded_input"):
+            return x
+        return self.to_nhwc(x)
 
     def prepare(self, step, op):
         """Pack ``step``'s weights for its kernel, once per plan (``step.packed["triton"]``)."""

@@ -38,6 +38,7 @@ from .backend import backend_for, get_backend
 from .fold import NotFoldableError, fold_conv_bn
 from .guard import Guard
 from .ir import Plan, Ref, Step
+from .kernels.conv2d_nhwc import pads_stem_input
 from .kernels.conv3x3_conv1x1_nhwc import fuses_conv3x3_conv1x1
 
 __all__ = ["capture", "Unsupported", "FastPath", "FallbackWarning", "SUPPORTED_DTYPES",
@@ -528,6 +529,11 @@ def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None) -> Plan:
         if s.kind in ("conv", "conv_pair") and s.inputs["x"] == input_name:
             w = s.tensors["mid_weight" if s.kind == "conv_pair" else "weight"]
             in_channels = w.shape[1] * s.attrs["groups"]
+            a = s.attrs
+            # the stem can read a zero-bordered 4-channel copy of the input (16-byte loads)
+            a["padded_input"] = (s.kind == "conv" and set(s.inputs) == {"x"}
+                                 and len(set(a["stride"])) == 1 and len(set(a["padding"])) == 1
+                                 and pads_stem_input(w, groups=a["groups"], dilation=a["dilation"][0]))
     plan = Plan(steps=steps, output=output, dtype=dtype, device=device, input_name=input_name,
                 in_channels=in_channels)
     plan.notes = [f"{s.name}: {s.attrs['what']} runs as PyTorch" for s in steps if s.kind == "torch"]

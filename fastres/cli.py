@@ -57,9 +57,16 @@ def cmd_aot(args) -> int:
     from .aot import run_aot
     from .plan_report import record_plan_launches
 
-    calls = {f"{arch} b{batch}": record_plan_launches(arch, batch, args.size, args.dtype)
-             for arch in args.arch.split(",") for batch in _ints(args.batch)}
-    return run_aot(calls, sms=_ints(args.sm), workers=args.workers)
+    # each architecture compiles the tiles the rule picks for its own GPU (kernels._target.TARGETS)
+    calls, targets = {}, {}
+    for sm in _ints(args.sm):
+        for arch in args.arch.split(","):
+            for batch in _ints(args.batch):
+                label = f"{arch} b{batch} sm{sm}"
+                calls[label] = record_plan_launches(arch, batch, args.size, args.dtype, sm=sm)
+                targets[label] = sm
+    return run_aot(calls, sms=_ints(args.sm), workers=args.workers, loop_stats=args.loop_stats,
+                   json_output=args.json, targets=targets)
 
 
 def cmd_inspect(args) -> int:
@@ -67,7 +74,7 @@ def cmd_inspect(args) -> int:
 
     from .plan_report import format_report, inspect_arch
 
-    report = inspect_arch(args.arch, batch=args.batch, size=args.size, dtype=args.dtype)
+    report = inspect_arch(args.arch, batch=args.batch, size=args.size, dtype=args.dtype, gpu=args.gpu)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
@@ -151,11 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aot", help="compile every kernel configuration of a plan for real GPUs "
                                    "(no GPU needed) and check registers, spills, shared memory")
     p.add_argument("--arch", default="resnet50,resnext50_32x4d", help="comma list")
-    p.add_argument("--batch", default="1,32,256")
+    p.add_argument("--batch", default="1,8,32,64,128,256")
     p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--sm", default="80,90")
+    p.add_argument("--sm", default="80,90", help="target architectures; each compiles what the tile rule "
+                                                 "picks for its GPU (sm_80: A100, 108 SMs; sm_90: H100, 132)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--loop-stats", action="store_true",
+                   help="also print the static loop report: K-loop SASS instructions per step, MMA shape, "
+                        "load widths, wgmma depth, stages, CTAs per SM, waves (fastres/sass.py)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the tables")
     p.set_defaults(func=cmd_aot)
 
     p = sub.add_parser("inspect", help="print the plan: fused ops, GEMM shapes, FLOPs and modelled "
@@ -165,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--json", action="store_true")
+    p.add_argument("--gpu", choices=["h100", "h200", "a100"], default=None,
+                   help="add the modelled roofline floor per launch and in total (fastres/roofline.py)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="images/s of fastres against torchvision eager, torch.compile, "

@@ -3,9 +3,13 @@
 Ops, each as ``torch.ops.fastres.<name>`` with a fake implementation (so ``torch.compile`` and
 ``torch.export`` trace through them) and as a validating Python function here:
 
-    preprocess(images, mean, std, *, dtype=torch.float16, pad_channels_to=4)
+    preprocess(images, mean, std, *, dtype=torch.float16, pad_channels_to=4, border=None)
         uint8 images -> ((x / 255 - mean) / std) as a [N, C_pad, H, W] channels_last tensor
+        (with border=(top, bottom, left, right): [N, C_pad, H+top+bottom, W+left+right], zeros outside)
     nchw_to_nhwc(x)   [N, C, H, W] contiguous     -> equal tensor in channels_last memory
+    nchw_to_nhwc_padded(x, channels, border)
+                      [N, C, H, W] float          -> [N, channels, H+top+bottom, W+left+right] channels_last,
+                                                     zero border and zero extra channels (the stem's input)
     nhwc_to_nchw(y)   [N, C, H, W] channels_last  -> equal tensor in contiguous memory
 
 CPU tensors run the C++ twins, CUDA tensors the CUDA kernels (on the tensor's device and the current
@@ -24,12 +28,13 @@ import functools
 import importlib
 import math
 import warnings
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 __all__ = [
     "load_extension", "extension_status", "preprocess", "preprocess_ref", "nchw_to_nhwc", "nhwc_to_nchw",
+    "nchw_to_nhwc_padded", "nchw_to_nhwc_padded_ref",
 ]
 
 BUILD_HINT = "pip install --no-build-isolation -e . (with CUDA_HOME set for the CUDA kernels)"
@@ -147,6 +152,16 @@ def _image_layout(images: torch.Tensor) -> tuple[int, int, int, bool]:
                      f"{tuple(images.shape)}")
 
 
+def _check_border(border, op: str) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): None means no border."""
+    if border is None:
+        return (0, 0, 0, 0)
+    border = tuple(border)
+    if len(border) != 4 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in border):
+        raise ValueError(f"fastres.{op}: border must be 4 non-negative ints (top, bottom, left, right), got {border!r}")
+    return border
+
+
 def _check_preprocess(images, mean, std, dtype, pad_channels_to) -> tuple[int, int, int, bool, int]:
     """(N, H, W, planar, C_pad) after checking every argument of preprocess."""
     n, h, w, planar = _image_layout(images)
@@ -168,10 +183,17 @@ def _empty_nhwc(n, c, h, w, dtype, device) -> torch.Tensor:
     return torch.empty((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
 
 
-def preprocess_ref(images, mean, std, *, dtype=torch.float16, pad_channels_to=4) -> torch.Tensor:
+def preprocess_ref(images, mean, std, *, dtype=torch.float16, pad_channels_to=4, border=None) -> torch.Tensor:
     """Plain-PyTorch preprocess: the fallback when fastres._C cannot run, same layout and rounding path."""
     mean, std = _floats(mean, "mean"), _floats(std, "std")
     n, h, w, planar, c_pad = _check_preprocess(images, mean, std, dtype, pad_channels_to)
+    top, bottom, left, right = _check_border(border, "preprocess")
+    if (top, bottom, left, right) != (0, 0, 0, 0):
+        inner = preprocess_ref(images, mean, std, dtype=dtype, pad_channels_to=pad_channels_to)
+        out = _empty_nhwc(n, c_pad, h + top + bottom, w + left + right, dtype, images.device)
+        out.zero_()
+        out[:, :, top:top + h, left:left + w] = inner
+        return out
     nhwc = images if images.shape[3] == 3 else images.permute(0, 2, 3, 1)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=images.device)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=images.device)
@@ -183,24 +205,27 @@ def preprocess_ref(images, mean, std, *, dtype=torch.float16, pad_channels_to=4)
 
 @torch.library.custom_op("fastres::preprocess", mutates_args=())
 def _preprocess_op(images: torch.Tensor, mean: list[float], std: list[float], *,
-                   dtype: torch.dtype = torch.float16, pad_channels_to: int = 4) -> torch.Tensor:
+                   dtype: torch.dtype = torch.float16, pad_channels_to: int = 4,
+                   border: Optional[list[int]] = None) -> torch.Tensor:
     n, h, w, planar, c_pad = _check_preprocess(images, mean, std, dtype, pad_channels_to)
+    top, bottom, left, right = _check_border(border, "preprocess")
     module = _extension_for(images.device, "preprocess")
     if module is None:
-        return preprocess_ref(images, mean, std, dtype=dtype, pad_channels_to=pad_channels_to)
-    out = _empty_nhwc(n, c_pad, h, w, dtype, images.device)
+        return preprocess_ref(images, mean, std, dtype=dtype, pad_channels_to=pad_channels_to, border=border)
+    out = _empty_nhwc(n, c_pad, h + top + bottom, w + left + right, dtype, images.device)
     if out.numel():
         code = {torch.float16: module.OUT_FLOAT16, torch.bfloat16: module.OUT_BFLOAT16,
                 torch.float32: module.OUT_FLOAT32}[dtype]
         _launch(module, "preprocess", images.device, images.data_ptr(), out.data_ptr(), n, h, w, planar,
-                list(mean), list(std), c_pad, code)
+                list(mean), list(std), c_pad, code, [top, bottom, left, right])
     return out
 
 
 @_preprocess_op.register_fake
-def _preprocess_fake(images, mean, std, *, dtype=torch.float16, pad_channels_to=4):
+def _preprocess_fake(images, mean, std, *, dtype=torch.float16, pad_channels_to=4, border=None):
     n, h, w, _, c_pad = _check_preprocess(images, mean, std, dtype, pad_channels_to)
-    return _empty_nhwc(n, c_pad, h, w, dtype, images.device)
+    top, bottom, left, right = _check_border(border, "preprocess")
+    return _empty_nhwc(n, c_pad, h + top + bottom, w + left + right, dtype, images.device)
 
 
 def _floats(values, name: str) -> list[float]:
@@ -213,7 +238,8 @@ def _floats(values, name: str) -> list[float]:
 
 
 def preprocess(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor, *,
-               dtype: torch.dtype = torch.float16, pad_channels_to: int = 4) -> torch.Tensor:
+               dtype: torch.dtype = torch.float16, pad_channels_to: int = 4,
+               border: Sequence[int] | None = None) -> torch.Tensor:
     """Normalise a batch of uint8 RGB images for the stem: ``out = (x / 255 - mean) / std``.
 
     ``images`` is uint8 ``[N, H, W, 3]`` (contiguous) or ``[N, 3, H, W]`` (contiguous or channels_last);
@@ -222,10 +248,16 @@ def preprocess(images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: 
     where ``C_pad`` is 3 rounded up to a multiple of ``pad_channels_to`` and the extra channels are 0.
     Computed in fp32 as ``fma(x, 1 / (255 std), -mean / std)`` and rounded once to ``dtype``.
     Inputs whose data pointer is not 16-byte aligned (e.g. slices) take the scalar path, not an error.
+
+    ``border=(top, bottom, left, right)`` writes the image inside a zero border:
+    ``[N, C_pad, H+top+bottom, W+left+right]``, every channel 0 outside the image (0 in normalised
+    space, i.e. a conv's zero padding). With ``pad_channels_to=4`` and
+    ``kernels.conv2d_nhwc.stem_input_padding(H, W)`` that is the stem's padded input (ROW_K).
     """
     _require_tensor(images, "preprocess", "images")
     return torch.ops.fastres.preprocess(images, _floats(mean, "mean"), _floats(std, "std"), dtype=dtype,
-                                        pad_channels_to=pad_channels_to)
+                                        pad_channels_to=pad_channels_to,
+                                        border=list(border) if border is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,3 +326,64 @@ def nhwc_to_nchw(y: torch.Tensor) -> torch.Tensor:
     """``[N, C, H, W]`` channels_last fp16/bf16/fp32 -> a tensor equal to ``y`` in contiguous memory."""
     _require_tensor(y, "nhwc_to_nchw", "input")
     return torch.ops.fastres.nhwc_to_nchw(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# NCHW -> padded NHWC (the stem's input)
+# ---------------------------------------------------------------------------------------------
+
+def _check_pad_input(x, channels, border) -> tuple[int, int, int, int]:
+    _require_tensor(x, "nchw_to_nhwc_padded", "input")
+    if x.dtype not in _LAYOUT_DTYPES:
+        raise TypeError(f"fastres.nchw_to_nhwc_padded: dtype must be one of {_LAYOUT_DTYPES}, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"fastres.nchw_to_nhwc_padded: expected a 4-d [N, C, H, W] tensor, got shape {tuple(x.shape)}")
+    _check_device(x, "nchw_to_nhwc_padded")
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < x.shape[1]:
+        raise ValueError(f"fastres.nchw_to_nhwc_padded: channels must be an int >= the input's {x.shape[1]}, "
+                         f"got {channels!r}")
+    return _check_border(border, "nchw_to_nhwc_padded")
+
+
+def _padded_empty(x, channels, border) -> torch.Tensor:
+    top, bottom, left, right = border
+    n, _, h, w = x.shape
+    return _empty_nhwc(n, channels, h + top + bottom, w + left + right, x.dtype, x.device)
+
+
+def nchw_to_nhwc_padded_ref(x: torch.Tensor, channels: int = 4, border: Sequence[int] = (0, 0, 0, 0)) -> torch.Tensor:
+    """Plain-PyTorch nchw_to_nhwc_padded (the fallback and the tests' reference)."""
+    top, bottom, left, right = _check_pad_input(x, channels, border)
+    out = _padded_empty(x, channels, (top, bottom, left, right)).zero_()
+    out[:, :x.shape[1], top:top + x.shape[2], left:left + x.shape[3]] = x
+    return out
+
+
+@torch.library.custom_op("fastres::nchw_to_nhwc_padded", mutates_args=())
+def _nchw_to_nhwc_padded_op(x: torch.Tensor, channels: int, border: list[int]) -> torch.Tensor:
+    border = _check_pad_input(x, channels, border)
+    module = _extension_for(x.device, "nchw_to_nhwc_padded")
+    if module is None:
+        return nchw_to_nhwc_padded_ref(x, channels, border)
+    out = _padded_empty(x, channels, border)
+    if out.numel():
+        _launch(module, "pad_nhwc", x.device, x.data_ptr(), out.data_ptr(), list(x.shape), list(x.stride()),
+                list(border), channels, x.element_size())
+    return out
+
+
+@_nchw_to_nhwc_padded_op.register_fake
+def _nchw_to_nhwc_padded_fake(x, channels, border):
+    return _padded_empty(x, channels, _check_pad_input(x, channels, border))
+
+
+def nchw_to_nhwc_padded(x: torch.Tensor, channels: int = 4, border: Sequence[int] = (0, 0, 0, 0)) -> torch.Tensor:
+    """``[N, C, H, W]`` fp16/bf16/fp32 (NCHW or channels_last memory, any strides) ->
+    ``[N, channels, H+top+bottom, W+left+right]`` in channels_last memory: ``x`` inside a zero border
+    ``border=(top, bottom, left, right)``, channels ``C..channels-1`` zero. Bits are copied, not rounded.
+
+    With ``channels=4`` and ``kernels.conv2d_nhwc.stem_input_padding(H, W)`` it is the stem's padded
+    input (the stem then runs with padding 0, ROW_K).
+    """
+    _require_tensor(x, "nchw_to_nhwc_padded", "input")
+    return torch.ops.fastres.nchw_to_nhwc_padded(x, channels, list(border))

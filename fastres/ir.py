@@ -68,12 +68,31 @@ class Step:
 # -- conv: relu?(conv(x) [+ conv1x1_s(shortcut)] + bias [+ residual]) -------------------------
 def _conv_pack(step):
     t = step.tensors
+    if step.attrs.get("padded_input"):
+        return _conv.pack_stem_weight(t["weight"])
     return _conv.pack_conv_weight(t["weight"], groups=step.attrs["groups"],
                                   shortcut_weight=t.get("shortcut_weight"))
 
 
+def _padded_stem_input(x, step):
+    """[N, C<=4, H, W] -> the zero-bordered [N, 4, H', W'] channels_last input of the ROW_K stem
+    (exact: the border is zero where the conv's zero padding was)."""
+    from .extension import nchw_to_nhwc_padded, nchw_to_nhwc_padded_ref
+    a = step.attrs
+    border = _conv.stem_input_padding(x.shape[2], x.shape[3], a["padding"][0], a["stride"][0])
+    fake = x.device.type == "meta" or isinstance(x, torch._subclasses.FakeTensor)
+    pad = nchw_to_nhwc_padded_ref if fake else nchw_to_nhwc_padded
+    return pad(x, _conv.STEM_CHANNELS, border)
+
+
 def _conv_launch(step, args, packed, out):
     a = step.attrs
+    if packed.row_k:     # the stem over a zero-bordered 4-channel input, padding 0
+        x = args["x"]
+        if x.shape[1] != packed.in_channels:   # not already in that layout (preprocess(border=...))
+            x = _padded_stem_input(x, step)
+        return _conv.conv2d_nhwc_packed(x, packed, step.tensors["bias"], stride=a["stride"], padding=0,
+                                        relu=a["relu"], out=out)
     return _conv.conv2d_nhwc_packed(
         args["x"], packed, step.tensors["bias"], stride=a["stride"], padding=a["padding"],
         dilation=a["dilation"], residual=args.get("residual"), relu=a["relu"],
@@ -282,7 +301,7 @@ class Plan:
         for step, op, relayout, release in zip(self.steps, self._ops, self._relayout, self._release):
             args = {role: env[name] for role, name in step.inputs.items()}
             for role in relayout:
-                args[role] = backend.to_nhwc(args[role])
+                args[role] = backend.layout(step, role, args[role])
             out = buffers.get(step.output) if buffers else None
             env[step.output] = backend.run(step, op, args, out)
             if buffers is None:

@@ -106,7 +106,7 @@ def launch_rows(plan: Plan, input_shape: tuple) -> list[dict]:
         for step, op, relayout in zip(plan.steps, plan._ops, plan._relayout):
             args = {role: env[name] for role, name in step.inputs.items()}
             for role in relayout:
-                args[role] = backend.to_nhwc(args[role])
+                args[role] = backend.layout(step, role, args[role])
             before = len(calls)
             out = env[step.output] = backend.run(step, op, args, None)
             if len(calls) > before:
@@ -211,11 +211,16 @@ def _check_positive(batch: int, size: int) -> None:
             raise ValueError(f"{what} must be a positive integer, got {v!r}")
 
 
-def inspect_arch(arch: str = "resnet50", batch: int = 256, size: int = 224, dtype: str = "fp16") -> dict:
-    """The plan of ``arch`` for a batch of ``size`` x ``size`` images, as the JSON report."""
+def inspect_arch(arch: str = "resnet50", batch: int = 256, size: int = 224, dtype: str = "fp16",
+                 gpu: Optional[str] = None) -> dict:
+    """The plan of ``arch`` for a batch of ``size`` x ``size`` images, as the JSON report; with
+    ``gpu`` (h100, h200, a100) also the modelled roofline floor of every launch (fastres.roofline)."""
     _check_positive(batch, size)
     model = _meta_model(arch, dtype)
     report = inspect_model(model, (batch, 3, size, size), title=arch, dtype=dtype)
+    if gpu:
+        from .roofline import plan_floor
+        report["roofline"] = plan_floor(report["kernels"], gpu, dtype, batch)
     return report
 
 
@@ -237,6 +242,11 @@ def format_report(report: dict) -> str:
               f"{r['bytes_per_image'] / 1e6:>9.2f}",
               f"saving: {r['launches'] / t['launches']:.2f}x fewer launches, "
               f"{r['bytes_per_image'] / t['bytes_per_image']:.2f}x less traffic (modelled)"]
+    if "roofline" in report:
+        roof = report["roofline"]
+        lines.append(f"roofline floor on {roof['gpu']} (modelled, not measured): {roof['total_seconds'] * 1e3:.3f} ms "
+                     f"per batch, <= {roof['images_per_second_ceiling']:.0f} images/s; "
+                     f"{roof['memory_bound_launches']} of {len(roof['launches'])} launches memory-bound")
     notes = report.get("pytorch_steps") or []
     if notes:
         lines += ["", f"{len(notes)} step(s) run as PyTorch (counted as launches above):"]
@@ -244,8 +254,12 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def record_plan_launches(arch: str, batch: int, size: int = 224, dtype: str = "fp16") -> list:
-    """The KernelCalls a real Triton-path forward of ``arch`` launches, recorded on meta tensors."""
+def record_plan_launches(arch: str, batch: int, size: int = 224, dtype: str = "fp16",
+                         sm: Optional[int] = None) -> list:
+    """The KernelCalls a real Triton-path forward of ``arch`` launches, recorded on meta tensors
+    (with ``sm``: tiles chosen for that GPU architecture, ``kernels._target``)."""
+    import contextlib
+
     from .capture import capture
     from .kernels._launch import record_launches
 
@@ -253,6 +267,10 @@ def record_plan_launches(arch: str, batch: int, size: int = 224, dtype: str = "f
     plan = capture(_meta_model(arch, dtype))
     x = torch.empty(batch, 3, size, size, dtype=DTYPES[dtype], device="meta",
                     memory_format=torch.channels_last)
-    with record_launches() as calls, torch.no_grad():
+    target = contextlib.nullcontext()
+    if sm:
+        from .kernels._target import use_target
+        target = use_target(sm)
+    with record_launches() as calls, torch.no_grad(), target:
         plan.run(x, TritonBackend())
     return calls

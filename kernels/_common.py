@@ -55,6 +55,34 @@ def dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, K: tl.constexp
 
 
 @triton.jit
+def dot_concat_k(acc, a_rows, s_rows, w_ptrs, offs_k, m_mask, n_mask, K_A: tl.constexpr, K_S: tl.constexpr,
+                 W_ROW_STRIDE: tl.constexpr, ROW_ALIGN_BYTES: tl.constexpr, EVEN_N: tl.constexpr,
+                 INTERPRETER_BF16: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + [A | S] @ W in one K loop (one pipeline fill): rows of A and S are K_A and K_S contiguous
+    channels (``a_rows``, ``s_rows`` [BLOCK_M] pointers to each row's first channel), W has
+    K_A + K_S rows W_ROW_STRIDE elements apart; BLOCK_K divides K_A and K_S.
+
+    Step kb reads channels kb*BLOCK_K.. of A while kb < K_A / BLOCK_K, then of S: the row base is
+    chosen per step by a select, so both operands stream through the same software pipeline
+    (the concat-K projection shortcut, instead of a second loop that drains and refills it).
+    ROW_ALIGN_BYTES: what every row base of both operands is a multiple of (the caller knows the
+    base pointers' alignment and the channel counts; triton cannot see it through the select).
+    """
+    A_STEPS: tl.constexpr = K_A // BLOCK_K
+    for kb in range(0, A_STEPS + K_S // BLOCK_K):
+        rows = tl.where(kb < A_STEPS, a_rows + kb * BLOCK_K, s_rows + (kb - A_STEPS) * BLOCK_K)
+        if ROW_ALIGN_BYTES > 1:
+            rows = tl.multiple_of(rows, ROW_ALIGN_BYTES)
+        a = tl.load(rows[:, None] + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+        b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+        if INTERPRETER_BF16:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+        w_ptrs += BLOCK_K * W_ROW_STRIDE
+    return acc
+
+
+@triton.jit
 def store_conv_epilogue(acc, out_ptr, bias_ptr, residual_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
                         INTERPRETER_BF16: tl.constexpr):

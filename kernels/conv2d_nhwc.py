@@ -19,19 +19,25 @@ into that one matrix:
 * concat-K projection shortcut (HAS_SHORTCUT_GEMM): the rows of the 1x1 shortcut weight follow the
   main K rows, and the K loop walks the main input, then the shortcut input at (oh*s, ow*s). The
   downsampling branch of a residual block is then part of the same GEMM, never a tensor in memory;
-  the caller pre-sums both biases.
+  the caller pre-sums both biases. Behind a 1x1 main GEMM (the bottleneck's last conv) both
+  operands run in one K loop whose row base is chosen per step (``dot_concat_k``: one pipeline
+  fill); behind a 3x3 (BasicBlock) the shortcut is a second loop.
 
 K loop modes (constexpr, chosen from the shape):
 
 * 1x1, stride 1, no padding: a plain GEMM over the [N*H*W, C_in] matrix (no spatial index math).
 * channels per packed group a multiple of 16 (every ResNet conv but the stem): tap-major; one
   BLOCK_K step loads BLOCK_K contiguous channels of one tap, 16-byte aligned vector loads.
-* otherwise (FLAT_K; the 3-channel stem): K is decoded per element into (kh, kw, c) and the tail
-  past K is masked. For the stem K = 7*7*3 = 147, i.e. 5 steps of BLOCK_K = 32 (160, 8% waste).
-  We do not pad the input to 4 channels (that would be an extra copy of every image, made by the
-  caller) nor the packed weight's K (the x loads must be masked on K anyway, and weight rows stay
-  aligned along C_out whatever K is): a 3-channel pixel is 6 bytes, so x loads of the stem are
-  scalar gathers either way.
+* few channels, padding 0, stride/row alignment allowing it (ROW_K; the stem over its padded
+  4-channel input, see ``pad_stem_weight`` and ``stem_input_padding``): one K step is one kernel row
+  kh, the KW*C_in contiguous elements of input row ih0 + kh starting at pixel iw0 (7 taps x 4
+  channels = 28 for the stem), padded to a power of two BLOCK_K (32) with zero weight rows: the
+  extra elements read the next pixel(s) of the same row (the launch checks they exist; else they
+  are masked) and are multiplied by zero. Every load is a 16-byte-aligned run (the wrapper passes
+  the alignment the geometry guarantees as ROW_ALIGN), unmasked along K; the rows past M are
+  clamped to the last pixel instead of masked. The stem becomes KH = 7 steps over K = 224.
+* otherwise (FLAT_K; e.g. a 3-channel conv with padding): K is decoded per element into
+  (kh, kw, c) and the tail past K is masked, i.e. scalar gathers: correct for any geometry, slow.
 
 Runtime ints are the batch and spatial sizes; channel counts, kernel size, stride, padding,
 dilation and the epilogue switches are constexpr. Pixel indices are int32 (N*H*W < 2**31 is
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +57,7 @@ import triton.language as tl
 
 from . import _autotune
 from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activation, check_bias, check_packed_input,
-                      check_shortcut, conv_geometry, conv_output_hw, dot_contiguous_k, is_channels_last,
+                      check_shortcut, conv_geometry, conv_output_hw, dot_concat_k, dot_contiguous_k, is_channels_last,
                       largest_pow2_divisor, pow2_at_least, store_conv_epilogue, tile_groups)
 from ._launch import KernelCall, is_recording
 
@@ -67,7 +74,8 @@ def _conv2d_nhwc_kernel(
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     C_SC: tl.constexpr, SC_STRIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
-    HAS_SHORTCUT_GEMM: tl.constexpr, FLAT_K: tl.constexpr,
+    HAS_SHORTCUT_GEMM: tl.constexpr, FLAT_K: tl.constexpr, ROW_K: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, ROW_K_MASK: tl.constexpr, CONCAT_ALIGN: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -108,11 +116,42 @@ def _conv2d_nhwc_kernel(
     EVEN_N: tl.constexpr = COUT_PER_GROUP % BLOCK_N == 0
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if KH == 1 and KW == 1 and STRIDE_H == 1 and STRIDE_W == 1 and PAD_H == 0 and PAD_W == 0:
+    PLAIN_GEMM: tl.constexpr = KH == 1 and KW == 1 and STRIDE_H == 1 and STRIDE_W == 1 and PAD_H == 0 and PAD_W == 0
+    # A 1x1 main GEMM and its projection shortcut in one K loop when BLOCK_K divides both K's.
+    CONCAT_ONE_LOOP: tl.constexpr = (HAS_SHORTCUT_GEMM and PLAIN_GEMM and CIN_PER_GROUP % BLOCK_K == 0
+                                     and C_SC % BLOCK_K == 0)
+    if CONCAT_ONE_LOOP:
+        # groups == 1 with a shortcut (checked at pack time); the shortcut rows follow the main rows of W.
+        sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE
+        acc = dot_concat_k(acc, x_ptr + offs_m.to(tl.int64) * C_IN, shortcut_ptr + sc_pixel.to(tl.int64) * C_SC,
+                           w_ptrs, offs_k, m_mask, n_mask, C_IN, C_SC, C_OUT, CONCAT_ALIGN, EVEN_N, INTERPRETER_BF16,
+                           BLOCK_K)
+    elif PLAIN_GEMM:
         # Plain GEMM: output pixel m reads input pixel m.
         a_ptrs = x_ptr + (offs_m.to(tl.int64) * C_IN + group * CIN_PER_GROUP)[:, None] + offs_k[None, :]
         acc = dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, CIN_PER_GROUP, C_OUT, EVEN_N,
                                INTERPRETER_BF16, BLOCK_K)
+    elif ROW_K:
+        # Step kh reads x[img, oh*S + kh, ow*S + j // C_IN, j % C_IN] for j < BLOCK_K: one contiguous
+        # run per output pixel (packed weight rows kh*BLOCK_K + j, zero for j >= KW*C_IN).
+        offs_m_ld = tl.minimum(offs_m, M - 1)       # tail rows re-read the last pixel: no load mask
+        ow_ld = offs_m_ld % OW
+        oh_ld = (offs_m_ld // OW) % OH
+        img_ld = offs_m_ld // (OW * OH)
+        row0 = ((img_ld * H + oh_ld * STRIDE_H) * W + ow_ld * STRIDE_W).to(tl.int64) * C_IN
+        x_row_pitch = W * C_IN
+        for kh in range(0, KH):
+            a_offs = tl.multiple_of(row0 + kh * x_row_pitch, ROW_ALIGN)
+            a_ptrs = x_ptr + a_offs[:, None] + offs_k[None, :]
+            if ROW_K_MASK:
+                a = tl.load(a_ptrs, mask=(offs_k < KW * C_IN)[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs)
+            b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+            if INTERPRETER_BF16:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+            w_ptrs += BLOCK_K * C_OUT
     elif FLAT_K:
         K_MAIN: tl.constexpr = KH * KW * CIN_PER_GROUP
         ih0 = oh * STRIDE_H - PAD_H
@@ -159,7 +198,7 @@ def _conv2d_nhwc_kernel(
             acc = tl.dot(a, b, acc, input_precision="ieee")
             w_ptrs += BLOCK_K * C_OUT
 
-    if HAS_SHORTCUT_GEMM:
+    if HAS_SHORTCUT_GEMM and not CONCAT_ONE_LOOP:
         # groups == 1 here (checked at pack time) and w_ptrs now points at the shortcut rows, which
         # follow the KH*KW*C_IN main rows; the shortcut input is read at (oh*s, ow*s).
         sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE
@@ -191,6 +230,7 @@ class PackedConvWeight:
     groups: int
     tile_groups: int
     shortcut_in_channels: int = 0
+    row_k: int = 0          # ROW_K packing: BLOCK_K rows per kernel row (KW*C_in real, zeros after), else 0
 
     @property
     def group_in_channels(self) -> int:      # input channels of one packed group
@@ -209,10 +249,67 @@ class PackedConvWeight:
         return self.weight.device
 
 
-def pack_conv_weight(weight, *, groups=1, shortcut_weight=None) -> PackedConvWeight:
+def row_k_block(kernel_w: int, in_channels: int) -> int:
+    """BLOCK_K of a ROW_K conv: one kernel row's KW*C_in elements rounded up to a power of two (>= 16)."""
+    return max(MIN_TILE_CHANNELS, pow2_at_least(kernel_w * in_channels))
+
+
+def row_k_fits(kernel_w: int, in_channels: int, groups: int) -> bool:
+    """Whether a conv can be packed for ROW_K (it must then run with padding 0 and dilation 1):
+    groups=1, fewer than 16 input channels (else tap-major is as good) and a kernel row of at
+    most 64 elements."""
+    return groups == 1 and in_channels % MIN_TILE_CHANNELS != 0 and kernel_w * in_channels <= 64
+
+
+STEM_CHANNELS = 4     # the stem's 3 input channels padded to 4: a pixel is 8 bytes (fp16), 7 taps 56
+
+
+def pad_stem_weight(weight, channels: int = STEM_CHANNELS):
+    """[C_out, C_in, KH, KW] -> [C_out, channels, KH, KW] with zero weights for the added input channels.
+
+    With the input zero-padded to the same channels (and its spatial padding written into a zero
+    border, ``stem_input_padding``) the convolution is exact: the stem as a padding-0 conv over
+    ``[N, 4, H+6, W+6(+1)]``, which packs for ROW_K (``pack_conv_weight(..., row_k=True)``).
+    """
+    c_out, c_in, kh, kw = weight.shape
+    if c_in > channels:
+        raise ValueError(f"pad_stem_weight: weight has {c_in} input channels, more than {channels}")
+    return torch.cat([weight, weight.new_zeros(c_out, channels - c_in, kh, kw)], dim=1)
+
+
+def pads_stem_input(weight, *, groups: int = 1, dilation: int = 1) -> bool:
+    """Whether a conv with this PyTorch-layout weight should run as the padded-input ROW_K stem:
+    at most ``STEM_CHANNELS`` input channels, groups 1, dilation 1 and a kernel row of <= 64
+    elements over the padded channels (the ResNet stem, 7x7 over 3 channels)."""
+    c_in, kw = weight.shape[1], weight.shape[3]
+    return c_in <= STEM_CHANNELS and dilation == 1 and row_k_fits(kw, STEM_CHANNELS, groups)
+
+
+def pack_stem_weight(weight) -> "PackedConvWeight":
+    """The stem weight [C_out, C_in<=4, KH, KW] padded to 4 input channels and packed for ROW_K."""
+    return pack_conv_weight(pad_stem_weight(weight), row_k=True)
+
+
+def stem_input_padding(height: int, width: int, padding: int = 3, stride: int = 2) -> tuple:
+    """(top, bottom, left, right) zero border that turns a conv with ``padding`` into one with padding 0.
+
+    Top, bottom and left are ``padding``; the right border gets one more column when that makes the
+    padded width even with stride 2, so that (i) every run the ROW_K loop reads starts 16-byte aligned
+    (an fp16 row of an even number of 4-channel pixels is a multiple of 16 bytes, and stride-2
+    columns are 16 bytes apart), and (ii) the 8-pixel run read for the last output column stays
+    inside its row. The extra column is zero and never weighted (the output size does not change).
+    """
+    right = padding + ((width + 2 * padding) % 2 if stride % 2 == 0 else 0)
+    return (padding, padding, padding, right)
+
+
+def pack_conv_weight(weight, *, groups=1, shortcut_weight=None, row_k=False) -> PackedConvWeight:
     """Pack a PyTorch conv weight [C_out, C_in/groups, KH, KW] (and optionally a 1x1 projection
     shortcut weight [C_out, C_sc, 1, 1], groups=1 only) for ``conv2d_nhwc_packed``.
 
+    ``row_k=True`` packs for the ROW_K loop (see the module docstring; ``row_k_fits`` says when it
+    can): rows kh*BLOCK_K + kw*C_in + c, zero rows up to BLOCK_K = ``row_k_block(KW, C_in)``; the
+    conv must then run with padding 0 and dilation 1 (pad the input instead: ``stem_input_padding``).
     Keeps ``weight.dtype`` (cast to the compute dtype first) and device; works on meta tensors.
     """
     weight = weight.detach()
@@ -223,6 +320,15 @@ def pack_conv_weight(weight, *, groups=1, shortcut_weight=None) -> PackedConvWei
     if groups < 1 or c_out % groups != 0:
         raise ValueError(f"groups={groups} must divide the {c_out} output channels of the weight")
     cout_g = c_out // groups
+    if row_k:
+        if not row_k_fits(kw, cin_g, groups) or shortcut_weight is not None:
+            raise ValueError(f"row_k packing needs groups=1, no shortcut, C_in % 16 != 0 and KW*C_in <= 64, got "
+                             f"groups={groups}, C_in={cin_g}, KW={kw}, shortcut={shortcut_weight is not None}")
+        block_k = row_k_block(kw, cin_g)
+        rows = weight.permute(2, 3, 1, 0).reshape(kh, kw * cin_g, c_out)
+        packed = torch.cat([rows, rows.new_zeros(kh, block_k - kw * cin_g, c_out)], dim=1)
+        return PackedConvWeight(weight=packed.reshape(kh * block_k, c_out).contiguous(), out_channels=c_out,
+                                in_channels=cin_g, kernel_size=(kh, kw), groups=1, tile_groups=1, row_k=block_k)
     t = tile_groups(groups, cin_g, cout_g)
     if t > 1:
         # Block-diagonal packed groups: [s, i, o, j, c] = weight[s, i, o, c] if i == j else 0.
@@ -335,6 +441,10 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
         check_activation(residual, "residual", out_shape, x, "x")
     if bias is not None:
         check_bias(bias, "bias", packed.out_channels, x.device)
+    if packed.row_k and ((ph, pw) != (0, 0) or (dh, dw) != (1, 1)):
+        raise ValueError(f"a weight packed with row_k=True runs with padding 0 and dilation 1, got padding {(ph, pw)}, "
+                         f"dilation {(dh, dw)}: zero-pad the input instead (stem_input_padding, "
+                         "fastres.extension.nchw_to_nhwc_padded / preprocess(padding=...))")
     sc_h, sc_w = check_shortcut(shortcut, shortcut_stride, packed.shortcut_in_channels, n, oh, ow, x, "x")
     if out is None:
         out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
@@ -382,6 +492,17 @@ def _tuned_config(x, packed, out, problem) -> ConvConfig:
         gpu=torch.cuda.get_device_name(x.device))
 
 
+def _concat_align(x, shortcut, c_in: int, c_sc: int, block_k: int) -> int:
+    """Bytes every row base of the one-loop concat-K (x rows, shortcut rows, + k*BLOCK_K) is a multiple
+    of: 16 when both tensors start 16-byte aligned and every channel count is a multiple of 16 bytes."""
+    if shortcut is None:
+        return 1
+    size = x.element_size()
+    aligned = (x.data_ptr() % 16 == 0 and shortcut.data_ptr() % 16 == 0
+               and all(c * size % 16 == 0 for c in (c_in, c_sc, block_k)))
+    return 16 if aligned else 1
+
+
 def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
                 shortcut_stride, config: ConvConfig | None = None) -> KernelCall:
     """The KernelCall of one (already validated) convolution; touches no tensor data."""
@@ -394,6 +515,13 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     m = n * oh * ow
     device_type = x.device.type
     cfg = config or conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type)
+    row_align, row_k_mask = 1, False
+    if packed.row_k:
+        cfg = dataclasses.replace(cfg, BLOCK_K=packed.row_k)
+        # elements every row start is a multiple of (x itself is 16-byte aligned or triton knows it
+        # is not), capped at one 16-byte vector; the BLOCK_K run of the last column must stay in its row
+        row_align = min(largest_pow2_divisor(math.gcd(stride[1] * c_in, w * c_in)), 16 // x.element_size())
+        row_k_mask = (ow - 1) * stride[1] * c_in + packed.row_k > w * c_in
     grid = (triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(cout_g, cfg.BLOCK_N),)
     args = dict(x_ptr=x, w_ptr=packed.weight, out_ptr=out, BATCH=n, H=h, W=w, OH=oh, OW=ow)
     # Absent operands are None, which Triton treats as constexpr: they go with the constexprs.
@@ -409,21 +537,25 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         DIL_H=dilation[0], DIL_W=dilation[1],
         C_SC=c_sc, SC_STRIDE=shortcut_stride if shortcut is not None else 1,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
-        HAS_SHORTCUT_GEMM=shortcut is not None, FLAT_K=flat_k,
+        HAS_SHORTCUT_GEMM=shortcut is not None, FLAT_K=flat_k and not packed.row_k, ROW_K=bool(packed.row_k),
+        ROW_ALIGN=row_align, ROW_K_MASK=row_k_mask, CONCAT_ALIGN=_concat_align(x, shortcut, c_in, c_sc, cfg.BLOCK_K),
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )
     k_main = kh * kw * cin_g
     name = (f"conv2d_nhwc[{kh}x{kw}/s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")
             + (f"/g{packed.groups}" if packed.groups > 1 else "") + (f"+sc{c_sc}/s{shortcut_stride}" if c_sc else "")
+            + ("/rowk" if packed.row_k else "")
             + "]")
     macs = m * packed.out_channels * (k_main // packed.tile_groups + c_sc)
+    # K loop trips (the loop report divides an unrolled K loop's code by them)
+    k_steps = (kh if packed.row_k else triton.cdiv(k_main, cfg.BLOCK_K)) + triton.cdiv(c_sc, cfg.BLOCK_K)
     return KernelCall(
         kernel=_conv2d_nhwc_kernel, grid=grid, args=args, constexprs=constexprs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,
         # modelled traffic: each input once (only the strided shortcut pixels), the output once,
         # the weights as PyTorch holds them (not the packed zeros of block-diagonal groups), fp32 bias
-        info=dict(M=m, N=packed.out_channels, K=k_main + c_sc, flops=2 * macs, dtype=str(x.dtype).replace("torch.", ""),
+        info=dict(M=m, N=packed.out_channels, K=k_main + c_sc, k_steps=k_steps, flops=2 * macs, dtype=str(x.dtype).replace("torch.", ""),
                   bytes=(x.numel() + out.numel() * (2 if residual is not None else 1) + m * c_sc
                          + packed.out_channels * (k_main // packed.tile_groups + c_sc)) * x.element_size()
                   + (4 * packed.out_channels if bias is not None else 0)),
@@ -471,7 +603,9 @@ def conv2d_nhwc(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups
                          "x.contiguous(memory_format=torch.channels_last)")
     if bias is not None:
         bias = bias.contiguous()
-    packed = pack_conv_weight(weight, groups=groups)
+    row_k = (ph, pw) == (0, 0) and (dh, dw) == (1, 1) and row_k_fits(
+        weight.shape[3], cin_g, groups)
+    packed = pack_conv_weight(weight, groups=groups, row_k=row_k)
     return conv2d_nhwc_packed(x, packed, bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
                               residual=residual, relu=relu)
 

@@ -65,3 +65,16 @@ def test_aot_command(capsys):
     assert main(["aot", "--arch", "resnet18", "--batch", "1", "--sm", "80,90"]) == 0
     out = capsys.readouterr().out
     assert "conv2d_nhwc" in out and "avgpool_linear" in out and "FAIL" not in out
+
+
+def test_aot_loop_stats_json(capsys):
+    import json
+    # same configurations as test_aot_command: compiled once per process (fastres.aot caches results)
+    assert main(["aot", "--arch", "resnet18", "--batch", "1", "--sm", "80,90", "--loop-stats", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not report["problems"]
+    loops = report["loop_stats"]
+    assert {e["sm"] for e in loops} == {80, 90}
+    convs = [e for e in loops if e["kernel"].startswith("conv2d_nhwc") and e["k_loops"]]
+    assert convs and all(e["k_loops"][0]["mma"].startswith("HGMMA" if e["sm"] == 90 else "HMMA") for e in convs)
+    assert all(u["waves"] > 0 for e in loops for u in e["uses"])

@@ -501,3 +501,108 @@ def test_pack_bad_input_raises_clear_error():
         pack_conv_weight(torch.randn(16, 8, 1, 1), shortcut_weight=torch.randn(16, 4, 1, 1).half())
     with pytest.raises(ValueError, match="groups=3 must divide"):
         pack_conv_weight(torch.randn(16, 8, 1, 1), groups=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stem over its padded 4-channel input (ROW_K): exact against the padded-3 conv of the original
+
+
+def _stem_padded(x, padding=3):
+    """[N, 3, H, W] -> the zero-bordered [N, 4, H+6, W+6(+1)] channels_last input (plain PyTorch)."""
+    from fastres.kernels.conv2d_nhwc import stem_input_padding
+    top, bottom, left, right = stem_input_padding(x.shape[2], x.shape[3], padding)
+    padded = torch.nn.functional.pad(x, (left, right, top, bottom))
+    return channels_last(torch.cat([padded, padded.new_zeros(padded.shape[0], 1, *padded.shape[2:])], dim=1))
+
+
+@pytest.mark.parametrize("batch,h,w", [(1, 224, 224), (2, 13, 13), (3, 7, 9), (1, 16, 11)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_stem_row_k_over_padded_input_matches_padded_conv(batch, h, w, dtype):
+    from fastres.kernels.conv2d_nhwc import pad_stem_weight
+    if h == 224 and dtype != torch.float16:
+        pytest.skip("one 224x224 run (fp16) is enough for the real shape")
+    x, weight, b, _ = _make_problem(batch, 3, 64, h, w, 7, 2, 3, 1, 1, dtype, bias=True, residual=False)
+    xp = _stem_padded(x)
+    packed = pack_conv_weight(pad_stem_weight(weight), row_k=True)
+    assert packed.row_k == 32 and packed.weight.shape == (7 * 32, 64)
+    with record_launches() as calls:
+        conv2d_nhwc_packed(xp, packed, b, stride=2, relu=True)
+    (call,) = calls
+    assert call.constexprs["ROW_K"] and not call.constexprs["FLAT_K"] and call.constexprs["BLOCK_K"] == 32
+    # even padded width: 16-byte runs (8 fp16 / 4 fp32 elements), and the last column's run fits its row
+    assert call.constexprs["ROW_ALIGN"] == 16 // x.element_size() and not call.constexprs["ROW_K_MASK"]
+    out = conv2d_nhwc_packed(xp, packed, b, stride=2, relu=True)
+    conv = dict(stride=2, padding=3)
+    ref64 = conv2d_nhwc_ref(_double(x), _double(weight), _double(b), relu=True, **conv)
+    torch_out = None if dtype == torch.float32 else conv2d_nhwc_ref(x, weight, b, relu=True, **conv)
+    _assert_close_to_reference(out, torch_out, ref64, dtype, 3 * 49, what=f"stem row-K {h}x{w}")
+
+
+@pytest.mark.parametrize("h,w", [(13, 13), (9, 10)])
+def test_row_k_masks_a_run_past_its_row(h, w):
+    """Without the extra right column an odd width's last run would leave its row: masked then."""
+    from fastres.kernels.conv2d_nhwc import pad_stem_weight
+    x, weight, b, _ = _make_problem(2, 3, 64, h, w, 7, 2, 3, 1, 1, torch.float16, bias=True, residual=False)
+    padded = torch.nn.functional.pad(x, (3, 3, 3, 3))
+    xp = channels_last(torch.cat([padded, padded.new_zeros(2, 1, *padded.shape[2:])], dim=1))
+    packed = pack_conv_weight(pad_stem_weight(weight), row_k=True)
+    with record_launches() as calls:
+        conv2d_nhwc_packed(xp, packed, b, stride=2)
+    assert calls[0].constexprs["ROW_K_MASK"] == (w % 2 == 1)
+    # fp16 row starts: 16 B (8 elements) with an even padded width, 8 B with an odd one
+    assert calls[0].constexprs["ROW_ALIGN"] == (8 if (w + 6) % 2 == 0 else 4)
+    out = conv2d_nhwc_packed(xp, packed, b, stride=2)
+    ref64 = conv2d_nhwc_ref(_double(x), _double(weight), _double(b), stride=2, padding=3)
+    torch_out = conv2d_nhwc_ref(x, weight, b, stride=2, padding=3)
+    _assert_close_to_reference(out, torch_out, ref64, torch.float16, 147, what=f"row-K masked {h}x{w}")
+
+
+def test_unpacked_api_picks_row_k_without_padding():
+    x, weight, b, _ = _make_problem(2, 4, 32, 12, 12, 5, 1, 0, 1, 1, torch.float32, bias=True, residual=False)
+    with record_launches() as calls:
+        conv2d_nhwc(x, weight, b)
+    assert calls[0].constexprs["ROW_K"] and calls[0].constexprs["BLOCK_K"] == 32   # 5 taps x 4 ch = 20 -> 32
+    out = conv2d_nhwc(x, weight, b)
+    ref64 = conv2d_nhwc_ref(_double(x), _double(weight), _double(b))
+    _assert_close_to_reference(out, None, ref64, torch.float32, 100, what="row-K 5x5")
+
+
+def test_row_k_packing_rules():
+    from fastres.kernels.conv2d_nhwc import pad_stem_weight, stem_input_padding
+    w = torch.randn(64, 3, 7, 7)
+    w4 = pad_stem_weight(w)
+    assert w4.shape == (64, 4, 7, 7) and torch.equal(w4[:, :3], w) and not w4[:, 3].any()
+    packed = pack_conv_weight(w4, row_k=True)
+    rows = packed.weight.reshape(7, 32, 64)
+    assert torch.equal(rows[:, :28].reshape(7, 7, 4, 64), w4.permute(2, 3, 1, 0)) and not rows[:, 28:].any()
+    assert stem_input_padding(224, 224) == (3, 3, 3, 3) and stem_input_padding(13, 13) == (3, 3, 3, 4)
+    with pytest.raises(ValueError, match="row_k packing"):
+        pack_conv_weight(torch.randn(64, 64, 3, 3), row_k=True)
+    x = channels_last(torch.randn(1, 4, 20, 20)).to(DEVICE)
+    with pytest.raises(ValueError, match="padding 0"):
+        conv2d_nhwc_packed(x, pack_conv_weight(w4, row_k=True), stride=2, padding=3)
+
+
+def test_concat_k_alignment_hint_follows_the_pointers():
+    """dot_concat_k tells triton the row bases are 16-byte aligned only when they are."""
+    packed = pack_conv_weight(torch.randn(64, 32, 1, 1), shortcut_weight=torch.randn(64, 16, 1, 1))
+    x = channels_last(torch.randn(2, 32, 5, 5))
+    bias = torch.randn(64)
+    for storage_offset, expected in ((0, 16), (1, 1)):
+        base = torch.randn(2 * 16 * 10 * 10 + storage_offset)
+        shortcut = base[storage_offset:].view(2, 10, 10, 16).permute(0, 3, 1, 2)
+        with record_launches() as calls:
+            conv2d_nhwc_packed(x, packed, bias, shortcut=shortcut, shortcut_stride=2)
+        assert calls[0].constexprs["CONCAT_ALIGN"] == expected
+        out = conv2d_nhwc_packed(x, packed, bias, shortcut=shortcut, shortcut_stride=2)
+        ref = conv2d_nhwc_ref(x.double(), _unpack_main(packed).double(), bias.double(),
+                              shortcut=shortcut.double(), shortcut_weight=_unpack_sc(packed).double(), shortcut_stride=2)
+        assert_fp32_close(out.double(), ref, 48, what="concat-K offset shortcut")
+
+
+def _unpack_main(packed):
+    return packed.weight[:32].t().reshape(64, 32, 1, 1)
+
+
+def _unpack_sc(packed):
+    return packed.weight[32:].t().reshape(64, 16, 1, 1)

@@ -18,7 +18,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from fastres import extension
-from fastres.extension import nchw_to_nhwc, nhwc_to_nchw, preprocess
+from fastres.extension import nchw_to_nhwc, nchw_to_nhwc_padded, nhwc_to_nchw, preprocess
 
 MEAN = (0.485, 0.456, 0.406)   # torchvision's ImageNet weights
 STD = (0.229, 0.224, 0.225)
@@ -190,6 +190,70 @@ def test_raw_bindings_check_their_arguments(ext):
         ext.transpose_cpu(0, out.data_ptr(), 1, 2, 2, 2)
 
 
+# The stem's padded input: a zero border (the conv's padding) and a zero 4th channel, at odd sizes too.
+BORDERS = [(3, 3, 3, 3), (3, 3, 3, 4), (0, 0, 0, 0), (1, 0, 2, 5)]
+
+
+@pytest.mark.parametrize("border", BORDERS, ids=lambda b: "-".join(map(str, b)))
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("n,h,w", [(1, 224, 224), (3, 13, 7), (2, 1, 1)])
+def test_preprocess_border_writes_the_padded_stem_input(ext, n, h, w, layout, border):
+    images, nchw = _batch(n, h, w, layout)
+    top, bottom, left, right = border
+    out = preprocess(images, MEAN, STD, dtype=torch.float16, pad_channels_to=4, border=border)
+    assert out.shape == (n, 4, h + top + bottom, w + left + right)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # inside: bitwise the unbordered preprocess (the same fma, the same rounding); outside and channel 3: 0
+    inner = preprocess(images, MEAN, STD, dtype=torch.float16, pad_channels_to=4)
+    assert torch.equal(out[:, :, top:top + h, left:left + w], inner)
+    expected = torch.nn.functional.pad(_normalised(nchw), (left, right, top, bottom))
+    error = (out[:, :3].double() - expected).abs()
+    assert bool((error <= 1e-6 + 2.0**-11 * expected.abs()).all())
+    mask = torch.ones_like(out, dtype=torch.bool)
+    mask[:, :3, top:top + h, left:left + w] = False
+    assert not out[mask].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,channels,border", [((2, 3, 224, 224), 4, (3, 3, 3, 3)), ((3, 3, 13, 7), 4, (3, 3, 3, 4)),
+                                                   ((1, 1, 1, 1), 8, (0, 2, 1, 0)), ((2, 5, 4, 6), 5, (0, 0, 0, 0))])
+def test_nchw_to_nhwc_padded(ext, shape, channels, border, memory_format, dtype):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype).contiguous(memory_format=memory_format)
+    y = nchw_to_nhwc_padded(x, channels, border)
+    top, bottom, left, right = border
+    n, c, h, w = shape
+    assert y.shape == (n, channels, h + top + bottom, w + left + right) and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.pad(torch.cat([x, x.new_zeros(n, channels - c, h, w)], dim=1),
+                                       (left, right, top, bottom))
+    assert torch.equal(y, expected)
+    assert torch.equal(y, extension.nchw_to_nhwc_padded_ref(x, channels, border))
+
+
+def test_nchw_to_nhwc_padded_feeds_the_row_k_stem(ext):
+    """The op's layout is what the ROW_K stem reads: equal to the padded conv (plain PyTorch, CPU)."""
+    from fastres.kernels.conv2d_nhwc import pad_stem_weight, stem_input_padding
+    x = torch.randn(2, 3, 13, 7, dtype=torch.float64)
+    w = torch.randn(8, 3, 7, 7, dtype=torch.float64)
+    xp = nchw_to_nhwc_padded(x.float(), 4, stem_input_padding(13, 7)).double()
+    got = torch.nn.functional.conv2d(xp, pad_stem_weight(w), stride=2)
+    torch.testing.assert_close(got, torch.nn.functional.conv2d(x, w, stride=2, padding=3), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: nchw_to_nhwc_padded(torch.zeros(1, 5, 2, 2), 4), ValueError, "channels must be an int >= the input's 5"),
+    (lambda: nchw_to_nhwc_padded(torch.zeros(1, 3, 2, 2), 4, (1, 2, 3)), ValueError, "border must be 4"),
+    (lambda: nchw_to_nhwc_padded(torch.zeros(1, 3, 2, 2), 4, (1, -2, 3, 0)), ValueError, "border must be 4"),
+    (lambda: nchw_to_nhwc_padded(torch.zeros(1, 3, 2, 2, dtype=torch.float64)), TypeError, "dtype must be one of"),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), MEAN, STD, border=(1, 1)), ValueError,
+     "border must be 4"),
+], ids=["channels", "border_len", "border_negative", "float64", "preprocess_border"])
+def test_padded_ops_reject_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
 # ------------------------------------------------------------------------------------------------
 # NCHW <-> NHWC
 # ------------------------------------------------------------------------------------------------
@@ -235,6 +299,9 @@ def test_opcheck(ext):
     images = _images((2, 5, 7, 3))
     torch.library.opcheck(torch.ops.fastres.preprocess.default, (images, list(MEAN), list(STD)),
                           {"dtype": torch.float16, "pad_channels_to": 4})
+    torch.library.opcheck(torch.ops.fastres.preprocess.default, (images, list(MEAN), list(STD)),
+                          {"dtype": torch.float16, "pad_channels_to": 4, "border": [3, 3, 3, 4]})
+    torch.library.opcheck(torch.ops.fastres.nchw_to_nhwc_padded.default, (torch.randn(2, 3, 5, 7), 4, [3, 3, 3, 4]))
     x = torch.randn(2, 3, 5, 7)
     torch.library.opcheck(torch.ops.fastres.nchw_to_nhwc.default, (x,))
     torch.library.opcheck(torch.ops.fastres.nhwc_to_nchw.default, (x.to(memory_format=torch.channels_last),))
@@ -333,7 +400,9 @@ def test_import_is_lazy():
 # CUDA build: registers, shared memory and spills of every kernel, per architecture
 # ------------------------------------------------------------------------------------------------
 
-KERNELS_PER_ARCH = 3 * 3 * 2 + 2   # preprocess: 3 dtypes x pads {3, 4, other} x 2 layouts; transpose: 2- and 4-byte
+# preprocess: 3 dtypes x pads {3, 4, other} x 2 layouts, and bordered 3 dtypes x 2 layouts; transpose and
+# nchw_to_nhwc_padded: 2- and 4-byte
+KERNELS_PER_ARCH = 3 * 3 * 2 + 3 * 2 + 2 + 2
 
 
 def _cuobjdump():

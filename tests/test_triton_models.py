@@ -96,12 +96,13 @@ def test_whole_model_fp32_matches_torchvision(arch, kwargs, size, device):
         expected = reference(x)
         plan = model.plan().prepare(get_backend("triton"))   # fold and pack: plan-time work, not per forward
         with fastres.use_backend("triton"), count_launches() as (launches, recorder):
-            got = model(x)   # NCHW input: the extension's nchw_to_nhwc, then the plan's kernels
+            got = model(x)   # NCHW input: the extension's padded stem input, then the plan's kernels
     assert rel_err(got, expected) <= 1e-3
     assert model.plan() is plan
     assert len(launches) == len(plan.steps)
-    assert recorder.ops.count("nchw_to_nhwc.default") == 1
-    outside = set(recorder.ops) - _NOT_COMPUTE - {"nchw_to_nhwc.default"}
+    # one layout op: NCHW -> the zero-bordered 4-channel NHWC input of the ROW_K stem
+    assert recorder.ops.count("nchw_to_nhwc_padded.default") == 1 and "nchw_to_nhwc.default" not in recorder.ops
+    outside = set(recorder.ops) - _NOT_COMPUTE - {"nchw_to_nhwc_padded.default"}
     assert not outside, f"PyTorch compute outside the Triton kernels: {sorted(outside)}"
 
 
