@@ -16,8 +16,8 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["IMAGE_EXTENSIONS", "find_images", "ImageFiles", "resolve_model", "preprocessing",
-           "classify_files", "main"]
+__all__ = ["IMAGE_EXTENSIONS", "find_images", "load_image", "read_image", "ImageFiles", "Result",
+           "resolve_model", "preprocessing", "classify_images", "classify_files", "main"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 DEFAULT_PREPROCESS = {"resize": 256, "crop": 224}
@@ -40,19 +40,45 @@ def find_images(paths: Iterable[str]) -> tuple[list[str], list[str]]:
     return files, missing
 
 
-def load_image(path: str, resize: int, crop: int) -> torch.Tensor:
-    """uint8 [crop, crop, 3]: decoded as RGB, shorter side resized to ``resize``, centre-cropped."""
+def load_image(source, resize: int, crop: int) -> torch.Tensor:
+    """uint8 [crop, crop, 3] from a file path or the encoded bytes of an image: decoded as RGB (8 bits
+    per channel), shorter side resized to ``resize``, centre-cropped to ``crop``. The one image
+    pipeline of fastres: ``fastres classify``, ``fastres.ray``'s predictor and its Serve replicas."""
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ValueError("empty image data (0 bytes)")
+        source = torch.frombuffer(bytearray(source), dtype=torch.uint8)
+    elif not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"load_image takes a path or the bytes of an image, got {type(source).__name__}")
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work
         warnings.simplefilter("ignore", DeprecationWarning)
-        image = decode_image(path, mode=ImageReadMode.RGB)
+        image = decode_image(source, mode=ImageReadMode.RGB)
+    if image.dtype != torch.uint8:          # 16-bit PNGs decode to uint16
+        from torchvision.transforms.v2.functional import to_dtype
+        image = to_dtype(image, torch.uint8, scale=True)
     image = TF.resize(image, [resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
     image = TF.center_crop(image, [crop])
     return image.permute(1, 2, 0).contiguous()
+
+
+def error_message(err: BaseException) -> str:
+    """``Type: last line of the message``: decoders' messages can run to several lines."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[-1] if text else repr(err)}"
+
+
+def read_image(source, resize: int, crop: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """(image, None) as ``load_image`` makes it, or (None, error message) for a file or bytes that
+    cannot be read or decoded: a bad image is reported, never raised."""
+    try:
+        return load_image(source, resize, crop), None
+    except (RuntimeError, OSError, ValueError, TypeError) as err:
+        return None, error_message(err)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -65,17 +91,11 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        try:
-            return i, load_image(self.files[i], self.resize, self.crop), None
-        except (RuntimeError, OSError, ValueError) as err:
-            return i, None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}"
+        return (i, *read_image(self.files[i], self.resize, self.crop))
 
 
 def _collate(items):
-    good = [(i, image) for i, image, _ in items if image is not None]
-    failed = [(i, error) for i, image, error in items if image is None]
-    images = torch.stack([image for _, image in good]) if good else None
-    return [i for i, _ in good], images, failed
+    return items
 
 
 @dataclass
@@ -104,6 +124,21 @@ def preprocessing(meta: dict) -> tuple[int, int]:
     return int(resize), int(crop)
 
 
+def classify_images(engine, names: list[str], images: list[Optional[torch.Tensor]],
+                    errors: list[Optional[str]], topk: int = 5) -> list[Result]:
+    """One Result per name, in order: the Engine's top-k for each image, the error for each None
+    image (``read_image``'s pairs, split into two lists). The readable images run as one batch."""
+    good = [row for row, image in enumerate(images) if image is not None]
+    results = [Result(name, error=error or "unreadable image") for name, error in zip(names, errors)]
+    if good:
+        top = engine.classify(torch.stack([images[row] for row in good]), topk=topk)
+        indices, probs = top.indices.tolist(), top.probs.tolist()
+        for j, row in enumerate(good):
+            results[row] = Result(names[row], indices[j], probs[j],
+                                  top.labels[j] if top.labels is not None else None)
+    return results
+
+
 def classify_files(engine, files: list[str], *, resize: int, crop: int, batch: int = 64, topk: int = 5,
                    workers: int = 2, progress: bool = True) -> Iterator[Result]:
     """Results in file order: top-k per readable file, an ``error`` for each unreadable one."""
@@ -112,16 +147,11 @@ def classify_files(engine, files: list[str], *, resize: int, crop: int, batch: i
     loader = torch.utils.data.DataLoader(ImageFiles(files, resize, crop), batch_size=batch,
                                          num_workers=workers, collate_fn=_collate)
     with tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr) as bar:
-        for indices, images, failed in loader:
-            results = {i: Result(files[i], error=error) for i, error in failed}
-            if images is not None:
-                top = engine.classify(images, topk=topk)
-                for row, i in enumerate(indices):
-                    results[i] = Result(files[i], top.indices[row].tolist(), top.probs[row].tolist(),
-                                        top.labels[row] if top.labels is not None else None)
-            for i in sorted(results):
-                yield results[i]
-            bar.update(len(indices) + len(failed))
+        for items in loader:
+            _, images, errors = zip(*items)
+            yield from classify_images(engine, [files[i] for i, _, _ in items], list(images),
+                                       list(errors), topk=topk)
+            bar.update(len(items))
 
 
 def resolve_model(weights: str, arch: str = "resnet50"):
