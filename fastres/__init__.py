@@ -23,7 +23,8 @@ _LAZY = {
     "fastres.engine": ["Engine", "IMAGENET_MEAN", "IMAGENET_STD"],
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
-_SUBMODULES = {"ops", "aot", "plan", "models", "checkpoint", "fold", "kernels", "extension", "normalize"}
+_SUBMODULES = {"ops", "aot", "plan", "models", "checkpoint", "fold", "kernels", "extension", "normalize",
+               "ray"}
 
 __all__ = ["__version__", "set_backend", "use_backend", "ops", *_WHERE]
 

@@ -200,6 +200,9 @@ def main(args) -> int:
     if args.topk < 1 or args.batch < 1 or args.workers < 0:
         print("fastres classify: --topk and --batch must be >= 1, --workers >= 0", file=sys.stderr)
         return 2
+    if getattr(args, "output", None) and not getattr(args, "ray", None):
+        print("fastres classify: --output DIR needs --ray", file=sys.stderr)
+        return 2
     files, missing = find_images(args.paths)
     for path in missing:
         print(f"fastres classify: {path}: no such file or directory", file=sys.stderr)
@@ -207,6 +210,9 @@ def main(args) -> int:
         print("fastres classify: no image files found "
               f"(directories are searched for {', '.join(IMAGE_EXTENSIONS)})", file=sys.stderr)
         return 2
+    if getattr(args, "ray", None):
+        from .ray import classify_main as ray_classify_main
+        return ray_classify_main(args, files, failures=len(missing))
     try:
         model = resolve_model(args.weights, args.arch)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
