@@ -30,10 +30,13 @@ only parses requests and batches them); decoding runs on a small thread pool. Re
 micro-batched by ``@serve.batch`` (up to ``max_batch_size`` images, waiting at most
 ``batch_wait_timeout_s``) into the Engine's buckets. Bad requests get a 4xx with a message.
 
-Numerics: on CPU, oneDNN lays out the weights per bucket, so the same image can differ in the last
-bits between buckets; with one bucket (``engine_options={"batch_sizes": (B,)}``) every answer is
-bit-identical to a single-process ``Engine`` with that bucket. ``predict`` gives its actors one
-bucket, ``batch_size``, by default.
+Numerics: every Engine call is padded to a full bucket (the CUDA paths do that themselves; on CPU
+fastres.ray does it, since oneDNN computes a batch of one differently), so an image's answer never
+depends on how Ray split the data or batched the requests, only on the bucket: on CPU oneDNN lays
+out the weights per bucket, so buckets differ in the last bits. With one bucket
+(``engine_options={"batch_sizes": (B,)}``) every answer is bit-identical to a single-process
+``Engine`` with that bucket run over full batches. ``predict`` gives its actors one bucket,
+``batch_size``, by default; Serve replicas get powers of two up to ``max_batch_size``.
 
 This module is ``fastres.ray``; it imports the ``ray`` package absolutely and lazily, so importing it
 without Ray installed works and the first use says what to install.
@@ -89,6 +92,43 @@ def _engine(weights, *, batch_sizes: Sequence[int], device=None, **engine_option
     return engine, resize, crop
 
 
+class _FullBuckets:
+    """The Engine's ``__call__``/``classify`` with every chunk padded to a full bucket on CPU too.
+
+    The CUDA paths pad to the bucket themselves; the CPU path runs the rows it is given, and oneDNN
+    computes a batch of one with another kernel than a batch of several (the logits then differ in
+    the last bits). Padding (with copies of the first row) makes each image's answer independent
+    of how Ray split the data or batched the requests: it depends only on the bucket, and with one
+    bucket is bit-identical to a single-process ``Engine`` run over full batches."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.pads = engine.executor in ("onednn", "plan")
+
+    def _chunks(self, images: torch.Tensor):
+        sizes = self.engine.batch_sizes
+        for start in range(0, images.shape[0], sizes[-1]):
+            rows = images[start:start + sizes[-1]]
+            n = rows.shape[0]
+            bucket = next(b for b in sizes if b >= n)
+            if self.pads and n < bucket:
+                rows = torch.cat([rows, rows[:1].expand(bucket - n, *rows.shape[1:])]).contiguous()
+            yield n, rows
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.engine(rows)[:n] for n, rows in self._chunks(images)])
+
+    def classify(self, images: torch.Tensor, topk: int = 5):
+        from fastres.engine import Classification
+
+        parts = [(n, self.engine.classify(rows, topk=topk)) for n, rows in self._chunks(images)]
+        labels = None
+        if parts[0][1].labels is not None:
+            labels = [row for n, part in parts for row in part.labels[:n]]
+        return Classification(torch.cat([part.indices[:n] for n, part in parts]),
+                              torch.cat([part.probs[:n] for n, part in parts]), labels)
+
+
 def output_schema(logits: bool = False, node_id: bool = False):
     """The pyarrow schema of ``EnginePredictor``'s rows."""
     import pyarrow as pa
@@ -127,6 +167,7 @@ class EnginePredictor:
         batch_sizes = options.pop("batch_sizes", (batch_size,))
         self.engine, self.resize, self.crop = _engine(weights, batch_sizes=batch_sizes, device=device,
                                                       **options)
+        self._run = _FullBuckets(self.engine)
         self.topk, self.logits = topk, logits
         self.schema = output_schema(logits, node_id)
         self.node_id = None
@@ -149,13 +190,13 @@ class EnginePredictor:
             logits: list = [None] * len(paths)
             good = [row for row, image in enumerate(images) if image is not None]
             if good:
-                out = self.engine(torch.stack([images[row] for row in good])).float().cpu()
+                out = self._run(torch.stack([images[row] for row in good])).float().cpu()
                 for j, row in enumerate(good):
                     logits[row] = out[j].numpy()
             columns["logits"] = logits
             columns["error"] = list(errors)
         else:
-            results = classify_images(self.engine, paths, list(images), list(errors), topk=self.topk)
+            results = classify_images(self._run, paths, list(images), list(errors), topk=self.topk)
             columns["indices"] = [r.indices for r in results]
             columns["probs"] = [r.probs for r in results]
             columns["labels"] = [r.labels for r in results]
@@ -194,7 +235,7 @@ def predict(dataset_or_paths, weights, *, batch_size: int = 64, num_workers: int
             num_gpus_per_worker: float = 0, num_cpus_per_worker: float = 1, topk: int = 5,
             logits: bool = False, output: Optional[str] = None, output_format: str = "parquet",
             node_id: bool = False, device=None, engine_options: Optional[dict] = None,
-            ray_remote_args: Optional[dict] = None):
+            start_timeout_s: float = 600):
     """Top-k (or logits) for every image of a Ray Dataset or of files and directories, on a pool of
     ``num_workers`` actors each holding one Engine built from the export file ``weights``.
 
@@ -207,8 +248,9 @@ def predict(dataset_or_paths, weights, *, batch_size: int = 64, num_workers: int
 
     Ray must be initialised (``ray.init(...)``): fastres never picks a cluster for you. Actors
     take ``num_cpus_per_worker`` CPUs and ``num_gpus_per_worker`` GPUs each (one GPU per actor
-    gives one Engine per GPU), spread over the nodes; at least one CPU must stay free for Ray
-    Data's own tasks.
+    gives one Engine per GPU), spread over the nodes (Ray Data's default scheduling strategy); at
+    least one CPU must stay free for Ray Data's own tasks. The job starts when the whole pool is up
+    and fails if that takes more than ``start_timeout_s`` (the cluster cannot place the actors).
     """
     ray = _import("ray")
     rd = _import("ray.data")
@@ -228,14 +270,16 @@ def predict(dataset_or_paths, weights, *, batch_size: int = 64, num_workers: int
                            "first (ray.init(address='auto') joins a running cluster, "
                            "ray.init(address='local') starts one on this machine)")
     _check_cpus(ray, num_workers, num_cpus_per_worker)
-    remote_args = {"scheduling_strategy": "SPREAD", **(ray_remote_args or {})}
     predictions = dataset.map_batches(
         EnginePredictor, batch_size=batch_size, batch_format="numpy",
         compute=rd.ActorPoolStrategy(size=num_workers),
         fn_constructor_kwargs=dict(weights=os.path.abspath(os.fspath(weights)), topk=topk,
                                    batch_size=batch_size, logits=logits, device=device,
                                    node_id=node_id, engine_options=engine_options),
-        num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker or None, **remote_args)
+        num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker or None)
+    # wait for the whole pool before the first batch (work spreads over every actor), and fail with a
+    # timeout instead of hanging when the cluster cannot place it
+    predictions.context.wait_for_min_actors_s = max(1, int(start_timeout_s))
     if output is None:
         return predictions
     getattr(predictions, f"write_{output_format}")(os.fspath(output))
@@ -285,6 +329,7 @@ class ClassifierDeployment:
                              f"largest engine bucket {max(batch_sizes)}")
         self.engine, self.resize, self.crop = _engine(weights, batch_sizes=batch_sizes, device=device,
                                                       **options)
+        self._run = _FullBuckets(self.engine)
         self.topk = topk
         self.max_body_bytes = max_body_bytes
         self.max_batch_images = max_batch_images
@@ -303,7 +348,7 @@ class ClassifierDeployment:
         loop = asyncio.get_running_loop()
         images = torch.stack([image for image, _ in items])
         k = max(topk for _, topk in items)
-        top = await loop.run_in_executor(self._engine_thread, self.engine.classify, images, k)
+        top = await loop.run_in_executor(self._engine_thread, self._run.classify, images, k)
         self.batches_run += 1
         indices, probs = top.indices.tolist(), top.probs.tolist()
         out = []
