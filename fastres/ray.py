@@ -51,9 +51,8 @@ import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 __all__ = ["EnginePredictor", "predict", "serve_app", "ClassifierDeployment", "output_schema",

@@ -16,10 +16,8 @@ import importlib.util
 import io
 import json
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,8 @@ from fastres import cli
 from fastres.classify import load_image, preprocessing
 
 from digits import MEAN, SIZE, STD, trained_digits_model
+from ray_cluster import (NOT_LOOPBACK_ONLY, assert_cluster_on_loopback, free_port, interfaces,
+                         local_ray_cluster, loopback_only, ray_environment, stop_processes)
 
 CATEGORIES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 N_IMAGES = 40
@@ -45,115 +45,14 @@ TOPK = 3
 RAY_STARTUP_S = 120
 
 
-def _interfaces() -> list[str]:
-    return sorted(name for _, name in socket.if_nameindex())
-
-
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                        reason="Ray is not installed: pip install 'fastres[ray]' (make test installs it)"),
-    pytest.mark.skipif(_interfaces() != ["lo"],
-                       reason="the Ray tests run only in a network namespace with nothing but loopback "
-                              f"(this one has {', '.join(_interfaces())}): make test-ray"),
+    pytest.mark.skipif(not loopback_only(), reason=NOT_LOOPBACK_ONLY),
     pytest.mark.timeout(600),
     pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning:ray"),     # Ray's own pydantic use
 ]
-
-
-# -- processes and addresses ------------------------------------------------------------------
-def _pids_using(marker: str) -> list[int]:
-    """Pids of the processes whose command line mentions ``marker`` (a cluster's own temp dir)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker.encode() in cmdline and state != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def stop_processes(marker: str, popens=(), timeout: float = 30.0) -> list[int]:
-    """Stop what a test started: its Popen objects (SIGTERM, then SIGKILL), then every process left
-    whose command line names the test's temp dir, each by its pid. Returns the pids that had to be
-    killed after the clean shutdown (a test asserts there are none)."""
-    for p in popens:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in popens:
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-    deadline = time.monotonic() + timeout
-    while _pids_using(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    leftover = _pids_using(marker)
-    for pid in leftover:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return leftover
-
-
-def _listening_addresses() -> list[str]:
-    """Local addresses of every listening TCP socket and bound UDP socket in this namespace."""
-    out = []
-    for table, states in (("tcp", {"0A"}), ("tcp6", {"0A"}), ("udp", {"07"}), ("udp6", {"07"})):
-        with open(f"/proc/net/{table}") as f:
-            for line in f.read().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] in states:
-                    out.append(fields[1].split(":")[0])
-    return out
-
-
-def _is_loopback_hex(addr: str) -> bool:
-    if len(addr) == 8:                                   # IPv4, little-endian hex
-        return socket.inet_ntoa(bytes.fromhex(addr)[::-1]).startswith("127.")
-    words = bytes.fromhex(addr)
-    ip6 = b"".join(words[i:i + 4][::-1] for i in range(0, 16, 4))
-    if ip6 == b"\0" * 15 + b"\1":
-        return True
-    return ip6[:12] == b"\0" * 10 + b"\xff\xff" and ip6[12] == 127   # ::ffff:127.x.y.z
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return host.startswith("127.") or host in ("localhost", "::1")
-
-
-def assert_cluster_on_loopback(ray, serve_replicas: int = 0):
-    """Every address the cluster reports is loopback, and so is every socket listening in this
-    namespace, except one per Serve replica: Ray Serve (2.60) binds each replica's
-    inter-deployment gRPC server to ``[::]:0``, all interfaces, with no setting to change it;
-    here that means loopback only, because the namespace has no other interface."""
-    reported = [ray.get_runtime_context().gcs_address, ray.util.get_node_ip_address()]
-    for node in ray.nodes():
-        if node["Alive"]:
-            reported += [node["NodeManagerAddress"], node["NodeName"]]
-    assert all(_is_loopback(a) for a in reported), f"non-loopback addresses reported: {reported}"
-    listening = _listening_addresses()
-    wildcard = [a for a in listening if a.strip("0") == ""]
-    others = [a for a in listening if a not in wildcard and not _is_loopback_hex(a)]
-    assert listening and not others, f"sockets listening on non-loopback addresses: {others}"
-    assert len(wildcard) <= serve_replicas, f"{len(wildcard)} sockets bound to all interfaces"
-    assert _interfaces() == ["lo"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- data and reference -----------------------------------------------------------------------
@@ -202,41 +101,14 @@ def reference_topk(export, paths, topk=TOPK):
 # -- clusters ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_module():
-    """``ray`` imported with the environment the clusters need: a token made for this module, no
-    usage stats (which would phone home). Ray reads RAY_AUTH_MODE once, when it is imported."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        mp.setenv("RAY_AUTH_MODE", "token")
-        mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
-        mp.setenv("RAY_DISABLE_IMPORT_WARNING", "1")
-        already = "ray" in sys.modules
-        import ray
-        if already:
-            pytest.skip("ray was imported before this module set its environment; run "
-                        "tests/test_ray.py in its own pytest process (make test-ray)")
+    with ray_environment() as ray:
         yield ray
 
 
 @pytest.fixture(scope="class")
 def local_cluster(ray_module):
-    """A local two-CPU cluster started here (``address="local"``: never a leftover one), bound to
-    127.0.0.1, in a temp dir of its own; stopped, and every process it started checked gone."""
-    ray = ray_module
-    temp_dir = tempfile.mkdtemp(prefix="fastres-ray-")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=200 * 2**20, _temp_dir=temp_dir, log_to_driver=False,
-             configure_logging=False)
-    try:
-        yield ray, temp_dir
-    finally:
-        try:
-            from ray import serve
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            leftover = stop_processes(temp_dir)
-            shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not leftover, f"processes still running after ray.shutdown(), killed: {leftover}"
+    with local_ray_cluster(ray_module, num_cpus=2) as cluster:
+        yield cluster
 
 
 def read_predictions(ds_or_dir, ray):
@@ -247,7 +119,7 @@ def read_predictions(ds_or_dir, ray):
 class TestLocalCluster:
     def test_cluster_is_on_loopback(self, local_cluster):
         ray, _ = local_cluster
-        assert _interfaces() == ["lo"]
+        assert interfaces() == ["lo"]
         assert_cluster_on_loopback(ray)
 
     def test_predict_two_actors_equals_engine(self, local_cluster, digits, tmp_path):
@@ -327,7 +199,7 @@ class TestLocalCluster:
         from ray import serve
 
         export, files, broken = digits
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = fastres.ray.serve_app(str(export), max_batch_size=BATCH, batch_wait_timeout_s=0.05,
                                     num_cpus_per_replica=0.5, topk=TOPK, max_body_bytes=64 * 1024,
@@ -436,20 +308,20 @@ def test_two_node_cluster_places_actors_on_both_nodes(ray_module, digits, tmp_pa
     export, files, broken = digits
     temp_dir = tempfile.mkdtemp(prefix="fastres-ray2-")
     env = dict(os.environ)     # the token and auth mode set by ray_module: the second node needs them
-    gcs_port = _free_port()
+    gcs_port = free_port()
     common = ["--num-cpus=2", "--object-store-memory=" + str(150 * 2**20)]
     procs = []
     log = open(tmp_path / "ray-start.log", "w")
 
     def ports():
-        return [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}"]
+        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}"]
 
     try:
         procs.append(_ray_start(["--head", f"--port={gcs_port}", "--include-dashboard=false",
-                                 f"--temp-dir={temp_dir}", f"--ray-client-server-port={_free_port()}",
+                                 f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
                                  *common, *ports()], env, log))
         address = f"127.0.0.1:{gcs_port}"
         deadline = time.monotonic() + RAY_STARTUP_S
@@ -477,3 +349,47 @@ def test_two_node_cluster_places_actors_on_both_nodes(ray_module, digits, tmp_pa
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not leftover, f"processes still running after the nodes were stopped, killed: {leftover}"
+
+
+# -- fastres serve ----------------------------------------------------------------------------
+def test_serve_command(ray_module, digits, tmp_path):
+    """``fastres serve FILE`` in a process of its own (its own local cluster, in a temp dir of its
+    own): it answers over loopback like the Engine, and Ctrl-C stops it and everything it started."""
+    export, files, _ = digits
+    temp_dir = tempfile.mkdtemp(prefix="fastres-serve-")
+    port = free_port()
+    env = dict(os.environ, RAY_TMPDIR=temp_dir)   # the token and auth mode set by ray_module
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "fastres"), "serve", str(export),
+                             "--port", str(port), "--max-batch-size", "4", "--cpus-per-replica", "0.5",
+                             "--topk", str(TOPK)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + RAY_STARTUP_S
+        while True:
+            assert proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
+            assert time.monotonic() < deadline, open(tmp_path / "serve.log").read()[-3000:]
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    info = json.loads(r.read())
+                break
+            except OSError:          # not listening yet, or the app not yet deployed
+                time.sleep(1)
+        assert info["batch_sizes"] == [1, 2, 4] and info["max_batch_size"] == 4
+        path = sorted(files)[0]
+        request = urllib.request.Request(url, data=open(path, "rb").read(), method="POST")
+        with urllib.request.urlopen(request, timeout=60) as r:
+            top = json.loads(r.read())["topk"]
+        resize, crop = preprocessing(fastres.load(export).meta)
+        # alone in its micro-batch: the bucket of one
+        expected = fastres.Engine(str(export), batch_sizes=(1,), device="cpu").classify(
+            load_image(path, resize, crop)[None], topk=TOPK)
+        assert [t["index"] for t in top] == expected.indices[0].tolist()
+        assert [t["prob"] for t in top] == expected.probs[0].tolist()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0, open(tmp_path / "serve.log").read()[-3000:]
+    finally:
+        leftover = stop_processes(temp_dir, [proc])
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not leftover, f"processes still running after fastres serve stopped, killed: {leftover}"
