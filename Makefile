@@ -10,7 +10,7 @@ EXTRAS  ?= test,ray
 comma   := ,
 STAMP   := $(VENV)/.fastres-installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: run test test-ray bench clean
+.PHONY: run test test-ray bench bench-ray clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ test-ray: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench/ -q
+
+# fastres.ray.predict with 1 vs 2 actors (starts a local Ray cluster: loopback-only namespace)
+bench-ray: $(STAMP)
+	.ci/loopback-netns $(BIN)/python -m pytest bench/test_ray_actors.py -q -s
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastres/_C*.so
