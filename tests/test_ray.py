@@ -45,10 +45,20 @@ TOPK = 3
 RAY_STARTUP_S = 120
 
 
-pytestmark = [
+needs_cluster = [
     pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                        reason="Ray is not installed: pip install 'fastres[ray]' (make test installs it)"),
     pytest.mark.skipif(not loopback_only(), reason=NOT_LOOPBACK_ONLY),
+]
+
+
+def with_cluster(test):
+    for mark in needs_cluster:
+        test = mark(test)
+    return test
+
+
+pytestmark = [
     pytest.mark.timeout(600),
     pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning:ray"),     # Ray's own pydantic use
@@ -116,6 +126,43 @@ def read_predictions(ds_or_dir, ray):
     return {row["path"]: row for row in rows}
 
 
+# -- without a cluster ------------------------------------------------------------------------
+def test_missing_ray_says_what_to_install(monkeypatch, digits):
+    export, files, _ = digits
+    for name in ("ray", "ray.data", "ray.serve"):
+        monkeypatch.setitem(sys.modules, name, None)     # import ray -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'fastres\[ray\]'"):
+        fastres.ray.predict(sorted(files), str(export))
+    with pytest.raises(ImportError, match=r"pip install 'fastres\[ray\]'"):
+        fastres.ray.serve_app(str(export))
+
+
+def test_engine_predictor_in_process(digits):
+    """The predictor's batch function alone (no Ray: pyarrow only): rows in order, error rows, and
+    every batch padded to the bucket, so odd batch sizes give the full-batch answers bit for bit."""
+    pytest.importorskip("pyarrow", reason="pip install 'fastres[ray]'")
+    import numpy as np
+
+    export, files, broken = digits
+    predictor = fastres.ray.EnginePredictor(str(export), topk=TOPK, batch_size=BATCH)
+    paths = sorted(files)
+    expected = reference_topk(export, paths)
+    batch = [paths[0], broken[0], paths[1], broken[1], paths[2]]     # 3 images: padded to 8
+    for chunk in ([paths[5]], batch, paths[8:24]):                   # 1, 5 and 16 (two buckets) rows
+        table = predictor({"path": np.array(chunk, dtype=object)})
+        assert table.schema == fastres.ray.output_schema() and table.column("path").to_pylist() == chunk
+        for row in table.to_pylist():
+            if row["path"] in broken:
+                assert row["indices"] is None and row["error"].startswith("RuntimeError")
+            else:
+                assert (row["indices"], row["probs"], row["labels"]) == expected[row["path"]]
+                assert row["error"] is None
+    table = predictor({"path": np.array(paths[:2], dtype=object),
+                       "bytes": np.array([open(p, "rb").read() for p in paths[:2]], dtype=object)})
+    assert [r["indices"] for r in table.to_pylist()] == [expected[p][0] for p in paths[:2]]
+
+
+@with_cluster
 class TestLocalCluster:
     def test_cluster_is_on_loopback(self, local_cluster):
         ray, _ = local_cluster
@@ -301,6 +348,7 @@ def _ray_start(args: list[str], env: dict, log) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@with_cluster
 def test_two_node_cluster_places_actors_on_both_nodes(ray_module, digits, tmp_path):
     """``ray start --head`` + ``ray start --address`` on this machine (each node with its own ports
     and the cluster's token), a driver joining them, one actor per node."""
@@ -352,6 +400,7 @@ def test_two_node_cluster_places_actors_on_both_nodes(ray_module, digits, tmp_pa
 
 
 # -- fastres serve ----------------------------------------------------------------------------
+@with_cluster
 def test_serve_command(ray_module, digits, tmp_path):
     """``fastres serve FILE`` in a process of its own (its own local cluster, in a temp dir of its
     own): it answers over loopback like the Engine, and Ctrl-C stops it and everything it started."""
