@@ -510,8 +510,8 @@ def classify_main(args, files: list[str], failures: int) -> int:
         return 2
     try:
         started = connect(args.ray)
-    except ImportError as err:
-        print(f"fastres classify: {err}", file=sys.stderr)
+    except (ImportError, ConnectionError, RuntimeError, ValueError) as err:
+        print(f"fastres classify: --ray {args.ray}: {err}", file=sys.stderr)
         return 2
     ray = _import("ray")
     try:
@@ -554,8 +554,8 @@ def serve_main(args) -> int:
     try:
         serve = _import("ray.serve")
         started = connect(args.address)
-    except ImportError as err:
-        print(f"fastres serve: {err}", file=sys.stderr)
+    except (ImportError, ConnectionError, RuntimeError, ValueError) as err:
+        print(f"fastres serve: --address {args.address}: {err}", file=sys.stderr)
         return 2
     ray = _import("ray")
     stop = threading.Event()
