@@ -1,14 +1,16 @@
 """fastres.ray on real Ray clusters started by the tests: Ray Data predictions with two actors equal
 a single-process Engine bit for bit, bad files are error rows, a two-node cluster places actors on
 both nodes; the Serve deployment under a bounded concurrent load answers like the Engine, batches
-requests, and answers bad requests with 4xx while it keeps serving.
+requests, and answers bad requests with 4xx while it keeps serving; ``fastres classify --ray`` and
+``fastres serve``. Two tests need no cluster (the predictor's batch function alone, the message
+when Ray is missing) and run anywhere.
 
-Network: these tests run only inside a network namespace whose sole interface is loopback
-(``make test-ray`` runs them through ``.ci/loopback-netns``: ``unshare -n`` + ``ip link set lo
-up``); elsewhere they skip. Every Ray address is 127.0.0.1 and a test checks that every address the
-cluster reports and every socket listening in the namespace is loopback. Clusters use their own temp
-dir and a token made for the test (nothing read from or written to ~/.ray); every process a test
-starts is stopped by its pid (``stop_processes``), never by name.
+Network: the cluster tests run only inside a network namespace whose sole interface is loopback
+(``make test-ray`` runs this file through ``.ci/loopback-netns``: ``unshare -n`` + ``ip link set
+lo up``); elsewhere they skip. Every Ray address is 127.0.0.1 and the tests check that every
+address the cluster reports and every socket listening in the namespace is loopback. Clusters use
+their own temp dir and a token made for the test (nothing read from or written to ~/.ray); every
+process a test starts is stopped by its pid (``ray_cluster.stop_processes``), never by name.
 """
 import base64
 import concurrent.futures
