@@ -25,7 +25,7 @@ _LAZY = {
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 _SUBMODULES = {"ops", "aot", "ir", "capture", "guard", "models", "checkpoint", "fold", "kernels",
-               "extension", "normalize", "plan_report", "backend", "library"}
+               "extension", "normalize", "plan_report", "backend", "library", "ray"}
 
 __all__ = ["__version__", "set_backend", "use_backend", "ops", *_WHERE]
 

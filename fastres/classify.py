@@ -20,8 +20,8 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["IMAGE_EXTENSIONS", "find_images", "ImageFiles", "resolve_model", "preprocessing",
-           "classify_files", "main"]
+__all__ = ["IMAGE_EXTENSIONS", "find_images", "load_image", "read_image", "ImageFiles", "Result",
+           "resolve_model", "preprocessing", "classify_images", "classify_files", "main"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 DEFAULT_PREPROCESS = {"resize": 256, "crop": 224}
@@ -44,16 +44,24 @@ def find_images(paths: Iterable[str]) -> tuple[list[str], list[str]]:
     return files, missing
 
 
-def load_image(path: str, resize: int, crop: int) -> torch.Tensor:
-    """uint8 [crop, crop, 3]: decoded as RGB, shorter side resized to ``resize``, centre-cropped."""
+def load_image(source, resize: int, crop: int) -> torch.Tensor:
+    """uint8 [crop, crop, 3] from a file path or the encoded bytes of an image: decoded as RGB (8 bits
+    per channel), shorter side resized to ``resize``, centre-cropped to ``crop``. The one image
+    pipeline of fastres: ``fastres classify``, ``fastres.ray``'s predictor and its Serve replicas."""
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ValueError("empty image data (0 bytes)")
+        source = torch.frombuffer(bytearray(source), dtype=torch.uint8)
+    elif not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"load_image takes a path or the bytes of an image, got {type(source).__name__}")
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work
         warnings.simplefilter("ignore", DeprecationWarning)
-        image = decode_image(path, mode=ImageReadMode.RGB)
+        image = decode_image(source, mode=ImageReadMode.RGB)
     if image.dtype == torch.uint16:      # 16-bit PNG: to 8 bits the way torchvision scales dtypes
         from torchvision.transforms.v2.functional import to_dtype
         image = to_dtype(image, torch.uint8, scale=True)
@@ -67,24 +75,9 @@ def load_image(path: str, resize: int, crop: int) -> torch.Tensor:
     return image.permute(1, 2, 0).contiguous()
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Item i: (i, uint8 [crop, crop, 3] image or None, error message or None)."""
-
-    def __init__(self, files: list[str], resize: int, crop: int):
-        self.files, self.resize, self.crop = files, resize, crop
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, load_image(self.files[i], self.resize, self.crop), None
-        except Exception as err:   # noqa: BLE001 - one bad file is reported and skipped, whatever failed
-            return i, None, _describe_error(err)
-
-
-def _describe_error(err: Exception) -> str:
-    """One line for a file that failed to load: the decoder's message without its C++ source location."""
+def error_message(err: BaseException) -> str:
+    """One line for an image that failed to load: the decoder's message without its C++ source
+    location (decoders' messages can run to several lines)."""
     lines = str(err).strip().splitlines()
     text = lines[-1] if lines else ""
     text = re.sub(r"^\w+, \S+\.(?:cpp|h|cu):\d+, ", "", text)   # "decode_jpeg, .../decode_jpeg.cpp:171, "
@@ -95,11 +88,30 @@ def _describe_error(err: Exception) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def read_image(source, resize: int, crop: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """(image, None) as ``load_image`` makes it, or (None, error message) for a file or bytes that
+    cannot be read or decoded: a bad image is reported, never raised."""
+    try:
+        return load_image(source, resize, crop), None
+    except Exception as err:   # noqa: BLE001 - one bad image is reported and skipped, whatever failed
+        return None, error_message(err)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item i: (i, uint8 [crop, crop, 3] image or None, error message or None)."""
+
+    def __init__(self, files: list[str], resize: int, crop: int):
+        self.files, self.resize, self.crop = files, resize, crop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return (i, *read_image(self.files[i], self.resize, self.crop))
+
+
 def _collate(items):
-    good = [(i, image) for i, image, _ in items if image is not None]
-    failed = [(i, error) for i, image, error in items if image is None]
-    images = torch.stack([image for _, image in good]) if good else None
-    return [i for i, _ in good], images, failed
+    return items
 
 
 @dataclass
@@ -128,6 +140,21 @@ def preprocessing(meta: dict) -> tuple[int, int]:
     return int(resize), int(crop)
 
 
+def classify_images(engine, names: list[str], images: list[Optional[torch.Tensor]],
+                    errors: list[Optional[str]], topk: int = 5) -> list[Result]:
+    """One Result per name, in order: the Engine's top-k for each image, the error for each None
+    image (``read_image``'s pairs, split into two lists). The readable images run as one batch."""
+    good = [row for row, image in enumerate(images) if image is not None]
+    results = [Result(name, error=error or "unreadable image") for name, error in zip(names, errors)]
+    if good:
+        top = engine.classify(torch.stack([images[row] for row in good]), topk=topk)
+        indices, probs = top.indices.tolist(), top.probs.tolist()
+        for j, row in enumerate(good):
+            results[row] = Result(names[row], indices[j], probs[j],
+                                  top.labels[j] if top.labels is not None else None)
+    return results
+
+
 def classify_files(engine, files: list[str], *, resize: int, crop: int, batch: int = 64, topk: int = 5,
                    workers: int = 2, progress: bool = True) -> Iterator[Result]:
     """Results in file order: top-k per readable file, an ``error`` for each unreadable one."""
@@ -136,16 +163,11 @@ def classify_files(engine, files: list[str], *, resize: int, crop: int, batch: i
     loader = torch.utils.data.DataLoader(ImageFiles(files, resize, crop), batch_size=batch,
                                          num_workers=workers, collate_fn=_collate)
     with tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr) as bar:
-        for indices, images, failed in loader:
-            results = {i: Result(files[i], error=error) for i, error in failed}
-            if images is not None:
-                top = engine.classify(images, topk=topk)
-                for row, i in enumerate(indices):
-                    results[i] = Result(files[i], top.indices[row].tolist(), top.probs[row].tolist(),
-                                        top.labels[row] if top.labels is not None else None)
-            for i in sorted(results):
-                yield results[i]
-            bar.update(len(indices) + len(failed))
+        for items in loader:
+            _, images, errors = zip(*items)
+            yield from classify_images(engine, [files[i] for i, _, _ in items], list(images),
+                                       list(errors), topk=topk)
+            bar.update(len(items))
 
 
 def resolve_model(weights: str, arch: str = "resnet50"):
@@ -194,6 +216,9 @@ def main(args) -> int:
     if args.topk < 1 or args.batch < 1 or args.workers < 0:
         print("fastres classify: --topk and --batch must be >= 1, --workers >= 0", file=sys.stderr)
         return 2
+    if getattr(args, "output", None) and not getattr(args, "ray", None):
+        print("fastres classify: --output DIR needs --ray", file=sys.stderr)
+        return 2
     files, missing = find_images(args.paths)
     for path in missing:
         print(f"fastres classify: {path}: no such file or directory", file=sys.stderr)
@@ -201,6 +226,9 @@ def main(args) -> int:
         print("fastres classify: no image files found "
               f"(directories are searched for {', '.join(IMAGE_EXTENSIONS)})", file=sys.stderr)
         return 2
+    if getattr(args, "ray", None):
+        from .ray import classify_main as ray_classify_main
+        return ray_classify_main(args, files, failures=len(missing))
     try:
         model = resolve_model(args.weights, args.arch)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -133,6 +133,12 @@ def cmd_classify(args) -> int:
     return classify_main(args)
 
 
+def cmd_serve(args) -> int:
+    from .ray import serve_main
+
+    return serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastres", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,7 +216,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"path", "topk"}')
     p.add_argument("--no-progress", action="store_true")
+    ray = p.add_argument_group("on a Ray cluster (pip install 'fastres[ray]'; --weights must be an export file)")
+    ray.add_argument("--ray", metavar="ADDRESS", default=None,
+                     help="run on Ray Data: a cluster address (ray.init(address=...), e.g. auto or "
+                          "HOST:PORT) or 'local' for a cluster on this machine bound to 127.0.0.1")
+    ray.add_argument("--ray-workers", type=int, default=1, help="actors, one Engine each")
+    ray.add_argument("--ray-gpus-per-worker", type=float, default=0)
+    ray.add_argument("--ray-cpus-per-worker", type=float, default=1)
+    ray.add_argument("--output", metavar="DIR", default=None,
+                     help="with --ray: write the predictions to DIR as Parquet instead of printing them")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("serve", help="classify images over HTTP with Ray Serve (pip install 'fastres[ray]')")
+    p.add_argument("weights", metavar="FILE", help="a fastres export file")
+    p.add_argument("--address", default="local",
+                   help="Ray cluster address, or 'local' (default) for a cluster on this machine bound to 127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to accept other machines)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="images per micro-batch")
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--num-replicas", type=int, default=1, help="replicas, one Engine each")
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="default: 1 when the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-replica", type=float, default=1)
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
