@@ -39,7 +39,7 @@ from .guard import Guard
 from .ir import Plan, Ref, Step
 from .kernels.conv3x3_conv1x1_nhwc import fuses_conv3x3_conv1x1
 
-__all__ = ["capture", "Unsupported", "FastPath", "FallbackWarning", "SUPPORTED_DTYPES",
+__all__ = ["capture", "feature_extractor", "Unsupported", "FastPath", "FallbackWarning", "SUPPORTED_DTYPES",
            "fallback_reason", "is_graph_capture"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -118,12 +118,73 @@ class _Tracer(fx.Tracer):
         return isinstance(m, FrozenBatchNorm2d) or super().is_leaf_module(m, qualname)
 
 
-def _trace(module: nn.Module) -> fx.Graph:
+def _trace(module: nn.Module, return_nodes=None) -> fx.Graph:
     try:
-        return _Tracer().trace(module)
+        if return_nodes is None:
+            return _Tracer().trace(module)
+        return _feature_graph(module, return_nodes).graph
+    except ValueError:
+        raise
     except Exception as err:  # noqa: BLE001 - any tracing failure means: run the module itself
         raise Unsupported(f"torch.fx cannot trace its forward ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+def normalize_return_nodes(return_nodes) -> Optional[dict]:
+    """torchvision's ``create_feature_extractor`` convention: a list of node names, or a dict
+    {node name: output key}; None stays None."""
+    if return_nodes is None:
+        return None
+    if isinstance(return_nodes, (list, tuple)):
+        return {str(n): str(n) for n in return_nodes}
+    if isinstance(return_nodes, dict):
+        return {str(k): str(v) for k, v in return_nodes.items()}
+    raise TypeError(f"return_nodes must be a list of node names or a dict {{node: key}}, "
+                    f"got {type(return_nodes).__name__}")
+
+
+def _feature_graph(module: nn.Module, return_nodes: dict) -> fx.GraphModule:
+    """The forward traced and cut at ``return_nodes`` (a dict {node: key}), as torchvision's
+    ``create_feature_extractor`` cuts it: a query names the last node whose module path starts
+    with it (``"layer2"``: layer2's output), or a node itself (``"layer1.0.relu_1"``); the graph
+    returns {key: value} in the order given, and what no output needs is dropped."""
+    import re
+
+    from torchvision.models.feature_extraction import NodePathTracer
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    tracer = NodePathTracer(leaf_modules=[FrozenBatchNorm2d])
+    graph = tracer.trace(module)
+    names = list(tracer.node_to_qualname.values())
+    for query in return_nodes:
+        if not any(re.match(rf"^{re.escape(query)}(\.|$)", n) for n in names):
+            raise ValueError(f"return_nodes: no node {query!r} in the traced forward; available: "
+                             f"{', '.join(names[:40])}{' ...' if len(names) > 40 else ''} "
+                             "(torchvision.models.feature_extraction.get_graph_node_names lists them)")
+    for n in [n for n in graph.nodes if n.op == "output"]:
+        graph.erase_node(n)
+    nodes = list(graph.nodes)
+    pending, found = dict(return_nodes), {}
+    for n in reversed(nodes):
+        qualname = tracer.node_to_qualname.get(n)
+        if qualname is None:
+            continue
+        for query in list(pending):
+            if ".".join(qualname.split(".")[: query.count(".") + 1]) == query:
+                found[pending.pop(query)] = n
+                break
+    with graph.inserting_after(nodes[-1]):
+        graph.output({key: found[key] for key in return_nodes.values()})
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def feature_extractor(module: nn.Module, return_nodes) -> nn.Module:
+    """``module``'s own PyTorch forward cut at ``return_nodes`` (sharing its submodules): what a
+    plan with several outputs computes, and what runs when that plan cannot."""
+    return _feature_graph(module, normalize_return_nodes(return_nodes))
 
 
 # -- node predicates ----------------------------------------------------------------------------
@@ -381,7 +442,10 @@ class _Matcher:
                 user = self.single_user(self.unit_end(unit))
                 operands = self.add_operands(user) if user is not None and _is_add(user) else None
                 if operands is not None and operands[1] == unit:
-                    continue   # the projection shortcut of a later conv: it claims this one
+                    # the projection shortcut of a later conv, which folds it (also when the
+                    # forward computes the shortcut first)
+                    self.claim([m for m in unit if m is not None])
+                    continue
                 step, end = self.conv_step(unit)
             elif _is_stem_pool(n, self.modules):
                 step, end = Step("max_pool", n.target, {"x": self.value(n.args[0])}, n.name, {}, {},
@@ -494,8 +558,11 @@ def _compute_weight(weight: torch.Tensor, dtype: torch.dtype, name: str) -> torc
     return weight.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None) -> Plan:
+def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None, return_nodes=None) -> Plan:
     """The plan of ``module``'s eval forward, or ``Unsupported`` with the reason it has none.
+
+    ``return_nodes`` (``create_feature_extractor``'s convention, see ``feature_extractor``): the
+    plan outputs those values as a dict instead of the forward's result.
 
     ``dtype``: the compute dtype of the fused steps (default: the module's); weights are folded
     in fp32 and cast once. PyTorch steps run the module's own layers in its own dtype, so a
@@ -510,7 +577,7 @@ def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None) -> Plan:
     dtype = dtype or model_dtype
     if dtype not in SUPPORTED_DTYPES:
         raise Unsupported(f"the kernels do not run {dtype}")
-    graph = _trace(module)
+    graph = _trace(module, normalize_return_nodes(return_nodes))
     with torch.inference_mode(False), torch.no_grad():
         steps, output, input_name = _Matcher(module, graph, dtype).run()
     if dtype != model_dtype and any(s.kind == "torch" for s in steps):
@@ -546,17 +613,18 @@ class FastPath:
     Pickling or copying a module drops its cache.
     """
 
-    def __init__(self):
+    def __init__(self, return_nodes=None):
+        self.return_nodes = normalize_return_nodes(return_nodes)
         self._lock = threading.Lock()
         self._state: Optional[_State] = None
         self._warned: set = set()
         self.builds = 0
 
     def __reduce__(self):
-        return (FastPath, ())
+        return (FastPath, (self.return_nodes,))
 
     def __deepcopy__(self, memo):
-        return FastPath()
+        return FastPath(self.return_nodes)
 
     def clear(self) -> None:
         with self._lock:
@@ -571,7 +639,7 @@ class FastPath:
             if state is None or not state.guard.check():
                 guard = Guard(module)            # read before any weight is read
                 try:
-                    plan, reason = capture(module), None
+                    plan, reason = capture(module, return_nodes=self.return_nodes), None
                 except Unsupported as err:
                     plan, reason = None, str(err)
                 state = self._state = _State(guard, plan, reason)
