@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .fold import NotFoldableError, fold_conv_bn
+from .fold import NotFoldableError, _norm_tensors, fold_conv_bn
 from .guard import Guard
 from .ir import Plan, Ref, Step
 from .kernels.conv3x3_conv1x1_nhwc import fuses_conv3x3_conv1x1
@@ -230,6 +230,47 @@ def _is_add(node) -> bool:
             and all(isinstance(a, fx.Node) for a in node.args))
 
 
+def _slice_step(sl) -> Optional[int]:
+    """s of ``::s`` (``slice(None|0, None, s)``), or None for any other slice."""
+    if not isinstance(sl, slice) or sl.start not in (None, 0) or sl.stop is not None:
+        return None
+    step = 1 if sl.step is None else sl.step
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 1 else None
+
+
+def _subsample(node):
+    """(source, s) when ``node`` is ``source[:, :, ::s, ::s]`` (or ``[..., ::s, ::s]``), else None."""
+    if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2
+            and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], tuple)):
+        return None
+    index = node.args[1]
+    if len(index) == 4 and all(_slice_step(i) == 1 for i in index[:2]):
+        hw = index[2:]
+    elif len(index) == 3 and index[0] is Ellipsis:
+        hw = index[1:]
+    else:
+        return None
+    steps = {_slice_step(i) for i in hw}
+    return (node.args[0], steps.pop()) if len(steps) == 1 and None not in steps else None
+
+
+def _channel_pad(node):
+    """(source, front, back) when ``node`` is ``F.pad(source, (0, 0, 0, 0, front, back))`` with
+    zeros (the CIFAR option-A shortcut's new channels), else None."""
+    if node.op != "call_function" or node.target not in (F.pad, torch._C._nn.pad) or not node.args:
+        return None
+    args = list(node.args) + [None] * (4 - len(node.args))
+    src, pad, mode, value = args[:4]
+    mode = node.kwargs.get("mode", mode or "constant")
+    value = node.kwargs.get("value", value or 0)
+    if (set(node.kwargs) - {"mode", "value"} or not isinstance(src, fx.Node) or mode != "constant"
+            or value != 0 or not isinstance(pad, (tuple, list)) or len(pad) != 6
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pad)
+            or tuple(pad[:4]) != (0, 0, 0, 0) or min(pad[4:]) < 0):
+        return None
+    return src, pad[4], pad[5]
+
+
 def _is_passthrough(node, modules) -> bool:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
@@ -266,6 +307,53 @@ def _is_flatten(node, modules) -> bool:
     return False
 
 
+def _size_of(node, dim: int):
+    """The tensor whose ``size(dim)`` (``x.size(dim)``, ``x.size()[dim]``, ``x.shape[dim]``) ``node`` is."""
+    if node.op == "call_method" and node.target == "size" and node.args[1:] == (dim,) and not node.kwargs:
+        return node.args[0]
+    if (node.op == "call_function" and node.target is operator.getitem and node.args[1:] == (dim,)
+            and isinstance(node.args[0], fx.Node)):
+        inner = node.args[0]
+        if inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1:
+            return inner.args[0]
+        if inner.op == "call_function" and inner.target is getattr and inner.args[1:] == ("shape",):
+            return inner.args[0]
+    return None
+
+
+def _avg_pool_over_width(node, resolve):
+    """The nodes computing the window when ``node`` is ``F.avg_pool2d(x, x.size(3))`` (every
+    other argument default), else None."""
+    if not (node.op == "call_function" and node.target is F.avg_pool2d and len(node.args) == 2
+            and not node.kwargs and isinstance(node.args[1], fx.Node)):
+        return None
+    window = node.args[1]
+    src = _size_of(window, 3)
+    if src is None or resolve(src) is not resolve(node.args[0]) or list(window.users) != [node]:
+        return None
+    if window.op == "call_function":
+        if list(window.args[0].users) != [window]:
+            return None
+        return [window.args[0], window]
+    return [window]
+
+
+def _is_view_flatten(flat, pool, sizes, features: int, users) -> bool:
+    """``pool.view(pool.size(0), -1)`` / ``.view(-1, features)`` (or ``reshape``), where the
+    size node is read by this view only."""
+    if flat.op != "call_method" or flat.target not in ("view", "reshape") or flat.kwargs:
+        return False
+    if len(flat.args) == 2 and isinstance(flat.args[1], (tuple, list)):
+        dims = tuple(flat.args[1])
+    else:
+        dims = tuple(flat.args[1:])
+    if len(dims) != 2:
+        return False
+    if dims == (-1, features):
+        return not sizes
+    return (len(sizes) == 1 and dims == (sizes[0], -1) and list(users[sizes[0]]) == [flat])
+
+
 # -- matching -----------------------------------------------------------------------------------
 class _Matcher:
     def __init__(self, root: nn.Module, graph: fx.Graph, dtype: torch.dtype):
@@ -286,6 +374,8 @@ class _Matcher:
         self.claimed: set = set()
         self.steps: list = []           # (position, Step)
         self.notes: list = []
+        self.strided_residuals: dict = {}   # add node -> (source, stride, front, back)
+        self.heads: dict = {}               # pool node -> (head step, its last node)
 
     def resolve(self, n):
         while n in self.alias:
@@ -350,6 +440,60 @@ class _Matcher:
             return uq, None, p
         return None
 
+    def strided_residual(self, node):
+        """(source, stride, channel front pad, back pad, nodes) when ``node`` is the CIFAR
+        option-A shortcut ``F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, front, back))`` (either part may
+        be missing; the subsample only when the pad is its one reader), else None."""
+        node = self.resolve(node)
+        nodes, front, back, stride = [], 0, 0, 1
+        pad = _channel_pad(node)
+        if pad is not None:
+            nodes.append(node)
+            node, front, back = self.resolve(pad[0]), pad[1], pad[2]
+        sub = _subsample(node)
+        if sub is not None and (not nodes or self.single_user(node) is nodes[-1]):
+            nodes.append(node)
+            node, stride = self.resolve(sub[0]), sub[1]
+        if not nodes:
+            return None
+        return node, stride, front, back, nodes
+
+    def find_strided_residuals(self):
+        """Claim the option-A shortcuts a conv epilogue will read (before the loop meets them:
+        a forward may compute its shortcut first)."""
+        for n in self.nodes:
+            if not _is_add(n) or n in self.alias:
+                continue
+            operands = self.add_operands(n)
+            if operands is None or operands[2] is None:
+                continue
+            found = self.strided_residual(operands[2])
+            if found is not None and self.single_user(found[4][0]) is n:
+                self.strided_residuals[n] = found
+                self.claim(found[4])
+
+    def affine_output(self, end):
+        """(norm node, relu node or None) of an eval BatchNorm (-> ReLU) reading ``end`` among
+        other readers: a pre-activation block's BN -> ReLU after the add, or None."""
+        users = self.users[self.resolve(end)]
+        for user in users:
+            if (_foldable_norm(user, self.modules) and self.resolve(user.args[0]) is self.resolve(end)
+                    and user not in self.claimed):
+                relu = self.single_user(user)
+                relu = relu if relu is not None and _is_relu(relu, self.modules) else None
+                return user, relu
+        return None
+
+    def norm_affine(self, node):
+        """(scale, shift) in fp32 of an eval BatchNorm node: y = x * scale + shift."""
+        norm = self.modules[node.target]
+        c = norm.num_features if hasattr(norm, "num_features") else norm.weight.shape[0]
+        device = next(iter((*norm.parameters(), *norm.buffers()))).device
+        mean, var, gamma, beta, eps = (t.detach().float() if torch.is_tensor(t) else t
+                                       for t in _norm_tensors(norm, c, device))
+        scale = gamma * torch.rsqrt(var + eps)
+        return scale.contiguous(), (beta - mean * scale).contiguous()
+
     def fold(self, unit, what: str):
         conv = self.modules[unit[0].target]
         norm = self.modules[unit[1].target] if unit[1] is not None else nn.Identity()
@@ -380,6 +524,12 @@ class _Matcher:
                     inputs["shortcut"] = self.value(shortcut[0].args[0])
                     attrs["shortcut_stride"] = sc_conv.stride[0]
                     fused += [n for n in shortcut if n is not None]
+                elif user in self.strided_residuals:
+                    source, stride, front, back, nodes = self.strided_residuals[user]
+                    inputs["residual"] = self.value(source)
+                    attrs.update(residual_stride=stride, residual_channel_offset=front,
+                                 residual_pad=(front, back))
+                    fused += nodes
                 else:
                     inputs["residual"] = self.value(residual)
                 end = user
@@ -388,28 +538,72 @@ class _Matcher:
             attrs["relu"] = True
             fused.append(user)
             end = user
+        extra = ()
+        affine = self.affine_output(end)
+        if affine is not None:
+            norm, relu = affine
+            last = relu if relu is not None else norm
+            others = [u for u in self.users[self.resolve(end)] if u is not norm]
+            # every other reader of the sum comes after the affine: the step runs at its place
+            if all(self.index[u] > self.index[last] for u in others):
+                tensors["scale2"], tensors["shift2"] = self.norm_affine(norm)
+                attrs["relu2"] = relu is not None
+                fused += [norm] + ([relu] if relu is not None else [])
+                extra = (self.value(last),)
         self.claim(fused)
-        return Step("conv", conv_node.target, inputs, self.value(end), attrs, tensors, tuple(n.name for n in fused)), end
+        step = Step("conv", conv_node.target, inputs, self.value(end), attrs, tensors,
+                    tuple(n.name for n in fused), extra_outputs=extra)
+        if extra:
+            end = max(fused, key=self.index.__getitem__)
+        return step, end
 
     def claim(self, nodes):
         self.claimed.update(nodes)
 
     def head_step(self, pool):
-        flat = self.single_user(pool)
-        if flat is None or not _is_flatten(flat, self.modules):
+        """global average pool -> flatten -> Linear as one ``head`` step, or None. The pool is
+        ``AdaptiveAvgPool2d(1)`` / ``F.adaptive_avg_pool2d(x, 1)``, or ``F.avg_pool2d(x, x.size(3))``
+        (global for square maps: the step runs that PyTorch call on others); the flatten is
+        ``torch.flatten(., 1)``, ``nn.Flatten()``, ``.view(.size(0), -1)`` or ``.view(-1, C)``."""
+        helpers = []
+        if _is_global_pool(pool, self.modules):
+            attrs = {}
+        else:
+            width = _avg_pool_over_width(pool, self.resolve)
+            if width is None:
+                return None
+            attrs, helpers = {"pool": "width"}, width
+        users = [u for u in self.users[self.resolve(pool)] if u not in helpers]
+        sizes = [u for u in users if _size_of(u, 0) is not None]
+        rest = [u for u in users if u not in sizes]
+        if len(rest) != 1:
             return None
+        flat = rest[0]
         fc = self.single_user(flat)
         if fc is None or not _is_module(fc, self.modules, nn.Linear) or len(fc.args) != 1:
             return None
         linear = self.modules[fc.target]
+        if not (_is_flatten(flat, self.modules) and not sizes) and not _is_view_flatten(
+                flat, pool, sizes, linear.in_features, self.users):
+            return None
         weight = linear.weight.detach()
         bias = (linear.bias.detach().float() if linear.bias is not None
                 else torch.zeros(linear.out_features, device=weight.device))
-        self.claim([pool, flat, fc])
-        step = Step("head", fc.target, {"x": self.value(pool.args[0])}, fc.name, {},
+        if not _is_flatten(flat, self.modules):
+            attrs["flatten"] = "batch" if sizes else "features"
+        nodes = [*helpers, pool, *sizes, flat, fc]
+        self.claim(nodes)
+        step = Step("head", fc.target, {"x": self.value(pool.args[0])}, fc.name, attrs,
                     {"weight": weight.to(self.dtype).contiguous(), "bias": bias},
-                    (pool.name, flat.name, fc.name))
+                    tuple(n.name for n in nodes))
         return step, fc
+
+    def find_heads(self):
+        for n in self.nodes:
+            if n not in self.claimed and n not in self.alias:
+                found = self.head_step(n)
+                if found is not None:
+                    self.heads[n] = found
 
     def torch_step(self, node) -> Step:
         refs = {}
@@ -433,7 +627,12 @@ class _Matcher:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise Unsupported(f"its forward takes {len(placeholders)} inputs (fastres runs one)")
+        self.find_strided_residuals()
+        self.find_heads()
         for n in self.nodes:
+            if n in self.heads:
+                self.steps.append((self.index[self.heads[n][1]], self.heads[n][0]))
+                continue
             if n in self.claimed or n in self.alias or n.op in ("placeholder", "output"):
                 continue
             step = end = None
@@ -451,10 +650,6 @@ class _Matcher:
                 step, end = Step("max_pool", n.target, {"x": self.value(n.args[0])}, n.name, {}, {},
                                  (n.name,)), n
                 self.claim([n])
-            elif _is_global_pool(n, self.modules):
-                found = self.head_step(n)
-                if found is not None:
-                    step, end = found
             if step is None:
                 step, end = self.torch_step(n), n
                 self.notes.append(f"{step.name}: {step.attrs['what']} runs as PyTorch")
@@ -541,6 +736,7 @@ def _pairable(mid: Step, last: Step, readers) -> bool:
     a, b = mid.attrs, last.attrs
     w_mid, w_last = mid.tensors["weight"], last.tensors["weight"]
     return (tuple(w_mid.shape[2:]) == (3, 3) and a["relu"] and set(mid.inputs) == {"x"}
+            and not mid.extra_outputs and not last.extra_outputs and "residual_stride" not in b
             and len(set(a["stride"])) == 1 and len(set(a["padding"])) == 1 and len(set(a["dilation"])) == 1
             and tuple(w_last.shape[2:]) == (1, 1) and b["stride"] == (1, 1) and b["padding"] == (0, 0)
             and b["groups"] == 1 and b["relu"] and last.inputs["x"] == mid.output
