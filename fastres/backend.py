@@ -194,8 +194,9 @@ class OneDnnBackend(ReferenceBackend):
         return pointwise.binary(x, other, weight, bias, *geometry, "add", None, unary, [], "")
 
     def run(self, step, op, args, out):
-        if step.kind not in ("conv", "conv_pair") or args["x"].dtype != torch.float32:
-            return super().run(step, op, args, out)
+        if (step.kind not in ("conv", "conv_pair") or args["x"].dtype != torch.float32
+                or step.extra_outputs or "residual_stride" in step.attrs):
+            return super().run(step, op, args, out)   # variants oneDNN's primitive lacks
         a, t = step.attrs, step.tensors
         weights = self.weights[step.name]
         other = args.get("residual")

@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .backend import backend_for, get_backend
-from .fold import NotFoldableError, fold_conv_bn
+from .fold import NotFoldableError, _norm_tensors, fold_conv_bn
 from .guard import Guard
 from .ir import Plan, Ref, Step
 from .kernels.conv2d_nhwc import pads_stem_input
 from .kernels.conv3x3_conv1x1_nhwc import fuses_conv3x3_conv1x1
 
-__all__ = ["capture", "Unsupported", "FastPath", "FallbackWarning", "SUPPORTED_DTYPES",
+__all__ = ["capture", "feature_extractor", "Unsupported", "FastPath", "FallbackWarning", "SUPPORTED_DTYPES",
            "fallback_reason", "is_graph_capture"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -120,12 +120,73 @@ class _Tracer(fx.Tracer):
         return isinstance(m, FrozenBatchNorm2d) or super().is_leaf_module(m, qualname)
 
 
-def _trace(module: nn.Module) -> fx.Graph:
+def _trace(module: nn.Module, return_nodes=None) -> fx.Graph:
     try:
-        return _Tracer().trace(module)
+        if return_nodes is None:
+            return _Tracer().trace(module)
+        return _feature_graph(module, return_nodes).graph
+    except ValueError:
+        raise
     except Exception as err:  # noqa: BLE001 - any tracing failure means: run the module itself
         raise Unsupported(f"torch.fx cannot trace its forward ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+def normalize_return_nodes(return_nodes) -> Optional[dict]:
+    """torchvision's ``create_feature_extractor`` convention: a list of node names, or a dict
+    {node name: output key}; None stays None."""
+    if return_nodes is None:
+        return None
+    if isinstance(return_nodes, (list, tuple)):
+        return {str(n): str(n) for n in return_nodes}
+    if isinstance(return_nodes, dict):
+        return {str(k): str(v) for k, v in return_nodes.items()}
+    raise TypeError(f"return_nodes must be a list of node names or a dict {{node: key}}, "
+                    f"got {type(return_nodes).__name__}")
+
+
+def _feature_graph(module: nn.Module, return_nodes: dict) -> fx.GraphModule:
+    """The forward traced and cut at ``return_nodes`` (a dict {node: key}), as torchvision's
+    ``create_feature_extractor`` cuts it: a query names the last node whose module path starts
+    with it (``"layer2"``: layer2's output), or a node itself (``"layer1.0.relu_1"``); the graph
+    returns {key: value} in the order given, and what no output needs is dropped."""
+    import re
+
+    from torchvision.models.feature_extraction import NodePathTracer
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    tracer = NodePathTracer(leaf_modules=[FrozenBatchNorm2d])
+    graph = tracer.trace(module)
+    names = list(tracer.node_to_qualname.values())
+    for query in return_nodes:
+        if not any(re.match(rf"^{re.escape(query)}(\.|$)", n) for n in names):
+            raise ValueError(f"return_nodes: no node {query!r} in the traced forward; available: "
+                             f"{', '.join(names[:40])}{' ...' if len(names) > 40 else ''} "
+                             "(torchvision.models.feature_extraction.get_graph_node_names lists them)")
+    for n in [n for n in graph.nodes if n.op == "output"]:
+        graph.erase_node(n)
+    nodes = list(graph.nodes)
+    pending, found = dict(return_nodes), {}
+    for n in reversed(nodes):
+        qualname = tracer.node_to_qualname.get(n)
+        if qualname is None:
+            continue
+        for query in list(pending):
+            if ".".join(qualname.split(".")[: query.count(".") + 1]) == query:
+                found[pending.pop(query)] = n
+                break
+    with graph.inserting_after(nodes[-1]):
+        graph.output({key: found[key] for key in return_nodes.values()})
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def feature_extractor(module: nn.Module, return_nodes) -> nn.Module:
+    """``module``'s own PyTorch forward cut at ``return_nodes`` (sharing its submodules): what a
+    plan with several outputs computes, and what runs when that plan cannot."""
+    return _feature_graph(module, normalize_return_nodes(return_nodes))
 
 
 # -- node predicates ----------------------------------------------------------------------------
@@ -171,6 +232,47 @@ def _is_add(node) -> bool:
             and all(isinstance(a, fx.Node) for a in node.args))
 
 
+def _slice_step(sl) -> Optional[int]:
+    """s of ``::s`` (``slice(None|0, None, s)``), or None for any other slice."""
+    if not isinstance(sl, slice) or sl.start not in (None, 0) or sl.stop is not None:
+        return None
+    step = 1 if sl.step is None else sl.step
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 1 else None
+
+
+def _subsample(node):
+    """(source, s) when ``node`` is ``source[:, :, ::s, ::s]`` (or ``[..., ::s, ::s]``), else None."""
+    if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2
+            and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], tuple)):
+        return None
+    index = node.args[1]
+    if len(index) == 4 and all(_slice_step(i) == 1 for i in index[:2]):
+        hw = index[2:]
+    elif len(index) == 3 and index[0] is Ellipsis:
+        hw = index[1:]
+    else:
+        return None
+    steps = {_slice_step(i) for i in hw}
+    return (node.args[0], steps.pop()) if len(steps) == 1 and None not in steps else None
+
+
+def _channel_pad(node):
+    """(source, front, back) when ``node`` is ``F.pad(source, (0, 0, 0, 0, front, back))`` with
+    zeros (the CIFAR option-A shortcut's new channels), else None."""
+    if node.op != "call_function" or node.target not in (F.pad, torch._C._nn.pad) or not node.args:
+        return None
+    args = list(node.args) + [None] * (4 - len(node.args))
+    src, pad, mode, value = args[:4]
+    mode = node.kwargs.get("mode", mode or "constant")
+    value = node.kwargs.get("value", value or 0)
+    if (set(node.kwargs) - {"mode", "value"} or not isinstance(src, fx.Node) or mode != "constant"
+            or value != 0 or not isinstance(pad, (tuple, list)) or len(pad) != 6
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pad)
+            or tuple(pad[:4]) != (0, 0, 0, 0) or min(pad[4:]) < 0):
+        return None
+    return src, pad[4], pad[5]
+
+
 def _is_passthrough(node, modules) -> bool:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
@@ -207,6 +309,53 @@ def _is_flatten(node, modules) -> bool:
     return False
 
 
+def _size_of(node, dim: int):
+    """The tensor whose ``size(dim)`` (``x.size(dim)``, ``x.size()[dim]``, ``x.shape[dim]``) ``node`` is."""
+    if node.op == "call_method" and node.target == "size" and node.args[1:] == (dim,) and not node.kwargs:
+        return node.args[0]
+    if (node.op == "call_function" and node.target is operator.getitem and node.args[1:] == (dim,)
+            and isinstance(node.args[0], fx.Node)):
+        inner = node.args[0]
+        if inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1:
+            return inner.args[0]
+        if inner.op == "call_function" and inner.target is getattr and inner.args[1:] == ("shape",):
+            return inner.args[0]
+    return None
+
+
+def _avg_pool_over_width(node, resolve):
+    """The nodes computing the window when ``node`` is ``F.avg_pool2d(x, x.size(3))`` (every
+    other argument default), else None."""
+    if not (node.op == "call_function" and node.target is F.avg_pool2d and len(node.args) == 2
+            and not node.kwargs and isinstance(node.args[1], fx.Node)):
+        return None
+    window = node.args[1]
+    src = _size_of(window, 3)
+    if src is None or resolve(src) is not resolve(node.args[0]) or list(window.users) != [node]:
+        return None
+    if window.op == "call_function":
+        if list(window.args[0].users) != [window]:
+            return None
+        return [window.args[0], window]
+    return [window]
+
+
+def _is_view_flatten(flat, pool, sizes, features: int, users) -> bool:
+    """``pool.view(pool.size(0), -1)`` / ``.view(-1, features)`` (or ``reshape``), where the
+    size node is read by this view only."""
+    if flat.op != "call_method" or flat.target not in ("view", "reshape") or flat.kwargs:
+        return False
+    if len(flat.args) == 2 and isinstance(flat.args[1], (tuple, list)):
+        dims = tuple(flat.args[1])
+    else:
+        dims = tuple(flat.args[1:])
+    if len(dims) != 2:
+        return False
+    if dims == (-1, features):
+        return not sizes
+    return (len(sizes) == 1 and dims == (sizes[0], -1) and list(users[sizes[0]]) == [flat])
+
+
 # -- matching -----------------------------------------------------------------------------------
 class _Matcher:
     def __init__(self, root: nn.Module, graph: fx.Graph, dtype: torch.dtype):
@@ -227,6 +376,8 @@ class _Matcher:
         self.claimed: set = set()
         self.steps: list = []           # (position, Step)
         self.notes: list = []
+        self.strided_residuals: dict = {}   # add node -> (source, stride, front, back)
+        self.heads: dict = {}               # pool node -> (head step, its last node)
 
     def resolve(self, n):
         while n in self.alias:
@@ -297,6 +448,60 @@ class _Matcher:
             return uq, None, p
         return None
 
+    def strided_residual(self, node):
+        """(source, stride, channel front pad, back pad, nodes) when ``node`` is the CIFAR
+        option-A shortcut ``F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, front, back))`` (either part may
+        be missing; the subsample only when the pad is its one reader), else None."""
+        node = self.resolve(node)
+        nodes, front, back, stride = [], 0, 0, 1
+        pad = _channel_pad(node)
+        if pad is not None:
+            nodes.append(node)
+            node, front, back = self.resolve(pad[0]), pad[1], pad[2]
+        sub = _subsample(node)
+        if sub is not None and (not nodes or self.single_user(node) is nodes[-1]):
+            nodes.append(node)
+            node, stride = self.resolve(sub[0]), sub[1]
+        if not nodes:
+            return None
+        return node, stride, front, back, nodes
+
+    def find_strided_residuals(self):
+        """Claim the option-A shortcuts a conv epilogue will read (before the loop meets them:
+        a forward may compute its shortcut first)."""
+        for n in self.nodes:
+            if not _is_add(n) or n in self.alias:
+                continue
+            operands = self.add_operands(n)
+            if operands is None or operands[2] is None:
+                continue
+            found = self.strided_residual(operands[2])
+            if found is not None and self.single_user(found[4][0]) is n:
+                self.strided_residuals[n] = found
+                self.claim(found[4])
+
+    def affine_output(self, end):
+        """(norm node, relu node or None) of an eval BatchNorm (-> ReLU) reading ``end`` among
+        other readers: a pre-activation block's BN -> ReLU after the add, or None."""
+        users = self.users[self.resolve(end)]
+        for user in users:
+            if (_foldable_norm(user, self.modules) and self.resolve(user.args[0]) is self.resolve(end)
+                    and user not in self.claimed):
+                relu = self.single_user(user)
+                relu = relu if relu is not None and _is_relu(relu, self.modules) else None
+                return user, relu
+        return None
+
+    def norm_affine(self, node):
+        """(scale, shift) in fp32 of an eval BatchNorm node: y = x * scale + shift."""
+        norm = self.modules[node.target]
+        c = norm.num_features if hasattr(norm, "num_features") else norm.weight.shape[0]
+        device = next(iter((*norm.parameters(), *norm.buffers()))).device
+        mean, var, gamma, beta, eps = (t.detach().float() if torch.is_tensor(t) else t
+                                       for t in _norm_tensors(norm, c, device))
+        scale = gamma * torch.rsqrt(var + eps)
+        return scale.contiguous(), (beta - mean * scale).contiguous()
+
     def fold(self, unit, what: str):
         conv = self.modules[unit[0].target]
         norm = self.modules[unit[1].target] if unit[1] is not None else nn.Identity()
@@ -327,6 +532,12 @@ class _Matcher:
                     inputs["shortcut"] = self.value(shortcut[0].args[0])
                     attrs["shortcut_stride"] = sc_conv.stride[0]
                     fused += [n for n in shortcut if n is not None]
+                elif user in self.strided_residuals:
+                    source, stride, front, back, nodes = self.strided_residuals[user]
+                    inputs["residual"] = self.value(source)
+                    attrs.update(residual_stride=stride, residual_channel_offset=front,
+                                 residual_pad=(front, back))
+                    fused += nodes
                 else:
                     inputs["residual"] = self.value(residual)
                 end = user
@@ -335,28 +546,72 @@ class _Matcher:
             attrs["relu"] = True
             fused.append(user)
             end = user
+        extra = ()
+        affine = self.affine_output(end)
+        if affine is not None:
+            norm, relu = affine
+            last = relu if relu is not None else norm
+            others = [u for u in self.users[self.resolve(end)] if u is not norm]
+            # every other reader of the sum comes after the affine: the step runs at its place
+            if all(self.index[u] > self.index[last] for u in others):
+                tensors["scale2"], tensors["shift2"] = self.norm_affine(norm)
+                attrs["relu2"] = relu is not None
+                fused += [norm] + ([relu] if relu is not None else [])
+                extra = (self.value(last),)
         self.claim(fused)
-        return Step("conv", conv_node.target, inputs, self.value(end), attrs, tensors, tuple(n.name for n in fused)), end
+        step = Step("conv", conv_node.target, inputs, self.value(end), attrs, tensors,
+                    tuple(n.name for n in fused), extra_outputs=extra)
+        if extra:
+            end = max(fused, key=self.index.__getitem__)
+        return step, end
 
     def claim(self, nodes):
         self.claimed.update(nodes)
 
     def head_step(self, pool):
-        flat = self.single_user(pool)
-        if flat is None or not _is_flatten(flat, self.modules):
+        """global average pool -> flatten -> Linear as one ``head`` step, or None. The pool is
+        ``AdaptiveAvgPool2d(1)`` / ``F.adaptive_avg_pool2d(x, 1)``, or ``F.avg_pool2d(x, x.size(3))``
+        (global for square maps: the step runs that PyTorch call on others); the flatten is
+        ``torch.flatten(., 1)``, ``nn.Flatten()``, ``.view(.size(0), -1)`` or ``.view(-1, C)``."""
+        helpers = []
+        if _is_global_pool(pool, self.modules):
+            attrs = {}
+        else:
+            width = _avg_pool_over_width(pool, self.resolve)
+            if width is None:
+                return None
+            attrs, helpers = {"pool": "width"}, width
+        users = [u for u in self.users[self.resolve(pool)] if u not in helpers]
+        sizes = [u for u in users if _size_of(u, 0) is not None]
+        rest = [u for u in users if u not in sizes]
+        if len(rest) != 1:
             return None
+        flat = rest[0]
         fc = self.single_user(flat)
         if fc is None or not _is_module(fc, self.modules, nn.Linear) or len(fc.args) != 1:
             return None
         linear = self.modules[fc.target]
+        if not (_is_flatten(flat, self.modules) and not sizes) and not _is_view_flatten(
+                flat, pool, sizes, linear.in_features, self.users):
+            return None
         weight = linear.weight.detach()
         bias = (linear.bias.detach().float() if linear.bias is not None
                 else torch.zeros(linear.out_features, device=weight.device))
-        self.claim([pool, flat, fc])
-        step = Step("head", fc.target, {"x": self.value(pool.args[0])}, fc.name, {},
+        if not _is_flatten(flat, self.modules):
+            attrs["flatten"] = "batch" if sizes else "features"
+        nodes = [*helpers, pool, *sizes, flat, fc]
+        self.claim(nodes)
+        step = Step("head", fc.target, {"x": self.value(pool.args[0])}, fc.name, attrs,
                     {"weight": weight.to(self.dtype).contiguous(), "bias": bias},
-                    (pool.name, flat.name, fc.name))
+                    tuple(n.name for n in nodes))
         return step, fc
+
+    def find_heads(self):
+        for n in self.nodes:
+            if n not in self.claimed and n not in self.alias:
+                found = self.head_step(n)
+                if found is not None:
+                    self.heads[n] = found
 
     def torch_step(self, node) -> Step:
         refs = {}
@@ -380,7 +635,12 @@ class _Matcher:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise Unsupported(f"its forward takes {len(placeholders)} inputs (fastres runs one)")
+        self.find_strided_residuals()
+        self.find_heads()
         for n in self.nodes:
+            if n in self.heads:
+                self.steps.append((self.index[self.heads[n][1]], self.heads[n][0]))
+                continue
             if n in self.claimed or n in self.alias or n.op in ("placeholder", "output"):
                 continue
             step = end = None
@@ -389,16 +649,15 @@ class _Matcher:
                 user = self.single_user(self.unit_end(unit))
                 operands = self.add_operands(user) if user is not None and _is_add(user) else None
                 if operands is not None and operands[1] == unit:
-                    continue   # the projection shortcut of a later conv: it claims this one
+                    # the projection shortcut of a later conv, which folds it (also when the
+                    # forward computes the shortcut first)
+                    self.claim([m for m in unit if m is not None])
+                    continue
                 step, end = self.conv_step(unit)
             elif _is_stem_pool(n, self.modules):
                 step, end = Step("max_pool", n.target, {"x": self.value(n.args[0])}, n.name, {}, {},
                                  (n.name,)), n
                 self.claim([n])
-            elif _is_global_pool(n, self.modules):
-                found = self.head_step(n)
-                if found is not None:
-                    step, end = found
             if step is None:
                 step, end = self.torch_step(n), n
                 self.notes.append(f"{step.name}: {step.attrs['what']} runs as PyTorch")
@@ -485,6 +744,7 @@ def _pairable(mid: Step, last: Step, readers) -> bool:
     a, b = mid.attrs, last.attrs
     w_mid, w_last = mid.tensors["weight"], last.tensors["weight"]
     return (tuple(w_mid.shape[2:]) == (3, 3) and a["relu"] and set(mid.inputs) == {"x"}
+            and not mid.extra_outputs and not last.extra_outputs and "residual_stride" not in b
             and len(set(a["stride"])) == 1 and len(set(a["padding"])) == 1 and len(set(a["dilation"])) == 1
             and tuple(w_last.shape[2:]) == (1, 1) and b["stride"] == (1, 1) and b["padding"] == (0, 0)
             and b["groups"] == 1 and b["relu"] and last.inputs["x"] == mid.output
@@ -502,8 +762,11 @@ def _compute_weight(weight: torch.Tensor, dtype: torch.dtype, name: str) -> torc
     return weight.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None) -> Plan:
+def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None, return_nodes=None) -> Plan:
     """The plan of ``module``'s eval forward, or ``Unsupported`` with the reason it has none.
+
+    ``return_nodes`` (``create_feature_extractor``'s convention, see ``feature_extractor``): the
+    plan outputs those values as a dict instead of the forward's result.
 
     ``dtype``: the compute dtype of the fused steps (default: the module's); weights are folded
     in fp32 and cast once. PyTorch steps run the module's own layers in its own dtype, so a
@@ -518,7 +781,7 @@ def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None) -> Plan:
     dtype = dtype or model_dtype
     if dtype not in SUPPORTED_DTYPES:
         raise Unsupported(f"the kernels do not run {dtype}")
-    graph = _trace(module)
+    graph = _trace(module, normalize_return_nodes(return_nodes))
     with torch.inference_mode(False), torch.no_grad():
         steps, output, input_name = _Matcher(module, graph, dtype).run()
     if dtype != model_dtype and any(s.kind == "torch" for s in steps):
@@ -531,7 +794,7 @@ def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None) -> Plan:
             in_channels = w.shape[1] * s.attrs["groups"]
             a = s.attrs
             # the stem can read a zero-bordered 4-channel copy of the input (16-byte loads)
-            a["padded_input"] = (s.kind == "conv" and set(s.inputs) == {"x"}
+            a["padded_input"] = (s.kind == "conv" and set(s.inputs) == {"x"} and not s.extra_outputs
                                  and len(set(a["stride"])) == 1 and len(set(a["padding"])) == 1
                                  and pads_stem_input(w, groups=a["groups"], dilation=a["dilation"][0]))
     plan = Plan(steps=steps, output=output, dtype=dtype, device=device, input_name=input_name,
@@ -559,17 +822,18 @@ class FastPath:
     Pickling or copying a module drops its cache.
     """
 
-    def __init__(self):
+    def __init__(self, return_nodes=None):
+        self.return_nodes = normalize_return_nodes(return_nodes)
         self._lock = threading.Lock()
         self._state: Optional[_State] = None
         self._warned: set = set()
         self.builds = 0
 
     def __reduce__(self):
-        return (FastPath, ())
+        return (FastPath, (self.return_nodes,))
 
     def __deepcopy__(self, memo):
-        return FastPath()
+        return FastPath(self.return_nodes)
 
     def clear(self) -> None:
         with self._lock:
@@ -584,7 +848,7 @@ class FastPath:
             if state is None or not state.guard.check():
                 guard = Guard(module)            # read before any weight is read
                 try:
-                    plan, reason = capture(module), None
+                    plan, reason = capture(module, return_nodes=self.return_nodes), None
                 except Unsupported as err:
                     plan, reason = None, str(err)
                 state = self._state = _State(guard, plan, reason)

@@ -51,10 +51,16 @@ class Step:
     tensors: dict = field(default_factory=dict)
     fused: tuple = ()               # the traced nodes this step computes
     packed: dict = field(default_factory=dict)   # backend name -> packed weights
+    extra_outputs: tuple = ()       # more values it writes, each shaped like ``output``
 
     @property
     def reads(self) -> list[str]:
         return list(self.inputs.values())
+
+    @property
+    def outputs(self) -> tuple:
+        """Every value it writes; with extra outputs, launch/reference take and return tuples."""
+        return (self.output, *self.extra_outputs)
 
     @property
     def ops(self) -> list[str]:
@@ -62,10 +68,26 @@ class Step:
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{k}={v}" for k, v in self.inputs.items())
-        return f"Step({self.kind} {self.name}: {ins} -> {self.output})"
+        return f"Step({self.kind} {self.name}: {ins} -> {', '.join(self.outputs)})"
 
 
-# -- conv: relu?(conv(x) [+ conv1x1_s(shortcut)] + bias [+ residual]) -------------------------
+# -- conv: y = relu?(conv(x) [+ conv1x1_s(shortcut)] + bias [+ residual]) [, relu?(y*scale2 + shift2)]
+# a residual with attrs residual_stride / residual_channel_offset is sampled at that stride into
+# those channels (CIFAR option A); tensors scale2/shift2: a second output (pre-activation BN)
+def _conv_residual_kwargs(step, args) -> dict:
+    a, t = step.attrs, step.tensors
+    if "residual_pad" in a and args.get("residual") is not None:
+        c_r, (front, back) = args["residual"].shape[1], a["residual_pad"]
+        if c_r + front + back != t["weight"].shape[0]:
+            raise RuntimeError(f"{step.name}: the padded shortcut has {front} + {c_r} + {back} channels, "
+                               f"the conv output {t['weight'].shape[0]} (the module's add would fail too)")
+    kw = dict(residual_stride=a.get("residual_stride", 1),
+              residual_channel_offset=a.get("residual_channel_offset", 0))
+    if "scale2" in t:
+        kw.update(affine2=(t["scale2"], t["shift2"]), affine2_relu=a.get("relu2", False))
+    return kw
+
+
 def _conv_pack(step):
     t = step.tensors
     if step.attrs.get("padded_input"):
@@ -96,7 +118,9 @@ def _conv_launch(step, args, packed, out):
     return _conv.conv2d_nhwc_packed(
         args["x"], packed, step.tensors["bias"], stride=a["stride"], padding=a["padding"],
         dilation=a["dilation"], residual=args.get("residual"), relu=a["relu"],
-        shortcut=args.get("shortcut"), shortcut_stride=a.get("shortcut_stride", 1), out=out)
+        shortcut=args.get("shortcut"), shortcut_stride=a.get("shortcut_stride", 1),
+        out=out[0] if isinstance(out, tuple) else out, out2=out[1] if isinstance(out, tuple) else None,
+        **_conv_residual_kwargs(step, args))
 
 
 def _conv_reference(step, args, out, upcast):
@@ -105,7 +129,7 @@ def _conv_reference(step, args, out, upcast):
         args["x"], t["weight"], t["bias"], stride=a["stride"], padding=a["padding"],
         dilation=a["dilation"], groups=a["groups"], residual=args.get("residual"), relu=a["relu"],
         shortcut=args.get("shortcut"), shortcut_weight=t.get("shortcut_weight"),
-        shortcut_stride=a.get("shortcut_stride", 1), upcast=upcast)
+        shortcut_stride=a.get("shortcut_stride", 1), upcast=upcast, **_conv_residual_kwargs(step, args))
     return _into(out, y)
 
 
@@ -128,9 +152,13 @@ def _conv_describe(step):
         ops.append(f"projection1x1/s{a['shortcut_stride']}")
     ops.append("bias")
     if "residual" in step.inputs:
-        ops.append("residual")
+        s, c0 = a.get("residual_stride", 1), a.get("residual_channel_offset", 0)
+        ops.append("residual" if (s, c0) == (1, 0) and "residual_pad" not in a else
+                   f"residual/s{s}@c{c0}(zero-pad)")
     if a["relu"]:
         ops.append("relu")
+    if "scale2" in step.tensors:
+        ops.append("+ out2: affine" + ("+relu" if a.get("relu2") else ""))
     return ops
 
 
@@ -200,17 +228,31 @@ def _head_pack(step):
     return _avgpool_linear.pack_linear_weight(step.tensors["weight"])
 
 
+# attrs pool="width": the module pools with F.avg_pool2d(x, x.size(3)), global only on square maps;
+# others run that PyTorch call (then flatten: "batch" -> .view(N, -1), "features" -> .view(-1, C))
+def _head_is_global(step, x) -> bool:
+    return step.attrs.get("pool") != "width" or x.shape[2] == x.shape[3]
+
+
 def _head_launch(step, args, packed, out):
+    if not _head_is_global(step, args["x"]):
+        return _head_reference(step, args, out, False)
     return _avgpool_linear.avgpool_linear_packed(args["x"], packed, step.tensors["bias"], out=out)
 
 
 def _head_reference(step, args, out, upcast):
-    t = step.tensors
-    return _into(out, _avgpool_linear.avgpool_linear_ref(args["x"], t["weight"], t["bias"], upcast=upcast))
+    t, x = step.tensors, args["x"]
+    if _head_is_global(step, x):
+        return _into(out, _avgpool_linear.avgpool_linear_ref(x, t["weight"], t["bias"], upcast=upcast))
+    pooled = torch.nn.functional.avg_pool2d(x, x.shape[3])
+    flat = pooled.reshape(-1, x.shape[1]) if step.attrs.get("flatten") == "features" else pooled.flatten(1)
+    return _into(out, torch.nn.functional.linear(flat, t["weight"], t["bias"].to(x.dtype)))
 
 
 def _head_out_shape(step, shapes):
-    return (shapes["x"][0], step.tensors["weight"].shape[0])
+    n, c, h, w = shapes["x"]
+    rows = n * (h // w) if step.attrs.get("pool") == "width" and step.attrs.get("flatten") == "features" else n
+    return (rows, step.tensors["weight"].shape[0])
 
 
 # -- torch: any PyTorch call the capture did not fuse ---------------------------------------
@@ -224,6 +266,8 @@ def _torch_describe(step):
 
 
 def _into(out, y):
+    if isinstance(out, tuple):
+        return tuple(_into(o, v) for o, v in zip(out, y))
     return out.copy_(y) if out is not None else y
 
 
@@ -270,7 +314,7 @@ class Plan:
                           if i == k and n != self.input_name and n not in kept]
                          for k in range(len(self.steps))]
         # values a kernel reads that a kernel did not write: made channels_last before the launch
-        produced_by_kernel = {s.output for s in self.steps if s.kind in KERNEL_KINDS}
+        produced_by_kernel = {name for s in self.steps if s.kind in KERNEL_KINDS for name in s.outputs}
         self._relayout = [tuple(role for role, name in s.inputs.items() if name not in produced_by_kernel)
                           if s.kind in KERNEL_KINDS else () for s in self.steps]
         self._ops = [OPS[s.kind] for s in self.steps]
@@ -302,8 +346,12 @@ class Plan:
             args = {role: env[name] for role, name in step.inputs.items()}
             for role in relayout:
                 args[role] = backend.layout(step, role, args[role])
-            out = buffers.get(step.output) if buffers else None
-            env[step.output] = backend.run(step, op, args, out)
+            if step.extra_outputs:
+                out = tuple(buffers.get(n) for n in step.outputs) if buffers else None
+                env.update(zip(step.outputs, backend.run(step, op, args, out)))
+            else:
+                out = buffers.get(step.output) if buffers else None
+                env[step.output] = backend.run(step, op, args, out)
             if buffers is None:
                 for name in release:
                     del env[name]
@@ -324,7 +372,8 @@ class Plan:
         for step, op in zip(self.steps, self._ops):
             ins = {role: shapes[name] for role, name in step.inputs.items()}
             if op.out_shape is not None:
-                shapes[step.output] = tuple(op.out_shape(step, ins))
+                for name in step.outputs:
+                    shapes[name] = tuple(op.out_shape(step, ins))
                 continue
             if fake is None:
                 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -352,23 +401,27 @@ class Plan:
         for i, step in enumerate(self.steps):
             if step.kind not in KERNEL_KINDS:
                 continue
-            shape = shapes[step.output]
-            numel = math.prod(shape)
-            free = [s for s in range(len(slot_sizes)) if slot_busy_until[s] < i]
-            fitting = [s for s in free if slot_sizes[s] >= numel]
-            if fitting:
-                slot = min(fitting, key=lambda s: slot_sizes[s])
-            elif free:
-                slot = max(free, key=lambda s: slot_sizes[s])
-                slot_sizes[slot] = numel
-            else:
-                slot = len(slot_sizes)
-                slot_sizes.append(numel)
-                slot_busy_until.append(0)
-            end = len(self.steps) if step.output in kept else self._last_read.get(step.output, len(self.steps))
-            slot_busy_until[slot] = end
-            layout[step.output] = (slot, shape)
+            for name in step.outputs:
+                self._place(name, i, shapes[name], kept, layout, slot_sizes, slot_busy_until)
         return layout, slot_sizes
+
+    def _place(self, name, i, shape, kept, layout, slot_sizes, slot_busy_until):
+        """A slot for value ``name`` written by step ``i`` (see ``memory_layout``)."""
+        numel = math.prod(shape)
+        free = [s for s in range(len(slot_sizes)) if slot_busy_until[s] < i]
+        fitting = [s for s in free if slot_sizes[s] >= numel]
+        if fitting:
+            slot = min(fitting, key=lambda s: slot_sizes[s])
+        elif free:
+            slot = max(free, key=lambda s: slot_sizes[s])
+            slot_sizes[slot] = numel
+        else:
+            slot = len(slot_sizes)
+            slot_sizes.append(numel)
+            slot_busy_until.append(0)
+        end = len(self.steps) if name in kept else self._last_read.get(name, len(self.steps))
+        slot_busy_until[slot] = end
+        layout[name] = (slot, shape)
 
     def allocate(self, input_shape: tuple, *, share_memory: bool = True) -> dict[str, torch.Tensor]:
         """Preallocated outputs for ``run``: channels_last activations, contiguous 2-D outputs.
@@ -381,7 +434,7 @@ class Plan:
             layout, slot_sizes = self.memory_layout(input_shape)
         else:
             shapes = self.value_shapes(input_shape)
-            named = [(s.output, shapes[s.output]) for s in self.steps if s.kind in KERNEL_KINDS]
+            named = [(n, shapes[n]) for s in self.steps if s.kind in KERNEL_KINDS for n in s.outputs]
             layout = {name: (i, shape) for i, (name, shape) in enumerate(named)}
             slot_sizes = [math.prod(shape) for _, shape in named]
         slots = [torch.empty(n, dtype=self.dtype, device=self.device) for n in slot_sizes]

@@ -108,7 +108,8 @@ def launch_rows(plan: Plan, input_shape: tuple) -> list[dict]:
             for role in relayout:
                 args[role] = backend.layout(step, role, args[role])
             before = len(calls)
-            out = env[step.output] = backend.run(step, op, args, None)
+            out = backend.run(step, op, args, None)
+            env.update(zip(step.outputs, out) if step.extra_outputs else [(step.output, out)])
             if len(calls) > before:
                 for call in calls[before:]:
                     info = call.info

@@ -90,15 +90,56 @@ def store_conv_epilogue(acc, out_ptr, bias_ptr, residual_ptr, offs_m, offs_n, m_
     output (pixel offs_m, channel offs_n, C_OUT channels), computed in fp32 and rounded once to
     out's dtype (to nearest-even by hand under INTERPRETER_BF16: the interpreter's cast truncates).
     """
+    store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, offs_m, None, None, None, offs_m, offs_n,
+                                  m_mask, n_mask, C_OUT, C_OUT, 0, HAS_BIAS, HAS_RESIDUAL, APPLY_RELU, False,
+                                  False, INTERPRETER_BF16)
+
+
+@triton.jit
+def store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows, out2_ptr, scale2_ptr, shift2_ptr,
+                                  offs_m, offs_n, m_mask, n_mask, C_OUT: tl.constexpr, RES_C: tl.constexpr,
+                                  RES_C_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+                                  HAS_OUT2: tl.constexpr, OUT2_RELU: tl.constexpr,
+                                  INTERPRETER_BF16: tl.constexpr):
+    """The residual-block epilogue of an fp32 [BLOCK_M, BLOCK_N] tile of an NHWC output:
+
+        y = relu?(acc + bias [+ residual[res_rows, n - RES_C_OFFSET]])        -> out
+        [out2 = relu?(y * scale2 + shift2)]                                   -> out2 (HAS_OUT2)
+
+    The residual is a [*, RES_C] NHWC tensor read at pixel ``res_rows`` (offs_m for a same-shape
+    residual; a strided sample for the CIFAR "option A" shortcut) and channel n - RES_C_OFFSET,
+    zero outside [RES_C_OFFSET, RES_C_OFFSET + RES_C) (its zero channel padding). ``out2`` is a
+    per-channel affine of the stored value (a pre-activation BatchNorm after the add, folded to
+    scale2/shift2 in fp32, and its ReLU), a second output of the same shape. Both are computed in
+    fp32 and rounded once (by hand to nearest-even under INTERPRETER_BF16); out2 is computed from
+    the fp32 y, not from the rounded out.
+    """
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+        if RES_C == C_OUT and RES_C_OFFSET == 0:
+            res_offs = res_rows.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+            res_mask = out_mask
+        else:
+            res_c = offs_n - RES_C_OFFSET
+            res_offs = res_rows.to(tl.int64)[:, None] * RES_C + res_c[None, :]
+            res_mask = out_mask & ((res_c >= 0) & (res_c < RES_C))[None, :]
+        acc += tl.load(residual_ptr + res_offs, mask=res_mask, other=0.0).to(tl.float32)
     if APPLY_RELU:
         # torch.relu keeps NaN; tl.maximum would drop it.
         acc = tl.where(acc < 0.0, 0.0, acc)
+    if HAS_OUT2:
+        scale = tl.load(scale2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y2 = acc * scale[None, :] + shift[None, :]
+        if OUT2_RELU:
+            y2 = tl.where(y2 < 0.0, 0.0, y2)
+        if INTERPRETER_BF16:
+            y2 = round_to_bf16_nearest_even(y2)
+        tl.store(out2_ptr + out_offs, y2.to(out2_ptr.dtype.element_ty), mask=out_mask)
     if INTERPRETER_BF16:
         acc = round_to_bf16_nearest_even(acc)
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -207,6 +248,29 @@ def check_activation(t, what: str, shape: tuple, like: torch.Tensor, like_what: 
         raise TypeError(f"{what} ({t.dtype}, {t.device}) must match {like_what} ({like.dtype}, {like.device})")
     if not is_channels_last(t):
         raise ValueError(f"{what} must be channels_last: call .contiguous(memory_format=torch.channels_last)")
+
+
+def check_residual(residual, stride, channel_offset: int, out_shape: tuple, like: torch.Tensor) -> None:
+    """The residual of a conv epilogue: ``out_shape``, or (stride s / channel offset c0) an
+    [N, C_r, H_r, W_r] map whose stride-s samples cover the output and whose channels land in
+    [c0, c0 + C_r) of the output's; channels_last, ``like``'s dtype and device."""
+    for what, v, low in (("residual_stride", stride, 1), ("residual_channel_offset", channel_offset, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{what} must be an int >= {low}, got {v!r}")
+    if stride == 1 and channel_offset == 0 and isinstance(residual, torch.Tensor) and tuple(residual.shape) == out_shape:
+        return check_activation(residual, "residual", out_shape, like, "x")
+    n, c_out, oh, ow = out_shape
+    if not isinstance(residual, torch.Tensor) or residual.dim() != 4 or residual.shape[0] != n:
+        raise ValueError(f"residual must be [N={n}, C, H, W], got "
+                         f"{tuple(getattr(residual, 'shape', ())) or type(residual).__name__}")
+    c_r, h_r, w_r = residual.shape[1:]
+    if (h_r - 1) // stride + 1 != oh or (w_r - 1) // stride + 1 != ow:
+        raise ValueError(f"residual {h_r}x{w_r} sampled at stride {stride} gives "
+                         f"{(h_r - 1) // stride + 1}x{(w_r - 1) // stride + 1}, the conv output is {oh}x{ow}")
+    if channel_offset + c_r > c_out:
+        raise ValueError(f"residual channels [{channel_offset}, {channel_offset + c_r}) exceed the "
+                         f"{c_out} output channels")
+    check_activation(residual, "residual", tuple(residual.shape), like, "x")
 
 
 def check_bias(bias, what: str, size: int, device: torch.device) -> None:

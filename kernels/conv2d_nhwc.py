@@ -57,15 +57,16 @@ import triton.language as tl
 
 from . import _autotune
 from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activation, check_bias, check_packed_input,
-                      check_shortcut, conv_geometry, conv_output_hw, dot_concat_k, dot_contiguous_k, is_channels_last,
-                      largest_pow2_divisor, pow2_at_least, store_conv_epilogue, tile_groups)
+                      check_residual, check_shortcut, conv_geometry, conv_output_hw, dot_concat_k, dot_contiguous_k,
+                      is_channels_last, largest_pow2_divisor, pow2_at_least, store_residual_block_epilogue,
+                      tile_groups)
 from ._launch import KernelCall, is_recording
 
 
 @triton.jit
 def _conv2d_nhwc_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, residual_ptr, shortcut_ptr,
-    BATCH, H, W, OH, OW, SC_H, SC_W,
+    x_ptr, w_ptr, out_ptr, bias_ptr, residual_ptr, shortcut_ptr, out2_ptr, scale2_ptr, shift2_ptr,
+    BATCH, H, W, OH, OW, SC_H, SC_W, RES_H, RES_W,
     C_IN: tl.constexpr, C_OUT: tl.constexpr,
     CIN_PER_GROUP: tl.constexpr, COUT_PER_GROUP: tl.constexpr,   # per *packed* group
     KH: tl.constexpr, KW: tl.constexpr,
@@ -76,10 +77,15 @@ def _conv2d_nhwc_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
     HAS_SHORTCUT_GEMM: tl.constexpr, FLAT_K: tl.constexpr, ROW_K: tl.constexpr,
     ROW_ALIGN: tl.constexpr, ROW_K_MASK: tl.constexpr, CONCAT_ALIGN: tl.constexpr,
+    RES_C: tl.constexpr, RES_C_OFFSET: tl.constexpr, RES_STRIDE: tl.constexpr,
+    HAS_OUT2: tl.constexpr, OUT2_RELU: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out = relu?(conv(x, W) [+ shortcut @ W_sc] + bias [+ residual]), fp32 accumulation.
+    """out = relu?(conv(x, W) [+ shortcut @ W_sc] + bias [+ residual]), fp32 accumulation;
+    [out2 = relu?(out * scale2 + shift2)] (``store_residual_block_epilogue``). The residual is
+    read at pixel (img, oh*RES_STRIDE, ow*RES_STRIDE) of a RES_H x RES_W map, into channels
+    [RES_C_OFFSET, RES_C_OFFSET + RES_C) (a same-shape residual: stride 1, all channels).
 
     INTERPRETER_BF16 works around two bf16 bugs of the Triton interpreter (triton 3.8), and the
     wrapper sets it only for bf16 there: ``tl.dot`` on bf16 tiles returns garbage (so both tiles
@@ -207,9 +213,13 @@ def _conv2d_nhwc_kernel(
         acc = dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, C_SC, C_OUT, EVEN_N, INTERPRETER_BF16,
                                BLOCK_K)
 
-    store_conv_epilogue(acc, out_ptr, bias_ptr, residual_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT,
-                        HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, APPLY_RELU=APPLY_RELU,
-                        INTERPRETER_BF16=INTERPRETER_BF16)
+    if RES_STRIDE == 1 and RES_C == C_OUT:
+        res_rows = offs_m
+    else:
+        res_rows = (img * RES_H + oh * RES_STRIDE) * RES_W + ow * RES_STRIDE
+    store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows, out2_ptr, scale2_ptr, shift2_ptr,
+                                  offs_m, offs_n, m_mask, n_mask, C_OUT, RES_C, RES_C_OFFSET, HAS_BIAS, HAS_RESIDUAL,
+                                  APPLY_RELU, HAS_OUT2, OUT2_RELU, INTERPRETER_BF16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,8 +433,17 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
 
 
 def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padding=0, dilation=1,
-                       residual=None, relu=False, shortcut=None, shortcut_stride=1, out=None):
+                       residual=None, relu=False, shortcut=None, shortcut_stride=1, out=None,
+                       residual_stride=1, residual_channel_offset=0, affine2=None, affine2_relu=False,
+                       out2=None):
     """``relu?(conv(x, packed) [+ conv1x1_s(shortcut, packed shortcut)] + bias [+ residual])``.
+
+    ``residual_stride`` / ``residual_channel_offset``: the residual is [N, C_r, H_r, W_r] read at
+    (oh*s, ow*s) into output channels [offset, offset + C_r), zero elsewhere: the CIFAR "option A"
+    shortcut ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p))`` without the padded tensor.
+    ``affine2`` = (scale, shift), fp32 [C_out]: also write ``out2 = relu?(y * scale + shift)``
+    (``affine2_relu``) of the result y, and return ``(out, out2)``: the sum a pre-activation block
+    passes on and the BN -> ReLU of it the next convolution reads.
 
     The plan's entry point: ``x`` [N, C_in, H, W] channels_last in ``packed.dtype``; ``bias`` [C_out]
     any float dtype (used in fp32); ``residual`` and ``out`` (optional preallocated output)
@@ -438,13 +457,16 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     oh, ow = conv_output_hw(h, w, packed.kernel_size, (sh, sw), (ph, pw), (dh, dw))
     out_shape = (n, packed.out_channels, oh, ow)
     if residual is not None:
-        check_activation(residual, "residual", out_shape, x, "x")
+        check_residual(residual, residual_stride, residual_channel_offset, out_shape, x)
     if bias is not None:
         check_bias(bias, "bias", packed.out_channels, x.device)
     if packed.row_k and ((ph, pw) != (0, 0) or (dh, dw) != (1, 1)):
         raise ValueError(f"a weight packed with row_k=True runs with padding 0 and dilation 1, got padding {(ph, pw)}, "
                          f"dilation {(dh, dw)}: zero-pad the input instead (stem_input_padding, "
                          "fastres.extension.nchw_to_nhwc_padded / preprocess(padding=...))")
+    if affine2 is not None:
+        for what, t in zip(("affine2 scale", "affine2 shift"), affine2):
+            check_bias(t, what, packed.out_channels, x.device)
     sc_h, sc_w = check_shortcut(shortcut, shortcut_stride, packed.shortcut_in_channels, n, oh, ow, x, "x")
     if out is None:
         out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
@@ -452,18 +474,25 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
         check_activation(out, "out", out_shape, x, "x")
         if x.device.type != "meta" and out.numel() and x.numel() and out.data_ptr() == x.data_ptr():
             raise ValueError("out must not alias x")
+    if affine2 is not None:
+        if out2 is None:
+            out2 = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        else:
+            check_activation(out2, "out2", out_shape, x, "x")
     if n == 0:
-        return out
+        return out if affine2 is None else (out, out2)
     if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > INT32_MAX or h * w * c_in > INT32_MAX:
         raise ValueError(f"batch {n} x {h}x{w} pixels x {c_in} channels exceeds the kernel's int32 pixel "
                          "(and per-image element) index")
     problem = dict(bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), residual=residual,
-                   relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride)
+                   relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride,
+                   residual_stride=residual_stride, residual_channel_offset=residual_channel_offset,
+                   affine2=affine2, affine2_relu=affine2_relu, out2=out2)
     config = None
     if x.device.type == "cuda" and _autotune.enabled() and not is_recording():
         config = _tuned_config(x, packed, out, problem)
     _build_call(x, packed, out, config=config, **problem).launch()
-    return out
+    return out if affine2 is None else (out, out2)
 
 
 def _candidate_configs(x, packed, out) -> dict:
@@ -483,12 +512,18 @@ def _candidate_configs(x, packed, out) -> dict:
 def _tuned_config(x, packed, out, problem) -> ConvConfig:
     """FASTRES_AUTOTUNE=1 on a GPU: time the candidates once per problem, cache the choice on disk."""
     scratch = torch.empty_like(out)   # timing runs must not write into a live buffer (out may alias residual)
+    timing = dict(problem, out2=torch.empty_like(out) if problem["out2"] is not None else None)
+    residual = problem["residual"]
     key = (tuple(x.shape), str(x.dtype), packed.out_channels, packed.kernel_size, packed.groups,
            packed.shortcut_in_channels, problem["stride"], problem["padding"], problem["dilation"],
-           problem["residual"] is not None, bool(problem["relu"]))
+           residual is not None, bool(problem["relu"]))
+    if residual is not None and tuple(residual.shape) != tuple(out.shape):
+        key += (tuple(residual.shape), problem["residual_stride"], problem["residual_channel_offset"])
+    if problem["affine2"] is not None:
+        key += ("affine2", bool(problem["affine2_relu"]))
     return _autotune.choose(
         "conv2d_nhwc", key, _candidate_configs(x, packed, out),
-        run=lambda cfg: _build_call(x, packed, scratch, config=cfg, **problem).launch(),
+        run=lambda cfg: _build_call(x, packed, scratch, config=cfg, **timing).launch(),
         gpu=torch.cuda.get_device_name(x.device))
 
 
@@ -504,7 +539,8 @@ def _concat_align(x, shortcut, c_in: int, c_sc: int, block_k: int) -> int:
 
 
 def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
-                shortcut_stride, config: ConvConfig | None = None) -> KernelCall:
+                shortcut_stride, residual_stride=1, residual_channel_offset=0, affine2=None,
+                affine2_relu=False, out2=None, config: ConvConfig | None = None) -> KernelCall:
     """The KernelCall of one (already validated) convolution; touches no tensor data."""
     n, c_in, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -525,9 +561,16 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     grid = (triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(cout_g, cfg.BLOCK_N),)
     args = dict(x_ptr=x, w_ptr=packed.weight, out_ptr=out, BATCH=n, H=h, W=w, OH=oh, OW=ow)
     # Absent operands are None, which Triton treats as constexpr: they go with the constexprs.
+    res_c = residual.shape[1] if residual is not None else packed.out_channels
+    strided_residual = residual is not None and (residual_stride != 1 or res_c != packed.out_channels)
     optional = dict(bias_ptr=bias, residual_ptr=residual, shortcut_ptr=shortcut,
                     SC_H=shortcut.shape[2] if shortcut is not None else None,
-                    SC_W=shortcut.shape[3] if shortcut is not None else None)
+                    SC_W=shortcut.shape[3] if shortcut is not None else None,
+                    RES_H=residual.shape[2] if strided_residual else None,
+                    RES_W=residual.shape[3] if strided_residual else None,
+                    out2_ptr=out2 if affine2 is not None else None,
+                    scale2_ptr=affine2[0] if affine2 is not None else None,
+                    shift2_ptr=affine2[1] if affine2 is not None else None)
     args.update({k: v for k, v in optional.items() if v is not None})
     constexprs = {k: v for k, v in optional.items() if v is None}
     c_sc = packed.shortcut_in_channels
@@ -539,6 +582,9 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=bool(relu),
         HAS_SHORTCUT_GEMM=shortcut is not None, FLAT_K=flat_k and not packed.row_k, ROW_K=bool(packed.row_k),
         ROW_ALIGN=row_align, ROW_K_MASK=row_k_mask, CONCAT_ALIGN=_concat_align(x, shortcut, c_in, c_sc, cfg.BLOCK_K),
+        RES_C=res_c, RES_C_OFFSET=residual_channel_offset if strided_residual else 0,
+        RES_STRIDE=residual_stride if strided_residual else 1,
+        HAS_OUT2=affine2 is not None, OUT2_RELU=bool(affine2_relu) and affine2 is not None,
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )
@@ -546,7 +592,8 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     name = (f"conv2d_nhwc[{kh}x{kw}/s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")
             + (f"/g{packed.groups}" if packed.groups > 1 else "") + (f"+sc{c_sc}/s{shortcut_stride}" if c_sc else "")
             + ("/rowk" if packed.row_k else "")
-            + "]")
+            + (f"+res{res_c}@{residual_channel_offset}/s{residual_stride}" if strided_residual else "")
+            + ("+affine2" if affine2 is not None else "") + "]")
     macs = m * packed.out_channels * (k_main // packed.tile_groups + c_sc)
     # K loop trips (the loop report divides an unrolled K loop's code by them)
     k_steps = (kh if packed.row_k else triton.cdiv(k_main, cfg.BLOCK_K)) + triton.cdiv(c_sc, cfg.BLOCK_K)
@@ -556,7 +603,8 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         # modelled traffic: each input once (only the strided shortcut pixels), the output once,
         # the weights as PyTorch holds them (not the packed zeros of block-diagonal groups), fp32 bias
         info=dict(M=m, N=packed.out_channels, K=k_main + c_sc, k_steps=k_steps, flops=2 * macs, dtype=str(x.dtype).replace("torch.", ""),
-                  bytes=(x.numel() + out.numel() * (2 if residual is not None else 1) + m * c_sc
+                  bytes=(x.numel() + out.numel() * (2 if affine2 is not None else 1)
+                         + (m * res_c if residual is not None else 0) + m * c_sc
                          + packed.out_channels * (k_main // packed.tile_groups + c_sc)) * x.element_size()
                   + (4 * packed.out_channels if bias is not None else 0)),
     )
@@ -616,15 +664,18 @@ def conv2d_nhwc(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups
 
 def conv2d_nhwc_ref(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
                     residual=None, relu=False, shortcut=None, shortcut_weight=None, shortcut_stride=1,
+                    residual_stride=1, residual_channel_offset=0, affine2=None, affine2_relu=False,
                     upcast=False):
     """Plain-PyTorch reference of the fused convolution.
 
-        out = relu?(conv(x, weight) [+ conv1x1(shortcut, shortcut_weight, stride=shortcut_stride)]
-                    + bias [+ residual])
+        y = relu?(conv(x, weight) [+ conv1x1(shortcut, shortcut_weight, stride=shortcut_stride)]
+                  + bias [+ pad_c(residual[:, :, ::rs, ::rs])])
+        [y2 = relu?(y * scale2 + shift2)]          (affine2 = (scale2, shift2); returns (y, y2))
 
-    ``upcast=True`` computes in fp32 and casts the result once to ``x.dtype`` — the numerics of the
-    kernel (fp32 accumulation, fp32 epilogue, one rounding at the store). channels_last in gives
-    channels_last out.
+    where pad_c places the residual's channels at ``residual_channel_offset`` of y's, zeros
+    elsewhere. ``upcast=True`` computes in fp32 and casts the result once to ``x.dtype`` — the
+    numerics of the kernel (fp32 accumulation, fp32 epilogue, one rounding at the store; y2 from
+    the fp32 y). channels_last in gives channels_last out.
     """
     out_dtype = x.dtype
     channels_last = is_channels_last(x)
@@ -638,10 +689,24 @@ def conv2d_nhwc_ref(x, weight, bias=None, *, stride=1, padding=0, dilation=1, gr
     if shortcut is not None:
         out = out.add_(F.conv2d(shortcut, shortcut_weight, stride=shortcut_stride))
     if residual is not None:
-        out = out.add_(residual)
+        r = residual[:, :, ::residual_stride, ::residual_stride]
+        c0 = residual_channel_offset
+        out[:, c0:c0 + r.shape[1]] += r
     if relu:
         out = out.relu_()
-    out = out.to(out_dtype)
+    out2 = None
+    if affine2 is not None:
+        scale, shift = (t.to(out.dtype).view(1, -1, 1, 1) for t in affine2)
+        out2 = out * scale + shift
+        if affine2_relu:
+            out2 = out2.relu_()
+        out2 = _as_output(out2, out_dtype, channels_last)
+    out = _as_output(out, out_dtype, channels_last)
+    return out if affine2 is None else (out, out2)
+
+
+def _as_output(out, dtype, channels_last):
+    out = out.to(dtype)
     if channels_last and not is_channels_last(out):
         out = out.contiguous(memory_format=torch.channels_last)
     return out

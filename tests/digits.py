@@ -55,3 +55,29 @@ def trained_digits_model(steps: int = 150):
             model(chunk)
     model.eval()
     return model, x_test, y_test, images[1400:]
+
+
+def train_on_digits(model, steps: int = 150, seed: int = 0):
+    """``model`` (any classifier of [N, 3, 16, 16] images into 10 classes) trained on the first
+    1400 digits, BN statistics settled; returns (model in eval mode, test images, test labels)."""
+    torch.manual_seed(seed)
+    images, labels = digits_images()
+    x, y = normalise(images), labels
+    x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_train), (32,), generator=g)
+        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        for chunk in x_train.split(200):
+            model(chunk)
+    return model.eval(), x_test, y_test

@@ -1,0 +1,143 @@
+"""Residual CNNs fastres did not write (tests/residual_zoo.py), through fastres.optimize, against
+each model's own PyTorch eval forward: fp32 within 1e-5 relative on CPU (torch backend of the
+plan), with what fused and what ran as PyTorch pinned step by step."""
+import warnings
+
+import pytest
+import torch
+
+import fastres
+import residual_zoo as zoo
+from fastres.capture import FallbackWarning
+from fastres.verify import image_batch
+
+TOL = 1e-5
+
+
+def rel_err(got, expected):
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    with fastres.use_backend("torch"), torch.no_grad():
+        yield
+
+
+def kinds(plan) -> dict:
+    out = {}
+    for s in plan.steps:
+        out[s.kind] = out.get(s.kind, 0) + 1
+    return out
+
+
+def check(model, size=32, batch=2):
+    """optimize(model)(x) == model(x) with the plan (no fallback); returns the plan."""
+    torch.manual_seed(0)
+    model = zoo.randomize_(model)
+    fast = fastres.optimize(model)
+    x = image_batch(batch, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        got = fast(x)
+    assert rel_err(got, model(x)) <= TOL
+    return fast.plan()
+
+
+def test_tutorial_resnet_fuses_completely():
+    plan = check(zoo.TutorialResNet())
+    # stem conv, 16 block convs (3 projections folded as concat-K), max pool, pool+view+fc head
+    assert kinds(plan) == {"conv": 17, "max_pool": 1, "head": 1}
+    assert sum("shortcut" in s.inputs for s in plan.steps) == 3
+    assert sum("residual" in s.inputs for s in plan.steps) == 5
+
+
+def test_tutorial_resnet_with_a_relu_per_block_and_shortcut_first():
+    model = zoo.TutorialResNet(layers=(1, 1, 1, 1))
+    for block in model.blocks:
+        block.relu = torch.nn.ReLU()            # per block instead of shared
+    plan = check(model)
+    assert kinds(plan) == {"conv": 9, "max_pool": 1, "head": 1}
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+def test_cifar_resnet_option_a(depth):
+    plan = check(zoo.CifarResNet(depth, "A"), size=32 if depth <= 56 else 16, batch=2 if depth <= 56 else 1)
+    n_convs = 1 + 2 * (depth - 2) // 6 * 3
+    assert kinds(plan) == {"conv": n_convs, "head": 1}
+    strided = [s for s in plan.steps if s.attrs.get("residual_stride") == 2]
+    # the two downsampling blocks read the shortcut at stride 2 into channels [c/4, 3c/4)
+    assert [(s.tensors["weight"].shape[0], s.attrs["residual_channel_offset"]) for s in strided] == [(32, 8), (64, 16)]
+    assert all("residual/s2@c" in " ".join(s.ops) for s in strided)
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+def test_cifar_resnet_projection(depth):
+    plan = check(zoo.CifarResNet(depth, "B"))
+    assert kinds(plan) == {"conv": 1 + 2 * (depth - 2) // 6 * 3, "head": 1}
+    assert sum("shortcut" in s.inputs for s in plan.steps) == 2
+
+
+def test_option_a_on_odd_input_sizes():
+    """15x15 and 17x13 inputs: ceil(H/2) samples of the shortcut, like x[:, :, ::2, ::2]."""
+    model = zoo.randomize_(zoo.CifarResNet(8, "A"))
+    fast = fastres.optimize(model)
+    for shape in ((1, 3, 15, 15), (3, 3, 17, 13)):
+        x = torch.randn(shape)
+        assert rel_err(fast(x), model(x)) <= TOL
+
+
+def test_preact_resnet18_dual_output_epilogue():
+    plan = check(zoo.PreActResNet(width=16))
+    assert kinds(plan) == {"conv": 17, "head": 1}
+    dual = [s for s in plan.steps if s.extra_outputs]
+    # stem and every block's last conv also write BN -> ReLU of their result (next block / head)
+    assert len(dual) == 9 and all(s.attrs["relu2"] for s in dual)
+    assert all("+ out2: affine+relu" in s.ops for s in dual)
+    # the raw sums still flow to the identity shortcuts
+    assert sum("residual" in s.inputs for s in plan.steps) == 5
+
+
+def test_wide_resnet_structure_small():
+    plan = check(zoo.WideResNet(depth=16, widen=2, dropout=0.3), size=16)
+    # 1 + 6 blocks x 2 convs; 3 projections (16->32, 32->64, 64->128) as concat-K; dropout vanishes
+    assert kinds(plan) == {"conv": 13, "head": 1}
+    assert sum("shortcut" in s.inputs for s in plan.steps) == 3
+
+
+def test_wide_resnet_28_10():
+    """The real WRN-28-10 (36.5M parameters), one 16x16 image."""
+    plan = check(zoo.WideResNet(depth=28, widen=10), size=16, batch=1)
+    assert kinds(plan) == {"conv": 25, "head": 1}
+    assert [s.tensors["weight"].shape[0] for s in plan.steps if s.kind == "conv"][-1] == 640
+
+
+def test_resnet_d_deep_stem_and_avg_down():
+    plan = check(zoo.ResNetD())
+    # deep stem (3 convs), 4 blocks x 2 convs; the 3 avg_down shortcuts: the pools are PyTorch
+    # steps, their 1x1 conv + BN is the concat-K second operand of the block's last conv
+    assert kinds(plan) == {"conv": 11, "max_pool": 1, "torch": 3, "head": 1}
+    assert [s.attrs["shortcut_stride"] for s in plan.steps if "shortcut" in s.inputs] == [1, 1, 1]
+    assert all("AvgPool2d" in n for n in plan.notes)
+
+
+def test_other_layers_run_as_pytorch_steps():
+    """SiLU, GELU, LeakyReLU, GroupNorm, MaxPool2d(2), adaptive max pool and cat: PyTorch steps
+    inside the plan, each named with why; the convs still fuse."""
+    plan = check(zoo.OddResNet())
+    assert kinds(plan) == {"conv": 3, "torch": 11}
+    whats = [s.attrs["what"] for s in plan.steps if s.kind == "torch"]
+    assert whats == ["LeakyReLU", "MaxPool2d", "silu", "GroupNorm", "add", "gelu", "adaptive_max_pool2d",
+                     "adaptive_avg_pool2d", "cat", "Tensor.flatten", "Linear"]
+    assert len(plan.notes) == 11 and plan.notes[0] == "stem.2: LeakyReLU runs as PyTorch"
+
+
+def test_capture_follows_edits_of_a_hand_written_model():
+    model = zoo.randomize_(zoo.CifarResNet(8, "A"))
+    fast = fastres.optimize(model)
+    x = image_batch(2, 16)
+    fast(x)
+    model.layer2[0].shortcut = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, 2, bias=False),
+                                                   torch.nn.BatchNorm2d(32)).eval()
+    assert rel_err(fast(x), model(x)) <= TOL and fast._fastres.builds == 2
+    assert sum("shortcut" in s.inputs for s in fast.plan().steps) == 1
