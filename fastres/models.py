@@ -21,6 +21,7 @@ from torchvision.models import resnet as tv
 from .capture import FastPath, is_graph_capture
 from .fold import conv_norm_pairs, fold_conv_bn, folded_skeleton_
 from .ir import Plan
+from .kernels.conv3x3_conv1x1_nhwc import fuses_conv3x3_conv1x1
 
 __all__ = [
     "ResNet", "BasicBlock", "Bottleneck", "from_torchvision", "CheckpointError",
@@ -39,6 +40,7 @@ class Bottleneck(tv.Bottleneck):
 
 
 _BLOCKS = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
+_BLOCK_TYPES = (BasicBlock, Bottleneck, tv.BasicBlock, tv.Bottleneck)
 
 
 class ResNet(tv.ResNet):
@@ -94,6 +96,8 @@ class ResNet(tv.ResNet):
 
     @torch.jit.unused
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _graph_forward(self, x)
         if is_graph_capture():
             return self._forward_impl(x)
         return self._fastres(self, x, self._forward_impl, check_input)
@@ -111,6 +115,119 @@ class ResNet(tv.ResNet):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         _check_state_dict_keys(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# -- what torch.compile and torch.export trace -----------------------------------------------------
+# Dynamo cannot run the fx capture or the guard, so under it the eval forward is this plain Python
+# over the live modules: one fastres op per kernel (``torch.ops.fastres.*``, fastres/library.py),
+# BatchNorm folded inside the graph from the current parameters (the graph follows later weight
+# edits, as torchvision's does; inductor's freezing can fold it at compile time), and dynamo's own
+# guards on every attribute read here recompile it when the structure changes. Any module that
+# is not torchvision's ResNet structure, or any hook, runs torchvision's forward instead.
+def _graph_forward(model: "ResNet", x: torch.Tensor) -> torch.Tensor:
+    from . import library  # noqa: F401 - registers torch.ops.fastres
+
+    check_input(x, model)
+    if not _graph_fusable(model, x):
+        return model._forward_impl(x)
+    ops = torch.ops.fastres
+    x = _graph_conv(model.conv1, model.bn1, x, relu=True)
+    x = ops.max_pool2d_nhwc(x)
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            x = _graph_block(block, x)
+    return ops.avgpool_linear(x, model.fc.weight, model.fc.bias)
+
+
+def _graph_fusable(model: "ResNet", x: torch.Tensor) -> bool:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from .capture import SUPPORTED_DTYPES, _global_hook_dicts
+
+    if x.dtype not in SUPPORTED_DTYPES or any(len(d) for d in _global_hook_dicts()):
+        return False
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if isinstance(m, nn.Conv2d) and (type(m) is not nn.Conv2d or m.padding_mode != "zeros"
+                                         or isinstance(m.padding, str)):
+            return False
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+                type(m) is not nn.BatchNorm2d or m.training or m.running_var is None):
+            return False
+        if isinstance(m, (tv.BasicBlock, tv.Bottleneck)) and (
+                type(m).forward not in (tv.BasicBlock.forward, tv.Bottleneck.forward)
+                or type(m.relu) is not nn.ReLU):
+            return False
+    norms = (nn.BatchNorm2d, FrozenBatchNorm2d, nn.Identity)
+    pool = model.maxpool
+    return (type(model.conv1) is nn.Conv2d and type(model.bn1) in norms
+            and type(model.relu) is nn.ReLU and type(pool) is nn.MaxPool2d
+            and pool.kernel_size in (3, (3, 3)) and pool.stride in (2, (2, 2))
+            and pool.padding in (1, (1, 1)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+            and type(model.avgpool) is nn.AdaptiveAvgPool2d and model.avgpool.output_size in (1, (1, 1))
+            and type(model.fc) is nn.Linear
+            and all(type(b) in _BLOCK_TYPES and _graph_downsample_ok(b.downsample)
+                    for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer))
+
+
+def _graph_downsample_ok(down) -> bool:
+    return down is None or (type(down) is nn.Sequential and len(down) == 2 and type(down[0]) is nn.Conv2d)
+
+
+def _graph_folded(conv, norm, dtype):
+    weight, bias = fold_conv_bn(conv, norm)
+    return weight.to(dtype), bias
+
+
+def _graph_conv(conv, norm, x, *, relu, residual=None, shortcut=None):
+    """One conv2d_nhwc op; ``shortcut``: (conv, norm, input) of a 1x1 projection as concat-K."""
+    weight, bias = _graph_folded(conv, norm, x.dtype)
+    sc_x = sc_w = None
+    sc_stride = 1
+    if shortcut is not None:
+        sc_conv, sc_norm, sc_x = shortcut
+        sc_w, sc_b = _graph_folded(sc_conv, sc_norm, x.dtype)
+        bias = bias + sc_b
+        sc_stride = sc_conv.stride[0]
+    return torch.ops.fastres.conv2d_nhwc(x, weight, bias, list(conv.stride), list(conv.padding),
+                                         list(conv.dilation), conv.groups, residual, relu, sc_x, sc_w,
+                                         sc_stride)
+
+
+def _graph_block(block, x):
+    down = block.downsample
+    shortcut, residual = None, x
+    if down is not None:
+        d = down[0]
+        if (d.kernel_size == (1, 1) and d.padding == (0, 0) and d.groups == 1 and d.dilation == (1, 1)
+                and d.stride[0] == d.stride[1]):
+            shortcut, residual = (d, down[1], x), None
+        else:
+            residual = _graph_conv(d, down[1], x, relu=False)
+    if isinstance(block, tv.BasicBlock):
+        y = _graph_conv(block.conv1, block.bn1, x, relu=True)
+        return _graph_conv(block.conv2, block.bn2, y, relu=True, residual=residual, shortcut=shortcut)
+    y = _graph_conv(block.conv1, block.bn1, x, relu=True)
+    c2 = block.conv2
+    if (c2.kernel_size == (3, 3) and c2.stride[0] == c2.stride[1] and c2.padding[0] == c2.padding[1]
+            and c2.dilation[0] == c2.dilation[1]
+            and fuses_conv3x3_conv1x1(c_mid=c2.out_channels, c_in_mid=c2.in_channels,
+                                      c_out=block.conv3.out_channels, groups=c2.groups, dtype=x.dtype)):
+        w_mid, b_mid = _graph_folded(c2, block.bn2, x.dtype)
+        w_out, b_out = _graph_folded(block.conv3, block.bn3, x.dtype)
+        sc_x = sc_w = None
+        sc_stride = 1
+        if shortcut is not None:
+            sc_conv, sc_norm, sc_x = shortcut
+            sc_w, sc_b = _graph_folded(sc_conv, sc_norm, x.dtype)
+            b_out = b_out + sc_b
+            sc_stride = sc_conv.stride[0]
+        return torch.ops.fastres.conv3x3_conv1x1_nhwc(
+            y, w_mid, b_mid, w_out, b_out, list(c2.stride), list(c2.padding), list(c2.dilation),
+            c2.groups, residual, sc_x, sc_w, sc_stride)
+    y = _graph_conv(c2, block.bn2, y, relu=True)
+    return _graph_conv(block.conv3, block.bn3, y, relu=True, residual=residual, shortcut=shortcut)
 
 
 def check_input(x, model) -> None:

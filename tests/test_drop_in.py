@@ -400,13 +400,47 @@ def test_fx_and_feature_extraction(pair):
     assert rel_err(feats["c4"], ref["c4"]) <= TOL
 
 
-def test_torch_compile_fullgraph_and_strict_export(pair):
+def _fastres_ops(graph) -> list:
+    return [str(n.target).removesuffix(".default") for n in graph.nodes
+            if str(n.target).startswith("fastres.")]
+
+
+def test_torch_compile_fullgraph_sees_one_op_per_kernel(pair):
+    """torch.compile(fullgraph=True): the graph holds one torch.ops.fastres op per launch of the
+    plan, BN folded in the graph from the live parameters, and follows edits and hooks."""
     reference, model = pair
-    model(X)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     assert rel_err(compiled(X), reference(X)) <= TOL
-    exported = torch.export.export(model, (X,), strict=True)
-    assert rel_err(exported.module()(X), reference(X)) <= TOL
+    ops = _fastres_ops(graphs[0].graph)
+    assert len(ops) == len(model.plan().steps) == 19
+    assert ops.count("fastres.max_pool2d_nhwc") == ops.count("fastres.avgpool_linear") == 1
+    for m in (model, reference):
+        m.layer2[0].conv2.weight.mul_(-1)        # in place: the same graph, new weights
+    assert rel_err(compiled(X), reference(X)) <= TOL
+    for m in (model, reference):
+        m.layer3.register_forward_hook(_scale_output)   # dynamo recompiles: torchvision's forward
+    assert rel_err(compiled(X), reference(X)) <= TOL
+    assert len(graphs) == 2 and not _fastres_ops(graphs[1].graph)
+
+
+def test_strict_export_sees_one_op_per_kernel():
+    reference, model = twins("resnet50")
+    x = image_batch(2, 32)
+    exported = torch.export.export(model, (x,), strict=True)
+    ops = _fastres_ops(exported.graph)
+    assert len(ops) == len(model.plan().steps) == 44
+    assert ops.count("fastres.conv3x3_conv1x1_nhwc") == 7
+    assert rel_err(exported.module()(x), reference(x)) <= TOL
+    # a model that is not torchvision's structure exports its PyTorch forward
+    model.layer1[0].relu = nn.GELU()
+    reference.layer1[0].relu = nn.GELU()
+    exported = torch.export.export(model, (x,), strict=True)
+    assert not _fastres_ops(exported.graph) and rel_err(exported.module()(x), reference(x)) <= TOL
 
 
 def test_engine_num_classes_with_a_sequential_fc():
