@@ -37,7 +37,7 @@ from torch import fx, nn
 from .backend import backend_for, get_backend
 from .fold import NotFoldableError, _norm_tensors, fold_conv_bn
 from .guard import Guard
-from .ir import Plan, Ref, Step
+from .ir import Plan, Ref, Step, bind_refs
 from .kernels.conv2d_nhwc import pads_stem_input
 from .kernels.conv3x3_conv1x1_nhwc import fuses_conv3x3_conv1x1
 
@@ -626,7 +626,7 @@ class _Matcher:
         what = _describe_node(node, self.modules)
 
         def call(env_args, fn=fn, args=args, kwargs=kwargs):
-            return fn(*_bind(args, env_args), **_bind(kwargs, env_args))
+            return fn(*bind_refs(args, env_args), **bind_refs(kwargs, env_args))
         return Step("torch", node.target if node.op == "call_module" else node.name,
                     {name: name for name in refs}, node.name, {"call": call, "what": what, "target": fn}, {},
                     (node.name,))
@@ -667,20 +667,6 @@ class _Matcher:
         output = next(n for n in self.nodes if n.op == "output")
         structure = fx.node.map_arg(output.args[0], lambda n: Ref(self.value(n)))
         return steps, structure, placeholders[0].name
-
-
-def _bind(structure, env):
-    if isinstance(structure, Ref):
-        return env[structure.name]
-    if isinstance(structure, tuple):
-        return tuple(_bind(v, env) for v in structure)
-    if isinstance(structure, list):
-        return [_bind(v, env) for v in structure]
-    if isinstance(structure, dict):
-        return {k: _bind(v, env) for k, v in structure.items()}
-    if isinstance(structure, slice):
-        return slice(_bind(structure.start, env), _bind(structure.stop, env), _bind(structure.step, env))
-    return structure
 
 
 def _callable(root, node) -> Callable:

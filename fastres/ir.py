@@ -355,7 +355,7 @@ class Plan:
             if buffers is None:
                 for name in release:
                     del env[name]
-        return _map_refs(self.output, env)
+        return bind_refs(self.output, env)
 
     def prepare(self, backend) -> "Plan":
         """Pack every step's weights for ``backend`` now (otherwise on first use)."""
@@ -474,13 +474,17 @@ def _refs(structure) -> list[str]:
     return out
 
 
-def _map_refs(structure, env: dict):
+def bind_refs(structure, env: dict):
+    """``structure`` (nested tuples, lists, dicts, slices) with every ``Ref`` replaced by its value."""
     if isinstance(structure, Ref):
         return env[structure.name]
     if isinstance(structure, tuple):
-        return tuple(_map_refs(v, env) for v in structure)
+        return tuple(bind_refs(v, env) for v in structure)
     if isinstance(structure, list):
-        return [_map_refs(v, env) for v in structure]
+        return [bind_refs(v, env) for v in structure]
     if isinstance(structure, dict):
-        return {k: _map_refs(v, env) for k, v in structure.items()}
+        return {k: bind_refs(v, env) for k, v in structure.items()}
+    if isinstance(structure, slice):
+        return slice(bind_refs(structure.start, env), bind_refs(structure.stop, env),
+                     bind_refs(structure.step, env))
     return structure

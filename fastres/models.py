@@ -180,16 +180,20 @@ def _graph_folded(conv, norm, dtype):
     return weight.to(dtype), bias
 
 
+def _graph_shortcut(shortcut, bias, dtype):
+    """(input, folded weight, stride) of a 1x1 projection ``(conv, norm, input)`` as concat-K, and
+    ``bias`` with the projection's bias added; (None, None, 1) and ``bias`` without one."""
+    if shortcut is None:
+        return None, None, 1, bias
+    sc_conv, sc_norm, sc_x = shortcut
+    sc_w, sc_b = _graph_folded(sc_conv, sc_norm, dtype)
+    return sc_x, sc_w, sc_conv.stride[0], bias + sc_b
+
+
 def _graph_conv(conv, norm, x, *, relu, residual=None, shortcut=None):
     """One conv2d_nhwc op; ``shortcut``: (conv, norm, input) of a 1x1 projection as concat-K."""
     weight, bias = _graph_folded(conv, norm, x.dtype)
-    sc_x = sc_w = None
-    sc_stride = 1
-    if shortcut is not None:
-        sc_conv, sc_norm, sc_x = shortcut
-        sc_w, sc_b = _graph_folded(sc_conv, sc_norm, x.dtype)
-        bias = bias + sc_b
-        sc_stride = sc_conv.stride[0]
+    sc_x, sc_w, sc_stride, bias = _graph_shortcut(shortcut, bias, x.dtype)
     return torch.ops.fastres.conv2d_nhwc(x, weight, bias, list(conv.stride), list(conv.padding),
                                          list(conv.dilation), conv.groups, residual, relu, sc_x, sc_w,
                                          sc_stride)
@@ -216,13 +220,7 @@ def _graph_block(block, x):
                                       c_out=block.conv3.out_channels, groups=c2.groups, dtype=x.dtype)):
         w_mid, b_mid = _graph_folded(c2, block.bn2, x.dtype)
         w_out, b_out = _graph_folded(block.conv3, block.bn3, x.dtype)
-        sc_x = sc_w = None
-        sc_stride = 1
-        if shortcut is not None:
-            sc_conv, sc_norm, sc_x = shortcut
-            sc_w, sc_b = _graph_folded(sc_conv, sc_norm, x.dtype)
-            b_out = b_out + sc_b
-            sc_stride = sc_conv.stride[0]
+        sc_x, sc_w, sc_stride, b_out = _graph_shortcut(shortcut, b_out, x.dtype)
         return torch.ops.fastres.conv3x3_conv1x1_nhwc(
             y, w_mid, b_mid, w_out, b_out, list(c2.stride), list(c2.padding), list(c2.dilation),
             c2.groups, residual, sc_x, sc_w, sc_stride)
