@@ -30,6 +30,10 @@ Each kernel entry point is a ``torch.library.triton_op``:
   inductor's freezing folds away; eager models keep using the packed entry points of
   ``fastres.kernels`` through the plan, which packs once per plan.
 
+The ops launch the configuration of each kernel's tile rule (the launch is recorded, then issued
+through wrap_triton, so ``FASTRES_AUTOTUNE`` timing is not consulted here). No autograd formula is
+registered: these are inference ops.
+
 Nothing here runs at import of ``fastres``; ``import fastres.library`` registers the ops (once).
 """
 from __future__ import annotations

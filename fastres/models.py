@@ -344,7 +344,7 @@ def _verify_weights(enum, weights):
             raise FileNotFoundError(f"weights={name!r}: no such checkpoint file")
     try:
         return enum.verify(weights)
-    except (KeyError, TypeError, AssertionError):
+    except KeyError:
         names = ", ".join(["DEFAULT", *enum.__members__])
         raise ValueError(f"unknown weights {weights!r} for {enum.__name__}; choose one of {names} "
                          "or give the path of a local checkpoint") from None
