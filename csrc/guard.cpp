@@ -84,18 +84,46 @@ class Snapshot {
     }
   }
 
-  ~Snapshot() {
+  ~Snapshot() { release_items(); }
+
+  void release_items() {
     for (auto& items : items_)
       for (auto& kv : items) {
-        Py_DECREF(kv.first);
-        Py_DECREF(kv.second);
+        Py_CLEAR(kv.first);
+        Py_CLEAR(kv.second);
       }
+    items_.clear();
   }
 
   Snapshot(const Snapshot&) = delete;
   Snapshot& operator=(const Snapshot&) = delete;
 
+  // The snapshot holds the module's own dicts, and the module holds (through its plan cache)
+  // the snapshot: a reference cycle the garbage collector must see to free a dropped model.
+  int traverse(visitproc visit, void* arg) const {
+    for (const auto& o : dicts_) Py_VISIT(o.ptr());
+    for (const auto& items : items_)
+      for (const auto& kv : items) {
+        Py_VISIT(kv.first);
+        Py_VISIT(kv.second);
+      }
+    for (const auto& o : objects_) Py_VISIT(o.ptr());
+    for (const auto& o : types_) Py_VISIT(o.ptr());
+    for (const auto& o : tensors_) Py_VISIT(o.ptr());
+    return 0;
+  }
+
+  void clear() {
+    cleared_ = true;
+    release_items();
+    dicts_.clear();
+    objects_.clear();
+    types_.clear();
+    tensors_.clear();
+  }
+
   bool check() const {
+    if (cleared_) return false;
     for (size_t i = 0; i < dicts_.size(); ++i) {
       PyObject* d = dicts_[i].ptr();
       if (FASTRES_DICT_VERSION_TAG) {
@@ -126,13 +154,27 @@ class Snapshot {
   std::vector<py::object> objects_, types_;
   std::vector<py::object> tensors_;
   std::vector<TensorState> states_;
+  bool cleared_ = false;
 };
 
 }  // namespace
 
 PYBIND11_MODULE(_guard, m) {
   m.doc() = "fastres: the guard check of a captured plan (see fastres/guard.py)";
-  py::class_<Snapshot>(m, "Snapshot")
+  py::class_<Snapshot>(m, "Snapshot", py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+                         auto* type = &heap_type->ht_type;
+                         type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+                         type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) {
+                           Py_VISIT(Py_TYPE(self));
+                           if (!py::detail::is_holder_constructed(self)) return 0;
+                           return py::cast<const Snapshot&>(py::handle(self)).traverse(visit, arg);
+                         };
+                         type->tp_clear = [](PyObject* self) {
+                           if (py::detail::is_holder_constructed(self))
+                             py::cast<Snapshot&>(py::handle(self)).clear();
+                           return 0;
+                         };
+                       }))
       .def(py::init<py::list, py::list, py::list, py::list>())
       .def("check", &Snapshot::check,
            "True while every snapshotted dict entry, class and tensor state is unchanged");

@@ -132,3 +132,20 @@ def test_native_guard_is_built_with_the_extension():
     elif not native_guard_available():
         pytest.skip("fastres._guard was not built (pip install --no-build-isolation -e .)")
     assert Guard(_model())._native is not None
+
+
+def test_a_dropped_model_is_freed():
+    """The guard's snapshot holds the model's dicts and the model holds the snapshot (through its
+    plan cache): the cycle must be visible to the garbage collector, or every model leaks."""
+    import gc
+    import weakref
+
+    import fastres
+    model = fastres.resnet18(num_classes=3).eval()
+    fast = fastres.optimize(torchvision.models.resnet18(num_classes=3)).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32)), fast(torch.randn(1, 3, 32, 32))
+    refs = [weakref.ref(model), weakref.ref(fast), weakref.ref(model._fastres._state.guard)]
+    del model, fast
+    gc.collect()
+    assert all(r() is None for r in refs)
