@@ -514,7 +514,7 @@ def format_loop_table(report: Sequence[dict]) -> str:
         waves = sorted(u["waves"] for u in e["uses"] if u["waves"] is not None)
         lines.append([
             e["kernel"], e["dtypes"], str(e["sm"]), str(len(loops)),
-            "+".join(str(lp["instructions"]) for lp in loops) or "-",
+            "+".join(f"{lp['instructions']}{'*' if lp['region'] else ''}" for lp in loops) or "-",
             f"{main['mma_count']}x{main['mma']}" if main else "-",
             ("-" if not main or not main["wgmma"] else
              f"async({main['wgmma_in_flight']})" if main["wgmma_async"] else "sync"),
@@ -529,4 +529,5 @@ def format_loop_table(report: Sequence[dict]) -> str:
     from . import sass
     gpus = ", ".join(f"sm_{sm}: {n} SMs" for sm, n in sorted(sass.GPU_SMS.items()))
     return "\n".join(text + [f"static analysis of the SASS (not measured); waves on {gpus} "
-                             "(H100 SXM for sm_90, A100 for sm_80)"])
+                             "(H100 SXM for sm_90, A100 for sm_80); * = a K loop ptxas unrolled, "
+                             "averaged per step"])
