@@ -354,27 +354,30 @@ def _config_of(call) -> str:
 
 
 def aot_report(calls: Iterable | Mapping[str, Iterable], sms: Sequence[int] = DEFAULT_SMS, *,
-               workers: int = 2) -> list[AotRow]:
+               workers: int = 2, targets: Mapping[str, int] | None = None) -> list[AotRow]:
     """Compile every distinct configuration among ``calls`` for every ``sms`` architecture.
 
     ``calls`` is a list of ``KernelCall`` or ``{label: [KernelCall, ...]}`` (e.g. one label per
-    architecture and batch). Calls whose specialisations agree (same kernel, signature,
-    constexprs, alignment attributes, warps, stages) share one row.
+    architecture and batch). ``targets`` maps a label to the one architecture its calls were
+    sized for (recorded under ``kernels._target.use_target``): those calls compile for it only.
+    Calls whose specialisations agree (same kernel, signature, constexprs, alignment attributes,
+    warps, stages) share one row.
     """
     labelled = calls.items() if isinstance(calls, Mapping) else [("", calls)]
     rows: dict[tuple, AotRow] = {}
     specs: dict[tuple, CompileSpec] = {}
     for label, group in labelled:
+        label_sms = [targets[label]] if targets and label in targets else list(sms)
         for call in group:
-            call_specs = [specialize(call, sm) for sm in sms]
+            call_specs = [specialize(call, sm) for sm in label_sms]
             key = call_specs[0].config_key
             row = rows.get(key)
             if row is None:
                 row = rows[key] = AotRow(kernel=call.name or call_specs[0].kernel_name,
                                          dtypes=_dtypes_of(call_specs[0]), config=_config_of(call),
                                          num_warps=call.num_warps, k_steps=call.info.get("k_steps", 0))
-                for spec in call_specs:
-                    specs[(key, spec.sm)] = spec
+            for spec in call_specs:
+                specs.setdefault((key, spec.sm), spec)
             row.uses.append((label, _shape_of(call)))
             row.programs.append(_programs(call.grid))
     results = compile_specs(list(specs.values()), workers=workers)
@@ -400,8 +403,8 @@ def format_table(rows: Sequence[AotRow], sms: Sequence[int] = DEFAULT_SMS) -> st
         line = [row.kernel, row.dtypes, shape + (f" (+{len(row.uses) - 1})" if len(row.uses) > 1 else ""),
                 row.config]
         for sm in sms:
-            r = row.resources[sm]
-            if r.error:
+            r = row.resources.get(sm)
+            if r is None or r.error:     # not compiled for this architecture (another target's tile), or failed
                 line += ["-", "-", "-"] + (["-"] if sm >= 90 else [])
                 continue
             line += [str(r.registers), f"{r.shared_bytes / 1024:.1f}", str(r.spill_bytes + r.local_bytes)]
@@ -428,12 +431,13 @@ def print_report(rows: Sequence[AotRow], sms: Sequence[int] = DEFAULT_SMS, *, fi
 
 
 def run_aot(calls_by_label: Mapping[str, Iterable], sms: Sequence[int] = DEFAULT_SMS, *,
-            workers: int = 2, file=None, loop_stats: bool = False, json_output: bool = False) -> int:
+            workers: int = 2, file=None, loop_stats: bool = False, json_output: bool = False,
+            targets: Mapping[str, int] | None = None) -> int:
     """``fastres aot``'s body: compile everything, print the report (and with ``loop_stats`` the
     static loop report; ``json_output``: one JSON object instead of tables), return the exit code."""
     import json
     file = file if file is not None else sys.stdout
-    rows = aot_report(calls_by_label, sms, workers=workers)
+    rows = aot_report(calls_by_label, sms, workers=workers, targets=targets)
     if json_output:
         problems = [f"{row.kernel} [{row.dtypes}; {row.config}]: {p}" for row in rows for p in row.problems()]
         payload = dict(configurations=[dict(kernel=row.kernel, dtypes=row.dtypes, config=row.config,
@@ -469,7 +473,9 @@ def loop_report(rows: Sequence[AotRow], sms: Sequence[int] = DEFAULT_SMS) -> lis
     out = []
     for row in rows:
         for sm in sms:
-            r = row.resources[sm]
+            r = row.resources.get(sm)
+            if r is None:
+                continue
             entry = dict(kernel=row.kernel, dtypes=row.dtypes, config=row.config, sm=sm, error=r.error)
             if not r.error:
                 ctas = sass.ctas_per_sm(sm, r.registers, r.shared_bytes, row.num_warps)
@@ -508,7 +514,7 @@ def format_loop_table(report: Sequence[dict]) -> str:
         waves = sorted(u["waves"] for u in e["uses"] if u["waves"] is not None)
         lines.append([
             e["kernel"], e["dtypes"], str(e["sm"]), str(len(loops)),
-            "+".join(str(lp["instructions"]) for lp in loops) or "-",
+            "+".join(f"{lp['instructions']}{'*' if lp['region'] else ''}" for lp in loops) or "-",
             f"{main['mma_count']}x{main['mma']}" if main else "-",
             ("-" if not main or not main["wgmma"] else
              f"async({main['wgmma_in_flight']})" if main["wgmma_async"] else "sync"),
@@ -523,4 +529,5 @@ def format_loop_table(report: Sequence[dict]) -> str:
     from . import sass
     gpus = ", ".join(f"sm_{sm}: {n} SMs" for sm, n in sorted(sass.GPU_SMS.items()))
     return "\n".join(text + [f"static analysis of the SASS (not measured); waves on {gpus} "
-                             "(H100 SXM for sm_90, A100 for sm_80)"])
+                             "(H100 SXM for sm_90, A100 for sm_80); * = a K loop ptxas unrolled, "
+                             "averaged per step"])

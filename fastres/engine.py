@@ -328,6 +328,13 @@ class Engine:
         mean, std, dtype = self.mean, self.std, self.dtype
         module, _ = _import_extension()
         if module is not None and (self.device.type != "cuda" or module.cuda_built):
+            stem = self.plan.steps[0]
+            if self.backend == "triton" and _backend.TritonBackend._is_padded_stem(stem):
+                # the Triton stem reads a zero-bordered 4-channel input: preprocess writes it directly
+                from .kernels.conv2d_nhwc import STEM_CHANNELS, stem_input_padding
+                return lambda images: preprocess(
+                    images, mean, std, dtype=dtype, pad_channels_to=STEM_CHANNELS,
+                    border=stem_input_padding(images.shape[1], images.shape[2], stem.padding, stem.stride))
             return lambda images: preprocess(images, mean, std, dtype=dtype, pad_channels_to=3)
         # Without the compiled op, the same fp32 fma with constants made here: preprocess's own
         # fallback builds them per call, a host-to-device copy a CUDA graph cannot capture.

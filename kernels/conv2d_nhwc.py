@@ -61,11 +61,13 @@ from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activati
                       is_channels_last, largest_pow2_divisor, pow2_at_least, store_residual_block_epilogue,
                       tile_groups)
 from ._launch import KernelCall, is_recording
+from ._target import DEFAULT_TARGET, Target, table_arch, target_for
 
 
 @triton.jit
 def _conv2d_nhwc_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, residual_ptr, shortcut_ptr, out2_ptr, scale2_ptr, shift2_ptr,
+    ws_ptr, counter_ptr,
     BATCH, H, W, OH, OW, SC_H, SC_W, RES_H, RES_W,
     C_IN: tl.constexpr, C_OUT: tl.constexpr,
     CIN_PER_GROUP: tl.constexpr, COUT_PER_GROUP: tl.constexpr,   # per *packed* group
@@ -76,7 +78,7 @@ def _conv2d_nhwc_kernel(
     C_SC: tl.constexpr, SC_STRIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
     HAS_SHORTCUT_GEMM: tl.constexpr, FLAT_K: tl.constexpr, ROW_K: tl.constexpr,
-    ROW_ALIGN: tl.constexpr, ROW_K_MASK: tl.constexpr, CONCAT_ALIGN: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, ROW_K_MASK: tl.constexpr, CONCAT_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr,
     RES_C: tl.constexpr, RES_C_OFFSET: tl.constexpr, RES_STRIDE: tl.constexpr,
     HAS_OUT2: tl.constexpr, OUT2_RELU: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
@@ -94,6 +96,7 @@ def _conv2d_nhwc_kernel(
     still run, so the interpreter checks those paths.
     """
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1) if SPLIT_K > 1 else 0     # split-K: this program's share of the K steps
     M = BATCH * OH * OW
     num_pid_m = tl.cdiv(M, BLOCK_M)
     N_TILES_PER_GROUP: tl.constexpr = (COUT_PER_GROUP + BLOCK_N - 1) // BLOCK_N
@@ -133,10 +136,12 @@ def _conv2d_nhwc_kernel(
                            w_ptrs, offs_k, m_mask, n_mask, C_IN, C_SC, C_OUT, CONCAT_ALIGN, EVEN_N, INTERPRETER_BF16,
                            BLOCK_K)
     elif PLAIN_GEMM:
-        # Plain GEMM: output pixel m reads input pixel m.
-        a_ptrs = x_ptr + (offs_m.to(tl.int64) * C_IN + group * CIN_PER_GROUP)[:, None] + offs_k[None, :]
-        acc = dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, CIN_PER_GROUP, C_OUT, EVEN_N,
-                               INTERPRETER_BF16, BLOCK_K)
+        # Plain GEMM: output pixel m reads input pixel m (split-K: channels [k0, k0 + C/SPLIT_K)).
+        K_SPLIT: tl.constexpr = CIN_PER_GROUP // SPLIT_K
+        a_ptrs = (x_ptr + (offs_m.to(tl.int64) * C_IN + group * CIN_PER_GROUP + pid_k * K_SPLIT)[:, None]
+                  + offs_k[None, :])
+        acc = dot_contiguous_k(acc, a_ptrs, w_ptrs + pid_k * K_SPLIT * C_OUT, offs_k, m_mask, n_mask, K_SPLIT,
+                               C_OUT, EVEN_N, INTERPRETER_BF16, BLOCK_K)
     elif ROW_K:
         # Step kh reads x[img, oh*S + kh, ow*S + j // C_IN, j % C_IN] for j < BLOCK_K: one contiguous
         # run per output pixel (packed weight rows kh*BLOCK_K + j, zero for j >= KW*C_IN).
@@ -188,7 +193,9 @@ def _conv2d_nhwc_kernel(
         iw0 = ow * STRIDE_W - PAD_W
         x_rows = x_ptr + ((img * H + ih0) * W + iw0).to(tl.int64) * C_IN + group * CIN_PER_GROUP
         x_row_pitch = W * C_IN
-        for kb in range(0, KH * KW * CHUNKS):
+        STEPS_PER_SPLIT: tl.constexpr = KH * KW * CHUNKS // SPLIT_K
+        w_ptrs += pid_k * STEPS_PER_SPLIT * BLOCK_K * C_OUT
+        for kb in range(pid_k * STEPS_PER_SPLIT, (pid_k + 1) * STEPS_PER_SPLIT):
             if PAD_H == 0 and PAD_W == 0:
                 row_ok = m_mask       # without padding every tap of a valid output pixel is inside
             else:
@@ -217,9 +224,24 @@ def _conv2d_nhwc_kernel(
         res_rows = offs_m
     else:
         res_rows = (img * RES_H + oh * RES_STRIDE) * RES_W + ow * RES_STRIDE
-    store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows, out2_ptr, scale2_ptr, shift2_ptr,
-                                  offs_m, offs_n, m_mask, n_mask, C_OUT, RES_C, RES_C_OFFSET, HAS_BIAS, HAS_RESIDUAL,
-                                  APPLY_RELU, HAS_OUT2, OUT2_RELU, INTERPRETER_BF16)
+    if SPLIT_K > 1:
+        # Each split adds its fp32 partial into the zeroed workspace; the last of the tile's SPLIT_K
+        # programs to arrive (counted by an acq_rel atomic after a CTA barrier, so every thread's adds
+        # are ordered before it) reads the sum back from L2 and runs the epilogue.
+        ws_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+        tile_mask = m_mask[:, None] & n_mask[None, :]
+        tl.atomic_add(ws_ptr + ws_offs, acc, mask=tile_mask, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.load(ws_ptr + ws_offs, mask=tile_mask, other=0.0, cache_modifier=".cg")
+            store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows, out2_ptr, scale2_ptr, shift2_ptr,
+                                          offs_m, offs_n, m_mask, n_mask, C_OUT, RES_C, RES_C_OFFSET, HAS_BIAS, HAS_RESIDUAL,
+                                          APPLY_RELU, HAS_OUT2, OUT2_RELU, INTERPRETER_BF16)
+    else:
+        store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows, out2_ptr, scale2_ptr, shift2_ptr,
+                                      offs_m, offs_n, m_mask, n_mask, C_OUT, RES_C, RES_C_OFFSET, HAS_BIAS, HAS_RESIDUAL,
+                                      APPLY_RELU, HAS_OUT2, OUT2_RELU, INTERPRETER_BF16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,6 +400,7 @@ class ConvConfig:
     GROUP_M: int
     num_warps: int
     num_stages: int
+    SPLIT_K: int = 1        # programs sharing one output tile's K steps (fp32 atomics + last-arriver epilogue)
 
 
 # Untuned starting points (no GPU has measured them); every tile the rule can reach for the
@@ -393,33 +416,90 @@ CONV_CONFIGS = {
     # Triton interpreter (CPU tensors): fewer, larger programs run faster in numpy
     "interpreter": ConvConfig(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1),
 }
-_FLAT_K_BLOCK_K = 32           # the stem's K=147 -> 5 steps over 160
-_SMALL_M_PROGRAMS = 128        # fewer tc_wide/narrow programs than this: too few to fill a GPU
+# num_stages per architecture where it differs from the table: triton's sm_80 pipeliner keeps
+# num_stages - 1 tiles in shared memory, so 3 would be double buffering; tc_wide is bound to one
+# CTA per SM by registers on sm_80 anyway, so a third buffer costs no occupancy.
+CONV_STAGES = {("tc_wide", 80): 4}
+# Resident CTAs per SM of each tile (registers and shared memory of the compiled conv kernels, as
+# `fastres aot --loop-stats` reports them; tests/test_loop_stats.py checks the table against them).
+CONV_CTAS_PER_SM = {
+    ("tc_wide", 80): 1, ("tc_wide", 90): 2,
+    ("tc_narrow", 80): 2, ("tc_narrow", 90): 2,
+    ("tc_small_m", 80): 3, ("tc_small_m", 90): 3,
+}
+FULL_WAVE_EFFICIENCY = 0.9     # a tile whose last wave leaves more than ~10% of the GPU idle gives way
+MAX_SPLIT_K = 16               # split-K: at most this many programs per output tile,
+MIN_STEPS_PER_SPLIT = 4        # each with at least this many BLOCK_K steps (enough to fill the pipeline)
+_FLAT_K_BLOCK_K = 32           # FLAT_K: K in steps of 32
+
+
+def wave_efficiency(programs: int, ctas_per_sm: int, sms: int) -> float:
+    """How full the waves of a launch keep the GPU: programs / (whole waves x CTA slots), 1.0 when the
+    last wave is full; less than one wave counts the SMs it occupies (programs / SMs, at most 1)."""
+    slots = ctas_per_sm * sms
+    if programs < slots:
+        return min(programs, sms) / sms
+    return programs / (-(-programs // slots) * slots)
+
+
+def _split_k(steps: int, target: Target, ctas: int, cfg: ConvConfig, m: int, cout: int) -> int:
+    block_n = min(cfg.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(cout)))
+    tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(cout, block_n)
+    splits = [s for s in range(2, MAX_SPLIT_K + 1) if steps % s == 0 and steps // s >= MIN_STEPS_PER_SPLIT]
+    if not splits:
+        return 1
+    full = [s for s in splits if wave_efficiency(tiles * s, ctas, target.sms) >= FULL_WAVE_EFFICIENCY]
+    return full[0] if full else max(splits, key=lambda s: (wave_efficiency(tiles * s, ctas, target.sms), -s))
 
 
 @functools.lru_cache(maxsize=4096)
 def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_channels: int, flat_k: bool,
-                dtype: torch.dtype, device_type: str) -> ConvConfig:
+                dtype: torch.dtype, device_type: str, target: Target = DEFAULT_TARGET,
+                split_k_steps: int = 0) -> ConvConfig:
     """Tile rule, keyed on what changes the answer: M = N*OH*OW, the packed group widths, the
-    K mode, the operand width and whether the interpreter runs it.
+    K mode, the operand width, whether the interpreter runs it and the target GPU (architecture,
+    SM count).
 
-    GPU, 16-bit: tc_wide when a packed group has >= 128 output channels, else tc_narrow; tc_small_m
-    when that leaves fewer than 128 programs (late stages at small batch). fp32: the fp32 tile.
-    Interpreter (device cpu): the interpreter tile.
+    GPU, 16-bit: candidates in order of preference, tc_wide (when a packed group has >= 128 output
+    channels), tc_narrow, tc_small_m; the first whose waves on the target (programs over
+    CONV_CTAS_PER_SM x SMs) are at least FULL_WAVE_EFFICIENCY full wins, else the candidate with the
+    fullest waves (the first on ties). When even that leaves the waves below FULL_WAVE_EFFICIENCY
+    and the conv may split K (``split_k_steps``: its K steps, > 0 for a groups=1 tap-major or 1x1
+    conv without shortcut), SPLIT_K = the smallest divisor of the steps (<= MAX_SPLIT_K, >=
+    MIN_STEPS_PER_SPLIT steps each) that fills the waves, else the one filling them most, on the
+    tc_small_m tile: small M and large K, e.g. layer4 at batch 1-8. num_stages per architecture (CONV_STAGES). fp32: the
+    fp32 tile. Interpreter (device cpu): the interpreter tile.
     Then BLOCK_N is clamped to the packed group width (pow2, >= 16) and BLOCK_K to the largest
     power of two dividing the group's input channels (tap-major K steps must not straddle a tap),
-    or 32 in FLAT_K mode.
+    or 32 in FLAT_K mode (ROW_K sets its own BLOCK_K at launch).
     """
+    arch = table_arch(target.sm)
     if device_type == "cpu":
         cfg = CONV_CONFIGS["interpreter"]
         cfg = dataclasses.replace(cfg, BLOCK_M=min(cfg.BLOCK_M, max(16, pow2_at_least(m))))
     elif dtype == torch.float32:
         cfg = CONV_CONFIGS["fp32"]
     else:
-        cfg = CONV_CONFIGS["tc_wide" if group_out_channels >= 128 else "tc_narrow"]
-        programs = triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(group_out_channels, cfg.BLOCK_N)
-        if programs < _SMALL_M_PROGRAMS:
-            cfg = CONV_CONFIGS["tc_small_m"]
+        names = (["tc_wide"] if group_out_channels >= 128 else []) + ["tc_narrow", "tc_small_m"]
+
+        def efficiency(name):
+            c = CONV_CONFIGS[name]
+            block_n = min(c.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(group_out_channels)))
+            programs = triton.cdiv(m, c.BLOCK_M) * num_groups * triton.cdiv(group_out_channels, block_n)
+            return wave_efficiency(programs, CONV_CTAS_PER_SM[name, arch], target.sms)
+
+        full = [name for name in names if efficiency(name) >= FULL_WAVE_EFFICIENCY]
+        name = full[0] if full else max(names, key=efficiency)
+        cfg = dataclasses.replace(CONV_CONFIGS[name], num_stages=CONV_STAGES.get((name, arch),
+                                                                                 CONV_CONFIGS[name].num_stages))
+        if not full and split_k_steps:
+            # split-K runs the small tile: more programs to spread, and the atomic epilogue of a
+            # 128-row tile spills on sm_80
+            small = dataclasses.replace(CONV_CONFIGS["tc_small_m"], num_stages=CONV_STAGES.get(
+                ("tc_small_m", arch), CONV_CONFIGS["tc_small_m"].num_stages))
+            split = _split_k(split_k_steps, target, CONV_CTAS_PER_SM["tc_small_m", arch], small, m, group_out_channels)
+            if split > 1:
+                cfg = dataclasses.replace(small, SPLIT_K=split)
     block_n = min(cfg.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(group_out_channels)))
     if flat_k:
         block_k = min(cfg.BLOCK_K, _FLAT_K_BLOCK_K)
@@ -501,11 +581,15 @@ def _candidate_configs(x, packed, out) -> dict:
     flat_k = cin_g % MIN_TILE_CHANNELS != 0
     names = ["fp32"] if x.dtype == torch.float32 else ["tc_wide", "tc_narrow", "tc_small_m"]
     block_k_cap = _FLAT_K_BLOCK_K if flat_k else largest_pow2_divisor(cin_g)
+    target = target_for(x.device)
+    arch = table_arch(target.sm)
     candidates = {name: dataclasses.replace(
         CONV_CONFIGS[name], BLOCK_N=min(CONV_CONFIGS[name].BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(cout_g))),
-        BLOCK_K=min(CONV_CONFIGS[name].BLOCK_K, block_k_cap)) for name in names}
+        BLOCK_K=min(CONV_CONFIGS[name].BLOCK_K, block_k_cap),
+        num_stages=CONV_STAGES.get((name, arch), CONV_CONFIGS[name].num_stages)) for name in names}
     m = out.shape[0] * out.shape[2] * out.shape[3]
-    candidates["rule"] = conv_config(m, cout_g, packed.out_channels // cout_g, cin_g, flat_k, x.dtype, "cuda")
+    candidates["rule"] = conv_config(m, cout_g, packed.out_channels // cout_g, cin_g, flat_k, x.dtype, "cuda",
+                                     target)
     return candidates
 
 
@@ -550,7 +634,10 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     flat_k = cin_g % MIN_TILE_CHANNELS != 0
     m = n * oh * ow
     device_type = x.device.type
-    cfg = config or conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type)
+    splittable = num_groups == 1 and shortcut is None and not flat_k and not packed.row_k
+    main_steps = kh * kw * cin_g // min(CONV_CONFIGS["tc_wide"].BLOCK_K, largest_pow2_divisor(cin_g)) if splittable else 0
+    cfg = config or conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type,
+                                target_for(x.device), main_steps)
     row_align, row_k_mask = 1, False
     if packed.row_k:
         cfg = dataclasses.replace(cfg, BLOCK_K=packed.row_k)
@@ -558,12 +645,17 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         # is not), capped at one 16-byte vector; the BLOCK_K run of the last column must stay in its row
         row_align = min(largest_pow2_divisor(math.gcd(stride[1] * c_in, w * c_in)), 16 // x.element_size())
         row_k_mask = (ow - 1) * stride[1] * c_in + packed.row_k > w * c_in
-    grid = (triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(cout_g, cfg.BLOCK_N),)
+    tiles = triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(cout_g, cfg.BLOCK_N)
+    grid = (tiles, cfg.SPLIT_K) if cfg.SPLIT_K > 1 else (tiles,)
     args = dict(x_ptr=x, w_ptr=packed.weight, out_ptr=out, BATCH=n, H=h, W=w, OH=oh, OW=ow)
     # Absent operands are None, which Triton treats as constexpr: they go with the constexprs.
     res_c = residual.shape[1] if residual is not None else packed.out_channels
     strided_residual = residual is not None and (residual_stride != 1 or res_c != packed.out_channels)
+    split = cfg.SPLIT_K > 1
     optional = dict(bias_ptr=bias, residual_ptr=residual, shortcut_ptr=shortcut,
+                    # split-K: a zeroed fp32 sum per output element and an arrival count per tile
+                    ws_ptr=torch.zeros(m, packed.out_channels, dtype=torch.float32, device=x.device) if split else None,
+                    counter_ptr=torch.zeros(tiles, dtype=torch.int32, device=x.device) if split else None,
                     SC_H=shortcut.shape[2] if shortcut is not None else None,
                     SC_W=shortcut.shape[3] if shortcut is not None else None,
                     RES_H=residual.shape[2] if strided_residual else None,
@@ -586,17 +678,17 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         RES_STRIDE=residual_stride if strided_residual else 1,
         HAS_OUT2=affine2 is not None, OUT2_RELU=bool(affine2_relu) and affine2 is not None,
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K,
     )
     k_main = kh * kw * cin_g
     name = (f"conv2d_nhwc[{kh}x{kw}/s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")
             + (f"/g{packed.groups}" if packed.groups > 1 else "") + (f"+sc{c_sc}/s{shortcut_stride}" if c_sc else "")
-            + ("/rowk" if packed.row_k else "")
+            + ("/rowk" if packed.row_k else "") + (f"/splitk{cfg.SPLIT_K}" if split else "")
             + (f"+res{res_c}@{residual_channel_offset}/s{residual_stride}" if strided_residual else "")
             + ("+affine2" if affine2 is not None else "") + "]")
     macs = m * packed.out_channels * (k_main // packed.tile_groups + c_sc)
     # K loop trips (the loop report divides an unrolled K loop's code by them)
-    k_steps = (kh if packed.row_k else triton.cdiv(k_main, cfg.BLOCK_K)) + triton.cdiv(c_sc, cfg.BLOCK_K)
+    k_steps = ((kh if packed.row_k else triton.cdiv(k_main, cfg.BLOCK_K)) + triton.cdiv(c_sc, cfg.BLOCK_K)) // cfg.SPLIT_K
     return KernelCall(
         kernel=_conv2d_nhwc_kernel, grid=grid, args=args, constexprs=constexprs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,

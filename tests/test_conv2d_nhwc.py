@@ -202,7 +202,7 @@ def test_gpu_tile_configs_under_the_interpreter(config_name, monkeypatch):
     masked N tails) are what a GPU runs; run them here too, not only the big interpreter tile."""
     config = CONV_CONFIGS[config_name]
     monkeypatch.setattr(conv_module, "conv_config",
-                        lambda m, cout_g, n_groups, cin_g, flat_k, dtype, device_type: type(config)(
+                        lambda m, cout_g, n_groups, cin_g, flat_k, dtype, device_type, target=None: type(config)(
                             config.BLOCK_M, min(config.BLOCK_N, max(16, triton.next_power_of_2(cout_g))),
                             min(config.BLOCK_K, 32 if flat_k else cin_g & -cin_g), config.GROUP_M,
                             config.num_warps, config.num_stages))
@@ -606,3 +606,54 @@ def _unpack_main(packed):
 
 def _unpack_sc(packed):
     return packed.weight[32:].t().reshape(64, 16, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Split-K (small M, large K: layer4 at small batch)
+
+
+@pytest.mark.parametrize("case", [
+    (1, 512, 512, 7, 7, 3, 1, 1, 3),        # layer4 3x3 at batch 1: 72 K steps of 64 / 3
+    (2, 2048, 512, 7, 7, 1, 1, 0, 4),       # layer4 1x1 reduce: 2048 channels / 4
+    (3, 64, 96, 5, 3, 3, 2, 1, 9),          # odd: stride 2, 9 splits of one tap each, masked N tail
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_k_matches_the_reference(case, dtype, monkeypatch):
+    batch, c_in, c_out, h, w, k, stride, padding, split = case
+    real_config = conv_module.conv_config
+
+    def split_config(*args, **kwargs):
+        cfg = real_config(*args, **kwargs)
+        return type(cfg)(64, min(64, max(16, triton.next_power_of_2(args[1]))), min(64, args[3] & -args[3]),
+                         cfg.GROUP_M, 4, 2, SPLIT_K=split)
+    monkeypatch.setattr(conv_module, "conv_config", split_config)
+    x, weight, b, r = _make_problem(batch, c_in, c_out, h, w, k, stride, padding, 1, 1, dtype, bias=True, residual=True)
+    with record_launches() as calls:
+        conv2d_nhwc(x, weight, b, stride=stride, padding=padding, residual=r, relu=True)
+    assert calls[0].constexprs["SPLIT_K"] == split and calls[0].grid[1] == split
+    out = conv2d_nhwc(x, weight, b, stride=stride, padding=padding, residual=r, relu=True)
+    conv = dict(stride=stride, padding=padding)
+    ref64 = conv2d_nhwc_ref(_double(x), _double(weight), _double(b), residual=_double(r), relu=True, **conv)
+    torch_out = None if dtype == torch.float32 else conv2d_nhwc_ref(x, weight, b, residual=r, relu=True, **conv)
+    # split-K sums the fp32 partials in another order: still one rounding at the end
+    _assert_close_to_reference(out, torch_out, ref64, dtype, c_in * k * k, what=f"split-K {split}")
+
+
+def test_wave_rule_splits_k_only_where_the_waves_are_short():
+    from fastres.kernels._target import TARGETS
+    h100, a100 = TARGETS[90], TARGETS[80]
+    # layer4 3x3 512->512 at batch 1 (M = 49, 72 K steps): 8 tiles cannot fill 132 SMs -> split
+    cfg = conv_config(49, 512, 1, 512, False, torch.float16, "cuda", h100, 72)
+    assert cfg.SPLIT_K > 1 and 72 % cfg.SPLIT_K == 0 and 72 // cfg.SPLIT_K >= conv_module.MIN_STEPS_PER_SPLIT
+    # not splittable (shortcut / groups): never split
+    assert conv_config(49, 512, 1, 512, False, torch.float16, "cuda", h100, 0).SPLIT_K == 1
+    # batch 256 layer4 1x1 -> 512 (M = 12544): 98 x 8 narrow tiles = 1.98 waves of 2 x 132: no split, narrow
+    cfg = conv_config(12544, 512, 1, 2048, False, torch.float16, "cuda", h100, 32)
+    assert cfg.SPLIT_K == 1 and (cfg.BLOCK_M, cfg.BLOCK_N) == (128, 64)
+    # and its tc_wide alternative (98 x 4 = 392 programs = 1.48 waves) was rejected for its tail
+    assert conv_module.wave_efficiency(392, conv_module.CONV_CTAS_PER_SM["tc_wide", 90], 132) < 0.8
+    # 2048 output channels at batch 256: tc_wide fills 5.94 waves on H100
+    assert conv_config(12544, 2048, 1, 512, False, torch.float16, "cuda", h100, 8).BLOCK_N == 128
+    # sm_80 stages: tc_wide gets a third buffer
+    assert conv_config(12544, 2048, 1, 512, False, torch.float16, "cuda", a100, 8).num_stages == 4
+    assert conv_config(12544, 2048, 1, 512, False, torch.float16, "cuda", h100, 8).num_stages == 3

@@ -34,6 +34,8 @@ _NOT_COMPUTE = {
     "permute.default", "expand.default", "select.int", "slice.Tensor", "unsqueeze.default",
     "squeeze.dim", "reshape.default", "contiguous.default", "is_same_size.default",
     "_to_copy.default", "lift_fresh.default", "set_.source_Storage_storage_offset",
+    # the zeroed fp32 workspace and arrival counters of a split-K launch (GPU tiles only): memsets
+    "zeros.default", "zero_.default", "fill_.Scalar",
 }
 
 
