@@ -271,6 +271,22 @@ def _channel_pad(node):
     return src, pad[4], pad[5]
 
 
+def _is_sigmoid(node, modules) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.Sigmoid
+    if node.op == "call_function":
+        return node.target in (torch.sigmoid, F.sigmoid) and len(node.args) == 1 and not node.kwargs
+    return node.op == "call_method" and node.target == "sigmoid" and len(node.args) == 1
+
+
+def _is_mul(node) -> bool:
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    if node.op == "call_function":
+        return node.target in (operator.mul, operator.imul, torch.mul)
+    return node.op == "call_method" and node.target in ("mul", "mul_")
+
+
 def _is_passthrough(node, modules) -> bool:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
@@ -376,6 +392,7 @@ class _Matcher:
         self.notes: list = []
         self.strided_residuals: dict = {}   # add node -> (source, stride, front, back)
         self.heads: dict = {}               # pool node -> (head step, its last node)
+        self.channel_scales: dict = {}      # mul node -> (se_scale step, its last node)
 
     def resolve(self, n):
         while n in self.alias:
@@ -598,6 +615,46 @@ class _Matcher:
                     tuple(n.name for n in nodes))
         return step, fc
 
+    def find_channel_scales(self):
+        """Squeeze-and-excitation: ``x * sigmoid(gate)`` [+ residual] [-> ReLU] as one ``se_scale``
+        step (the sigmoid fused when the product is its only reader). The add is left to a conv
+        epilogue when its other operand is a conv unit (a projection's output gets the scaled
+        value as its residual), and taken here otherwise."""
+        for n in self.nodes:
+            if n in self.claimed or n in self.alias or not _is_mul(n):
+                continue
+            a, b = (self.resolve(v) for v in n.args)
+            if _is_sigmoid(b, self.modules) and not _is_sigmoid(a, self.modules):
+                x, gate = a, b
+            elif _is_sigmoid(a, self.modules) and not _is_sigmoid(b, self.modules):
+                x, gate = b, a
+            else:
+                continue
+            nodes = [n]
+            sigmoid = self.single_user(gate) is n and gate not in self.claimed
+            if sigmoid:
+                nodes.insert(0, gate)
+                gate = self.resolve(gate.args[0])
+            inputs = {"x": self.value(x), "gate": self.value(gate)}
+            end, relu = n, False
+            add = self.single_user(n)
+            if add is not None and _is_add(add) and add not in self.strided_residuals:
+                operands = self.add_operands(add)
+                if operands is None:
+                    other = [self.resolve(v) for v in add.args if self.resolve(v) is not n]
+                    if len(other) == 1:
+                        inputs["residual"] = self.value(other[0])
+                        nodes.append(add)
+                        end = add
+                        user = self.single_user(add)
+                        if user is not None and _is_relu(user, self.modules):
+                            nodes.append(user)
+                            end, relu = user, True
+            self.claim(nodes)
+            step = Step("se_scale", n.name, inputs, self.value(end), {"relu": relu, "sigmoid": sigmoid}, {},
+                        tuple(m.name for m in nodes))
+            self.channel_scales[n] = (step, end)
+
     def find_heads(self):
         for n in self.nodes:
             if n not in self.claimed and n not in self.alias:
@@ -629,9 +686,11 @@ class _Matcher:
             raise Unsupported(f"its forward takes {len(placeholders)} inputs (fastres runs one)")
         self.find_strided_residuals()
         self.find_heads()
+        self.find_channel_scales()
         for n in self.nodes:
-            if n in self.heads:
-                self.steps.append((self.index[self.heads[n][1]], self.heads[n][0]))
+            if n in self.heads or n in self.channel_scales:
+                step, end = self.heads.get(n) or self.channel_scales[n]
+                self.steps.append((self.index[end], step))
                 continue
             if n in self.claimed or n in self.alias or n.op in ("placeholder", "output"):
                 continue

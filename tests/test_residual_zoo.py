@@ -141,3 +141,22 @@ def test_capture_follows_edits_of_a_hand_written_model():
                                                    torch.nn.BatchNorm2d(32)).eval()
     assert rel_err(fast(x), model(x)) <= TOL and fast._fastres.builds == 2
     assert sum("shortcut" in s.inputs for s in fast.plan().steps) == 1
+
+
+def test_squeeze_and_excitation():
+    plan = check(zoo.SEResNet())
+    # 9 convs + 3 x 2 excitation 1x1 convs (on [N, C, 1, 1]); per block one se_scale step:
+    # x * sigmoid(gate) with the identity add and ReLU fused where the add is not a conv's
+    # (block 0); the downsampling blocks' projections take the scaled value as their residual
+    assert kinds(plan) == {"conv": 15, "torch": 3, "se_scale": 3, "head": 1}
+    scales = [s for s in plan.steps if s.kind == "se_scale"]
+    assert [("residual" in s.inputs, s.attrs["relu"], s.attrs["sigmoid"]) for s in scales] == [
+        (True, True, True), (False, False, True), (False, False, True)]
+    assert [s.ops for s in scales][0] == ["x*sigmoid(gate)", "residual", "relu"]
+    assert plan.notes == [f"blocks.{i}.se.pool: AdaptiveAvgPool2d runs as PyTorch" for i in range(3)]
+
+
+def test_squeeze_and_excitation_with_linear_layers():
+    plan = check(zoo.SEResNet(linear=True))
+    # the excitation pool -> flatten -> Linear is a head kernel (global pool fused with the FC)
+    assert kinds(plan) == {"conv": 9, "head": 4, "torch": 17}
