@@ -123,11 +123,15 @@ def _trace(module: nn.Module, return_nodes=None) -> fx.Graph:
         if return_nodes is None:
             return _Tracer().trace(module)
         return _feature_graph(module, return_nodes).graph
-    except ValueError:
+    except ReturnNodeError:
         raise
     except Exception as err:  # noqa: BLE001 - any tracing failure means: run the module itself
         raise Unsupported(f"torch.fx cannot trace its forward ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+class ReturnNodeError(ValueError):
+    """A ``return_nodes`` query that names no node of the traced forward."""
 
 
 def normalize_return_nodes(return_nodes) -> Optional[dict]:
@@ -158,7 +162,7 @@ def _feature_graph(module: nn.Module, return_nodes: dict) -> fx.GraphModule:
     names = list(tracer.node_to_qualname.values())
     for query in return_nodes:
         if not any(re.match(rf"^{re.escape(query)}(\.|$)", n) for n in names):
-            raise ValueError(f"return_nodes: no node {query!r} in the traced forward; available: "
+            raise ReturnNodeError(f"return_nodes: no node {query!r} in the traced forward; available: "
                              f"{', '.join(names[:40])}{' ...' if len(names) > 40 else ''} "
                              "(torchvision.models.feature_extraction.get_graph_node_names lists them)")
     for n in [n for n in graph.nodes if n.op == "output"]:

@@ -19,6 +19,8 @@ def cmd_verify(args) -> int:
 
     device = args.device if args.device != "auto" else _default_device()
     dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    if args.model:
+        return _verify_user_model(args, device, dtype)
     archs = ARCHITECTURES if args.arch == "all" else args.arch.split(",")
     print(f"fastres verify: device={device} dtype={dtype} batch={args.batch} size={args.size} "
           f"(reference: torchvision fp32 eval, same weights, non-default BN statistics)")
@@ -34,6 +36,30 @@ def cmd_verify(args) -> int:
               f"{r.seconds:>8.2f}  {'ok' if ok else 'FAIL (tolerance %.0e)' % TOLERANCE[dtype]}",
               flush=True)
     return 1 if failures else 0
+
+
+def _verify_user_model(args, device: str, dtype: str) -> int:
+    from .verify import load_model, parse_input_shape, verify_model
+
+    try:
+        model, shape = load_model(args.model), parse_input_shape(args.input)
+    except (ValueError, TypeError, ImportError, AttributeError) as err:
+        print(f"fastres verify: {err}", file=sys.stderr)
+        return 2
+    r = verify_model(model, shape, device=device, dtype=dtype, batch=args.batch, seed=args.seed)
+    tolerance = TOLERANCE[dtype]
+    print(f"fastres verify: {args.model}  input {args.batch}x{args.input}  device={device} dtype={dtype} "
+          f"backend={r.backend} (reference: the model's own fp32 eval forward)")
+    print(f"max |error| / max |output|: {r.max_rel_error:.3e}"
+          + (f"   top-1 agreement: {r.top1_agreement:.0%}" if r.top1_agreement is not None else ""))
+    print(f"plan: {r.fused_steps} fused step(s), {len(r.pytorch_steps)} PyTorch step(s)")
+    for note in r.pytorch_steps:
+        print(f"  {note}")
+    if r.fallback:
+        print(f"the plan did not run: {r.fallback}")
+    ok = r.ok(tolerance)
+    print("ok" if ok else f"FAIL (tolerance {tolerance:.0e}{', fallback' if r.fallback else ''})")
+    return 0 if ok else 1
 
 
 def cmd_export(args) -> int:
@@ -67,7 +93,22 @@ def cmd_inspect(args) -> int:
 
     from .plan_report import format_report, inspect_arch
 
-    report = inspect_arch(args.arch, batch=args.batch, size=args.size, dtype=args.dtype)
+    if args.model:
+        import torch
+
+        from .plan_report import DTYPES, inspect_model
+        from .verify import load_model, parse_input_shape
+
+        try:
+            model, shape = load_model(args.model), parse_input_shape(args.input or f"3x{args.size}x{args.size}")
+        except (ValueError, TypeError, ImportError, AttributeError) as err:
+            print(f"fastres inspect: {err}", file=sys.stderr)
+            return 2
+        with torch.no_grad():
+            model = model.to(DTYPES[args.dtype]).eval()
+        report = inspect_model(model, (args.batch, *shape), title=args.model, dtype=args.dtype)
+    else:
+        report = inspect_arch(args.arch, batch=args.batch, size=args.size, dtype=args.dtype)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
@@ -117,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                   help="check your own model instead: MODULE (dotted name or .py path) and the callable "
+                        "returning the nn.Module, against its own PyTorch eval forward")
+    p.add_argument("--input", default="3x224x224", metavar="CxHxW", help="input shape for --model")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", help="write BN-folded weights to a safetensors file")
@@ -144,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--json", action="store_true")
+    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                   help="inspect your own model (see verify --model); --input sets its input shape")
+    p.add_argument("--input", default=None, metavar="CxHxW", help="input shape for --model (default 3xSIZExSIZE)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="images/s of fastres against torchvision eager, torch.compile, "

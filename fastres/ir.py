@@ -140,7 +140,7 @@ def _conv_describe(step):
     if a["relu"]:
         ops.append("relu")
     if "scale2" in step.tensors:
-        ops.append("+ out2: affine" + ("+relu" if a.get("relu2") else ""))
+        ops.append("out2: affine" + ("+relu" if a.get("relu2") else ""))
     return ops
 
 

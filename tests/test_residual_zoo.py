@@ -93,7 +93,7 @@ def test_preact_resnet18_dual_output_epilogue():
     dual = [s for s in plan.steps if s.extra_outputs]
     # stem and every block's last conv also write BN -> ReLU of their result (next block / head)
     assert len(dual) == 9 and all(s.attrs["relu2"] for s in dual)
-    assert all("+ out2: affine+relu" in s.ops for s in dual)
+    assert all("out2: affine+relu" in s.ops for s in dual)
     # the raw sums still flow to the identity shortcuts
     assert sum("residual" in s.inputs for s in plan.steps) == 5
 
