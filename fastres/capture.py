@@ -7,9 +7,15 @@
                conv -> [BN] -> + (value | 1x1 conv [-> BN]) -> [ReLU]
                                                             -> a ``conv`` step with a residual, or a
                                                                projection shortcut as concatenated K
+               ... + F.pad(x[:, :, ::s, ::s], (0,0,0,0,p,q))  -> the residual read at stride s into
+                                                               channels [p, p + C) (CIFAR option A)
+               ... -> BN [-> ReLU] beside other readers       -> a second output of that conv step:
+                                                               relu?(y * scale + shift) (pre-activation)
+               x * sigmoid(gate) [+ r] [-> ReLU]              -> ``se_scale`` (squeeze-and-excitation)
                3x3 conv step -> 1x1 conv step (bottleneck)   -> a ``conv_pair`` step (on chip)
                MaxPool2d(3, 2, 1)                             -> ``max_pool``
-               global average pool -> flatten -> Linear       -> ``head``
+               global average pool -> flatten -> Linear       -> ``head`` (also .view(N, -1) and
+                                                               F.avg_pool2d(x, x.size(3)))
                nn.Identity / Dropout (eval)                   -> nothing (the value passes through)
                anything else                                  -> a ``torch`` step: the same PyTorch
                                                                  call, so the plan always computes

@@ -83,8 +83,17 @@ def cmd_aot(args) -> int:
     from .aot import run_aot
     from .plan_report import record_plan_launches
 
-    calls = {f"{arch} b{batch}": record_plan_launches(arch, batch, args.size, args.dtype)
-             for arch in args.arch.split(",") for batch in _ints(args.batch)}
+    if args.model:
+        from .plan_report import record_model_launches
+        from .verify import load_model, parse_input_shape
+
+        shape = parse_input_shape(args.input or f"3x{args.size}x{args.size}")
+        calls = {f"{args.model} b{batch}": record_model_launches(lambda: load_model(args.model), (batch, *shape),
+                                                                 args.dtype)
+                 for batch in _ints(args.batch)}
+    else:
+        calls = {f"{arch} b{batch}": record_plan_launches(arch, batch, args.size, args.dtype)
+                 for arch in args.arch.split(",") for batch in _ints(args.batch)}
     return run_aot(calls, sms=_ints(args.sm), workers=args.workers)
 
 
@@ -180,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--sm", default="80,90")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                   help="compile what your own model's plan launches (built on the meta device)")
+    p.add_argument("--input", default=None, metavar="CxHxW", help="input shape for --model (default 3xSIZExSIZE)")
     p.set_defaults(func=cmd_aot)
 
     p = sub.add_parser("inspect", help="print the plan: fused ops, GEMM shapes, FLOPs and modelled "

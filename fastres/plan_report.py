@@ -22,7 +22,7 @@ from .backend import TritonBackend
 from .ir import Plan
 
 __all__ = ["launch_rows", "reference_rows", "inspect_arch", "inspect_model", "format_report",
-           "record_plan_launches", "torch_call_cost", "DTYPES"]
+           "record_plan_launches", "record_model_launches", "torch_call_cost", "DTYPES"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -260,6 +260,24 @@ def record_plan_launches(arch: str, batch: int, size: int = 224, dtype: str = "f
     plan = capture(_meta_model(arch, dtype))
     x = torch.empty(batch, 3, size, size, dtype=DTYPES[dtype], device="meta",
                     memory_format=torch.channels_last)
+    with record_launches() as calls, torch.no_grad():
+        plan.run(x, TritonBackend())
+    return calls
+
+
+def record_model_launches(make_model, input_shape: tuple, dtype: str = "fp16") -> list:
+    """The KernelCalls a Triton-path forward of the model ``make_model()`` builds launches on
+    inputs of ``input_shape`` (N, C, H, W): built on the meta device (shapes only), recorded."""
+    from .capture import capture
+    from .kernels._launch import record_launches
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    with torch.device("meta"):
+        model = make_model()
+    model = model.to(DTYPES[dtype]).eval()
+    plan = capture(model)
+    x = torch.empty(input_shape, dtype=DTYPES[dtype], device="meta", memory_format=torch.channels_last)
     with record_launches() as calls, torch.no_grad():
         plan.run(x, TritonBackend())
     return calls
