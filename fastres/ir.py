@@ -245,7 +245,7 @@ def _se_args(step, args):
 def _se_fits(args) -> bool:
     """The kernel takes one gate value per (image, channel); any other broadcast runs PyTorch."""
     x, gate = args["x"], args["gate"]
-    return tuple(gate.shape) in ((x.shape[0], x.shape[1], 1, 1), (x.shape[0], x.shape[1]))
+    return x.dim() == 4 and tuple(gate.shape) == (x.shape[0], x.shape[1], 1, 1)
 
 
 def _se_launch(step, args, packed, out):

@@ -93,14 +93,13 @@ def se_scale_nhwc(x, gate, *, residual=None, relu=False, sigmoid=True, out=None)
 
 
 def se_scale_nhwc_ref(x, gate, *, residual=None, relu=False, sigmoid=True, upcast=False):
-    """Plain PyTorch: ``relu?(x * sigmoid?(gate) [+ residual])`` with ``gate`` broadcast as the
-    module broadcasts it. ``upcast``: in fp32, rounded once to x's dtype (the kernel's numerics)."""
+    """Plain PyTorch: ``relu?(x * sigmoid?(gate) [+ residual])`` with ``gate`` broadcast by
+    PyTorch's rules, as the module's own ``x * gate`` does (the kernel's gate is [N, C, 1, 1]).
+    ``upcast``: in fp32, rounded once to x's dtype (the kernel's numerics)."""
     dtype = x.dtype
     if upcast:
         x, gate = x.float(), gate.float()
         residual = residual.float() if residual is not None else None
-    if gate.dim() == 2:
-        gate = gate[:, :, None, None]
     y = x * (torch.sigmoid(gate) if sigmoid else gate)
     if residual is not None:
         y = y + residual

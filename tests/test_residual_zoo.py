@@ -160,3 +160,28 @@ def test_squeeze_and_excitation_with_linear_layers():
     plan = check(zoo.SEResNet(linear=True))
     # the excitation pool -> flatten -> Linear is a head kernel (global pool fused with the FC)
     assert kinds(plan) == {"conv": 9, "head": 4, "torch": 17}
+
+
+class _SigmoidGates(torch.nn.Module):
+    """x * sigmoid(.) where the gate is not [N, C, 1, 1]: SiLU written out, a spatial attention
+    map [N, 1, H, W], a [W]-shaped gate broadcast over the last dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.att = torch.nn.Conv2d(8, 1, 1)
+        self.w = torch.nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * torch.sigmoid(y)
+        y = y * torch.sigmoid(self.att(y)) + y
+        return y * self.w.sigmoid()
+
+
+def test_sigmoid_gates_of_other_shapes_broadcast_as_pytorch_does():
+    model = _SigmoidGates().eval()
+    x = torch.randn(2, 3, 16, 16)
+    fast = fastres.optimize(model)
+    assert rel_err(fast(x), model(x)) <= TOL
+    assert kinds(fast.plan())["se_scale"] == 3
