@@ -87,7 +87,7 @@ class ReferenceBackend:
         return None
 
     def to_nhwc(self, x):
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
     def layout(self, step, role, x):
         """``x`` (read by ``step`` as ``role``, written by no kernel) in the layout the step takes."""
@@ -111,8 +111,8 @@ class TritonBackend:
     def to_nhwc(self, x):
         """NHWC activations for the kernels: channels_last input is used as is; NCHW input goes
         through the extension's tiled transpose (a CUDA kernel, or its C++ twin on CPU)."""
-        if x.is_contiguous(memory_format=torch.channels_last):
-            return x
+        if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+            return x     # (a 2-D operand, e.g. an SE gate, has no layout to change)
         if x.is_contiguous() and x.device.type != "meta":
             from .extension import nchw_to_nhwc
             return nchw_to_nhwc(x)

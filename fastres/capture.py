@@ -7,9 +7,15 @@
                conv -> [BN] -> + (value | 1x1 conv [-> BN]) -> [ReLU]
                                                             -> a ``conv`` step with a residual, or a
                                                                projection shortcut as concatenated K
+               ... + F.pad(x[:, :, ::s, ::s], (0,0,0,0,p,q))  -> the residual read at stride s into
+                                                               channels [p, p + C) (CIFAR option A)
+               ... -> BN [-> ReLU] beside other readers       -> a second output of that conv step:
+                                                               relu?(y * scale + shift) (pre-activation)
+               x * sigmoid(gate) [+ r] [-> ReLU]              -> ``se_scale`` (squeeze-and-excitation)
                3x3 conv step -> 1x1 conv step (bottleneck)   -> a ``conv_pair`` step (on chip)
                MaxPool2d(3, 2, 1)                             -> ``max_pool``
-               global average pool -> flatten -> Linear       -> ``head``
+               global average pool -> flatten -> Linear       -> ``head`` (also .view(N, -1) and
+                                                               F.avg_pool2d(x, x.size(3)))
                nn.Identity / Dropout (eval)                   -> nothing (the value passes through)
                anything else                                  -> a ``torch`` step: the same PyTorch
                                                                  call, so the plan always computes
@@ -125,11 +131,15 @@ def _trace(module: nn.Module, return_nodes=None) -> fx.Graph:
         if return_nodes is None:
             return _Tracer().trace(module)
         return _feature_graph(module, return_nodes).graph
-    except ValueError:
+    except ReturnNodeError:
         raise
     except Exception as err:  # noqa: BLE001 - any tracing failure means: run the module itself
         raise Unsupported(f"torch.fx cannot trace its forward ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+class ReturnNodeError(ValueError):
+    """A ``return_nodes`` query that names no node of the traced forward."""
 
 
 def normalize_return_nodes(return_nodes) -> Optional[dict]:
@@ -160,7 +170,7 @@ def _feature_graph(module: nn.Module, return_nodes: dict) -> fx.GraphModule:
     names = list(tracer.node_to_qualname.values())
     for query in return_nodes:
         if not any(re.match(rf"^{re.escape(query)}(\.|$)", n) for n in names):
-            raise ValueError(f"return_nodes: no node {query!r} in the traced forward; available: "
+            raise ReturnNodeError(f"return_nodes: no node {query!r} in the traced forward; available: "
                              f"{', '.join(names[:40])}{' ...' if len(names) > 40 else ''} "
                              "(torchvision.models.feature_extraction.get_graph_node_names lists them)")
     for n in [n for n in graph.nodes if n.op == "output"]:
@@ -273,6 +283,22 @@ def _channel_pad(node):
     return src, pad[4], pad[5]
 
 
+def _is_sigmoid(node, modules) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.Sigmoid
+    if node.op == "call_function":
+        return node.target in (torch.sigmoid, F.sigmoid) and len(node.args) == 1 and not node.kwargs
+    return node.op == "call_method" and node.target == "sigmoid" and len(node.args) == 1
+
+
+def _is_mul(node) -> bool:
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    if node.op == "call_function":
+        return node.target in (operator.mul, operator.imul, torch.mul)
+    return node.op == "call_method" and node.target in ("mul", "mul_")
+
+
 def _is_passthrough(node, modules) -> bool:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
@@ -378,6 +404,7 @@ class _Matcher:
         self.notes: list = []
         self.strided_residuals: dict = {}   # add node -> (source, stride, front, back)
         self.heads: dict = {}               # pool node -> (head step, its last node)
+        self.channel_scales: dict = {}      # mul node -> (se_scale step, its last node)
 
     def resolve(self, n):
         while n in self.alias:
@@ -606,6 +633,46 @@ class _Matcher:
                     tuple(n.name for n in nodes))
         return step, fc
 
+    def find_channel_scales(self):
+        """Squeeze-and-excitation: ``x * sigmoid(gate)`` [+ residual] [-> ReLU] as one ``se_scale``
+        step (the sigmoid fused when the product is its only reader). The add is left to a conv
+        epilogue when its other operand is a conv unit (a projection's output gets the scaled
+        value as its residual), and taken here otherwise."""
+        for n in self.nodes:
+            if n in self.claimed or n in self.alias or not _is_mul(n):
+                continue
+            a, b = (self.resolve(v) for v in n.args)
+            if _is_sigmoid(b, self.modules) and not _is_sigmoid(a, self.modules):
+                x, gate = a, b
+            elif _is_sigmoid(a, self.modules) and not _is_sigmoid(b, self.modules):
+                x, gate = b, a
+            else:
+                continue
+            nodes = [n]
+            sigmoid = self.single_user(gate) is n and gate not in self.claimed
+            if sigmoid:
+                nodes.insert(0, gate)
+                gate = self.resolve(gate.args[0])
+            inputs = {"x": self.value(x), "gate": self.value(gate)}
+            end, relu = n, False
+            add = self.single_user(n)
+            if add is not None and _is_add(add) and add not in self.strided_residuals:
+                operands = self.add_operands(add)
+                if operands is None:
+                    other = [self.resolve(v) for v in add.args if self.resolve(v) is not n]
+                    if len(other) == 1:
+                        inputs["residual"] = self.value(other[0])
+                        nodes.append(add)
+                        end = add
+                        user = self.single_user(add)
+                        if user is not None and _is_relu(user, self.modules):
+                            nodes.append(user)
+                            end, relu = user, True
+            self.claim(nodes)
+            step = Step("se_scale", n.name, inputs, self.value(end), {"relu": relu, "sigmoid": sigmoid}, {},
+                        tuple(m.name for m in nodes))
+            self.channel_scales[n] = (step, end)
+
     def find_heads(self):
         for n in self.nodes:
             if n not in self.claimed and n not in self.alias:
@@ -637,9 +704,11 @@ class _Matcher:
             raise Unsupported(f"its forward takes {len(placeholders)} inputs (fastres runs one)")
         self.find_strided_residuals()
         self.find_heads()
+        self.find_channel_scales()
         for n in self.nodes:
-            if n in self.heads:
-                self.steps.append((self.index[self.heads[n][1]], self.heads[n][0]))
+            if n in self.heads or n in self.channel_scales:
+                step, end = self.heads.get(n) or self.channel_scales[n]
+                self.steps.append((self.index[end], step))
                 continue
             if n in self.claimed or n in self.alias or n.op in ("placeholder", "output"):
                 continue

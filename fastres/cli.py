@@ -19,6 +19,8 @@ def cmd_verify(args) -> int:
 
     device = args.device if args.device != "auto" else _default_device()
     dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    if args.model:
+        return _verify_user_model(args, device, dtype)
     archs = ARCHITECTURES if args.arch == "all" else args.arch.split(",")
     print(f"fastres verify: device={device} dtype={dtype} batch={args.batch} size={args.size} "
           f"(reference: torchvision fp32 eval, same weights, non-default BN statistics)")
@@ -34,6 +36,30 @@ def cmd_verify(args) -> int:
               f"{r.seconds:>8.2f}  {'ok' if ok else 'FAIL (tolerance %.0e)' % TOLERANCE[dtype]}",
               flush=True)
     return 1 if failures else 0
+
+
+def _verify_user_model(args, device: str, dtype: str) -> int:
+    from .verify import load_model, parse_input_shape, verify_model
+
+    try:
+        model, shape = load_model(args.model), parse_input_shape(args.input)
+    except (ValueError, TypeError, ImportError, AttributeError) as err:
+        print(f"fastres verify: {err}", file=sys.stderr)
+        return 2
+    r = verify_model(model, shape, device=device, dtype=dtype, batch=args.batch, seed=args.seed)
+    tolerance = TOLERANCE[dtype]
+    print(f"fastres verify: {args.model}  input {args.batch}x{args.input}  device={device} dtype={dtype} "
+          f"backend={r.backend} (reference: the model's own fp32 eval forward)")
+    print(f"max |error| / max |output|: {r.max_rel_error:.3e}"
+          + (f"   top-1 agreement: {r.top1_agreement:.0%}" if r.top1_agreement is not None else ""))
+    print(f"plan: {r.fused_steps} fused step(s), {len(r.pytorch_steps)} PyTorch step(s)")
+    for note in r.pytorch_steps:
+        print(f"  {note}")
+    if r.fallback:
+        print(f"the plan did not run: {r.fallback}")
+    ok = r.ok(tolerance)
+    print("ok" if ok else f"FAIL (tolerance {tolerance:.0e}{', fallback' if r.fallback else ''})")
+    return 0 if ok else 1
 
 
 def cmd_export(args) -> int:
@@ -59,9 +85,18 @@ def cmd_aot(args) -> int:
 
     # each architecture compiles the tiles the rule picks for its own GPU (kernels._target.TARGETS)
     calls, targets = {}, {}
+    if args.model:
+        from .verify import load_model, parse_input_shape
+        shape = parse_input_shape(args.input or f"3x{args.size}x{args.size}")
     for sm in _ints(args.sm):
-        for arch in args.arch.split(","):
-            for batch in _ints(args.batch):
+        for batch in _ints(args.batch):
+            if args.model:
+                label = f"{args.model} b{batch} sm{sm}"
+                calls[label] = record_model_launches(lambda: load_model(args.model), (batch, *shape),
+                                                     args.dtype, sm=sm)
+                targets[label] = sm
+                continue
+            for arch in args.arch.split(","):
                 label = f"{arch} b{batch} sm{sm}"
                 calls[label] = record_plan_launches(arch, batch, args.size, args.dtype, sm=sm)
                 targets[label] = sm
@@ -74,7 +109,22 @@ def cmd_inspect(args) -> int:
 
     from .plan_report import format_report, inspect_arch
 
-    report = inspect_arch(args.arch, batch=args.batch, size=args.size, dtype=args.dtype, gpu=args.gpu)
+    if args.model:
+        import torch
+
+        from .plan_report import DTYPES, inspect_model
+        from .verify import load_model, parse_input_shape
+
+        try:
+            model, shape = load_model(args.model), parse_input_shape(args.input or f"3x{args.size}x{args.size}")
+        except (ValueError, TypeError, ImportError, AttributeError) as err:
+            print(f"fastres inspect: {err}", file=sys.stderr)
+            return 2
+        with torch.no_grad():
+            model = model.to(DTYPES[args.dtype]).eval()
+        report = inspect_model(model, (args.batch, *shape), title=args.model, dtype=args.dtype)
+    else:
+        report = inspect_arch(args.arch, batch=args.batch, size=args.size, dtype=args.dtype, gpu=args.gpu)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
@@ -151,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                   help="check your own model instead: MODULE (dotted name or .py path) and the callable "
+                        "returning the nn.Module, against its own PyTorch eval forward")
+    p.add_argument("--input", default="3x224x224", metavar="CxHxW", help="input shape for --model")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", help="write BN-folded weights to a safetensors file")
@@ -174,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print the static loop report: K-loop SASS instructions per step, MMA shape, "
                         "load widths, wgmma depth, stages, CTAs per SM, waves (fastres/sass.py)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the tables")
+    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                   help="compile what your own model's plan launches (built on the meta device)")
+    p.add_argument("--input", default=None, metavar="CxHxW", help="input shape for --model (default 3xSIZExSIZE)")
     p.set_defaults(func=cmd_aot)
 
     p = sub.add_parser("inspect", help="print the plan: fused ops, GEMM shapes, FLOPs and modelled "
@@ -185,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--gpu", choices=["h100", "h200", "a100"], default=None,
                    help="add the modelled roofline floor per launch and in total (fastres/roofline.py)")
+    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                   help="inspect your own model (see verify --model); --input sets its input shape")
+    p.add_argument("--input", default=None, metavar="CxHxW", help="input shape for --model (default 3xSIZExSIZE)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="images/s of fastres against torchvision eager, torch.compile, "

@@ -30,6 +30,7 @@ from .kernels import avgpool_linear as _avgpool_linear
 from .kernels import conv2d_nhwc as _conv
 from .kernels import conv3x3_conv1x1_nhwc as _pair
 from .kernels import max_pool2d_nhwc as _max_pool
+from .kernels import se_scale_nhwc as _se
 from .kernels._common import conv_output_size
 
 __all__ = ["Step", "Ref", "OpKind", "OPS", "Plan", "KERNEL_KINDS"]
@@ -158,7 +159,7 @@ def _conv_describe(step):
     if a["relu"]:
         ops.append("relu")
     if "scale2" in step.tensors:
-        ops.append("+ out2: affine" + ("+relu" if a.get("relu2") else ""))
+        ops.append("out2: affine" + ("+relu" if a.get("relu2") else ""))
     return ops
 
 
@@ -255,6 +256,36 @@ def _head_out_shape(step, shapes):
     return (rows, step.tensors["weight"].shape[0])
 
 
+# -- se_scale: relu?(x * sigmoid?(gate) [+ residual]), gate [N, C, 1, 1] (squeeze-and-excitation)
+def _se_args(step, args):
+    return dict(residual=args.get("residual"), relu=step.attrs["relu"], sigmoid=step.attrs["sigmoid"])
+
+
+def _se_fits(args) -> bool:
+    """The kernel takes one gate value per (image, channel); any other broadcast runs PyTorch."""
+    x, gate = args["x"], args["gate"]
+    return x.dim() == 4 and tuple(gate.shape) == (x.shape[0], x.shape[1], 1, 1)
+
+
+def _se_launch(step, args, packed, out):
+    if not _se_fits(args):
+        return _se_reference(step, args, out, False)
+    return _se.se_scale_nhwc(args["x"], args["gate"], out=out, **_se_args(step, args))
+
+
+def _se_reference(step, args, out, upcast):
+    return _into(out, _se.se_scale_nhwc_ref(args["x"], args["gate"], upcast=upcast, **_se_args(step, args)))
+
+
+def _se_describe(step):
+    ops = ["x*" + ("sigmoid(gate)" if step.attrs["sigmoid"] else "gate")]
+    if "residual" in step.inputs:
+        ops.append("residual")
+    if step.attrs["relu"]:
+        ops.append("relu")
+    return ops
+
+
 # -- torch: any PyTorch call the capture did not fuse ---------------------------------------
 def _torch_reference(step, args, out, upcast):
     y = step.attrs["call"](args)
@@ -287,6 +318,7 @@ OPS: dict[str, OpKind] = {
                        lambda step: ["maxpool3x3/s2"]),
     "head": OpKind(_head_pack, _head_launch, _head_reference, _head_out_shape,
                    lambda step: ["avgpool", "linear", "bias"]),
+    "se_scale": OpKind(None, _se_launch, _se_reference, lambda step, shapes: shapes["x"], _se_describe),
     "torch": OpKind(None, None, _torch_reference, None, _torch_describe),
 }
 KERNEL_KINDS = frozenset(k for k, op in OPS.items() if op.launch is not None)

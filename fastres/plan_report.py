@@ -12,6 +12,7 @@ batch, so weights are amortised over it. These are *modelled* figures, not measu
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -21,12 +22,12 @@ from .backend import TritonBackend
 from .ir import Plan
 
 __all__ = ["launch_rows", "reference_rows", "inspect_arch", "inspect_model", "format_report",
-           "record_plan_launches", "torch_call_cost", "DTYPES"]
+           "record_plan_launches", "record_model_launches", "torch_call_cost", "DTYPES"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # Calls that only reinterpret or describe a tensor: no launch, no traffic.
-_VIEWS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, getattr}
+_VIEWS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, getattr, operator.getitem}
 _VIEW_METHODS = {"view", "reshape", "flatten", "size", "squeeze", "unsqueeze", "permute", "dim",
                  "contiguous_format", "expand", "__getitem__"}
 
@@ -182,12 +183,17 @@ def inspect_model(model: nn.Module, input_shape: tuple, *, title: str = "model",
                   dtype: Optional[str] = None) -> dict:
     """The plan of ``model`` (eval) for inputs of ``input_shape``, as the JSON report: a row per
     launch, the steps that run as PyTorch and why, totals beside the unfused forward's."""
-    from .capture import capture
+    from .capture import capture, feature_extractor
+    from .optimized import Optimized
 
-    plan = capture(model)
+    return_nodes = None
+    if isinstance(model, Optimized):        # what the optimized module runs: its module's plan
+        model, return_nodes = model.module, model.return_nodes
+    plan = capture(model, return_nodes=return_nodes)
     batch = input_shape[0]
     rows = launch_rows(plan, input_shape)
-    reference = reference_rows(model, input_shape, plan.dtype)
+    unfused = model if return_nodes is None else feature_extractor(model, return_nodes)
+    reference = reference_rows(unfused, input_shape, plan.dtype)
     name = dtype or {v: k for k, v in DTYPES.items()}.get(plan.dtype, str(plan.dtype))
     return {"arch": title, "batch": batch, "size": input_shape[-1], "dtype": name, "kernels": rows,
             "pytorch_steps": list(plan.notes), "totals": _totals(rows, batch),
@@ -268,6 +274,32 @@ def record_plan_launches(arch: str, batch: int, size: int = 224, dtype: str = "f
     plan = capture(_meta_model(arch, dtype))
     x = torch.empty(batch, 3, size, size, dtype=DTYPES[dtype], device="meta",
                     memory_format=torch.channels_last)
+    target = contextlib.nullcontext()
+    if sm:
+        from .kernels._target import use_target
+        target = use_target(sm)
+    with record_launches() as calls, torch.no_grad(), target:
+        plan.run(x, TritonBackend())
+    return calls
+
+
+def record_model_launches(make_model, input_shape: tuple, dtype: str = "fp16",
+                          sm: Optional[int] = None) -> list:
+    """The KernelCalls a Triton-path forward of the model ``make_model()`` builds launches on
+    inputs of ``input_shape`` (N, C, H, W): built on the meta device (shapes only), recorded
+    (with ``sm``: tiles chosen for that GPU architecture)."""
+    import contextlib
+
+    from .capture import capture
+    from .kernels._launch import record_launches
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    with torch.device("meta"):
+        model = make_model()
+    model = model.to(DTYPES[dtype]).eval()
+    plan = capture(model)
+    x = torch.empty(input_shape, dtype=DTYPES[dtype], device="meta", memory_format=torch.channels_last)
     target = contextlib.nullcontext()
     if sm:
         from .kernels._target import use_target

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,3 +83,117 @@ def verify_arch(arch: str, *, device: str = "cpu", dtype: str = "fp32", batch: i
         max_rel_error=float((got - expected).abs().max() / scale),
         top1_agreement=float((got.argmax(1) == expected.argmax(1)).float().mean()),
         seconds=seconds)
+
+
+# -- a user's own model ------------------------------------------------------------------------
+def load_model(spec: str) -> nn.Module:
+    """``MODULE:CALLABLE`` -> the nn.Module it returns (a class is instantiated without arguments).
+    MODULE is an importable dotted name or a path to a ``.py`` file."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model must be MODULE:CALLABLE (e.g. mypkg.nets:build or nets.py:ResNet20), got {spec!r}")
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = os.path.abspath(module_name)
+        sys.path.insert(0, os.path.dirname(path))    # its own sibling imports
+        loaded = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        if loaded is None:
+            raise ValueError(f"--model: cannot load {path}")
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    target = module
+    for part in attr.split("."):
+        target = getattr(target, part)
+    model = target() if callable(target) and not isinstance(target, nn.Module) else target
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--model {spec} gave a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def parse_input_shape(text: str) -> tuple:
+    """``3x32x32`` -> (3, 32, 32)."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--input takes CxHxW, e.g. 3x32x32, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"--input takes CxHxW with positive sizes, got {text!r}")
+    return shape
+
+
+@dataclass
+class ModelVerifyResult:
+    device: str
+    dtype: str
+    backend: str
+    max_rel_error: float            # worst over the outputs (feature maps or logits)
+    top1_agreement: Optional[float]  # logits only
+    fused_steps: int
+    pytorch_steps: list             # "name: what runs as PyTorch"
+    fallback: Optional[str]         # why the module's own forward ran instead of the plan
+    seconds: float
+
+    def ok(self, tolerance: float) -> bool:
+        return self.fallback is None and self.max_rel_error <= tolerance
+
+
+def _flat_outputs(y) -> list:
+    if torch.is_tensor(y):
+        return [y]
+    if isinstance(y, dict):
+        return [t for v in y.values() for t in _flat_outputs(v)]
+    if isinstance(y, (list, tuple)):
+        return [t for v in y for t in _flat_outputs(v)]
+    return []
+
+
+def verify_model(model: nn.Module, input_shape: tuple, *, device: str = "cpu", dtype: str = "fp32",
+                 batch: int = 2, seed: int = 0) -> ModelVerifyResult:
+    """``fastres.optimize(model)`` in ``dtype`` against ``model``'s own fp32 eval forward on an
+    image-like batch of ``input_shape`` (C, H, W)."""
+    import copy
+    import warnings
+
+    import fastres
+    from .backend import backend_for
+    from .capture import FallbackWarning, Unsupported
+
+    reference = model.to(device).float().eval()
+    c, h, w = input_shape
+    x = image_batch(batch, h, seed)[:, :1].expand(-1, c, -1, -1) if c != 3 else image_batch(batch, h, seed)
+    if w != h:
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    x = x.contiguous().to(device)
+    candidate = reference if dtype == "fp32" else copy.deepcopy(reference).to(DTYPES[dtype])
+    fast = fastres.optimize(candidate)
+    with torch.inference_mode():
+        expected = reference(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = time.perf_counter()
+            got = fast(x.to(DTYPES[dtype]))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+    fallback = next((str(m.message) for m in caught if issubclass(m.category, FallbackWarning)), None)
+    errors, top1 = [], None
+    for e, g in zip(_flat_outputs(expected), _flat_outputs(got)):
+        e, g = e.float(), g.float()
+        errors.append(float((g - e).abs().max() / e.abs().max().clamp_min(1e-12)))
+    if torch.is_tensor(expected) and expected.dim() == 2:
+        top1 = float((got.float().argmax(1) == expected.argmax(1)).float().mean())
+    try:
+        plan = fast.plan()
+        fused = sum(s.kind != "torch" for s in plan.steps)
+        notes = list(plan.notes)
+    except Unsupported as err:
+        fused, notes, fallback = 0, [], fallback or str(err)
+    return ModelVerifyResult(device=device, dtype=dtype, backend=backend_for(x.device),
+                             max_rel_error=max(errors) if errors else float("nan"), top1_agreement=top1,
+                             fused_steps=fused, pytorch_steps=notes, fallback=fallback, seconds=seconds)

@@ -131,18 +131,20 @@ def store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows
     if APPLY_RELU:
         # torch.relu keeps NaN; tl.maximum would drop it.
         acc = tl.where(acc < 0.0, 0.0, acc)
+    # out first, then out2 computed in place from the fp32 tile: one tile stays live, not two
+    if INTERPRETER_BF16:
+        tl.store(out_ptr + out_offs, round_to_bf16_nearest_even(acc).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     if HAS_OUT2:
         scale = tl.load(scale2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         shift = tl.load(shift2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        y2 = acc * scale[None, :] + shift[None, :]
+        acc = acc * scale[None, :] + shift[None, :]
         if OUT2_RELU:
-            y2 = tl.where(y2 < 0.0, 0.0, y2)
+            acc = tl.where(acc < 0.0, 0.0, acc)
         if INTERPRETER_BF16:
-            y2 = round_to_bf16_nearest_even(y2)
-        tl.store(out2_ptr + out_offs, y2.to(out2_ptr.dtype.element_ty), mask=out_mask)
-    if INTERPRETER_BF16:
-        acc = round_to_bf16_nearest_even(acc)
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            acc = round_to_bf16_nearest_even(acc)
+        tl.store(out2_ptr + out_offs, acc.to(out2_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------

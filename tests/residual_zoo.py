@@ -343,3 +343,20 @@ def randomize_(model, seed=0):
                 m.weight.copy_(torch.empty(c).uniform_(0.3, 1.0, generator=g))
                 m.bias.copy_(torch.empty(c).uniform_(-0.2, 0.2, generator=g))
     return model.eval()
+
+
+# -- constructors by name (``fastres verify --model tests/residual_zoo.py:cifar_resnet56``) -----
+def cifar_resnet20():
+    return CifarResNet(20, "A")
+
+
+def cifar_resnet56():
+    return CifarResNet(56, "A")
+
+
+def preact_resnet18():
+    return PreActResNet((2, 2, 2, 2), width=64)
+
+
+def wide_resnet28_10():
+    return WideResNet(28, 10)

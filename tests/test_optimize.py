@@ -154,3 +154,19 @@ def test_optimize_keeps_submodule_modes_and_rejects_non_modules():
     with pytest.raises(TypeError):
         fastres.optimize(lambda x: x)
     assert fastres.optimize(fast) is fast
+
+
+def test_optimized_copies_and_pickles_with_its_return_nodes():
+    import copy
+    import io
+
+    model = resnet()
+    fast = fastres.optimize(model, return_nodes={"layer3": "c4"})
+    x = image_batch(1, 32)
+    expected = fast(x)["c4"]
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(fast), torch.load(buffer, weights_only=False)):
+        assert other.return_nodes == {"layer3": "c4"} and other.module is not model
+        assert torch.equal(no_fallback(other, x)["c4"], expected)

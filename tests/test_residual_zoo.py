@@ -93,7 +93,7 @@ def test_preact_resnet18_dual_output_epilogue():
     dual = [s for s in plan.steps if s.extra_outputs]
     # stem and every block's last conv also write BN -> ReLU of their result (next block / head)
     assert len(dual) == 9 and all(s.attrs["relu2"] for s in dual)
-    assert all("+ out2: affine+relu" in s.ops for s in dual)
+    assert all("out2: affine+relu" in s.ops for s in dual)
     # the raw sums still flow to the identity shortcuts
     assert sum("residual" in s.inputs for s in plan.steps) == 5
 
@@ -141,3 +141,47 @@ def test_capture_follows_edits_of_a_hand_written_model():
                                                    torch.nn.BatchNorm2d(32)).eval()
     assert rel_err(fast(x), model(x)) <= TOL and fast._fastres.builds == 2
     assert sum("shortcut" in s.inputs for s in fast.plan().steps) == 1
+
+
+def test_squeeze_and_excitation():
+    plan = check(zoo.SEResNet())
+    # 9 convs + 3 x 2 excitation 1x1 convs (on [N, C, 1, 1]); per block one se_scale step:
+    # x * sigmoid(gate) with the identity add and ReLU fused where the add is not a conv's
+    # (block 0); the downsampling blocks' projections take the scaled value as their residual
+    assert kinds(plan) == {"conv": 15, "torch": 3, "se_scale": 3, "head": 1}
+    scales = [s for s in plan.steps if s.kind == "se_scale"]
+    assert [("residual" in s.inputs, s.attrs["relu"], s.attrs["sigmoid"]) for s in scales] == [
+        (True, True, True), (False, False, True), (False, False, True)]
+    assert [s.ops for s in scales][0] == ["x*sigmoid(gate)", "residual", "relu"]
+    assert plan.notes == [f"blocks.{i}.se.pool: AdaptiveAvgPool2d runs as PyTorch" for i in range(3)]
+
+
+def test_squeeze_and_excitation_with_linear_layers():
+    plan = check(zoo.SEResNet(linear=True))
+    # the excitation pool -> flatten -> Linear is a head kernel (global pool fused with the FC)
+    assert kinds(plan) == {"conv": 9, "head": 4, "torch": 17}
+
+
+class _SigmoidGates(torch.nn.Module):
+    """x * sigmoid(.) where the gate is not [N, C, 1, 1]: SiLU written out, a spatial attention
+    map [N, 1, H, W], a [W]-shaped gate broadcast over the last dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.att = torch.nn.Conv2d(8, 1, 1)
+        self.w = torch.nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * torch.sigmoid(y)
+        y = y * torch.sigmoid(self.att(y)) + y
+        return y * self.w.sigmoid()
+
+
+def test_sigmoid_gates_of_other_shapes_broadcast_as_pytorch_does():
+    model = _SigmoidGates().eval()
+    x = torch.randn(2, 3, 16, 16)
+    fast = fastres.optimize(model)
+    assert rel_err(fast(x), model(x)) <= TOL
+    assert kinds(fast.plan())["se_scale"] == 3
