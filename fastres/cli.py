@@ -81,7 +81,7 @@ def cmd_export(args) -> int:
 
 def cmd_aot(args) -> int:
     from .aot import run_aot
-    from .plan_report import record_plan_launches
+    from .plan_report import record_model_launches, record_plan_launches
 
     # each architecture compiles the tiles the rule picks for its own GPU (kernels._target.TARGETS)
     calls, targets = {}, {}
