@@ -202,7 +202,7 @@ def test_gpu_tile_configs_under_the_interpreter(config_name, monkeypatch):
     masked N tails) are what a GPU runs; run them here too, not only the big interpreter tile."""
     config = CONV_CONFIGS[config_name]
     monkeypatch.setattr(conv_module, "conv_config",
-                        lambda m, cout_g, n_groups, cin_g, flat_k, dtype, device_type, target=None: type(config)(
+                        lambda m, cout_g, n_groups, cin_g, flat_k, dtype, device_type, *target: type(config)(
                             config.BLOCK_M, min(config.BLOCK_N, max(16, triton.next_power_of_2(cout_g))),
                             min(config.BLOCK_K, 32 if flat_k else cin_g & -cin_g), config.GROUP_M,
                             config.num_warps, config.num_stages))
