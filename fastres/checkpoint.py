@@ -60,10 +60,10 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch
     if dtype not in _DTYPES.values():
         raise ValueError(f"export dtype must be one of float16, bfloat16, float32; got {dtype}")
     folded = fold_bn(model, dtype=torch.float32)    # folded in fp32; cast below
-    _check_reproducible(folded)
     if not isinstance(folded.fc, nn.Linear):
         raise ValueError(f"export supports an nn.Linear fc head; this model's fc is "
                          f"{type(folded.fc).__name__}")
+    _check_reproducible(folded)
     config = dict(folded.config, num_classes=folded.fc.out_features)
     # weights in the export dtype, biases in fp32 (folded in fp32, never rounded through dtype)
     tensors = {k: (v.to(dtype) if k.endswith(".weight") else v).detach().to("cpu").contiguous()
