@@ -934,7 +934,7 @@ class FastPath:
             if state is None or not state.guard.check():
                 state = self.state(module)
             plan = state.plan
-        if (plan is not None and type(x) is torch.Tensor and x.dim() == 4 and x.shape[0]
+        if (plan is not None and type(x) is torch.Tensor and x.dim() == 4 and x.numel()
                 and x.dtype is plan.dtype and x.device == plan.device
                 and (plan.in_channels is None or x.shape[1] == plan.in_channels)
                 and not torch.is_autocast_enabled(x.device.type)):

@@ -209,8 +209,9 @@ def resolve_model(weights: str, arch: str = "resnet50"):
                            "(fastres export) or a local checkpoint") from err
 
 
-def main(args) -> int:
-    """The ``fastres classify`` command (arguments parsed by ``fastres.cli``)."""
+def main(args, ray_main=None) -> int:
+    """The ``fastres classify`` command (arguments parsed by ``fastres.cli``); ``ray_main`` runs the
+    found files on a Ray cluster (``fastres.ray.classify_main``, for ``--ray``)."""
     from .engine import Engine
 
     if args.topk < 1 or args.batch < 1 or args.workers < 0:
@@ -226,9 +227,8 @@ def main(args) -> int:
         print("fastres classify: no image files found "
               f"(directories are searched for {', '.join(IMAGE_EXTENSIONS)})", file=sys.stderr)
         return 2
-    if getattr(args, "ray", None):
-        from .ray import classify_main as ray_classify_main
-        return ray_classify_main(args, files, failures=len(missing))
+    if ray_main is not None:
+        return ray_main(args, files, failures=len(missing))
     try:
         model = resolve_model(args.weights, args.arch)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -180,7 +180,10 @@ def cmd_bench(args) -> int:
 def cmd_classify(args) -> int:
     from .classify import main as classify_main
 
-    return classify_main(args)
+    ray_main = None
+    if getattr(args, "ray", None):
+        from .ray import classify_main as ray_main
+    return classify_main(args, ray_main)
 
 
 def cmd_serve(args) -> int:

@@ -329,12 +329,15 @@ class Engine:
         module, _ = _import_extension()
         if module is not None and (self.device.type != "cuda" or module.cuda_built):
             stem = self.plan.steps[0]
-            if self.backend == "triton" and _backend.TritonBackend._is_padded_stem(stem):
+            if (self.backend == "triton" and stem.attrs.get("padded_input")
+                    and stem.inputs.get("x") == self.plan.input_name
+                    and all(self.plan.input_name not in s.reads for s in self.plan.steps[1:])):
                 # the Triton stem reads a zero-bordered 4-channel input: preprocess writes it directly
                 from .kernels.conv2d_nhwc import STEM_CHANNELS, stem_input_padding
+                padding, stride = stem.attrs["padding"][0], stem.attrs["stride"][0]
                 return lambda images: preprocess(
                     images, mean, std, dtype=dtype, pad_channels_to=STEM_CHANNELS,
-                    border=stem_input_padding(images.shape[1], images.shape[2], stem.padding, stem.stride))
+                    border=stem_input_padding(images.shape[1], images.shape[2], padding, stride))
             return lambda images: preprocess(images, mean, std, dtype=dtype, pad_channels_to=3)
         # Without the compiled op, the same fp32 fma with constants made here: preprocess's own
         # fallback builds them per call, a host-to-device copy a CUDA graph cannot capture.

@@ -48,7 +48,7 @@ def _cuda_target(index: int) -> Target:
 
 def target_for(device: torch.device) -> Target:
     """The target of a launch on ``device``: the device itself on CUDA, else the thread's or the default."""
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():   # (fake CUDA tensors have no device)
         return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
     return getattr(_local, "target", None) or DEFAULT_TARGET
 

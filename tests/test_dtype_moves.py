@@ -124,10 +124,17 @@ def test_move_then_plan_rebuilds_in_new_dtype(reference):
     x = image_batch(1, 32, seed=4)
     with torch.no_grad():
         first = folded(x)
-        folded.double()
-        second = folded(x.double())
-    assert folded.plan().dtype == torch.float64 and second.dtype == torch.float64
+        assert folded.plan().dtype == torch.float32
+        folded.double()           # float64: no kernel dtype, so PyTorch's forward, and it says so
+        with pytest.warns(fastres.FallbackWarning, match="float64"):
+            second = folded(x.double())
+        with pytest.raises(fastres.capture.Unsupported, match="float64"):
+            folded.plan()
+        folded.float()
+        third = folded(x)
+    assert second.dtype == torch.float64 and folded.plan().dtype == torch.float32
     torch.testing.assert_close(second.float(), first, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(third, first, rtol=1e-5, atol=1e-6)
 
 
 def test_float64_on_triton_backend_computes_right_answer(reference):
