@@ -265,22 +265,8 @@ def record_plan_launches(arch: str, batch: int, size: int = 224, dtype: str = "f
                          sm: Optional[int] = None) -> list:
     """The KernelCalls a real Triton-path forward of ``arch`` launches, recorded on meta tensors
     (with ``sm``: tiles chosen for that GPU architecture, ``kernels._target``)."""
-    import contextlib
-
-    from .capture import capture
-    from .kernels._launch import record_launches
-
     _check_positive(batch, size)
-    plan = capture(_meta_model(arch, dtype))
-    x = torch.empty(batch, 3, size, size, dtype=DTYPES[dtype], device="meta",
-                    memory_format=torch.channels_last)
-    target = contextlib.nullcontext()
-    if sm:
-        from .kernels._target import use_target
-        target = use_target(sm)
-    with record_launches() as calls, torch.no_grad(), target:
-        plan.run(x, TritonBackend())
-    return calls
+    return _record(_meta_model(arch, dtype), (batch, 3, size, size), dtype, sm)
 
 
 def record_model_launches(make_model, input_shape: tuple, dtype: str = "fp16",
@@ -288,16 +274,19 @@ def record_model_launches(make_model, input_shape: tuple, dtype: str = "fp16",
     """The KernelCalls a Triton-path forward of the model ``make_model()`` builds launches on
     inputs of ``input_shape`` (N, C, H, W): built on the meta device (shapes only), recorded
     (with ``sm``: tiles chosen for that GPU architecture)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    with torch.device("meta"):
+        model = make_model()
+    return _record(model.to(DTYPES[dtype]).eval(), input_shape, dtype, sm)
+
+
+def _record(model: nn.Module, input_shape: tuple, dtype: str, sm: Optional[int]) -> list:
     import contextlib
 
     from .capture import capture
     from .kernels._launch import record_launches
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    with torch.device("meta"):
-        model = make_model()
-    model = model.to(DTYPES[dtype]).eval()
     plan = capture(model)
     x = torch.empty(input_shape, dtype=DTYPES[dtype], device="meta", memory_format=torch.channels_last)
     target = contextlib.nullcontext()
