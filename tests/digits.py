@@ -30,31 +30,12 @@ def normalise(images):
 
 @functools.lru_cache(maxsize=1)
 def trained_digits_model(steps: int = 150):
-    """(model in eval mode, test images, test labels); the first 1400 samples train it."""
+    """(model in eval mode, test images, test labels, raw test images); the first 1400 samples
+    train a one-block-per-stage fastres ResNet."""
     torch.manual_seed(0)
-    images, labels = digits_images()
-    x, y = normalise(images), labels
-    x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
     model = fastres.ResNet(fastres.BasicBlock, [1, 1, 1, 1], num_classes=10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x_train), (32,), generator=g)
-        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # settle the BN running statistics on the final weights (cumulative average over the train set)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None
-        for chunk in x_train.split(200):
-            model(chunk)
-    model.eval()
-    return model, x_test, y_test, images[1400:]
+    model, x_test, y_test = train_on_digits(model, steps, seed=0)
+    return model, x_test, y_test, digits_images()[0][1400:]
 
 
 def train_on_digits(model, steps: int = 150, seed: int = 0):
@@ -73,6 +54,7 @@ def train_on_digits(model, steps: int = 150, seed: int = 0):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    # settle the BN running statistics on the final weights (cumulative average over the train set)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
