@@ -54,6 +54,23 @@ FASTRES_HD void store16(void* p, const Vec16& v) {
 
 FASTRES_HD bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Output pixel q of an [N, out_h, out_w] map that holds an [N, h, w] image inside a zero border
+// (top rows, left columns): the image pixel it shows, and whether it is inside the image at all.
+// Shared by the bordered layout ops (preprocess(border=...), nchw_to_nhwc_padded).
+struct BorderedPixel {
+  int64_t n, ih, iw;
+  bool inside;
+};
+
+FASTRES_HD BorderedPixel bordered_pixel(int64_t q, int64_t out_h, int64_t out_w, int64_t top, int64_t left,
+                                        int64_t h, int64_t w) {
+  const int64_t ow = q % out_w;
+  const int64_t rest = q / out_w;
+  const int64_t ih = rest % out_h - top;
+  const int64_t iw = ow - left;
+  return {rest / out_h, ih, iw, ih >= 0 && ih < h && iw >= 0 && iw < w};
+}
+
 FASTRES_HD uint32_t float_bits(float f) {
 #ifdef __CUDA_ARCH__
   return __float_as_uint(f);

@@ -26,15 +26,10 @@ struct PadNhwcParams {
 
 template <typename Bits>
 FASTRES_HD void pad_nhwc_pixel(const PadNhwcParams& p, int64_t q) {
-  const int64_t ow = q % p.out_w;
-  const int64_t rest = q / p.out_w;
-  const int64_t oh = rest % p.out_h;
-  const int64_t n = rest / p.out_h;
-  const int64_t ih = oh - p.top;
-  const int64_t iw = ow - p.left;
-  const bool inside = ih >= 0 && ih < p.h && iw >= 0 && iw < p.w;
+  const BorderedPixel px = bordered_pixel(q, p.out_h, p.out_w, p.top, p.left, p.h, p.w);
+  const bool inside = px.inside;
   const Bits* src = static_cast<const Bits*>(p.src);
-  const int64_t base = inside ? n * p.sn + ih * p.sh + iw * p.sw : 0;   // only read when inside
+  const int64_t base = inside ? px.n * p.sn + px.ih * p.sh + px.iw * p.sw : 0;   // only read when inside
   Bits* dst = static_cast<Bits*>(p.dst) + q * p.c_pad;
   for (int c = 0; c < p.c_pad; ++c) dst[c] = (inside && c < p.c) ? src[base + c * p.sc] : Bits(0);
 }

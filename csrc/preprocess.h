@@ -89,14 +89,10 @@ FASTRES_HD void preprocess_padded_pixel(const PreprocessParams& params, int64_t 
   using Traits = OutTraits<D>;
   using Bits = typename Traits::Bits;
   Bits* out = static_cast<Bits*>(params.out) + q * params.c_pad;
-  const int64_t ow = q % params.out_w;
-  const int64_t rest = q / params.out_w;
-  const int64_t oh = rest % params.out_h;
-  const int64_t n = rest / params.out_h;
-  const int64_t ih = oh - params.top;
-  const int64_t iw = ow - params.left;
-  const bool inside = ih >= 0 && ih < params.h && iw >= 0 && iw < params.w;
-  const int64_t p = inside ? (n * params.h + ih) * params.w + iw : 0;
+  const BorderedPixel px = bordered_pixel(q, params.out_h, params.out_w, params.top, params.left,
+                                          params.h, params.w);
+  const bool inside = px.inside;
+  const int64_t p = inside ? (px.n * params.h + px.ih) * params.w + px.iw : 0;
   FASTRES_UNROLL
   for (int c = 0; c < 3; ++c) {
     const float x = inside ? static_cast<float>(params.images[input_offset<PLANAR>(p, c, params.plane)]) : 0.0f;
