@@ -85,3 +85,8 @@ def assert_rounded_once(out64, exact64, dtype, k_len, *, what=""):
     bound = ulp(exact64, dtype) / 2 + ONE_ROUNDING_FP32_NOISE * math.sqrt(k_len)
     worst = ((out64 - exact64).abs() - bound).max().item()
     assert worst <= 0, f"{what}: {dtype} output is not the exact result rounded once (by {worst:.3g})"
+
+
+def rel_err(got, expected) -> float:
+    """max |got - expected| relative to the scale of ``expected`` (logits, feature maps)."""
+    return float((got.float() - expected.float()).abs().max() / expected.float().abs().max())

@@ -16,6 +16,7 @@ from torch import nn
 import fastres
 from fastres.capture import FallbackWarning, FastPath
 from fastres.verify import image_batch, randomize_norm_stats_
+from kernel_testing import rel_err
 
 TOL = 1e-5
 
@@ -26,9 +27,6 @@ def twins(arch="resnet18", seed=0, **kwargs):
     model = fastres.from_torchvision(reference).eval()
     return reference, model
 
-
-def rel_err(got, expected):
-    return float((got - expected).abs().max() / expected.abs().max())
 
 
 def assert_same(model, reference, x, *, fallback=None):

@@ -12,6 +12,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import fastres
 from fastres.verify import image_batch, randomize_norm_stats_
+from kernel_testing import rel_err
 
 ARCHS = list(fastres.ARCHITECTURES)
 
@@ -25,9 +26,6 @@ def twins(arch, seed=0, **kwargs):
     model.load_state_dict({k: v.clone() for k, v in reference.state_dict().items()}, assign=True)
     return reference, model
 
-
-def rel_err(got, expected):
-    return float((got - expected).abs().max() / expected.abs().max())
 
 
 @pytest.fixture(autouse=True)

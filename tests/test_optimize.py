@@ -13,15 +13,13 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import fastres
 from fastres.capture import FallbackWarning
 from fastres.verify import image_batch, randomize_norm_stats_
+from kernel_testing import rel_err
 
 TOL = 1e-5
 # resnet50 body: 53 convs, 4 projections folded as concat-K, 7 3x3+1x1 pairs -> 42 steps; FPN: 8 convs
 FASTERRCNN_FUSED = 42 + 8
 RETURN = {"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
 
-
-def rel_err(got, expected):
-    return float((got - expected).abs().max() / expected.abs().max())
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,10 @@ import fastres
 import residual_zoo as zoo
 from fastres.capture import FallbackWarning
 from fastres.verify import image_batch
+from kernel_testing import rel_err
 
 TOL = 1e-5
 
-
-def rel_err(got, expected):
-    return float((got - expected).abs().max() / expected.abs().max())
 
 
 @pytest.fixture(autouse=True)

@@ -13,14 +13,12 @@ import fastres
 import residual_zoo as zoo
 from fastres.capture import FallbackWarning
 from fastres.verify import image_batch
+from kernel_testing import rel_err
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm, or the [test] extra)")
 
 TOL = 1e-5
 
-
-def rel_err(got, expected):
-    return float((got - expected).abs().max() / expected.abs().max())
 
 
 def kinds(plan) -> dict:

@@ -22,6 +22,7 @@ from fastres.backend import get_backend
 from fastres.verify import image_batch, randomize_norm_stats_
 
 from digits import trained_digits_model
+from kernel_testing import rel_err
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -80,9 +81,6 @@ def twins(arch, **kwargs):
     reference = randomize_norm_stats_(getattr(torchvision.models, arch)(**kwargs)).eval()
     return reference, fastres.from_torchvision(reference)
 
-
-def rel_err(got, expected):
-    return float((got.float() - expected).abs().max() / expected.abs().max())
 
 
 @pytest.mark.parametrize("arch, kwargs, size", [

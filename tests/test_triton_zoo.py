@@ -13,14 +13,12 @@ from digits import train_on_digits
 from fastres.backend import get_backend
 from fastres.verify import image_batch
 from test_triton_models import _NOT_COMPUTE, count_launches
+from kernel_testing import rel_err
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
     reason="needs a GPU or TRITON_INTERPRET=1 (set by tests/conftest.py on CPU machines)")
 
-
-def rel_err(got, expected):
-    return float((got.float() - expected).abs().max() / expected.abs().max())
 
 
 def run_triton(model, x, device):
