@@ -206,17 +206,40 @@ def unrolled_stats(instructions: list[Instruction]) -> LoopStats | None:
     """A K loop that ptxas unrolled completely (a short constant trip count), averaged per step.
 
     wgmma code commits one group per K step (the step's last HGMMA carries ``gsb0``): the steps are
-    the spans between consecutive commits. mma.sync code shows no step boundary: the region from
-    the first to the last MMA is returned with ``unrolled = 0`` (totals), for ``per_step``.
+    the spans between consecutive commits. Where some commits are waited on with groups left in
+    flight (``WARPGROUP.DEPBAR.LE gsb0, N``, N >= 1), the K loop is the first run of those, up to
+    the commit whose wait drains it: wgmma issued after it (a fused kernel's straight-line
+    epilogue GEMMs, each waited on at once) is no K step. mma.sync code shows no step boundary: the
+    region from the first to the last MMA is returned with ``unrolled = 0`` (totals), for ``per_step``.
     """
     mma = [i for i, ins in enumerate(instructions) if ins.base in MMA_OPCODES]
     if not mma:
         return None
     commits = [i for i in mma if "gsb0" in instructions[i].operands]
+    waits = []
+    for k, c in enumerate(commits):
+        end = commits[k + 1] if k + 1 < len(commits) else len(instructions)
+        found = [int(m.group(1), 16) for ins in instructions[c:end] if ins.opcode.startswith("WARPGROUP.DEPBAR")
+                 for m in [_WGMMA_WAIT.search(ins.operands)] if m]
+        waits.append(found[0] if found else None)
+    asynchronous = [k for k, n in enumerate(waits) if n]
+    if asynchronous:
+        # the run of async commits, and the one that drains it: the same accumulator and A operand kind
+        first = last = asynchronous[0]
+        step = _mma_operands(instructions[commits[first]])
+        while last + 1 < len(commits) and waits[last] and _mma_operands(instructions[commits[last + 1]]) == step:
+            last += 1
+        commits = commits[first:last + 1]
     if len(commits) >= 2:
         stats = dataclasses.replace(loop_stats(instructions, commits[0] + 1, commits[-1]), region=True)
         return stats.per_step(len(commits) - 1) if len(commits) > 2 else dataclasses.replace(stats, unrolled=1)
     return dataclasses.replace(loop_stats(instructions, mma[0], mma[-1]), region=True)
+
+
+def _mma_operands(ins: Instruction) -> tuple:
+    """(accumulator register, whether A comes from shared memory) of an HGMMA: what its K steps share."""
+    parts = [p.strip() for p in ins.operands.split(",")]
+    return parts[0], len(parts) > 1 and parts[1].startswith("gdesc")
 
 
 def kernel_stats(text: str) -> KernelStats:

@@ -46,6 +46,7 @@ from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activati
                       largest_pow2_divisor, overlaps, pow2_at_least, round_to_bf16_nearest_even,
                       store_conv_epilogue, tile_groups)
 from ._launch import KernelCall
+from ._target import DEFAULT_TARGET, Target, table_arch, target_for
 from .conv2d_nhwc import PackedConvWeight, conv2d_nhwc_ref, pack_conv_weight
 
 
@@ -108,7 +109,7 @@ def _conv3x3_conv1x1_nhwc_kernel(
     C_SC: tl.constexpr, SC_STRIDE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT_GEMM: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, MID_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_K_SC: tl.constexpr,
+    BLOCK_K_SC: tl.constexpr, UNROLL_CHUNKS: tl.constexpr,
 ):
     """out = relu(round(relu(conv3x3(y1) + b_mid)) @ W_out [+ shortcut @ W_sc] + b_out [+ residual]).
 
@@ -124,48 +125,85 @@ def _conv3x3_conv1x1_nhwc_kernel(
     oh = (offs_m // OW) % OH
     img = offs_m // (OW * OH)
     MID_BLOCKS: tl.constexpr = C_MID // MID_BLOCK
-    EVEN_N: tl.constexpr = C_OUT % BLOCK_N == 0
-    offs_mid = tl.arange(0, MID_BLOCK)
-    offs_k_sc = tl.arange(0, BLOCK_K_SC)
-    if HAS_SHORTCUT_GEMM:
-        sc_rows = shortcut_ptr + ((img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE).to(tl.int64) * C_SC
     if MID_BLOCKS == 1:
         # The whole mid tile, once: it is the A operand of every output chunk.
         mid = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, 0, img, oh, ow, m_mask, H, W,
                         C_MID_IN, C_MID, GROUP_IN, GROUP_MID, MID_BLOCK, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
                         DIL_H, DIL_W, INTERPRETER_BF16, BLOCK_M, BLOCK_K)
+    else:
+        mid = None
+    if HAS_SHORTCUT_GEMM:
+        # The shortcut tile, once (all C_SC channels, a pow2 BLOCK_K_SC with the tail masked): the
+        # concat-K A operand of every output chunk.
+        offs_sc = tl.arange(0, BLOCK_K_SC)
+        sc_rows = shortcut_ptr + ((img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE).to(tl.int64) * C_SC
+        sc_mask = m_mask[:, None] if C_SC == BLOCK_K_SC else m_mask[:, None] & (offs_sc < C_SC)[None, :]
+        sc = tl.load(sc_rows[:, None] + offs_sc[None, :], mask=sc_mask, other=0.0)
+        if INTERPRETER_BF16:
+            sc = sc.to(tl.float32)
+    else:
+        sc = None
+    if UNROLL_CHUNKS:
+        # Straight-line chunks (tensor-core tiles: a few of them): no loop around a dot whose
+        # result goes straight to an epilogue, and each chunk's weight loads can be issued early.
+        for n0 in tl.static_range(0, C_OUT, BLOCK_N):
+            _out_chunk(n0, mid, sc, y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_ptr, out_ptr, residual_ptr,
+                       img, oh, ow, offs_m, m_mask, H, W, C_MID_IN, C_MID, C_OUT, GROUP_IN, GROUP_MID, STRIDE_H,
+                       STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, C_SC, HAS_RESIDUAL, HAS_SHORTCUT_GEMM,
+                       INTERPRETER_BF16, BLOCK_M, MID_BLOCK, BLOCK_N, BLOCK_K, BLOCK_K_SC)
+    else:
+        for n0 in range(0, C_OUT, BLOCK_N):
+            _out_chunk(n0, mid, sc, y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_ptr, out_ptr, residual_ptr,
+                       img, oh, ow, offs_m, m_mask, H, W, C_MID_IN, C_MID, C_OUT, GROUP_IN, GROUP_MID, STRIDE_H,
+                       STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, C_SC, HAS_RESIDUAL, HAS_SHORTCUT_GEMM,
+                       INTERPRETER_BF16, BLOCK_M, MID_BLOCK, BLOCK_N, BLOCK_K, BLOCK_K_SC)
 
-    for n0 in range(0, C_OUT, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < C_OUT
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if MID_BLOCKS == 1:
-            w_ptrs = w_out_ptr + offs_mid[:, None] * C_OUT + offs_n[None, :]
+
+@triton.jit
+def _out_chunk(n0, mid, sc, y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_ptr, out_ptr, residual_ptr,
+               img, oh, ow, offs_m, m_mask, H, W, C_MID_IN: tl.constexpr, C_MID: tl.constexpr, C_OUT: tl.constexpr,
+               GROUP_IN: tl.constexpr, GROUP_MID: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+               PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+               C_SC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT_GEMM: tl.constexpr,
+               INTERPRETER_BF16: tl.constexpr, BLOCK_M: tl.constexpr, MID_BLOCK: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_SC: tl.constexpr):
+    """Output channels [n0, n0 + BLOCK_N): mid @ W_out [+ sc @ W_sc] and the epilogue, stored."""
+    MID_BLOCKS: tl.constexpr = C_MID // MID_BLOCK
+    EVEN_N: tl.constexpr = C_OUT % BLOCK_N == 0
+    offs_mid = tl.arange(0, MID_BLOCK)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < C_OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if MID_BLOCKS == 1:
+        w_ptrs = w_out_ptr + offs_mid[:, None] * C_OUT + offs_n[None, :]
+        w_tile = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+        if INTERPRETER_BF16:
+            w_tile = w_tile.to(tl.float32)
+        acc = tl.dot(mid, w_tile, acc, input_precision="ieee")
+    else:
+        # K of the 1x1 GEMM split by mid block: rows j*MID_BLOCK.. of W_out meet mid block j.
+        for j in range(0, MID_BLOCKS):
+            mid_j = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, j, img, oh, ow, m_mask, H, W,
+                              C_MID_IN, C_MID, GROUP_IN, GROUP_MID, MID_BLOCK, STRIDE_H, STRIDE_W,
+                              PAD_H, PAD_W, DIL_H, DIL_W, INTERPRETER_BF16, BLOCK_M, BLOCK_K)
+            w_ptrs = w_out_ptr + (j * MID_BLOCK + offs_mid)[:, None] * C_OUT + offs_n[None, :]
             w_tile = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
             if INTERPRETER_BF16:
                 w_tile = w_tile.to(tl.float32)
-            acc = tl.dot(mid, w_tile, acc, input_precision="ieee")
+            acc = tl.dot(mid_j, w_tile, acc, input_precision="ieee")
+    if HAS_SHORTCUT_GEMM:
+        # Concat-K: the shortcut rows follow the C_MID rows of W_out (rows past C_SC meet zero channels).
+        offs_sc = tl.arange(0, BLOCK_K_SC)
+        wsc_ptrs = w_out_ptr + (C_MID + offs_sc)[:, None] * C_OUT + offs_n[None, :]
+        if C_SC == BLOCK_K_SC:
+            wsc = tl.load(wsc_ptrs) if EVEN_N else tl.load(wsc_ptrs, mask=n_mask[None, :], other=0.0)
         else:
-            # K of the 1x1 GEMM split by mid block: rows j*MID_BLOCK.. of W_out meet mid block j.
-            for j in range(0, MID_BLOCKS):
-                mid_j = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, j, img, oh, ow, m_mask, H, W,
-                                  C_MID_IN, C_MID, GROUP_IN, GROUP_MID, MID_BLOCK, STRIDE_H, STRIDE_W,
-                                  PAD_H, PAD_W, DIL_H, DIL_W, INTERPRETER_BF16, BLOCK_M, BLOCK_K)
-                w_ptrs = w_out_ptr + (j * MID_BLOCK + offs_mid)[:, None] * C_OUT + offs_n[None, :]
-                w_tile = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
-                if INTERPRETER_BF16:
-                    w_tile = w_tile.to(tl.float32)
-                acc = tl.dot(mid_j, w_tile, acc, input_precision="ieee")
-
-        if HAS_SHORTCUT_GEMM:
-            # Concat-K: the shortcut rows follow the C_MID rows of W_out.
-            wsc_ptrs = w_out_ptr + (C_MID + offs_k_sc)[:, None] * C_OUT + offs_n[None, :]
-            acc = dot_contiguous_k(acc, sc_rows[:, None] + offs_k_sc[None, :], wsc_ptrs, offs_k_sc, m_mask, n_mask,
-                                   C_SC, C_OUT, EVEN_N, INTERPRETER_BF16, BLOCK_K_SC)
-
-        store_conv_epilogue(acc, out_ptr, bias_out_ptr, residual_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT,
-                            HAS_BIAS=True, HAS_RESIDUAL=HAS_RESIDUAL, APPLY_RELU=True,
-                            INTERPRETER_BF16=INTERPRETER_BF16)
+            wsc = tl.load(wsc_ptrs, mask=(offs_sc < C_SC)[:, None] & n_mask[None, :], other=0.0)
+        if INTERPRETER_BF16:
+            wsc = wsc.to(tl.float32)
+        acc = tl.dot(sc, wsc, acc, input_precision="ieee")
+    store_conv_epilogue(acc, out_ptr, bias_out_ptr, residual_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT,
+                        HAS_BIAS=True, HAS_RESIDUAL=HAS_RESIDUAL, APPLY_RELU=True, INTERPRETER_BF16=INTERPRETER_BF16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,79 +303,100 @@ class FusedConfig:
     MID_BLOCK: int      # mid channels per 3x3 tile (at most one packed group; all of C_mid: computed once)
     BLOCK_N: int        # output channels per chunk of the 1x1 GEMM
     BLOCK_K: int        # 3x3 input channels per K step (one tap)
-    BLOCK_K_SC: int     # shortcut channels per K step
     num_warps: int
     num_stages: int
+    UNROLL_CHUNKS: bool = False  # output chunks as straight-line code (tl.static_range), else a loop
+    BLOCK_K_SC: int = 0     # the whole shortcut tile's channels (pow2, loaded once): set by fit_config
 
 
 # Untuned (no GPU has measured them). Every tile the rule gives the torchvision models that
 # fuses_conv3x3_conv1x1 admits compiles for sm_80 and sm_90 with zero spills
-# (tests/test_conv3x3_conv1x1_nhwc.py::test_aot_fused_blocks_fit_sm80_and_sm90). Registers per
-# thread size them: the fp32 mid accumulator [BLOCK_M, MID_BLOCK], then the rounded mid tile held
-# as the 1x1's A operand next to a [BLOCK_M, BLOCK_N] output accumulator.
+# (tests/test_conv3x3_conv1x1_nhwc.py::test_aot_fused_blocks_fit_sm80_and_sm90, tests/test_plan_aot.py).
+# Registers per thread size them: the fp32 mid accumulator [BLOCK_M, MID_BLOCK], then the rounded
+# mid tile (and the shortcut tile) held as the 1x1's A operands next to a [BLOCK_M, BLOCK_N]
+# output accumulator. The sm_90 rows; FUSED_ARCH_CONFIGS has those that differ on sm_80.
 FUSED_CONFIGS = {
     # 16-bit, groups=1: the whole mid tile once (MID_BLOCK >= C_mid), then the output chunks.
-    # 8 warps: at C_mid = 128, 4 warps on 64 rows spill on sm_80 (255 regs); 8 need 100-150.
-    "tc": FusedConfig(BLOCK_M=64, MID_BLOCK=128, BLOCK_N=128, BLOCK_K=64, BLOCK_K_SC=64, num_warps=8, num_stages=3),
-    # fewer than 128 "tc" programs (batch 1-2 at layer1-2): half the rows, twice the programs
-    "tc_small_m": FusedConfig(BLOCK_M=32, MID_BLOCK=128, BLOCK_N=128, BLOCK_K=64, BLOCK_K_SC=64, num_warps=4,
-                              num_stages=3),
+    # 128 rows on 8 warps: two warpgroups on 64 rows each, so the mid accumulator is the 1x1's
+    # A operand in registers as it is (no shared-memory reshuffle, no product computed twice).
+    # 64-column chunks, unrolled: a chunk's wgmma result goes straight to its epilogue, and the
+    # small output accumulator leaves 2 CTAs/SM (128-column chunks: 166-223 regs, 1 CTA/SM).
+    "tc": FusedConfig(BLOCK_M=128, MID_BLOCK=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3,
+                      UNROLL_CHUNKS=True),
+    # fewer "tc" programs than the target has SMs (batch 1-2 at layer1-2): one warpgroup, 64 rows
+    # (the smallest wgmma tile), twice the programs
+    "tc_small_m": FusedConfig(BLOCK_M=64, MID_BLOCK=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3,
+                              UNROLL_CHUNKS=True),
     # 16-bit, grouped: one mid block per packed group and one output chunk (C_out <= 256), so the
     # 3x3 runs once; the [64, 256] fp32 output accumulator is 64 regs/thread on 8 warps
-    "tc_grouped": FusedConfig(BLOCK_M=64, MID_BLOCK=16, BLOCK_N=256, BLOCK_K=16, BLOCK_K_SC=64, num_warps=8,
-                              num_stages=3),
+    "tc_grouped": FusedConfig(BLOCK_M=64, MID_BLOCK=16, BLOCK_N=256, BLOCK_K=16, num_warps=8, num_stages=3,
+                              UNROLL_CHUNKS=True),
     # fp32: IEEE dots on the FMA units, where a thread holds its rows (columns) of an operand
     # across the whole K of a dot. The mid tile (K = C_mid of the 1x1) is therefore met by narrow
-    # 32-column output chunks: 48-80 regs; 128-column chunks spill on sm_80.
-    "fp32": FusedConfig(BLOCK_M=32, MID_BLOCK=128, BLOCK_N=32, BLOCK_K=32, BLOCK_K_SC=32, num_warps=8, num_stages=2),
+    # 32-column output chunks; 128-column chunks spill on sm_80.
+    "fp32": FusedConfig(BLOCK_M=32, MID_BLOCK=128, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
     # 16 rows: on 32 rows ptxas caps the 8-warp grouped tile at 128 regs on sm_90 and spills 8 B
-    "fp32_grouped": FusedConfig(BLOCK_M=16, MID_BLOCK=16, BLOCK_N=256, BLOCK_K=16, BLOCK_K_SC=16, num_warps=8,
-                                num_stages=2),
+    "fp32_grouped": FusedConfig(BLOCK_M=16, MID_BLOCK=16, BLOCK_N=256, BLOCK_K=16, num_warps=8, num_stages=2),
     # Triton interpreter (CPU tensors): few large programs, one chunk, one K step per tap
-    "interpreter": FusedConfig(BLOCK_M=128, MID_BLOCK=1024, BLOCK_N=1024, BLOCK_K=128, BLOCK_K_SC=256, num_warps=4,
-                               num_stages=1),
+    "interpreter": FusedConfig(BLOCK_M=128, MID_BLOCK=1024, BLOCK_N=1024, BLOCK_K=128, num_warps=4, num_stages=1),
 }
-_SMALL_M_PROGRAMS = 128         # fewer "tc" programs than this leave most of an H100's 132 SMs idle
+# sm_80 (mma.sync: both operands pass through registers): 128 rows spill there, so 64 rows on
+# 8 warps (32 on 4 for small M), and the chunks stay a loop whose weight tiles the pipeliner
+# streams with cp.async (unrolled, the register-staged weight tiles spill next to a 256-channel
+# shortcut tile).
+FUSED_ARCH_CONFIGS = {
+    ("tc", 80): FusedConfig(BLOCK_M=64, MID_BLOCK=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    ("tc_small_m", 80): FusedConfig(BLOCK_M=32, MID_BLOCK=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    # next to a 256-channel fp32 shortcut tile, 32-column chunks spill 8 B on sm_80
+    ("fp32", 80): FusedConfig(BLOCK_M=32, MID_BLOCK=128, BLOCK_N=16, BLOCK_K=32, num_warps=8, num_stages=2),
+}
 _MAX_DENSE_MID = 128            # see fuses_conv3x3_conv1x1
 _MAX_GROUPED_OUT = 256
+
+
+def fused_tile(name: str, arch: int) -> FusedConfig:
+    """The named tile on an architecture's table row (``table_arch``): FUSED_ARCH_CONFIGS', else FUSED_CONFIGS'."""
+    return FUSED_ARCH_CONFIGS.get((name, arch), FUSED_CONFIGS[name])
 
 
 def fit_config(cfg: FusedConfig, group_in: int, group_mid: int, c_out: int, c_sc: int) -> FusedConfig:
     """Clamp a configuration's tiles to a shape: MID_BLOCK to the packed group's mid channels,
     BLOCK_N to C_out (pow2, >= 16), BLOCK_K to the largest power of two dividing the packed group's
-    input channels (a K step must not straddle a tap), BLOCK_K_SC to the shortcut channels (pow2,
-    >= 16; a tail is masked)."""
+    input channels (a K step must not straddle a tap), BLOCK_K_SC to all the shortcut channels
+    (pow2, >= 16; a tail is masked): the shortcut tile is loaded once."""
     return dataclasses.replace(
         cfg,
         MID_BLOCK=min(cfg.MID_BLOCK, group_mid),
         BLOCK_N=min(cfg.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(c_out))),
         BLOCK_K=min(cfg.BLOCK_K, largest_pow2_divisor(group_in)),
-        BLOCK_K_SC=min(cfg.BLOCK_K_SC, max(MIN_TILE_CHANNELS, pow2_at_least(c_sc))),
+        BLOCK_K_SC=max(MIN_TILE_CHANNELS, pow2_at_least(c_sc)),
     )
 
 
 @functools.lru_cache(maxsize=4096)
 def fused_config(m: int, group_in: int, group_mid: int, c_mid: int, c_out: int, c_sc: int,
-                 dtype: torch.dtype, device_type: str) -> FusedConfig:
+                 dtype: torch.dtype, device_type: str, target: Target = DEFAULT_TARGET) -> FusedConfig:
     """Tile rule, keyed on M = N*OH*OW, the packed 3x3 group widths, C_mid, C_out, the shortcut's
-    channels, the operand width and whether the interpreter runs it.
+    channels, the operand width, whether the interpreter runs it and the target GPU.
 
     GPU: several packed groups (ResNeXt) -> tc_grouped / fp32_grouped; else 16-bit -> tc, or
-    tc_small_m when M gives fewer than 128 tc programs; fp32 -> fp32. Interpreter (device cpu):
-    the interpreter tile, BLOCK_M shrunk to M. Then ``fit_config``.
+    tc_small_m when M gives fewer tc programs than the target has SMs; fp32 -> fp32; each tile as
+    the target architecture's row has it (``fused_tile``). Interpreter (device cpu): the
+    interpreter tile, BLOCK_M shrunk to M. Then ``fit_config``.
     """
     grouped = group_mid < c_mid
+    arch = table_arch(target.sm)
     if device_type == "cpu":
         cfg = FUSED_CONFIGS["interpreter"]
         cfg = dataclasses.replace(cfg, BLOCK_M=min(cfg.BLOCK_M, max(16, pow2_at_least(m))))
     elif dtype == torch.float32:
-        cfg = FUSED_CONFIGS["fp32_grouped" if grouped else "fp32"]
+        cfg = fused_tile("fp32_grouped" if grouped else "fp32", arch)
     elif grouped:
-        cfg = FUSED_CONFIGS["tc_grouped"]
+        cfg = fused_tile("tc_grouped", arch)
     else:
-        cfg = FUSED_CONFIGS["tc"]
-        if triton.cdiv(m, cfg.BLOCK_M) < _SMALL_M_PROGRAMS:
-            cfg = FUSED_CONFIGS["tc_small_m"]
+        cfg = fused_tile("tc", arch)
+        if triton.cdiv(m, cfg.BLOCK_M) < target.sms:
+            cfg = fused_tile("tc_small_m", arch)
     return fit_config(cfg, group_in, group_mid, c_out, c_sc)
 
 
@@ -438,7 +497,7 @@ def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilatio
     c_mid, c_out, c_sc = packed.mid_channels, packed.out_channels, packed.shortcut_in_channels
     group_in, group_mid = packed.mid.group_in_channels, packed.mid.group_out_channels
     m = n * oh * ow
-    cfg = fused_config(m, group_in, group_mid, c_mid, c_out, c_sc, y1.dtype, y1.device.type)
+    cfg = fused_config(m, group_in, group_mid, c_mid, c_out, c_sc, y1.dtype, y1.device.type, target_for(y1.device))
     args = dict(y_ptr=y1, w_mid_ptr=packed.mid.weight, bias_mid_ptr=bias_mid, w_out_ptr=packed.out.weight,
                 bias_out_ptr=bias_out, out_ptr=out, BATCH=n, H=h, W=w, OH=oh, OW=ow)
     # Absent operands are None, which Triton treats as constexpr: they go with the constexprs.
@@ -455,7 +514,7 @@ def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilatio
         HAS_RESIDUAL=residual is not None, HAS_SHORTCUT_GEMM=shortcut is not None,
         INTERPRETER_BF16=y1.dtype == torch.bfloat16 and y1.device.type == "cpu",
         BLOCK_M=cfg.BLOCK_M, MID_BLOCK=cfg.MID_BLOCK, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        BLOCK_K_SC=cfg.BLOCK_K_SC,
+        BLOCK_K_SC=cfg.BLOCK_K_SC, UNROLL_CHUNKS=cfg.UNROLL_CHUNKS,
     )
     groups = packed.groups
     name = (f"conv3x3_conv1x1_nhwc[s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")

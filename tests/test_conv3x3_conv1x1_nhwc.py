@@ -19,6 +19,7 @@ these same tests on a GPU, where INTERPRETER_BF16 is off.
 """
 import dataclasses
 import io
+import itertools
 import math
 
 import pytest
@@ -35,6 +36,7 @@ skip_without_gpu_or_interpreter("the Triton kernel")
 from fastres import aot  # noqa: E402
 from fastres.kernels import conv3x3_conv1x1_nhwc as fused_module  # noqa: E402
 from fastres.kernels._launch import KernelCall, record_launches  # noqa: E402
+from fastres.kernels._target import TARGETS, use_target  # noqa: E402
 from fastres.kernels.conv3x3_conv1x1_nhwc import (  # noqa: E402
     FUSED_CONFIGS, PackedConv3x3Conv1x1, conv3x3_conv1x1_nhwc_packed, conv3x3_conv1x1_nhwc_ref, fit_config,
     fused_config, fuses_conv3x3_conv1x1, pack_conv3x3_conv1x1)
@@ -245,7 +247,7 @@ def test_gpu_tiles_under_the_interpreter(config_name, kind, monkeypatch):
     if kind is _DENSE_MID_BLOCKS:
         config = dataclasses.replace(config, BLOCK_N=64)
     monkeypatch.setattr(fused_module, "fused_config",
-                        lambda m, group_in, group_mid, c_mid, c_out, c_sc, dtype, device_type:
+                        lambda m, group_in, group_mid, c_mid, c_out, c_sc, dtype, device_type, target=None:
                         fit_config(config, group_in, group_mid, c_out, c_sc))
     dtype = torch.float32 if config_name.startswith("fp32") else torch.float16
     p = _make_block(kind, 1, 7, 9, dtype, seed=3)        # 63 or 20 output pixels: a masked M tail
@@ -428,8 +430,11 @@ def test_config_rule_keeps_gpu_tiles_sane():
                     assert cfg.BLOCK_N >= c_out
                 if dtype != torch.float32:
                     assert cfg.num_warps % 4 == 0 and cfg.BLOCK_M >= 32       # tensor-core tiles
-    assert fused_config(56 * 56, 64, 64, 64, 256, 64, torch.float16, "cuda").BLOCK_M == 32    # batch 1: small M
-    assert fused_config(32 * 56 * 56, 64, 64, 64, 256, 64, torch.float16, "cuda").BLOCK_M == 64
+    # batch 1: small M (fewer tc programs than SMs); sm_90 128 rows (two warpgroups), sm_80 64
+    for sm, small, large in ((90, 64, 128), (80, 32, 64)):
+        target = TARGETS[sm]
+        assert fused_config(56 * 56, 64, 64, 64, 256, 64, torch.float16, "cuda", target).BLOCK_M == small
+        assert fused_config(32 * 56 * 56, 64, 64, 64, 256, 64, torch.float16, "cuda", target).BLOCK_M == large
 
 
 def test_pack_layouts():
@@ -556,10 +561,11 @@ SMS = (80, 90)
 
 
 def _aot_calls():
-    """{label: calls} at 224x224: resnet50 and wide_resnet50_2 at batch 1, 32, 256 in every dtype;
-    the dilated resnet50 and the grouped blocks at batch 32 (their tiles are those of resnet50's
-    blocks, or do not depend on the batch)."""
-    by_label = {}
+    """({label: calls}, {label: sm}) at 224x224, each recorded with the tiles its target GPU gets:
+    resnet50 and wide_resnet50_2 at batch 1, 32, 256 in every dtype; the dilated resnet50 and the
+    grouped blocks at batch 32 (their tiles are those of resnet50's blocks, or do not depend on the
+    batch)."""
+    by_label, targets = {}, {}
     for name, batches in (("resnet50", (1, 32, 256)), ("wide_resnet50_2", (1, 32, 256)), ("resnet50_dilated", (32,)),
                           ("resnext50_32x4d", (32,)), ("resnext101_64x4d", (32,)), ("resnext101_32x8d", (32,))):
         model = _model(name)
@@ -569,38 +575,38 @@ def _aot_calls():
                 kind = _block_kind(block)
                 if fuses_conv3x3_conv1x1(kind[2], kind[1], kind[3], kind[6], torch.float16):
                     blocks[kind] = 56 if li == 1 or kind[4] == 2 or "dilated" in name else 28    # input H = W
-        for batch in batches:
-            for dtype in DTYPES:
-                with record_launches() as calls:
-                    for kind, hw in blocks.items():
-                        c_in, c_mid_in, c_mid, c_out, stride, dilation, groups, sc_stride = kind
-                        packed = pack_conv3x3_conv1x1(
-                            _meta(c_mid, c_mid_in // groups, 3, 3, dtype=dtype), _meta(c_out, c_mid, 1, 1, dtype=dtype),
-                            groups=groups,
-                            shortcut_weight=_meta(c_out, c_in, 1, 1, dtype=dtype) if sc_stride else None)
-                        x = _meta(batch, c_in, hw, hw, dtype=dtype, channels_last=True)
-                        y1 = _meta(batch, c_mid_in, hw, hw, dtype=dtype, channels_last=True)
-                        conv3x3_conv1x1_nhwc_packed(y1, packed, _meta(c_mid), _meta(c_out), stride=stride,
-                                                    padding=dilation, dilation=dilation,
-                                                    residual=None if sc_stride else x,
-                                                    shortcut=x if sc_stride else None, shortcut_stride=sc_stride or 1)
-                by_label[f"{name}-b{batch}-{str(dtype)[6:]}"] = calls
-    return by_label
+        for batch, dtype, sm in itertools.product(batches, DTYPES, SMS):
+            with use_target(sm), record_launches() as calls:
+                for kind, hw in blocks.items():
+                    c_in, c_mid_in, c_mid, c_out, stride, dilation, groups, sc_stride = kind
+                    packed = pack_conv3x3_conv1x1(
+                        _meta(c_mid, c_mid_in // groups, 3, 3, dtype=dtype), _meta(c_out, c_mid, 1, 1, dtype=dtype),
+                        groups=groups,
+                        shortcut_weight=_meta(c_out, c_in, 1, 1, dtype=dtype) if sc_stride else None)
+                    x = _meta(batch, c_in, hw, hw, dtype=dtype, channels_last=True)
+                    y1 = _meta(batch, c_mid_in, hw, hw, dtype=dtype, channels_last=True)
+                    conv3x3_conv1x1_nhwc_packed(y1, packed, _meta(c_mid), _meta(c_out), stride=stride,
+                                                padding=dilation, dilation=dilation,
+                                                residual=None if sc_stride else x,
+                                                shortcut=x if sc_stride else None, shortcut_stride=sc_stride or 1)
+            label = f"{name}-b{batch}-{str(dtype)[6:]}-sm{sm}"
+            by_label[label], targets[label] = calls, sm
+    return by_label, targets
 
 
 def test_aot_fused_blocks_fit_sm80_and_sm90():
-    calls = _aot_calls()
-    assert len(calls) == 3 * 3 * 2 + 4 * 3 and all(calls.values())
-    rows = aot.aot_report(calls, SMS, workers=2)
+    calls, targets = _aot_calls()
+    assert len(calls) == (3 * 3 * 2 + 4 * 3) * len(SMS) and all(calls.values())
+    rows = aot.aot_report(calls, SMS, workers=2, targets=targets)
     out = io.StringIO()
     assert aot.print_report(rows, SMS, file=out) == 0, out.getvalue()
     print(out.getvalue())
     assert {row.dtypes.split(",")[0] for row in rows} == {"fp16", "bf16", "fp32"}
     for row in rows:
-        for sm in SMS:
-            resources = row.resources[sm]
+        assert row.resources
+        for sm, resources in row.resources.items():
             assert not resources.error and resources.spill_bytes == 0 and resources.local_bytes == 0, (row.config, sm)
             assert 0 < resources.registers <= aot.MAX_REGISTERS
             assert resources.shared_bytes <= aot.SHARED_MEMORY_LIMIT[sm]
-        if "fp32" not in row.dtypes.split(",")[0]:
-            assert row.resources[90].uses_wgmma or "BLOCK_M=32" in row.config, row.config
+        if "fp32" not in row.dtypes.split(",")[0] and 90 in row.resources:
+            assert row.resources[90].uses_wgmma, row.config

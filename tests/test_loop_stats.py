@@ -11,6 +11,7 @@ The plan configurations are the ones tests/test_plan_aot.py compiles (same label
 caches compiled results in-process, so in one pytest run they are compiled once.
 """
 import pytest
+import torch
 from test_plan_aot import plan_calls
 
 from bench.gemm_reference import gemm_reference_call
@@ -20,9 +21,9 @@ from fastres.kernels.conv2d_nhwc import CONV_CONFIGS, CONV_CTAS_PER_SM
 SMS = (80, 90)
 LABELS = [("resnet50", 1, "fp16"), ("resnet50", 256, "fp16"), ("resnet50", 256, "bf16")]   # in test_plan_aot's
 # Kernels with an sm_90 K loop still synchronous (wgmma waited on in the same step, or mma.sync):
-# the fused 3x3 -> 1x1 (issue #11 item 6); the test below fails
-# once one of them becomes async, so the exception cannot outlive the defect.
-KNOWN_SYNC_WGMMA = {"conv3x3_conv1x1_nhwc"}
+# none. A kernel listed here is exempt, and the test below fails once it becomes async, so an
+# exception cannot outlive its defect.
+KNOWN_SYNC_WGMMA = set()
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,31 @@ def test_conv_ctas_per_sm_table_matches_the_compiled_kernels(plan_rows):
     typical = {key: counts.most_common(1)[0][0] for key, counts in seen.items()}
     assert {key: CONV_CTAS_PER_SM[key] for key in seen} == typical, dict(seen)
     assert len(seen) >= 4, seen
+
+
+def test_fused_3x3_1x1_loops_are_gemm_loops(plan_rows):
+    """The fused bottleneck 3x3 -> 1x1 on sm_90 at batch 256: 128-row tiles whose 3x3 K loop is a
+    plain GEMM's (16-byte cp.async only, async wgmma with one group in flight, within 2x of the
+    plain GEMM's instructions per step with the same tiles); at least 2 CTAs/SM where no
+    256-channel shortcut tile is held."""
+    from fastres import sass
+    rows = [row for row in plan_rows if row.kernel.startswith("conv3x3_conv1x1_nhwc") and 90 in row.resources
+            and any("b256" in label for label, _ in row.uses)]
+    assert len(rows) >= 4, [row.kernel for row in rows]
+    for row in rows:
+        cfg = dict(item.split("=") for item in row.config.split() if "=" in item)
+        assert cfg["BLOCK_M"] == "128" and row.num_warps == 8, row.config
+        (loop,) = _loops(row, 90)
+        reference = gemm_reference_call(256 * 56 * 56, int(cfg["MID_BLOCK"]), 9 * int(cfg["C_MID_IN"]), block_m=128,
+                                        block_n=int(cfg["MID_BLOCK"]), block_k=int(cfg["BLOCK_K"]), num_warps=8,
+                                        num_stages=3, dtype=getattr(torch, row.dtypes.split(",")[0].replace("bf", "bfloat")
+                                                                    .replace("fp", "float")))
+        (ref_row,) = aot.aot_report({"reference": [reference]}, (90,))
+        (ref,) = _loops(ref_row, 90)
+        assert loop.mma == ref.mma and loop.wgmma_async and loop.wgmma_in_flight == 1, (loop.summary(), ref.summary())
+        assert set(loop.global_loads) == {"LDGSTS.128"} and not loop.shared_stores, loop.summary()
+        assert loop.instructions <= 2 * ref.instructions, (row.kernel, loop.summary(), ref.summary())
+        r = row.resources[90]
+        if int(cfg["C_SC"]) < 256:
+            assert sass.ctas_per_sm(90, r.registers, r.shared_bytes, row.num_warps) >= 2, (row.kernel, r.registers)
+        print(row.kernel, loop.summary(), "| reference:", ref.summary())
