@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _autotune
 from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activation, check_bias, check_packed_input,
@@ -68,6 +69,7 @@ from ._target import DEFAULT_TARGET, Target, table_arch, target_for
 def _conv2d_nhwc_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, residual_ptr, shortcut_ptr, out2_ptr, scale2_ptr, shift2_ptr,
     ws_ptr, counter_ptr,
+    x_desc, w_desc,
     BATCH, H, W, OH, OW, SC_H, SC_W, RES_H, RES_W,
     C_IN: tl.constexpr, C_OUT: tl.constexpr,
     CIN_PER_GROUP: tl.constexpr, COUT_PER_GROUP: tl.constexpr,   # per *packed* group
@@ -83,6 +85,7 @@ def _conv2d_nhwc_kernel(
     HAS_OUT2: tl.constexpr, OUT2_RELU: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """out = relu?(conv(x, W) [+ shortcut @ W_sc] + bias [+ residual]), fp32 accumulation;
     [out2 = relu?(out * scale2 + shift2)] (``store_residual_block_epilogue``). The residual is
@@ -135,6 +138,17 @@ def _conv2d_nhwc_kernel(
         acc = dot_concat_k(acc, x_ptr + offs_m.to(tl.int64) * C_IN, shortcut_ptr + sc_pixel.to(tl.int64) * C_SC,
                            w_ptrs, offs_k, m_mask, n_mask, C_IN, C_SC, C_OUT, CONCAT_ALIGN, EVEN_N, INTERPRETER_BF16,
                            BLOCK_K)
+    elif PLAIN_GEMM and TMA:
+        # Plain GEMM, operand tiles through TMA descriptors (sm_90: one UTMALDG per tile, no address
+        # math per thread): x_desc is x as [N*H*W, C_IN] (rows past M come zero-filled), w_desc the
+        # packed [K, C_OUT] weight; groups == 1, no split, BLOCK_K divides C_IN (checked at launch).
+        n0 = (pid_n % N_TILES_PER_GROUP) * BLOCK_N
+        for kb in range(0, CIN_PER_GROUP // BLOCK_K):
+            a = x_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+            b = w_desc.load([kb * BLOCK_K, n0])
+            if INTERPRETER_BF16:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
     elif PLAIN_GEMM:
         # Plain GEMM: output pixel m reads input pixel m (split-K: channels [k0, k0 + C/SPLIT_K)).
         K_SPLIT: tl.constexpr = CIN_PER_GROUP // SPLIT_K
@@ -401,6 +415,7 @@ class ConvConfig:
     num_warps: int
     num_stages: int
     SPLIT_K: int = 1        # programs sharing one output tile's K steps (fp32 atomics + last-arriver epilogue)
+    TMA: bool = False       # 1x1 plain GEMM operand tiles through host-side TMA descriptors (sm_90)
 
 
 # Untuned starting points (no GPU has measured them); every tile the rule can reach for the
@@ -430,6 +445,11 @@ CONV_CTAS_PER_SM = {
 FULL_WAVE_EFFICIENCY = 0.9     # a tile whose last wave leaves more than ~10% of the GPU idle gives way
 MAX_SPLIT_K = 16               # split-K: at most this many programs per output tile,
 MIN_STEPS_PER_SPLIT = 4        # each with at least this many BLOCK_K steps (enough to fill the pipeline)
+# TMA descriptors (sm_90) for the compute-bound 1x1 GEMMs: K of at least TMA_MIN_K channels and at
+# least TMA_MIN_WAVES waves of the chosen tile on the target (the tile loads are then a steady
+# stream worth moving off the threads); everything else, and sm_80, keeps cp.async.
+TMA_MIN_K = 256
+TMA_MIN_WAVES = 3
 _FLAT_K_BLOCK_K = 32           # FLAT_K: K in steps of 32
 
 
@@ -455,7 +475,7 @@ def _split_k(steps: int, target: Target, ctas: int, cfg: ConvConfig, m: int, cou
 @functools.lru_cache(maxsize=4096)
 def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_channels: int, flat_k: bool,
                 dtype: torch.dtype, device_type: str, target: Target = DEFAULT_TARGET,
-                split_k_steps: int = 0) -> ConvConfig:
+                split_k_steps: int = 0, plain_gemm: bool = False) -> ConvConfig:
     """Tile rule, keyed on what changes the answer: M = N*OH*OW, the packed group widths, the
     K mode, the operand width, whether the interpreter runs it and the target GPU (architecture,
     SM count).
@@ -467,8 +487,10 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
     and the conv may split K (``split_k_steps``: its K steps, > 0 for a groups=1 tap-major or 1x1
     conv without shortcut), SPLIT_K = the smallest divisor of the steps (<= MAX_SPLIT_K, >=
     MIN_STEPS_PER_SPLIT steps each) that fills the waves, else the one filling them most, on the
-    tc_small_m tile: small M and large K, e.g. layer4 at batch 1-8. num_stages per architecture (CONV_STAGES). fp32: the
-    fp32 tile. Interpreter (device cpu): the interpreter tile.
+    tc_small_m tile: small M and large K, e.g. layer4 at batch 1-8. num_stages per architecture (CONV_STAGES).
+    TMA on sm_90 for a ``plain_gemm`` (1x1/s1, groups 1, no shortcut) with K >= TMA_MIN_K whose
+    tile (not split) runs at least TMA_MIN_WAVES waves. fp32: the fp32 tile. Interpreter (device
+    cpu): the interpreter tile.
     Then BLOCK_N is clamped to the packed group width (pow2, >= 16) and BLOCK_K to the largest
     power of two dividing the group's input channels (tap-major K steps must not straddle a tap),
     or 32 in FLAT_K mode (ROW_K sets its own BLOCK_K at launch).
@@ -500,6 +522,12 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
             split = _split_k(split_k_steps, target, CONV_CTAS_PER_SM["tc_small_m", arch], small, m, group_out_channels)
             if split > 1:
                 cfg = dataclasses.replace(small, SPLIT_K=split)
+        if (arch == 90 and plain_gemm and num_groups == 1 and group_in_channels >= TMA_MIN_K and cfg.SPLIT_K == 1
+                and group_in_channels % cfg.BLOCK_K == 0):
+            block_n = min(cfg.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(group_out_channels)))
+            programs = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(group_out_channels, block_n)
+            if programs >= TMA_MIN_WAVES * CONV_CTAS_PER_SM[name, arch] * target.sms:
+                cfg = dataclasses.replace(cfg, TMA=True)
     block_n = min(cfg.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(group_out_channels)))
     if flat_k:
         block_k = min(cfg.BLOCK_K, _FLAT_K_BLOCK_K)
@@ -622,6 +650,25 @@ def _concat_align(x, shortcut, c_in: int, c_sc: int, block_k: int) -> int:
     return 16 if aligned else 1
 
 
+def _tma_fits(x, packed, cfg: ConvConfig, plain_gemm: bool) -> bool:
+    """Whether a conv can take its operand tiles from TMA descriptors: a 1x1 plain GEMM, groups 1, no
+    split, BLOCK_K dividing C_in, and what a descriptor needs (16-byte aligned base and row pitch)."""
+    size = x.element_size()
+    return (plain_gemm and cfg.SPLIT_K == 1 and packed.in_channels % cfg.BLOCK_K == 0
+            and x.data_ptr() % 16 == 0 and packed.weight.data_ptr() % 16 == 0
+            and packed.in_channels * size % 16 == 0 and packed.out_channels * size % 16 == 0)
+
+
+def _tma_descriptors(x, packed, cfg: ConvConfig) -> dict:
+    """x_desc / w_desc of a TMA launch (x as its [N*H*W, C_in] rows, the packed [K, C_out] weight),
+    None (constexpr) otherwise."""
+    if not cfg.TMA:
+        return dict(x_desc=None, w_desc=None)
+    x2d = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])        # a view: channels_last bytes
+    return dict(x_desc=TensorDescriptor.from_tensor(x2d, [cfg.BLOCK_M, cfg.BLOCK_K]),
+                w_desc=TensorDescriptor.from_tensor(packed.weight, [cfg.BLOCK_K, cfg.BLOCK_N]))
+
+
 def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
                 shortcut_stride, residual_stride=1, residual_channel_offset=0, affine2=None,
                 affine2_relu=False, out2=None, config: ConvConfig | None = None) -> KernelCall:
@@ -636,8 +683,12 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     device_type = x.device.type
     splittable = num_groups == 1 and shortcut is None and not flat_k and not packed.row_k
     main_steps = kh * kw * cin_g // min(CONV_CONFIGS["tc_wide"].BLOCK_K, largest_pow2_divisor(cin_g)) if splittable else 0
+    plain_gemm = ((kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and num_groups == 1
+                  and shortcut is None and not packed.row_k)
     cfg = config or conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type,
-                                target_for(x.device), main_steps)
+                                target_for(x.device), main_steps, plain_gemm)
+    if cfg.TMA and not _tma_fits(x, packed, cfg, plain_gemm):
+        cfg = dataclasses.replace(cfg, TMA=False)
     row_align, row_k_mask = 1, False
     if packed.row_k:
         cfg = dataclasses.replace(cfg, BLOCK_K=packed.row_k)
@@ -662,7 +713,8 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
                     RES_W=residual.shape[3] if strided_residual else None,
                     out2_ptr=out2 if affine2 is not None else None,
                     scale2_ptr=affine2[0] if affine2 is not None else None,
-                    shift2_ptr=affine2[1] if affine2 is not None else None)
+                    shift2_ptr=affine2[1] if affine2 is not None else None,
+                    **_tma_descriptors(x, packed, cfg))
     args.update({k: v for k, v in optional.items() if v is not None})
     constexprs = {k: v for k, v in optional.items() if v is None}
     c_sc = packed.shortcut_in_channels
@@ -679,6 +731,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         HAS_OUT2=affine2 is not None, OUT2_RELU=bool(affine2_relu) and affine2 is not None,
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K,
+        TMA=cfg.TMA,
     )
     k_main = kh * kw * cin_g
     name = (f"conv2d_nhwc[{kh}x{kw}/s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")

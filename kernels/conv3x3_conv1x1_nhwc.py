@@ -11,6 +11,13 @@ which it walks in chunks of BLOCK_N output channels; each chunk then adds the sh
 residual and ReLU and is stored. The mid tensor never touches memory: per block that saves
 writing and re-reading N*OH*OW*C_mid values, and one launch.
 
+The 3x3 is one flat K loop over (tap, channel block) with pointer loads triton's pipeliner streams
+through shared memory (cp.async, async wgmma on sm_90). A projection shortcut's [BLOCK_M, C_sc]
+tile is loaded once, after it, and is the second A operand of every chunk's 1x1 GEMM (concat-K).
+UNROLL_CHUNKS (the sm_90 tensor-core tiles): the chunks are straight-line code, each chunk one
+wgmma group (K = C_mid, + C_sc) waited on by its own epilogue; otherwise a loop over chunks
+(sm_80, where the pipeliner then streams the chunks' weight tiles, and fp32).
+
 Operands and layouts are those of ``conv2d_nhwc`` (its module docstring explains them), and the
 packing is its ``pack_conv_weight``:
 
@@ -410,13 +417,12 @@ def fuses_conv3x3_conv1x1(c_mid: int, c_in_mid: int, c_out: int, groups: int, dt
     are multiples of 16, and dtype float16, bfloat16 or float32. Then:
 
     * one packed group (groups == 1): fused when c_mid <= 128. The whole [BLOCK_M, c_mid] fp32 mid
-      accumulator and its rounded copy live in registers next to an output-chunk accumulator; for
-      c_mid 64 and 128 the shipped tiles need 100-150 regs/thread (16-bit, 64 rows, 8 warps),
-      96-164 (32 rows, 4 warps) and 48-80 (fp32), at most 200 KB shared memory (sm_90). That
-      covers resnet50/101/152 layer1-2 and wide_resnet50_2/101_2 layer1. c_mid = 256 (layer3;
-      wide layer2) was compiled too: 186-242 regs and 168-240 KB shared memory on sm_90 (over its
-      227 KB limit) on 64 rows, 226-238 regs on 32 rows, kilobytes of spills in fp32: not a sane
-      tile, so it stays unfused.
+      accumulator and its rounded copy live in registers next to an output-chunk accumulator
+      (and a projection's shortcut tile); the shipped tiles compile for c_mid 64 and 128 without
+      spills (the AOT tests carry the numbers). That covers resnet50/101/152 layer1-2 and
+      wide_resnet50_2/101_2 layer1. c_mid = 256 (layer3; wide layer2) was re-checked on the
+      128-row sm_90 tile: ~240 regs (1 CTA/SM) without a shortcut, and with layer3.0's 512-channel
+      projection it spills: it stays unfused (the unfused 3x3 runs 2 CTAs/SM).
     * several packed groups (ResNeXt): fused when c_out <= 256. The 1x1 GEMM's K is split by packed
       group, so the whole [64, c_out] fp32 output accumulator stays in registers (with fewer
       columns per chunk the 3x3 would be recomputed per chunk): 123-184 regs (16-bit, 8 warps),

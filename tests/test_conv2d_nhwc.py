@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 import triton
 from kernel_testing import (CL, DEVICE, ON_CUDA, assert_fp32_close, assert_rounded_once, assert_within_twice_torch,
@@ -657,3 +658,67 @@ def test_wave_rule_splits_k_only_where_the_waves_are_short():
     # sm_80 stages: tc_wide gets a third buffer
     assert conv_config(12544, 2048, 1, 512, False, torch.float16, "cuda", a100, 8).num_stages == 4
     assert conv_config(12544, 2048, 1, 512, False, torch.float16, "cuda", h100, 8).num_stages == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# TMA descriptors (sm_90's 1x1 GEMMs with large K and >= 3 waves)
+
+
+@pytest.mark.parametrize("case", [
+    (2, 256, 64, 7, 7),         # layer1 conv1 (K = 256); 98 pixels: the last M tile's rows come zero-filled
+    (1, 1024, 256, 13, 11),     # layer3 conv1 (K = 1024) at an odd spatial size
+    (3, 512, 320, 5, 9),        # C_out 320: the last N tile's columns past C_out come zero-filled
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_descriptor_loads_match_the_reference(case, dtype, monkeypatch):
+    """The TMA loop of the 1x1 plain GEMM (what sm_90 runs for compute-bound 1x1 convs) under the
+    interpreter, which runs the descriptor loads and their out-of-bounds zero fill, with the
+    GPU tiles (several M and N tiles, the GROUP_M swizzle), against F.conv2d in fp64."""
+    batch, c_in, c_out, h, w = case
+    real_config = conv_module.conv_config
+
+    def tma_config(*args, **kwargs):
+        cfg = real_config(*args, **kwargs)
+        return type(cfg)(64, min(128, max(16, triton.next_power_of_2(args[1]))), 64, 4, 4, 2, TMA=True)
+    monkeypatch.setattr(conv_module, "conv_config", tma_config)
+    x, weight, b, r = _make_problem(batch, c_in, c_out, h, w, 1, 1, 0, 1, 1, dtype, bias=True, residual=True)
+    with record_launches() as calls:
+        conv2d_nhwc(x, weight, b, residual=r, relu=True)
+    (call,) = calls
+    assert call.constexprs["TMA"] and type(call.args["x_desc"]).__name__ == "TensorDescriptor"
+    assert tuple(call.args["x_desc"].shape) == (batch * h * w, c_in)
+    out = conv2d_nhwc(x, weight, b, residual=r, relu=True)
+    ref64 = F.conv2d(_double(x), _double(weight), _double(b)).add_(_double(r)).relu_()
+    torch_out = None if dtype == torch.float32 else conv2d_nhwc_ref(x, weight, b, residual=r, relu=True)
+    _assert_close_to_reference(out, torch_out, ref64, dtype, c_in, what=f"TMA {case}")
+
+
+def test_tma_rule_picks_compute_bound_1x1_gemms_on_sm90_only():
+    from fastres.kernels._target import TARGETS
+    h100, a100 = TARGETS[90], TARGETS[80]
+    # layer1 conv1 at batch 256 (M = 802816, K = 256): thousands of programs -> TMA on H100, not on A100
+    assert conv_config(802816, 64, 1, 256, False, torch.float16, "cuda", h100, 4, True).TMA
+    assert not conv_config(802816, 64, 1, 256, False, torch.float16, "cuda", a100, 4, True).TMA
+    # small K (layer1 conv3's K = 64), not a plain GEMM (3x3), fp32, batch 1: cp.async
+    assert not conv_config(802816, 256, 1, 64, False, torch.float16, "cuda", h100, 1, True).TMA
+    assert not conv_config(802816, 64, 1, 256, False, torch.float16, "cuda", h100, 36, False).TMA
+    assert not conv_config(802816, 64, 1, 256, False, torch.float32, "cuda", h100, 4, True).TMA
+    assert not conv_config(3136, 64, 1, 256, False, torch.float16, "cuda", h100, 4, True).TMA
+    # layer4 1x1 2048 -> 512 at batch 256: 2.97 waves of its narrow tile, under TMA_MIN_WAVES
+    assert not conv_config(12544, 512, 1, 2048, False, torch.float16, "cuda", h100, 32, True).TMA
+    # the interpreter never picks it (its tests force it)
+    assert not conv_config(802816, 64, 1, 256, False, torch.float16, "cpu", h100, 4, True).TMA
+
+
+def test_tma_needs_aligned_operands():
+    """A 1x1 conv whose input rows are not 16-byte aligned runs cp.async, even where the rule picks TMA."""
+    dt = torch.float16
+    packed = pack_conv_weight(torch.empty(64, 320, 1, 1, device="meta", dtype=dt))
+    storage = torch.empty(256 * 56 * 56 * 320 + 4, device="meta", dtype=dt)
+    x = storage[4:].view(256, 56, 56, 320).permute(0, 3, 1, 2)     # 8-byte offset: not 16-byte aligned
+    assert x.is_contiguous(memory_format=CL)
+    aligned = torch.empty(256, 320, 56, 56, device="meta", dtype=dt).contiguous(memory_format=CL)
+    with record_launches() as calls:
+        conv2d_nhwc_packed(x, packed, torch.empty(64, device="meta"), relu=True)
+        conv2d_nhwc_packed(aligned, packed, torch.empty(64, device="meta"), relu=True)
+    assert [c.constexprs["TMA"] for c in calls] == [False, True]

@@ -168,3 +168,17 @@ def test_fused_3x3_1x1_loops_are_gemm_loops(plan_rows):
         if int(cfg["C_SC"]) < 256:
             assert sass.ctas_per_sm(90, r.registers, r.shared_bytes, row.num_warps) >= 2, (row.kernel, r.registers)
         print(row.kernel, loop.summary(), "| reference:", ref.summary())
+
+
+def test_sm90_tma_loops_load_tiles_with_utmaldg(plan_rows):
+    """The compute-bound 1x1 GEMMs the rule gives TMA descriptors on sm_90 (batch 256): their K loop
+    loads each operand tile with one UTMALDG (no per-thread loads), async wgmma, 0 spills; sm_80
+    plans never use it."""
+    rows = [row for row in plan_rows if "TMA=T" in row.config.split()]
+    assert len(rows) >= 4, [row.kernel for row in rows]
+    for row in rows:
+        assert set(row.resources) == {90}, (row.kernel, set(row.resources))
+        (loop,) = _loops(row, 90)
+        assert loop.global_loads == {"UTMALDG": 2}, loop.summary()
+        assert loop.wgmma_async and loop.wgmma_in_flight == 1, loop.summary()
+        assert row.resources[90].spill_bytes == 0
