@@ -21,7 +21,8 @@ into that one matrix:
   downsampling branch of a residual block is then part of the same GEMM, never a tensor in memory;
   the caller pre-sums both biases. Behind a 1x1 main GEMM (the bottleneck's last conv) both
   operands run in one K loop whose row base is chosen per step (``dot_concat_k``: one pipeline
-  fill); behind a 3x3 (BasicBlock) the shortcut is a second loop.
+  fill); behind a 3x3 (BasicBlock) the shortcut steps follow the taps in the tap-major loop, the
+  same way (a second loop only for a shortcut K that BLOCK_K does not divide).
 
 K loop modes (constexpr, chosen from the shape):
 
@@ -132,6 +133,9 @@ def _conv2d_nhwc_kernel(
     # A 1x1 main GEMM and its projection shortcut in one K loop when BLOCK_K divides both K's.
     CONCAT_ONE_LOOP: tl.constexpr = (HAS_SHORTCUT_GEMM and PLAIN_GEMM and CIN_PER_GROUP % BLOCK_K == 0
                                      and C_SC % BLOCK_K == 0)
+    # Behind a tap-major conv (BasicBlock's second 3x3) the shortcut steps join the tap loop too.
+    CONCAT_TAP_LOOP: tl.constexpr = (HAS_SHORTCUT_GEMM and not PLAIN_GEMM and not ROW_K and not FLAT_K
+                                     and C_SC % BLOCK_K == 0)
     if CONCAT_ONE_LOOP:
         # groups == 1 with a shortcut (checked at pack time); the shortcut rows follow the main rows of W.
         sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE
@@ -208,8 +212,15 @@ def _conv2d_nhwc_kernel(
         x_rows = x_ptr + ((img * H + ih0) * W + iw0).to(tl.int64) * C_IN + group * CIN_PER_GROUP
         x_row_pitch = W * C_IN
         STEPS_PER_SPLIT: tl.constexpr = KH * KW * CHUNKS // SPLIT_K
+        # CONCAT_TAP_LOOP (groups 1, no split): C_SC / BLOCK_K more steps read the shortcut input at
+        # (oh*s, ow*s), whose weight rows follow the main rows; the row base is chosen per step, so
+        # both stream through one pipeline (as dot_concat_k does behind a 1x1).
+        MAIN_STEPS: tl.constexpr = KH * KW * CHUNKS
+        SC_STEPS: tl.constexpr = C_SC // BLOCK_K if CONCAT_TAP_LOOP else 0
+        if CONCAT_TAP_LOOP:
+            sc_rows = shortcut_ptr + ((img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE).to(tl.int64) * C_SC
         w_ptrs += pid_k * STEPS_PER_SPLIT * BLOCK_K * C_OUT
-        for kb in range(pid_k * STEPS_PER_SPLIT, (pid_k + 1) * STEPS_PER_SPLIT):
+        for kb in range(pid_k * STEPS_PER_SPLIT, (pid_k + 1) * STEPS_PER_SPLIT + SC_STEPS):
             if PAD_H == 0 and PAD_W == 0:
                 row_ok = m_mask       # without padding every tap of a valid output pixel is inside
             else:
@@ -218,6 +229,11 @@ def _conv2d_nhwc_kernel(
                 row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_ptrs = x_rows + ((kb // CHUNKS // KW) * DIL_H * x_row_pitch
                                + ((kb // CHUNKS % KW) * DIL_W * C_IN + (kb % CHUNKS) * BLOCK_K))
+            if CONCAT_TAP_LOOP:
+                a_ptrs = tl.where(kb < MAIN_STEPS, a_ptrs, sc_rows + (kb - MAIN_STEPS) * BLOCK_K)
+                row_ok = tl.where(kb < MAIN_STEPS, row_ok, m_mask)
+                if CONCAT_ALIGN > 1:
+                    a_ptrs = tl.multiple_of(a_ptrs, CONCAT_ALIGN)
             a = tl.load(a_ptrs[:, None] + offs_k[None, :], mask=row_ok[:, None], other=0.0)
             b = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
             if INTERPRETER_BF16:
@@ -225,7 +241,7 @@ def _conv2d_nhwc_kernel(
             acc = tl.dot(a, b, acc, input_precision="ieee")
             w_ptrs += BLOCK_K * C_OUT
 
-    if HAS_SHORTCUT_GEMM and not CONCAT_ONE_LOOP:
+    if HAS_SHORTCUT_GEMM and not CONCAT_ONE_LOOP and not CONCAT_TAP_LOOP:
         # groups == 1 here (checked at pack time) and w_ptrs now points at the shortcut rows, which
         # follow the KH*KW*C_IN main rows; the shortcut input is read at (oh*s, ow*s).
         sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE

@@ -216,6 +216,8 @@ def test_gpu_tile_configs_under_the_interpreter(config_name, monkeypatch):
     for case in cases:
         _check_conv(*case, torch.float16, bias=True, residual=True, relu=True)
     _check_shortcut(*_shortcut_problem(2, 64, 256, 7, 9, 256, 2, torch.float16), 2, relu=True)
+    # BasicBlock's 3x3 + projection: the shortcut steps inside the tap loop (padded taps masked)
+    _check_shortcut(*_shortcut_problem(2, 64, 128, 7, 9, 128, 2, torch.float16, k=3), 2, relu=True)
 
 
 # ------------------------------------------------------------------------------------------------

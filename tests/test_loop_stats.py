@@ -182,3 +182,19 @@ def test_sm90_tma_loops_load_tiles_with_utmaldg(plan_rows):
         assert loop.global_loads == {"UTMALDG": 2}, loop.summary()
         assert loop.wgmma_async and loop.wgmma_in_flight == 1, loop.summary()
         assert row.resources[90].spill_bytes == 0
+
+
+def test_concat_k_behind_a_3x3_is_one_k_loop():
+    """BasicBlock's second 3x3 with its projection shortcut (resnet18 layer2-4 .0): the shortcut
+    steps join the tap-major loop (one pipeline fill), 16-byte cp.async, async wgmma on sm_90."""
+    calls, targets = plan_calls([("resnet18", 256, "fp16")])
+    rows = [row for row in aot.aot_report(calls, SMS, targets=targets) if row.kernel.startswith("conv2d_nhwc[3x3/s1+sc")]
+    assert len(rows) >= 3 * len(SMS) // 2, [row.kernel for row in rows]
+    for row in rows:
+        for sm in row.resources:
+            loops = _loops(row, sm)
+            assert len(loops) == 1, (row.kernel, sm, [loop.summary() for loop in loops])
+            assert set(loops[0].global_loads) == {"LDGSTS.128"}, loops[0].global_loads
+            assert row.resources[sm].spill_bytes == 0
+        if 90 in row.resources:
+            assert _loops(row, 90)[0].wgmma_async
