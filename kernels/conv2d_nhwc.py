@@ -27,6 +27,8 @@ into that one matrix:
 K loop modes (constexpr, chosen from the shape):
 
 * 1x1, stride 1, no padding: a plain GEMM over the [N*H*W, C_in] matrix (no spatial index math).
+  TMA (sm_90, chosen by ``conv_config`` for the compute-bound ones): its operand tiles come from
+  host-side tensor descriptors, one UTMALDG per tile, instead of per-thread cp.async.
 * channels per packed group a multiple of 16 (every ResNet conv but the stem): tap-major; one
   BLOCK_K step loads BLOCK_K contiguous channels of one tap, 16-byte aligned vector loads.
 * few channels, padding 0, stride/row alignment allowing it (ROW_K; the stem over its padded

@@ -5,7 +5,9 @@ fastres/sass.py), against a plain Triton GEMM with the same tiles (bench/gemm_re
 
 * no scalar (1- or 2-byte) global load in any K loop;
 * on sm_90 every K loop of a 16-bit kernel issues asynchronous wgmma (one group in flight);
-* the stem's K step costs at most 2x the plain GEMM's instructions, and <= 100 on sm_90.
+* the stem's K step costs at most 2x the plain GEMM's instructions, and <= 100 on sm_90;
+* the fused 3x3 -> 1x1's 3x3 loop is a plain GEMM's (128 rows, 16-byte cp.async, within 2x);
+* the sm_90 TMA loops load with UTMALDG; concat-K behind a 1x1 or a 3x3 is one K loop.
 
 The plan configurations are the ones tests/test_plan_aot.py compiles (same labels): fastres.aot
 caches compiled results in-process, so in one pytest run they are compiled once.
