@@ -18,8 +18,9 @@
                                                                act runs as a PyTorch step after the conv
                3x3 conv step -> 1x1 conv step (bottleneck)   -> a ``conv_pair`` step (on chip)
                MaxPool2d(3, 2, 1)                             -> ``max_pool``
-               global average pool -> flatten -> Linear       -> ``head`` (also .view(N, -1) and
-                                                               F.avg_pool2d(x, x.size(3)))
+               global average pool -> flatten -> Linear       -> ``head`` (also .view(N, -1),
+                                                               F.avg_pool2d(x, x.size(3)), and
+                                                               pool -> 1x1 conv -> flatten)
                nn.Identity / Dropout (eval)                   -> nothing (the value passes through)
                anything else                                  -> a ``torch`` step: the same PyTorch
                                                                  call, so the plan always computes
@@ -721,6 +722,8 @@ class _Matcher:
         if len(rest) != 1:
             return None
         flat = rest[0]
+        if not attrs and not sizes and _is_module(flat, self.modules, nn.Conv2d):
+            return self.conv_head_step(pool, flat)
         fc = self.single_user(flat)
         if fc is None or not _is_module(fc, self.modules, nn.Linear) or len(fc.args) != 1:
             return None
@@ -739,6 +742,23 @@ class _Matcher:
                     {"weight": weight.to(self.dtype).contiguous(), "bias": bias},
                     tuple(n.name for n in nodes))
         return step, fc
+
+    def conv_head_step(self, pool, fc):
+        """global average pool -> 1x1 conv -> flatten (timm's ClassifierHead(use_conv=True), e.g.
+        resnetv2's) as one ``head`` step, or None."""
+        conv = self.modules[fc.target]
+        flat = self.single_user(fc)
+        if (not _foldable_conv(fc, self.modules) or conv.kernel_size != (1, 1) or conv.stride != (1, 1)
+                or conv.padding != (0, 0) or conv.groups != 1 or flat is None or not _is_flatten(flat, self.modules)):
+            return None
+        weight = conv.weight.detach()[:, :, 0, 0]
+        bias = (conv.bias.detach().float() if conv.bias is not None
+                else torch.zeros(conv.out_channels, device=weight.device))
+        nodes = [pool, fc, flat]
+        self.claim(nodes)
+        step = Step("head", fc.target, {"x": self.value(pool.args[0])}, flat.name, {},
+                    {"weight": weight.to(self.dtype).contiguous(), "bias": bias}, tuple(n.name for n in nodes))
+        return step, flat
 
     def find_channel_scales(self):
         """Squeeze-and-excitation: ``x * sigmoid(gate)`` [+ residual] [-> ReLU] as one ``se_scale``

@@ -244,3 +244,14 @@ def test_broadcasting_add_of_a_conv_output():
     plan = fast.plan()
     assert [s.kind for s in plan.steps] == ["conv", "conv"] and "residual" in plan.steps[1].inputs
     assert plan.value_shapes((2, 3, 9, 7))[plan.steps[1].output] == (2, 8, 9, 7)
+
+
+def test_head_written_as_pool_conv1x1_flatten():
+    """timm's ClassifierHead(use_conv=True): global pool -> 1x1 conv -> flatten is the head kernel
+    (the pool is not taken as a squeeze of the conv before it)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Conv2d(16, 10, 1), torch.nn.Flatten()).eval()
+    x = torch.randn(2, 3, 9, 9)
+    fast = fastres.optimize(model)
+    assert rel_err(fast(x), model(x)) <= TOL
+    assert kinds(fast.plan()) == {"conv": 1, "head": 1} and not fast.plan().steps[0].extra_outputs

@@ -40,10 +40,10 @@ def timm_model(name):
     # second output of each conv3's epilogue: nothing runs as PyTorch
     ("seresnet50", {"conv": 85, "head": 1, "max_pool": 1, "se_scale": 16}),
     ("resnet26t", {"conv": 21, "conv_pair": 3, "head": 1, "max_pool": 1, "torch": 3}),
-    # pre-activation bottlenecks, every norm a BatchNormAct2d: 48 block convs + stem + the head's
-    # 1x1 conv (the projections as concat-K); PyTorch steps: the first block's norm1 (it reads the
-    # max pool), the head's pool and flatten
-    ("resnetv2_50", {"conv": 50, "max_pool": 1, "torch": 3}),
+    # pre-activation bottlenecks, every norm a BatchNormAct2d: 48 block convs + stem (the
+    # projections as concat-K), the head's pool -> 1x1 conv -> flatten as one head step; PyTorch:
+    # only the first block's norm1 (it reads the max pool)
+    ("resnetv2_50", {"conv": 49, "head": 1, "max_pool": 1, "torch": 1}),
     # BatchNormAct2d with LeakyReLU: the BN folds, the 38 LeakyReLUs (and the CSP splits, concats
     # and the blocks' own LeakyReLU modules) run as PyTorch
     ("cspresnet50", {"conv": 55, "head": 1, "max_pool": 1, "torch": 71}),
@@ -86,9 +86,9 @@ def test_timm_sample_computes_what_the_model_computes(name):
     # 3-conv stem, max pool, 4 blocks x 2 convs (3 avg_down projections as concat-K), head; the
     # 3 avg_down pools are PyTorch
     ("resnet10t", 13, 16, {"avg_pool2d.default": 3}),
-    # pre-activation, BatchNormAct2d folded: stem, max pool, 8 blocks x 2 convs, the head's 1x1
-    # conv; PyTorch: the first norm1 (after the max pool), the head's pool and flatten
-    ("resnetv2_18", 19, 22, {"native_batch_norm.default": 1, "mean.dim": 1}),
+    # pre-activation, BatchNormAct2d folded: stem, max pool, 8 blocks x 2 convs, the head (pool ->
+    # 1x1 conv -> flatten); PyTorch: the first norm1 (after the max pool)
+    ("resnetv2_18", 19, 20, {"native_batch_norm.default": 1}),
     # SE in every block, the squeeze from the conv2 epilogues: everything is a kernel
     ("seresnet18", 46, 46, {}),
 ])
