@@ -181,12 +181,15 @@ class _Squeezes(torch.nn.Module):
         return d + d.mean((2, 3), keepdim=True) * c
 
 
-def test_squeeze_written_other_ways():
-    model = _Squeezes().eval()
-    x = torch.randn(3, 8, 9, 7)
-    fast = fastres.optimize(model)
+def check_on(model, x):
+    """optimize(model)(x) == model(x) on ``x``; returns the plan."""
+    fast = fastres.optimize(model.eval())
     assert rel_err(fast(x), model(x)) <= TOL
-    plan = fast.plan()
+    return fast.plan()
+
+
+def test_squeeze_written_other_ways():
+    plan = check_on(_Squeezes(), torch.randn(3, 8, 9, 7))
     assert [s.attrs.get("channel_mean") for s in plan.steps if s.kind == "conv"] == [True, "flat", True, True]
     assert not any(s.attrs.get("what") in ("mean", "Tensor.mean", "adaptive_avg_pool2d") for s in plan.steps)
 
@@ -237,11 +240,7 @@ class _GlobalContextAdd(torch.nn.Module):
 
 
 def test_broadcasting_add_of_a_conv_output():
-    model = _GlobalContextAdd().eval()
-    x = torch.randn(2, 3, 9, 7)
-    fast = fastres.optimize(model)
-    assert rel_err(fast(x), model(x)) <= TOL
-    plan = fast.plan()
+    plan = check_on(_GlobalContextAdd(), torch.randn(2, 3, 9, 7))
     assert [s.kind for s in plan.steps] == ["conv", "conv"] and "residual" in plan.steps[1].inputs
     assert plan.value_shapes((2, 3, 9, 7))[plan.steps[1].output] == (2, 8, 9, 7)
 
@@ -250,8 +249,6 @@ def test_head_written_as_pool_conv1x1_flatten():
     """timm's ClassifierHead(use_conv=True): global pool -> 1x1 conv -> flatten is the head kernel
     (the pool is not taken as a squeeze of the conv before it)."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Conv2d(16, 10, 1), torch.nn.Flatten()).eval()
-    x = torch.randn(2, 3, 9, 9)
-    fast = fastres.optimize(model)
-    assert rel_err(fast(x), model(x)) <= TOL
-    assert kinds(fast.plan()) == {"conv": 1, "head": 1} and not fast.plan().steps[0].extra_outputs
+                                torch.nn.Conv2d(16, 10, 1), torch.nn.Flatten())
+    plan = check_on(model, torch.randn(2, 3, 9, 9))
+    assert kinds(plan) == {"conv": 1, "head": 1} and not plan.steps[0].extra_outputs
