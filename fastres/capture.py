@@ -1,8 +1,8 @@
 """Capture: a module's eval forward, traced, matched into fused steps, guarded, or not used at all.
 
-    trace      torch.fx traces the module's forward (torch.nn layers and torchvision's
-               FrozenBatchNorm2d stay leaves); the plan is built from what the forward really does,
-               not from a walk of torchvision's structure
+    trace      torch.fx traces the module's forward (torch.nn layers, torchvision's
+               FrozenBatchNorm2d and timm's BatchNormAct2d stay leaves); the plan is built from
+               what the forward really does, not from a walk of torchvision's structure
     match      conv -> [BN] -> [ReLU]                          -> a ``conv`` step (BN folded in fp32)
                conv -> [BN] -> + (value | 1x1 conv [-> BN]) -> [ReLU]
                                                             -> a ``conv`` step with a residual, or a
@@ -11,11 +11,16 @@
                                                                channels [p, p + C) (CIFAR option A)
                ... -> BN [-> ReLU] beside other readers       -> a second output of that conv step:
                                                                relu?(y * scale + shift) (pre-activation)
+               ... -> global average pool (mean over H, W)    -> a second output of that conv step:
+                                                               its per-channel mean (the SE squeeze)
                x * sigmoid(gate) [+ r] [-> ReLU]              -> ``se_scale`` (squeeze-and-excitation)
+               timm's BatchNormAct2d                          -> folded as a BN (with its ReLU); another
+                                                               act runs as a PyTorch step after the conv
                3x3 conv step -> 1x1 conv step (bottleneck)   -> a ``conv_pair`` step (on chip)
                MaxPool2d(3, 2, 1)                             -> ``max_pool``
-               global average pool -> flatten -> Linear       -> ``head`` (also .view(N, -1) and
-                                                               F.avg_pool2d(x, x.size(3)))
+               global average pool -> flatten -> Linear       -> ``head`` (also .view(N, -1),
+                                                               F.avg_pool2d(x, x.size(3)), and
+                                                               pool -> 1x1 conv -> flatten)
                nn.Identity / Dropout (eval)                   -> nothing (the value passes through)
                anything else                                  -> a ``torch`` step: the same PyTorch
                                                                  call, so the plan always computes
@@ -31,6 +36,7 @@ Dropout in train mode is not skipped): it runs as a PyTorch step, as PyTorch wou
 from __future__ import annotations
 
 import operator
+import sys
 import threading
 import warnings
 from collections import defaultdict
@@ -117,13 +123,26 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
 
 
 # -- tracing ----------------------------------------------------------------------------------
+def _batchnorm_act_class():
+    """timm's BatchNormAct2d (BN -> drop -> act in one module) when timm has loaded it, else None
+    (a model holding one has; fastres never imports timm)."""
+    return getattr(sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", None)
+
+
+def _leaf_norm_types() -> list:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    return [t for t in (FrozenBatchNorm2d, _batchnorm_act_class()) if t is not None]
+
+
 class _Tracer(fx.Tracer):
-    """torch.nn layers are leaves (fx's default), and so is torchvision's FrozenBatchNorm2d, so the
-    matcher sees a norm layer as one node it can fold."""
+    """torch.nn layers are leaves (fx's default), and so are torchvision's FrozenBatchNorm2d and
+    timm's BatchNormAct2d, so the matcher sees a norm layer as one node it can fold (one that does
+    not fold runs as one PyTorch step, its own forward)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from torchvision.ops.misc import FrozenBatchNorm2d
-        return isinstance(m, FrozenBatchNorm2d) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, FrozenBatchNorm2d) or type(m) is _batchnorm_act_class()
+                or super().is_leaf_module(m, qualname))
 
 
 def _trace(module: nn.Module, return_nodes=None) -> fx.Graph:
@@ -165,7 +184,7 @@ def _feature_graph(module: nn.Module, return_nodes: dict) -> fx.GraphModule:
     from torchvision.models.feature_extraction import NodePathTracer
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    tracer = NodePathTracer(leaf_modules=[FrozenBatchNorm2d])
+    tracer = NodePathTracer(leaf_modules=_leaf_norm_types())
     graph = tracer.trace(module)
     names = list(tracer.node_to_qualname.values())
     for query in return_nodes:
@@ -221,8 +240,30 @@ def _foldable_norm(node, modules) -> bool:
     m = modules[node.target]
     if isinstance(m, FrozenBatchNorm2d):
         return True
-    return (type(m) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not m.training
+    norm_act = type(m) is _batchnorm_act_class() and _norm_act(m) is not None
+    return ((type(m) in (nn.BatchNorm2d, nn.SyncBatchNorm) or norm_act) and not m.training
             and m.running_mean is not None and m.running_var is not None)
+
+
+def _norm_act(m):
+    """What follows the BN in timm's BatchNormAct2d, whose eval forward is act(drop(F.batch_norm(
+    x, running stats, weight, bias, False, momentum, eps))), when drop is a pass-through
+    (nn.Identity, or a Dropout in eval): "relu" (nn.ReLU), "none" (nn.Identity: apply_act=False) or
+    the act module (SiLU, LeakyReLU, ...: it runs as a PyTorch step after the folded BN); None for
+    another drop layer (the whole module runs as its own PyTorch step)."""
+    drop, act = getattr(m, "drop", None), getattr(m, "act", None)
+    if not (type(drop) is nn.Identity or (type(drop) in (nn.Dropout, nn.Dropout2d) and not drop.training)):
+        return None
+    if not isinstance(act, nn.Module):
+        return None
+    return "relu" if type(act) is nn.ReLU else "none" if type(act) is nn.Identity else act
+
+
+def _norm_then(node, modules):
+    """What a foldable norm node applies after the BN: "none" (a BatchNorm), "relu", or an act
+    module (timm's BatchNormAct2d, ``_norm_act``)."""
+    m = modules[node.target]
+    return _norm_act(m) if type(m) is _batchnorm_act_class() else "none"
 
 
 def _is_relu(node, modules) -> bool:
@@ -322,6 +363,28 @@ def _is_global_pool(node, modules) -> bool:
         return type(m) is nn.AdaptiveAvgPool2d and m.output_size in (1, (1, 1))
     return (node.op == "call_function" and node.target is F.adaptive_avg_pool2d
             and len(node.args) == 2 and node.args[1] in (1, (1, 1)))
+
+
+def _squeeze_mean(node, modules):
+    """True (keepdim) or "flat" when ``node`` averages its input over H and W into one value per
+    (image, channel): ``AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)``,
+    ``x.mean((2, 3)[, keepdim=True])`` / ``torch.mean``; else None."""
+    if _is_global_pool(node, modules):
+        return True
+    if not ((node.op == "call_method" and node.target == "mean")
+            or (node.op == "call_function" and node.target is torch.mean)):
+        return None
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if "dim" in kwargs:
+        args.insert(1, kwargs.pop("dim"))
+    if len(args) == 3:
+        kwargs["keepdim"] = args.pop()
+    if len(args) != 2 or set(kwargs) - {"keepdim"} or not isinstance(args[1], (tuple, list)):
+        return None
+    keepdim = kwargs.get("keepdim", False)
+    if sorted(d % 4 if isinstance(d, int) else d for d in args[1]) != [2, 3] or not isinstance(keepdim, bool):
+        return None
+    return True if keepdim else "flat"
 
 
 def _is_flatten(node, modules) -> bool:
@@ -434,8 +497,8 @@ class _Matcher:
         if _foldable_conv(node, self.modules):
             unit = self.conv_unit(node)
             return unit if unit[1] is None else None
-        if _foldable_norm(node, self.modules):
-            src = self.resolve(node.args[0])
+        if _foldable_norm(node, self.modules) and _norm_then(node, self.modules) == "none":
+            src = self.resolve(node.args[0])       # (act(bn(conv)) takes no residual before its act)
             if _foldable_conv(src, self.modules):
                 unit = self.conv_unit(src)
                 return unit if unit[1] is node else None
@@ -508,15 +571,30 @@ class _Matcher:
                 self.claim(found[4])
 
     def affine_output(self, end):
-        """(norm node, relu node or None) of an eval BatchNorm (-> ReLU) reading ``end`` among
-        other readers: a pre-activation block's BN -> ReLU after the add, or None."""
+        """(norm node, relu node or None, whether a ReLU applies) of an eval BatchNorm (-> ReLU)
+        reading ``end`` among other readers: a pre-activation block's BN -> ReLU after the add (or
+        timm's BatchNormAct2d there), or None."""
         users = self.users[self.resolve(end)]
         for user in users:
             if (_foldable_norm(user, self.modules) and self.resolve(user.args[0]) is self.resolve(end)
                     and user not in self.claimed):
+                then = _norm_then(user, self.modules)
+                if then != "none":
+                    return (user, None, True) if then == "relu" else None
                 relu = self.single_user(user)
                 relu = relu if relu is not None and _is_relu(relu, self.modules) else None
-                return user, relu
+                return user, relu, relu is not None
+        return None
+
+    def squeeze_of(self, end):
+        """(pool node, keepdim or "flat") of an unclaimed global average pool reading ``end``
+        (``_squeeze_mean``), or None."""
+        for user in self.users[self.resolve(end)]:
+            if user in self.claimed or not user.args or self.resolve(user.args[0]) is not self.resolve(end):
+                continue
+            keepdim = _squeeze_mean(user, self.modules)
+            if keepdim is not None:
+                return user, keepdim
         return None
 
     def norm_affine(self, node):
@@ -546,6 +624,13 @@ class _Matcher:
         inputs = {"x": self.value(conv_node.args[0])}
         end = self.unit_end(unit)
         user = self.single_user(end)
+        then = _norm_then(unit[1], self.modules) if unit[1] is not None else "none"
+        if then != "none":
+            # timm's BatchNormAct2d: act(bn(conv)), nothing more fuses; an act other than ReLU runs
+            # as a PyTorch step on the conv step's output
+            attrs["relu"], user = then == "relu", None
+            if then != "relu":
+                return self.conv_then_act(conv_node, unit[1], then, inputs, attrs, tensors, fused)
         if user is not None and _is_add(user):
             operands = self.add_operands(user)
             if operands is not None and operands[0] == unit:
@@ -574,23 +659,46 @@ class _Matcher:
             fused.append(user)
             end = user
         extra = ()
-        affine = self.affine_output(end)
+        squeeze = self.squeeze_of(end)
+        affine = self.affine_output(end) if squeeze is None else None
+        if squeeze is not None:
+            # the SE squeeze: a second output of the epilogue (the step stays at its place: the
+            # mean's readers come after the pool node, which reads the stored value)
+            pool, attrs["channel_mean"] = squeeze
+            fused.append(pool)
+            extra = (self.value(pool),)
         if affine is not None:
-            norm, relu = affine
+            norm, relu, relu2 = affine
             last = relu if relu is not None else norm
             others = [u for u in self.users[self.resolve(end)] if u is not norm]
             # every other reader of the sum comes after the affine: the step runs at its place
             if all(self.index[u] > self.index[last] for u in others):
                 tensors["scale2"], tensors["shift2"] = self.norm_affine(norm)
-                attrs["relu2"] = relu is not None
+                attrs["relu2"] = relu2
                 fused += [norm] + ([relu] if relu is not None else [])
                 extra = (self.value(last),)
         self.claim(fused)
         step = Step("conv", conv_node.target, inputs, self.value(end), attrs, tensors,
                     tuple(n.name for n in fused), extra_outputs=extra)
-        if extra:
+        if "scale2" in tensors:
             end = max(fused, key=self.index.__getitem__)
         return step, end
+
+    def conv_then_act(self, conv_node, norm, act, inputs, attrs, tensors, fused):
+        """The conv step (BN folded) writing ``<norm>.bn``, then ``act`` on it as a PyTorch step
+        writing the norm's value; an in-place act runs on a copy (the conv's buffer is the plan's
+        memory, which a later step may reuse while the act's result is still read)."""
+        self.claim(fused)
+        bn_value = f"{norm.name}.bn"      # (fx names have no dots: no clash)
+        step = Step("conv", conv_node.target, inputs, bn_value, attrs, tensors, tuple(n.name for n in fused))
+
+        def call(env_args, act=act, name=bn_value):
+            x = env_args[name]
+            return act(x.clone() if getattr(act, "inplace", False) else x)
+        self.steps.append((self.index[norm], Step(
+            "torch", f"{norm.target}.act", {bn_value: bn_value}, norm.name,
+            {"call": call, "what": type(act).__name__, "target": act}, {}, (norm.name,))))
+        return step, conv_node
 
     def claim(self, nodes):
         self.claimed.update(nodes)
@@ -614,6 +722,8 @@ class _Matcher:
         if len(rest) != 1:
             return None
         flat = rest[0]
+        if not attrs and not sizes and _is_module(flat, self.modules, nn.Conv2d):
+            return self.conv_head_step(pool, flat)
         fc = self.single_user(flat)
         if fc is None or not _is_module(fc, self.modules, nn.Linear) or len(fc.args) != 1:
             return None
@@ -632,6 +742,23 @@ class _Matcher:
                     {"weight": weight.to(self.dtype).contiguous(), "bias": bias},
                     tuple(n.name for n in nodes))
         return step, fc
+
+    def conv_head_step(self, pool, fc):
+        """global average pool -> 1x1 conv -> flatten (timm's ClassifierHead(use_conv=True), e.g.
+        resnetv2's) as one ``head`` step, or None."""
+        conv = self.modules[fc.target]
+        flat = self.single_user(fc)
+        if (not _foldable_conv(fc, self.modules) or conv.kernel_size != (1, 1) or conv.stride != (1, 1)
+                or conv.padding != (0, 0) or conv.groups != 1 or flat is None or not _is_flatten(flat, self.modules)):
+            return None
+        weight = conv.weight.detach()[:, :, 0, 0]
+        bias = (conv.bias.detach().float() if conv.bias is not None
+                else torch.zeros(conv.out_channels, device=weight.device))
+        nodes = [pool, fc, flat]
+        self.claim(nodes)
+        step = Step("head", fc.target, {"x": self.value(pool.args[0])}, flat.name, {},
+                    {"weight": weight.to(self.dtype).contiguous(), "bias": bias}, tuple(n.name for n in nodes))
+        return step, flat
 
     def find_channel_scales(self):
         """Squeeze-and-excitation: ``x * sigmoid(gate)`` [+ residual] [-> ReLU] as one ``se_scale``

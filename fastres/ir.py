@@ -8,7 +8,8 @@ the compute dtype and PyTorch layout, fp32 biases). ``OPS`` maps each kind to
     pack        weights -> the layout its Triton kernel takes (once per plan, cached on the step)
     launch      one Triton kernel launch (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)
     reference   the plain-PyTorch reference beside the kernel (channels_last)
-    out_shape   the output shape from the input shapes (memory planning without running anything)
+    out_shape   the output shape from the input shapes (memory planning without running anything);
+                with extra outputs, one shape per output
     describe    the fused ops, for ``fastres inspect``
 
 and what a launch costs is what its recorded ``KernelCall`` says (``kernels._launch``), so
@@ -20,6 +21,7 @@ tiles, and the kernels know nothing about ResNet.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -52,7 +54,7 @@ class Step:
     tensors: dict = field(default_factory=dict)
     fused: tuple = ()               # the traced nodes this step computes
     packed: dict = field(default_factory=dict)   # backend name -> packed weights
-    extra_outputs: tuple = ()       # more values it writes, each shaped like ``output``
+    extra_outputs: tuple = ()       # more values it writes (their shapes: the kind's out_shape)
 
     @property
     def reads(self) -> list[str]:
@@ -74,7 +76,9 @@ class Step:
 
 # -- conv: y = relu?(conv(x) [+ conv1x1_s(shortcut)] + bias [+ residual]) [, relu?(y*scale2 + shift2)]
 # a residual with attrs residual_stride / residual_channel_offset is sampled at that stride into
-# those channels (CIFAR option A); tensors scale2/shift2: a second output (pre-activation BN)
+# those channels (CIFAR option A); tensors scale2/shift2: a second output (pre-activation BN);
+# attrs channel_mean (True: keepdim [N, C, 1, 1], "flat": [N, C]): a second output y.mean((2, 3)),
+# the squeeze of an SE block
 def _conv_residual_kwargs(step, args) -> dict:
     a, t = step.attrs, step.tensors
     if "residual_pad" in a and args.get("residual") is not None:
@@ -86,7 +90,38 @@ def _conv_residual_kwargs(step, args) -> dict:
               residual_channel_offset=a.get("residual_channel_offset", 0))
     if "scale2" in t:
         kw.update(affine2=(t["scale2"], t["shift2"]), affine2_relu=a.get("relu2", False))
+    if a.get("channel_mean"):
+        kw.update(channel_mean=True)
     return kw
+
+
+def _conv_flat_mean(step, outputs):
+    """(y, mean) with the mean as [N, C] where the module's mean drops the pooled dims."""
+    if step.attrs.get("channel_mean") != "flat":
+        return outputs
+    return outputs[0], outputs[1].flatten(1)
+
+
+def _broadcasts(step, residual_shape, conv_shape) -> bool:
+    """A residual neither of the conv output's shape nor a strided one: an add that broadcasts
+    (timm's global-context block adds a [N, C, 1, 1] conv output to a feature map)."""
+    return "residual_stride" not in step.attrs and tuple(residual_shape) != tuple(conv_shape)
+
+
+def _with_broadcast_add(step, args, out, run):
+    """``run`` the conv without its residual and ReLU, then PyTorch's broadcasting add (and ReLU)."""
+    if step.extra_outputs:
+        raise RuntimeError(f"{step.name}: a conv output added by broadcasting has no second output")
+    inner = dataclasses.replace(step, inputs={k: v for k, v in step.inputs.items() if k != "residual"},
+                                attrs=dict(step.attrs, relu=False))
+    y = run(inner, {k: v for k, v in args.items() if k != "residual"}) + args["residual"]
+    return _into(out, y.relu_() if step.attrs["relu"] else y)
+
+
+def _residual_broadcasts(step, args) -> bool:
+    r = args.get("residual")
+    return r is not None and _broadcasts(step, r.shape, _conv_out_shape(
+        dataclasses.replace(step, extra_outputs=()), {"x": tuple(args["x"].shape)}))
 
 
 def _conv_pack(step):
@@ -116,31 +151,47 @@ def _conv_launch(step, args, packed, out):
             x = _padded_stem_input(x, step)
         return _conv.conv2d_nhwc_packed(x, packed, step.tensors["bias"], stride=a["stride"], padding=0,
                                         relu=a["relu"], out=out)
-    return _conv.conv2d_nhwc_packed(
+    if _residual_broadcasts(step, args):
+        return _with_broadcast_add(step, args, out, lambda s, a: _conv_launch(s, a, packed, None))
+    main, extra = out if isinstance(out, tuple) else (out, None)
+    if a.get("channel_mean"):      # an [N, C] mean's buffer is the same N*C values
+        extra = dict(mean_out=extra.view(extra.shape[0], -1, 1, 1) if extra is not None else None)
+    else:
+        extra = dict(out2=extra)
+    y = _conv.conv2d_nhwc_packed(
         args["x"], packed, step.tensors["bias"], stride=a["stride"], padding=a["padding"],
         dilation=a["dilation"], residual=args.get("residual"), relu=a["relu"],
-        shortcut=args.get("shortcut"), shortcut_stride=a.get("shortcut_stride", 1),
-        out=out[0] if isinstance(out, tuple) else out, out2=out[1] if isinstance(out, tuple) else None,
-        **_conv_residual_kwargs(step, args))
+        shortcut=args.get("shortcut"), shortcut_stride=a.get("shortcut_stride", 1), out=main,
+        **extra, **_conv_residual_kwargs(step, args))
+    return _conv_flat_mean(step, y) if a.get("channel_mean") else y
 
 
 def _conv_reference(step, args, out, upcast):
     a, t = step.attrs, step.tensors
+    if _residual_broadcasts(step, args):
+        return _with_broadcast_add(step, args, out, lambda s, a: _conv_reference(s, a, None, upcast))
     y = _conv.conv2d_nhwc_ref(
         args["x"], t["weight"], t["bias"], stride=a["stride"], padding=a["padding"],
         dilation=a["dilation"], groups=a["groups"], residual=args.get("residual"), relu=a["relu"],
         shortcut=args.get("shortcut"), shortcut_weight=t.get("shortcut_weight"),
         shortcut_stride=a.get("shortcut_stride", 1), upcast=upcast, **_conv_residual_kwargs(step, args))
-    return _into(out, y)
+    return _into(out, _conv_flat_mean(step, y) if a.get("channel_mean") else y)
 
 
 def _conv_out_shape(step, shapes):
     n, _, h, w = shapes["x"]
     weight, a = step.tensors["weight"], step.attrs
     kh, kw = weight.shape[2:]
-    return (n, weight.shape[0],
-            conv_output_size(h, kh, a["stride"][0], a["padding"][0], a["dilation"][0]),
-            conv_output_size(w, kw, a["stride"][1], a["padding"][1], a["dilation"][1]))
+    y = (n, weight.shape[0],
+         conv_output_size(h, kh, a["stride"][0], a["padding"][0], a["dilation"][0]),
+         conv_output_size(w, kw, a["stride"][1], a["padding"][1], a["dilation"][1]))
+    if "residual" in shapes and _broadcasts(step, shapes["residual"], y):
+        return tuple(torch.broadcast_shapes(y, shapes["residual"]))
+    if not step.extra_outputs:
+        return y
+    if a.get("channel_mean"):
+        return y, (n, weight.shape[0]) if a["channel_mean"] == "flat" else (n, weight.shape[0], 1, 1)
+    return y, y
 
 
 def _conv_describe(step):
@@ -160,6 +211,8 @@ def _conv_describe(step):
         ops.append("relu")
     if "scale2" in step.tensors:
         ops.append("out2: affine" + ("+relu" if a.get("relu2") else ""))
+    if a.get("channel_mean"):
+        ops.append("out2: mean_hw")
     return ops
 
 
@@ -404,8 +457,9 @@ class Plan:
         for step, op in zip(self.steps, self._ops):
             ins = {role: shapes[name] for role, name in step.inputs.items()}
             if op.out_shape is not None:
-                for name in step.outputs:
-                    shapes[name] = tuple(op.out_shape(step, ins))
+                shape = op.out_shape(step, ins)
+                for name, s in zip(step.outputs, shape if step.extra_outputs else (shape,)):
+                    shapes[name] = tuple(s)
                 continue
             if fake is None:
                 from torch._subclasses.fake_tensor import FakeTensorMode

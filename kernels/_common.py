@@ -113,7 +113,8 @@ def store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows
     per-channel affine of the stored value (a pre-activation BatchNorm after the add, folded to
     scale2/shift2 in fp32, and its ReLU), a second output of the same shape. Both are computed in
     fp32 and rounded once (by hand to nearest-even under INTERPRETER_BF16); out2 is computed from
-    the fp32 y, not from the rounded out.
+    the fp32 y, not from the rounded out. Returns the tile as stored in out (``store_channel_means``
+    reads it; unused, it costs nothing).
     """
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -133,9 +134,10 @@ def store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows
         acc = tl.where(acc < 0.0, 0.0, acc)
     # out first, then out2 computed in place from the fp32 tile: one tile stays live, not two
     if INTERPRETER_BF16:
-        tl.store(out_ptr + out_offs, round_to_bf16_nearest_even(acc).to(out_ptr.dtype.element_ty), mask=out_mask)
+        stored = round_to_bf16_nearest_even(acc).to(out_ptr.dtype.element_ty)
     else:
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        stored = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_offs, stored, mask=out_mask)
     if HAS_OUT2:
         scale = tl.load(scale2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         shift = tl.load(shift2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -145,6 +147,52 @@ def store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows
         if INTERPRETER_BF16:
             acc = round_to_bf16_nearest_even(acc)
         tl.store(out2_ptr + out_offs, acc.to(out2_ptr.dtype.element_ty), mask=out_mask)
+    return stored
+
+
+@triton.jit
+def store_channel_means(stored, mean_ptr, ws_ptr, counter_ptr, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n,
+                        num_pid_n, M, HW, SLOTS, C_OUT: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """mean[img, n] = sum of out[m, n] over the HW pixels m of image img / HW (the global average
+    pool of a squeeze-and-excitation block), from the tile ``stored`` as it was written to out
+    (rounded: the mean of the tensor the model holds), for rows m = img*HW + h*W + w.
+
+    Deterministic, no float atomics: each program writes one fp32 partial sum per image its rows
+    touch (a tile of BLOCK_M rows can span several images) into workspace slot
+    ``ws[pid_m * SLOTS + img - first image of the tile, n]``; an int32 counter per (image, column
+    tile) counts the programs done with it (an acq_rel atomic after a CTA barrier, as split-K's),
+    and the last of them adds the image's partials in tile order, divides by HW and rounds once to
+    mean's dtype. ``counter_ptr`` is zeroed by the launch; ``SLOTS`` is the most images one tile
+    can touch (int32 offsets: the launch checks the workspace has < 2**31 elements).
+    """
+    y = tl.where(m_mask[:, None] & n_mask[None, :], stored.to(tl.float32), 0.0)
+    img = offs_m // HW
+    first = pid_m * BLOCK_M // HW
+    last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // HW
+    for i in range(first, last + 1):
+        part = tl.sum(tl.where((img == i)[:, None], y, 0.0), axis=0)
+        tl.store(ws_ptr + (pid_m * SLOTS + i - first) * C_OUT + offs_n, part, mask=n_mask)
+    tl.debug_barrier()
+    for i in range(first, last + 1):
+        t0 = i * HW // BLOCK_M
+        t1 = ((i + 1) * HW - 1) // BLOCK_M
+        arrived = tl.atomic_add(counter_ptr + i * num_pid_n + pid_n, 1, sem="acq_rel")
+        if arrived == t1 - t0:
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for t in range(t0, t1 + 1):
+                slot = t * SLOTS + i - t * BLOCK_M // HW
+                total += tl.load(ws_ptr + slot * C_OUT + offs_n, mask=n_mask, other=0.0,
+                                 cache_modifier=".cg")
+            mean = total / HW
+            if INTERPRETER_BF16:
+                mean = round_to_bf16_nearest_even(mean)
+            tl.store(mean_ptr + i * C_OUT + offs_n, mean.to(mean_ptr.dtype.element_ty), mask=n_mask)
+
+
+def channel_mean_slots(block_m: int, hw: int) -> int:
+    """The most images BLOCK_M consecutive rows of an [N*HW, C] output can touch."""
+    return (block_m - 1) // hw + 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activati
                       check_residual, check_shortcut, conv_geometry, conv_output_hw, dot_concat_k, dot_contiguous_k,
                       is_channels_last, largest_pow2_divisor, pow2_at_least, store_residual_block_epilogue,
                       tile_groups)
+from ._common import channel_mean_slots, store_channel_means
 from ._launch import KernelCall, is_recording
 from ._target import DEFAULT_TARGET, Target, table_arch, target_for
 
@@ -71,9 +72,9 @@ from ._target import DEFAULT_TARGET, Target, table_arch, target_for
 @triton.jit
 def _conv2d_nhwc_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, residual_ptr, shortcut_ptr, out2_ptr, scale2_ptr, shift2_ptr,
-    ws_ptr, counter_ptr,
+    ws_ptr, counter_ptr, mean_ptr,
     x_desc, w_desc,
-    BATCH, H, W, OH, OW, SC_H, SC_W, RES_H, RES_W,
+    BATCH, H, W, OH, OW, SC_H, SC_W, RES_H, RES_W, MEAN_SLOTS,
     C_IN: tl.constexpr, C_OUT: tl.constexpr,
     CIN_PER_GROUP: tl.constexpr, COUT_PER_GROUP: tl.constexpr,   # per *packed* group
     KH: tl.constexpr, KW: tl.constexpr,
@@ -85,13 +86,16 @@ def _conv2d_nhwc_kernel(
     HAS_SHORTCUT_GEMM: tl.constexpr, FLAT_K: tl.constexpr, ROW_K: tl.constexpr,
     ROW_ALIGN: tl.constexpr, ROW_K_MASK: tl.constexpr, CONCAT_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr,
     RES_C: tl.constexpr, RES_C_OFFSET: tl.constexpr, RES_STRIDE: tl.constexpr,
-    HAS_OUT2: tl.constexpr, OUT2_RELU: tl.constexpr,
+    HAS_OUT2: tl.constexpr, OUT2_RELU: tl.constexpr, HAS_MEAN: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA: tl.constexpr,
 ):
     """out = relu?(conv(x, W) [+ shortcut @ W_sc] + bias [+ residual]), fp32 accumulation;
-    [out2 = relu?(out * scale2 + shift2)] (``store_residual_block_epilogue``). The residual is
+    [out2 = relu?(out * scale2 + shift2)] (``store_residual_block_epilogue``);
+    [mean[img, n] = mean over the image's OH*OW pixels of out[., n]] (``store_channel_means``, the
+    squeeze of an SE block; ws_ptr/counter_ptr are then its partial sums and arrival counts, not
+    split-K's, which it excludes). The residual is
     read at pixel (img, oh*RES_STRIDE, ow*RES_STRIDE) of a RES_H x RES_W map, into channels
     [RES_C_OFFSET, RES_C_OFFSET + RES_C) (a same-shape residual: stride 1, all channels).
 
@@ -257,6 +261,7 @@ def _conv2d_nhwc_kernel(
     else:
         res_rows = (img * RES_H + oh * RES_STRIDE) * RES_W + ow * RES_STRIDE
     if SPLIT_K > 1:
+        tl.static_assert(not HAS_MEAN, "the channel-mean epilogue runs without split-K")
         # Each split adds its fp32 partial into the zeroed workspace; the last of the tile's SPLIT_K
         # programs to arrive (counted by an acq_rel atomic after a CTA barrier, so every thread's adds
         # are ordered before it) reads the sum back from L2 and runs the epilogue.
@@ -271,9 +276,12 @@ def _conv2d_nhwc_kernel(
                                           offs_m, offs_n, m_mask, n_mask, C_OUT, RES_C, RES_C_OFFSET, HAS_BIAS, HAS_RESIDUAL,
                                           APPLY_RELU, HAS_OUT2, OUT2_RELU, INTERPRETER_BF16)
     else:
-        store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows, out2_ptr, scale2_ptr, shift2_ptr,
-                                      offs_m, offs_n, m_mask, n_mask, C_OUT, RES_C, RES_C_OFFSET, HAS_BIAS, HAS_RESIDUAL,
-                                      APPLY_RELU, HAS_OUT2, OUT2_RELU, INTERPRETER_BF16)
+        stored = store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows, out2_ptr, scale2_ptr,
+                                               shift2_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT, RES_C, RES_C_OFFSET,
+                                               HAS_BIAS, HAS_RESIDUAL, APPLY_RELU, HAS_OUT2, OUT2_RELU, INTERPRETER_BF16)
+        if HAS_MEAN:
+            store_channel_means(stored, mean_ptr, ws_ptr, counter_ptr, offs_m, offs_n, m_mask, n_mask, pid_m, pid_n,
+                                num_pid_n, M, OH * OW, MEAN_SLOTS, C_OUT, INTERPRETER_BF16, BLOCK_M, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,7 +569,7 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
 def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padding=0, dilation=1,
                        residual=None, relu=False, shortcut=None, shortcut_stride=1, out=None,
                        residual_stride=1, residual_channel_offset=0, affine2=None, affine2_relu=False,
-                       out2=None):
+                       out2=None, channel_mean=False, mean_out=None):
     """``relu?(conv(x, packed) [+ conv1x1_s(shortcut, packed shortcut)] + bias [+ residual])``.
 
     ``residual_stride`` / ``residual_channel_offset``: the residual is [N, C_r, H_r, W_r] read at
@@ -570,6 +578,9 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     ``affine2`` = (scale, shift), fp32 [C_out]: also write ``out2 = relu?(y * scale + shift)``
     (``affine2_relu``) of the result y, and return ``(out, out2)``: the sum a pre-activation block
     passes on and the BN -> ReLU of it the next convolution reads.
+    ``channel_mean``: also write ``mean = out.mean((2, 3), keepdim=True)`` [N, C_out, 1, 1] (into
+    ``mean_out`` if given; the mean of the stored, rounded out, summed in fp32 in a fixed order) and
+    return ``(out, mean)``: the squeeze of a squeeze-and-excitation block. Not with ``affine2``.
 
     The plan's entry point: ``x`` [N, C_in, H, W] channels_last in ``packed.dtype``; ``bias`` [C_out]
     any float dtype (used in fp32); ``residual`` and ``out`` (optional preallocated output)
@@ -605,20 +616,31 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
             out2 = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         else:
             check_activation(out2, "out2", out_shape, x, "x")
+    if channel_mean:
+        if affine2 is not None:
+            raise ValueError("channel_mean and affine2 cannot be combined (one extra output per launch)")
+        mean_shape = (n, packed.out_channels, 1, 1)
+        if mean_out is None:
+            mean_out = torch.empty(mean_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        else:
+            check_activation(mean_out, "mean_out", mean_shape, x, "x")
+    elif mean_out is not None:
+        raise ValueError("mean_out is given but channel_mean is False")
+    result = (out, out2) if affine2 is not None else (out, mean_out) if channel_mean else out
     if n == 0:
-        return out if affine2 is None else (out, out2)
+        return result
     if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > INT32_MAX or h * w * c_in > INT32_MAX:
         raise ValueError(f"batch {n} x {h}x{w} pixels x {c_in} channels exceeds the kernel's int32 pixel "
                          "(and per-image element) index")
     problem = dict(bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), residual=residual,
                    relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride,
                    residual_stride=residual_stride, residual_channel_offset=residual_channel_offset,
-                   affine2=affine2, affine2_relu=affine2_relu, out2=out2)
+                   affine2=affine2, affine2_relu=affine2_relu, out2=out2, mean_out=mean_out)
     config = None
     if x.device.type == "cuda" and _autotune.enabled() and not is_recording():
         config = _tuned_config(x, packed, out, problem)
     _build_call(x, packed, out, config=config, **problem).launch()
-    return out if affine2 is None else (out, out2)
+    return result
 
 
 def _candidate_configs(x, packed, out) -> dict:
@@ -642,7 +664,8 @@ def _candidate_configs(x, packed, out) -> dict:
 def _tuned_config(x, packed, out, problem) -> ConvConfig:
     """FASTRES_AUTOTUNE=1 on a GPU: time the candidates once per problem, cache the choice on disk."""
     scratch = torch.empty_like(out)   # timing runs must not write into a live buffer (out may alias residual)
-    timing = dict(problem, out2=torch.empty_like(out) if problem["out2"] is not None else None)
+    timing = dict(problem, out2=torch.empty_like(out) if problem["out2"] is not None else None,
+                  mean_out=torch.empty_like(problem["mean_out"]) if problem["mean_out"] is not None else None)
     residual = problem["residual"]
     key = (tuple(x.shape), str(x.dtype), packed.out_channels, packed.kernel_size, packed.groups,
            packed.shortcut_in_channels, problem["stride"], problem["padding"], problem["dilation"],
@@ -651,6 +674,8 @@ def _tuned_config(x, packed, out, problem) -> ConvConfig:
         key += (tuple(residual.shape), problem["residual_stride"], problem["residual_channel_offset"])
     if problem["affine2"] is not None:
         key += ("affine2", bool(problem["affine2_relu"]))
+    if problem["mean_out"] is not None:
+        key += ("mean",)
     return _autotune.choose(
         "conv2d_nhwc", key, _candidate_configs(x, packed, out),
         run=lambda cfg: _build_call(x, packed, scratch, config=cfg, **timing).launch(),
@@ -689,7 +714,7 @@ def _tma_descriptors(x, packed, cfg: ConvConfig) -> dict:
 
 def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
                 shortcut_stride, residual_stride=1, residual_channel_offset=0, affine2=None,
-                affine2_relu=False, out2=None, config: ConvConfig | None = None) -> KernelCall:
+                affine2_relu=False, out2=None, mean_out=None, config: ConvConfig | None = None) -> KernelCall:
     """The KernelCall of one (already validated) convolution; touches no tensor data."""
     n, c_in, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -699,7 +724,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     flat_k = cin_g % MIN_TILE_CHANNELS != 0
     m = n * oh * ow
     device_type = x.device.type
-    splittable = num_groups == 1 and shortcut is None and not flat_k and not packed.row_k
+    splittable = num_groups == 1 and shortcut is None and not flat_k and not packed.row_k and mean_out is None
     main_steps = kh * kw * cin_g // min(CONV_CONFIGS["tc_wide"].BLOCK_K, largest_pow2_divisor(cin_g)) if splittable else 0
     plain_gemm = ((kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and num_groups == 1
                   and shortcut is None and not packed.row_k)
@@ -721,10 +746,24 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     res_c = residual.shape[1] if residual is not None else packed.out_channels
     strided_residual = residual is not None and (residual_stride != 1 or res_c != packed.out_channels)
     split = cfg.SPLIT_K > 1
-    optional = dict(bias_ptr=bias, residual_ptr=residual, shortcut_ptr=shortcut,
-                    # split-K: a zeroed fp32 sum per output element and an arrival count per tile
-                    ws_ptr=torch.zeros(m, packed.out_channels, dtype=torch.float32, device=x.device) if split else None,
-                    counter_ptr=torch.zeros(tiles, dtype=torch.int32, device=x.device) if split else None,
+    if split and mean_out is not None:
+        raise ValueError("the channel-mean epilogue runs without split-K (its last tile adds the image's partials)")
+    mean_slots = None
+    if split:       # a zeroed fp32 sum per output element and an arrival count per tile
+        ws = torch.zeros(m, packed.out_channels, dtype=torch.float32, device=x.device)
+        counter = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+    elif mean_out is not None:      # fp32 partial sums per (tile, image), a zeroed count per (image, column tile)
+        mean_slots = channel_mean_slots(cfg.BLOCK_M, oh * ow)
+        if triton.cdiv(m, cfg.BLOCK_M) * mean_slots * packed.out_channels > INT32_MAX:
+            raise ValueError(f"channel_mean: {n} images of {oh}x{ow} pixels x {packed.out_channels} channels "
+                             "exceed the int32 index of its partial sums")
+        ws = torch.empty(triton.cdiv(m, cfg.BLOCK_M) * mean_slots, packed.out_channels, dtype=torch.float32,
+                         device=x.device)
+        counter = torch.zeros(n * num_groups * triton.cdiv(cout_g, cfg.BLOCK_N), dtype=torch.int32, device=x.device)
+    else:
+        ws = counter = None
+    optional = dict(bias_ptr=bias, residual_ptr=residual, shortcut_ptr=shortcut, ws_ptr=ws, counter_ptr=counter,
+                    mean_ptr=mean_out, MEAN_SLOTS=mean_slots,
                     SC_H=shortcut.shape[2] if shortcut is not None else None,
                     SC_W=shortcut.shape[3] if shortcut is not None else None,
                     RES_H=residual.shape[2] if strided_residual else None,
@@ -747,6 +786,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         RES_C=res_c, RES_C_OFFSET=residual_channel_offset if strided_residual else 0,
         RES_STRIDE=residual_stride if strided_residual else 1,
         HAS_OUT2=affine2 is not None, OUT2_RELU=bool(affine2_relu) and affine2 is not None,
+        HAS_MEAN=mean_out is not None,
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K,
         TMA=cfg.TMA,
@@ -756,7 +796,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
             + (f"/g{packed.groups}" if packed.groups > 1 else "") + (f"+sc{c_sc}/s{shortcut_stride}" if c_sc else "")
             + ("/rowk" if packed.row_k else "") + (f"/splitk{cfg.SPLIT_K}" if split else "")
             + (f"+res{res_c}@{residual_channel_offset}/s{residual_stride}" if strided_residual else "")
-            + ("+affine2" if affine2 is not None else "") + "]")
+            + ("+affine2" if affine2 is not None else "") + ("+mean" if mean_out is not None else "") + "]")
     macs = m * packed.out_channels * (k_main // packed.tile_groups + c_sc)
     # K loop trips (the loop report divides an unrolled K loop's code by them)
     k_steps = ((kh if packed.row_k else triton.cdiv(k_main, cfg.BLOCK_K)) + triton.cdiv(c_sc, cfg.BLOCK_K)) // cfg.SPLIT_K
@@ -768,7 +808,8 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         info=dict(M=m, N=packed.out_channels, K=k_main + c_sc, k_steps=k_steps, flops=2 * macs, dtype=str(x.dtype).replace("torch.", ""),
                   bytes=(x.numel() + out.numel() * (2 if affine2 is not None else 1)
                          + (m * res_c if residual is not None else 0) + m * c_sc
-                         + packed.out_channels * (k_main // packed.tile_groups + c_sc)) * x.element_size()
+                         + packed.out_channels * (k_main // packed.tile_groups + c_sc)
+                         + (n * packed.out_channels if mean_out is not None else 0)) * x.element_size()
                   + (4 * packed.out_channels if bias is not None else 0)),
     )
 
@@ -828,12 +869,13 @@ def conv2d_nhwc(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups
 def conv2d_nhwc_ref(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
                     residual=None, relu=False, shortcut=None, shortcut_weight=None, shortcut_stride=1,
                     residual_stride=1, residual_channel_offset=0, affine2=None, affine2_relu=False,
-                    upcast=False):
+                    channel_mean=False, upcast=False):
     """Plain-PyTorch reference of the fused convolution.
 
         y = relu?(conv(x, weight) [+ conv1x1(shortcut, shortcut_weight, stride=shortcut_stride)]
                   + bias [+ pad_c(residual[:, :, ::rs, ::rs])])
         [y2 = relu?(y * scale2 + shift2)]          (affine2 = (scale2, shift2); returns (y, y2))
+        [mean = y.mean((2, 3), keepdim=True)]      (channel_mean; of the rounded y; returns (y, mean))
 
     where pad_c places the residual's channels at ``residual_channel_offset`` of y's, zeros
     elsewhere. ``upcast=True`` computes in fp32 and casts the result once to ``x.dtype`` — the
@@ -865,6 +907,8 @@ def conv2d_nhwc_ref(x, weight, bias=None, *, stride=1, padding=0, dilation=1, gr
             out2 = out2.relu_()
         out2 = _as_output(out2, out_dtype, channels_last)
     out = _as_output(out, out_dtype, channels_last)
+    if channel_mean:
+        return out, out.mean((2, 3), keepdim=True)
     return out if affine2 is None else (out, out2)
 
 

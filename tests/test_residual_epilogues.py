@@ -3,7 +3,9 @@
 * strided residual with a channel offset: the CIFAR "option A" shortcut
   ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p))`` read in the epilogue, never materialised;
 * a second, per-channel affine output: ``out2 = relu?(y * scale + shift)``, a pre-activation
-  block's BatchNorm -> ReLU after its add (the sum y is the first output).
+  block's BatchNorm -> ReLU after its add (the sum y is the first output);
+* a per-(image, channel) mean of the stored output, ``y.mean((2, 3), keepdim=True)``: the squeeze
+  of a squeeze-and-excitation block, written by the producer's epilogue (tiles spanning images).
 
 Real CIFAR / pre-activation layer shapes plus odd ones (H != W, odd sizes, batch 1 and 3, a
 channel count that is not a tile multiple). Tolerances are kernel_testing's.
@@ -13,14 +15,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from kernel_testing import (CL, DEVICE, assert_fp32_close, assert_rounded_once, assert_within_twice_torch,
-                            channels_last, skip_if_compiled_without_gpu, skip_without_gpu_or_interpreter)
+                            channels_last, skip_if_compiled_without_gpu, skip_without_gpu_or_interpreter, ulp)
 
 skip_without_gpu_or_interpreter("the Triton conv kernel")
 
 from fastres.kernels import conv2d_nhwc as conv_module  # noqa: E402
 from fastres.kernels._launch import record_launches  # noqa: E402
-from fastres.kernels.conv2d_nhwc import conv2d_nhwc_packed, conv2d_nhwc_ref, pack_conv_weight  # noqa: E402
+from fastres.kernels.conv2d_nhwc import (  # noqa: E402
+    CONV_CONFIGS, conv2d_nhwc_packed, conv2d_nhwc_ref, pack_conv_weight)
 
 skip_if_compiled_without_gpu(conv_module._conv2d_nhwc_kernel)
 
@@ -169,3 +173,114 @@ def test_bad_residual_raises_clear_error(kwargs, match):
     residual = channels_last(torch.randn(kwargs.pop("res_shape"))).to(DEVICE)
     with pytest.raises(ValueError, match=match):
         conv2d_nhwc_packed(x, pack_conv_weight(weight), bias, padding=1, residual=residual, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The SE squeeze: out.mean((2, 3)) from the producer's epilogue
+
+# (batch, C_in, C_out, H, W, kernel, residual + ReLU, groups)
+SQUEEZE = [
+    (2, 64, 256, 56, 56, 1, False, 1),      # SE-ResNet-50 stage 1 conv3 (its output is the SE input)
+    (2, 128, 512, 28, 28, 1, False, 1),     # stage 2
+    (2, 256, 1024, 14, 14, 1, False, 1),    # stage 3
+    (2, 512, 2048, 7, 7, 1, False, 1),      # stage 4: 49 pixels, a tile holds several images
+    (12, 32, 48, 7, 7, 3, True, 1),         # 588 rows: 3 tiles, each across 5-6 images; residual, ReLU
+    (3, 32, 40, 13, 11, 3, False, 1),       # 143 pixels per image, not a tile multiple; masked channels
+    (20, 16, 32, 1, 1, 1, False, 1),        # one pixel per image: a tile of 20 images
+    (2, 64, 128, 9, 7, 3, False, 2),        # grouped: column tiles inside packed groups
+]
+
+
+def _squeeze_problem(case, dtype):
+    batch, c_in, c_out, h, w, k, with_residual, groups = case
+    g = torch.Generator().manual_seed(1)
+    x = channels_last(torch.randn(batch, c_in, h, w, generator=g).to(dtype)).to(DEVICE)
+    weight = (torch.randn(c_out, c_in // groups, k, k, generator=g) / math.sqrt(k * k * c_in / groups)).to(dtype)
+    bias = 0.5 * torch.randn(c_out, generator=g)
+    residual = (channels_last(torch.randn(batch, c_out, h, w, generator=g).to(dtype)).to(DEVICE)
+                if with_residual else None)
+    kw = dict(padding=k // 2, residual=residual, relu=with_residual)
+    return x, weight.to(DEVICE), bias.to(DEVICE), kw
+
+
+def _check_squeeze(out, mean, x, weight, bias, kw, dtype, groups, what):
+    n, c = out.shape[:2]
+    assert mean.shape == (n, c, 1, 1) and mean.dtype == dtype and mean.is_contiguous(memory_format=CL)
+    k_len = weight[0].numel()
+    ref64 = conv2d_nhwc_ref(x.double(), weight.double(), bias.double(), groups=groups,
+                            **dict(kw, residual=kw["residual"].double() if kw["residual"] is not None else None))
+    mean64 = out.double().mean((2, 3), keepdim=True)      # the exact mean of what the kernel stored
+    if dtype == torch.float32:
+        assert_fp32_close(out.double(), ref64, k_len, what=f"{what} out")
+        assert_fp32_close(mean.double(), mean64, out.shape[2] * out.shape[3], what=f"{what} mean")
+    else:
+        torch_out = conv2d_nhwc_ref(x, weight, bias, groups=groups, **kw)
+        assert_within_twice_torch(out.double(), torch_out.double(), ref64, dtype, k_len, what=f"{what} out")
+        # summed in fp32, rounded once, as PyTorch's own mean of the 16-bit tensor (one ulp apart at most)
+        assert_rounded_once(mean.double(), mean64, dtype, out.shape[2] * out.shape[3], what=f"{what} mean")
+        torch_mean = out.mean((2, 3), keepdim=True).double()
+        assert ((mean.double() - torch_mean).abs() <= ulp(mean64, dtype)).all(), what
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", SQUEEZE, ids=lambda c: "x".join(map(str, c)))
+def test_channel_mean(case, dtype):
+    if dtype != torch.float32 and case not in (SQUEEZE[3], SQUEEZE[4]):
+        pytest.skip("16-bit on two shapes is enough under the interpreter")
+    x, weight, bias, kw = _squeeze_problem(case, dtype)
+    groups = case[-1]
+    packed = pack_conv_weight(weight, groups=groups)
+    out, mean = conv2d_nhwc_packed(x, packed, bias, channel_mean=True, **kw)
+    _check_squeeze(out, mean, x, weight, bias, kw, dtype, groups, f"mean {case}")
+    # a fixed summation order: the same bits again
+    out_again, mean_again = conv2d_nhwc_packed(x, packed, bias, channel_mean=True, **kw)
+    assert torch.equal(mean, mean_again) and torch.equal(out, out_again)
+    # the reference beside the kernel computes the same thing
+    ref, ref_mean = conv2d_nhwc_ref(x, weight, bias, groups=groups, channel_mean=True, upcast=True, **kw)
+    torch.testing.assert_close(ref_mean, ref.mean((2, 3), keepdim=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config_name", ["tc_wide", "tc_narrow", "tc_small_m"])
+def test_channel_mean_on_gpu_tiles(config_name, monkeypatch):
+    """The GPU tiles (64 / 128 rows, column tiles narrower than C_out: one arrival counter per
+    image and column tile), under the interpreter."""
+    config = CONV_CONFIGS[config_name]
+    monkeypatch.setattr(conv_module, "conv_config",
+                        lambda m, cout_g, n_groups, cin_g, flat_k, dtype, device_type, *rest: type(config)(
+                            config.BLOCK_M, min(config.BLOCK_N, max(16, triton.next_power_of_2(cout_g))),
+                            min(config.BLOCK_K, cin_g & -cin_g), config.GROUP_M, config.num_warps,
+                            config.num_stages))
+    for case in (SQUEEZE[4], SQUEEZE[5], (3, 64, 320, 7, 7, 1, False, 1), (2, 64, 128, 9, 7, 3, False, 2)):
+        x, weight, bias, kw = _squeeze_problem(case, torch.float32)
+        with record_launches() as calls:
+            conv2d_nhwc_packed(x, pack_conv_weight(weight, groups=case[-1]), bias, channel_mean=True, **kw)
+        assert calls[0].constexprs["BLOCK_M"] == config.BLOCK_M
+        out, mean = conv2d_nhwc_packed(x, pack_conv_weight(weight, groups=case[-1]), bias, channel_mean=True, **kw)
+        _check_squeeze(out, mean, x, weight, bias, kw, torch.float32, case[-1], f"{config_name} {case}")
+
+
+def test_channel_mean_into_preallocated_buffer_launch_record_and_errors():
+    x, weight, bias, kw = _squeeze_problem(SQUEEZE[5], torch.float32)
+    packed = pack_conv_weight(weight)
+    mean_out = torch.empty(3, 40, 1, 1).to(memory_format=CL)
+    out, mean = conv2d_nhwc_packed(x, packed, bias, channel_mean=True, mean_out=mean_out, **kw)
+    assert mean is mean_out
+    torch.testing.assert_close(mean, out.mean((2, 3), keepdim=True))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        conv2d_nhwc_packed(x, packed, bias, channel_mean=True, affine2=(torch.ones(40), torch.zeros(40)), **kw)
+    with pytest.raises(ValueError, match="mean_out must have shape"):
+        conv2d_nhwc_packed(x, packed, bias, channel_mean=True, mean_out=torch.empty(3, 40), **kw)
+    with pytest.raises(ValueError, match="channel_mean is False"):
+        conv2d_nhwc_packed(x, packed, bias, mean_out=mean_out, **kw)
+    # on a GPU target: "+mean" in the name, its bytes modelled, and never split-K (which the same
+    # layer-4 shape at batch 1 would get without it)
+    meta = dict(device="meta", dtype=torch.float16)
+    x4 = torch.empty(1, 512, 7, 7, **meta).to(memory_format=CL)
+    packed4 = pack_conv_weight(torch.empty(2048, 512, 1, 1, **meta))
+    with record_launches() as calls:
+        conv2d_nhwc_packed(x4, packed4, torch.empty(2048, device="meta"))
+        conv2d_nhwc_packed(x4, packed4, torch.empty(2048, device="meta"), channel_mean=True)
+    plain, squeezed = calls
+    assert plain.constexprs["SPLIT_K"] > 1 and squeezed.constexprs["SPLIT_K"] == 1
+    assert squeezed.name == "conv2d_nhwc[1x1/s1+mean]" and squeezed.constexprs["HAS_MEAN"]
+    assert squeezed.info["bytes"] == (x4.numel() + 49 * 2048 + 2048 * 512 + 2048) * 2 + 2048 * 4

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastres
 import residual_zoo as zoo
@@ -146,12 +147,51 @@ def test_squeeze_and_excitation():
     # 9 convs + 3 x 2 excitation 1x1 convs (on [N, C, 1, 1]); per block one se_scale step:
     # x * sigmoid(gate) with the identity add and ReLU fused where the add is not a conv's
     # (block 0); the downsampling blocks' projections take the scaled value as their residual
-    assert kinds(plan) == {"conv": 15, "torch": 3, "se_scale": 3, "head": 1}
+    # the squeeze (AdaptiveAvgPool2d(1)) is a second output of each block's conv2 epilogue
+    assert kinds(plan) == {"conv": 15, "se_scale": 3, "head": 1}
     scales = [s for s in plan.steps if s.kind == "se_scale"]
     assert [("residual" in s.inputs, s.attrs["relu"], s.attrs["sigmoid"]) for s in scales] == [
         (True, True, True), (False, False, True), (False, False, True)]
     assert [s.ops for s in scales][0] == ["x*sigmoid(gate)", "residual", "relu"]
-    assert plan.notes == [f"blocks.{i}.se.pool: AdaptiveAvgPool2d runs as PyTorch" for i in range(3)]
+    squeezed = [s for s in plan.steps if s.attrs.get("channel_mean")]
+    assert [s.name for s in squeezed] == [f"blocks.{i}.conv2" for i in range(3)]
+    assert all(s.ops[-1] == "out2: mean_hw" and s.extra_outputs == (f"blocks_{i}_se_pool",)
+               for i, s in enumerate(squeezed))
+    assert plan.notes == []
+
+
+class _Squeezes(torch.nn.Module):
+    """The squeeze written four ways: x.mean((2, 3), keepdim=True) (timm's SEModule), torch.mean
+    over (-2, -1) without keepdim (an [N, C] mean), F.adaptive_avg_pool2d(x, (1, 1)), and a mean
+    whose conv output also feeds a later add (the mean is read before the add runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        a = self.convs[0](x)
+        a = a * torch.sigmoid(a.mean((2, 3), keepdim=True))
+        b = self.convs[1](a)
+        b = b * torch.sigmoid(self.fc(torch.mean(b, dim=(-2, -1)))).view(-1, 8, 1, 1)
+        c = self.convs[2](b)
+        c = c * torch.sigmoid(torch.nn.functional.adaptive_avg_pool2d(c, (1, 1)))
+        d = self.convs[3](c)
+        return d + d.mean((2, 3), keepdim=True) * c
+
+
+def check_on(model, x):
+    """optimize(model)(x) == model(x) on ``x``; returns the plan."""
+    fast = fastres.optimize(model.eval())
+    assert rel_err(fast(x), model(x)) <= TOL
+    return fast.plan()
+
+
+def test_squeeze_written_other_ways():
+    plan = check_on(_Squeezes(), torch.randn(3, 8, 9, 7))
+    assert [s.attrs.get("channel_mean") for s in plan.steps if s.kind == "conv"] == [True, "flat", True, True]
+    assert not any(s.attrs.get("what") in ("mean", "Tensor.mean", "adaptive_avg_pool2d") for s in plan.steps)
 
 
 def test_squeeze_and_excitation_with_linear_layers():
@@ -183,3 +223,32 @@ def test_sigmoid_gates_of_other_shapes_broadcast_as_pytorch_does():
     fast = fastres.optimize(model)
     assert rel_err(fast(x), model(x)) <= TOL
     assert kinds(fast.plan())["se_scale"] == 3
+
+
+class _GlobalContextAdd(torch.nn.Module):
+    """relu(y + conv1x1(y.mean((2, 3)))): the add broadcasts a [N, C, 1, 1] conv output over the
+    map (timm's global-context block), so it runs as PyTorch's add after the conv kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.relu(y + self.fc(y.mean((2, 3), keepdim=True)))
+
+
+def test_broadcasting_add_of_a_conv_output():
+    plan = check_on(_GlobalContextAdd(), torch.randn(2, 3, 9, 7))
+    assert [s.kind for s in plan.steps] == ["conv", "conv"] and "residual" in plan.steps[1].inputs
+    assert plan.value_shapes((2, 3, 9, 7))[plan.steps[1].output] == (2, 8, 9, 7)
+
+
+def test_head_written_as_pool_conv1x1_flatten():
+    """timm's ClassifierHead(use_conv=True): global pool -> 1x1 conv -> flatten is the head kernel
+    (the pool is not taken as a squeeze of the conv before it)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Conv2d(16, 10, 1), torch.nn.Flatten())
+    plan = check_on(model, torch.randn(2, 3, 9, 9))
+    assert kinds(plan) == {"conv": 1, "head": 1} and not plan.steps[0].extra_outputs

@@ -102,8 +102,9 @@ def test_digits_trained_fp16_same_top1(name, make, device):
 
 
 def test_squeeze_and_excitation_under_triton(device):
-    """15 convs (6 of them the excitation 1x1s), 3 SE scale kernels, the head: 19 launches; the
-    3 excitation pools are PyTorch steps."""
+    """15 convs (6 of them the excitation 1x1s; the 3 SE producers also write the squeeze, the
+    per-channel mean, from their epilogue), 3 SE scale kernels, the head: 19 launches and 19 steps,
+    no PyTorch compute outside them."""
     torch.manual_seed(0)
     model = zoo.randomize_(zoo.SEResNet())
     x = image_batch(2, 16)
@@ -111,7 +112,27 @@ def test_squeeze_and_excitation_under_triton(device):
         expected = model(x)
     got, names, ops, plan = run_triton(model, x, device)
     assert rel_err(got.cpu(), expected) <= 1e-3
-    assert len(names) == 19 and names.count("_se_scale_nhwc_kernel") == 3
-    # what PyTorch's adaptive_avg_pool2d dispatches (the mean, restrided to the input's layout)
-    assert set(ops) - _NOT_COMPUTE - {"nchw_to_nhwc.default", "nchw_to_nhwc_padded.default"} == {"mean.dim", "as_strided_.default"}
-    assert ops.count("mean.dim") == 3
+    assert len(names) == 19 == len(plan.steps) and names.count("_se_scale_nhwc_kernel") == 3
+    assert sum(bool(s.attrs.get("channel_mean")) for s in plan.steps) == 3
+    assert not set(ops) - _NOT_COMPUTE - {"nchw_to_nhwc.default", "nchw_to_nhwc_padded.default"}
+    # into the Engine's preallocated, lifetime-shared buffers (the means are [N, C, 1, 1] values)
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        buffers = plan.allocate(tuple(x.shape))
+        assert tuple(buffers["blocks_0_se_pool"].shape) == (2, 16, 1, 1)
+        assert torch.equal(plan.run(x, get_backend("triton"), buffers).cpu(), got.cpu())
+
+
+def test_broadcasting_add_under_triton(device):
+    """A conv output added by broadcasting ([N, C, 1, 1] over the map): the conv kernel, then
+    PyTorch's add and ReLU; the squeeze it reads comes from the first conv's epilogue."""
+    from test_residual_zoo import _GlobalContextAdd
+    torch.manual_seed(0)
+    model = _GlobalContextAdd().eval()
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        expected = model(x)
+    got, names, ops, plan = run_triton(model, x, device)
+    assert rel_err(got.cpu(), expected) <= 1e-3
+    assert len(names) == 2 and plan.steps[0].attrs["channel_mean"] is True
+    assert {"add.Tensor", "relu_.default"} <= set(ops)
