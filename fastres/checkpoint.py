@@ -2,7 +2,7 @@
 
 Written by ``fastres.export``, read by ``fastres.load``. The file holds only tensors and string
 metadata (no pickle, nothing executes from it). (A ``fastres.quantize`` module is written as its
-8-bit plan instead: ``fastres.quantize.export_quantized`` / ``load_quantized``.)
+8-bit plan instead: ``fastres.quantized.export_quantized`` / ``load_quantized``.)
 
     tensors   the folded model's state_dict: conv weights and fc weight in the export dtype,
               conv biases (BN folded into them) and fc bias in fp32, as the kernels' epilogues use them
@@ -42,7 +42,7 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch
     from safetensors.torch import save_file
 
     from .models import fold_bn
-    from .quantize import QuantizedModel, export_quantized
+    from .quantized import QuantizedModel, export_quantized
 
     if isinstance(model, QuantizedModel):       # fastres.quantize's module: its 8-bit plan and scales
         return export_quantized(model, path)
@@ -132,7 +132,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, *,
     ``arch``, when given, must match the file's architecture.
     """
     from .models import ResNet
-    from .quantize import is_quantized_file, load_quantized
+    from .quantized import is_quantized_file, load_quantized
 
     tensors, metadata = read_safetensors(path)
     if is_quantized_file(metadata):         # a fastres.quantize module's 8-bit plan
