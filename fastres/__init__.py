@@ -22,10 +22,11 @@ _LAZY = {
     "fastres.optimized": ["optimize", "Optimized"],
     "fastres.checkpoint": ["export", "load"],
     "fastres.engine": ["Engine", "IMAGENET_MEAN", "IMAGENET_STD"],
+    "fastres.quantize": ["quantize", "QuantizedModel", "QuantizationError"],
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 _SUBMODULES = {"ops", "aot", "ir", "capture", "guard", "models", "checkpoint", "fold", "kernels",
-               "extension", "normalize", "plan_report", "backend", "library", "ray"}
+               "extension", "normalize", "plan_report", "backend", "library", "ray", "ir_quant"}
 
 __all__ = ["__version__", "set_backend", "use_backend", "ops", *_WHERE]
 

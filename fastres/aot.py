@@ -159,7 +159,7 @@ def specialize(call, sm: int) -> CompileSpec:
     fn, backend, binder = _launcher_parts(call.kernel, sm)
     launch_options = dict(num_warps=call.num_warps, num_stages=call.num_stages,
                           debug=bool(fn.debug or knobs.runtime.debug),
-                          instrumentation_mode=knobs.compilation.instrumentation_mode)
+                          instrumentation_mode=knobs.compilation.instrumentation_mode, **call.options)
     try:
         bound_args, specialization, extra = binder(**call.args, **call.constexprs, **launch_options)
     except TypeError as e:

@@ -1,7 +1,8 @@
 """Export the BN-folded weights of a ResNet to a safetensors file, and load them back.
 
 Written by ``fastres.export``, read by ``fastres.load``. The file holds only tensors and string
-metadata (no pickle, nothing executes from it):
+metadata (no pickle, nothing executes from it). (A ``fastres.quantize`` module is written as its
+8-bit plan instead: ``fastres.quantized.export_quantized`` / ``load_quantized``.)
 
     tensors   the folded model's state_dict: conv weights and fc weight in the export dtype,
               conv biases (BN folded into them) and fc bias in fp32, as the kernels' epilogues use them
@@ -11,7 +12,6 @@ metadata (no pickle, nothing executes from it):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .files import ExportFormatError, digest, read_safetensors
 from .fold import folded_skeleton_
 from .version import __version__
 
@@ -28,21 +29,6 @@ FORMAT = "fastres-folded-resnet"
 FORMAT_VERSION = 1
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class ExportFormatError(ValueError):
-    """A file that is not a readable fastres export (corrupt, truncated, other format/version)."""
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def export(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch.float16, *,
@@ -56,7 +42,10 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch
     from safetensors.torch import save_file
 
     from .models import fold_bn
+    from .quantized import QuantizedModel, export_quantized
 
+    if isinstance(model, QuantizedModel):       # fastres.quantize's module: its 8-bit plan and scales
+        return export_quantized(model, path)
     if dtype not in _DTYPES.values():
         raise ValueError(f"export dtype must be one of float16, bfloat16, float32; got {dtype}")
     folded = fold_bn(model, dtype=torch.float32)    # folded in fp32; cast below
@@ -81,7 +70,7 @@ def export(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch
         "config": json.dumps(config),
         "dtype": str(dtype).removeprefix("torch."),
         "fastres_version": __version__,
-        "sha256": _digest(tensors),
+        "sha256": digest(tensors),
     }
     if categories is not None:
         metadata["categories"] = json.dumps(list(categories))
@@ -107,20 +96,11 @@ def _check_reproducible(folded: nn.Module) -> None:
                          f"but this model computes more: {', '.join(custom[:5])} would be lost")
 
 
-def read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of an export, validated: format, version, checksum."""
-    from safetensors import SafetensorError, safe_open
-
+def read_export(path: str | os.PathLike, *, read: Optional[tuple] = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of an export, validated: format, version, checksum (``read``: the
+    file's (tensors, metadata) when the caller has read it already)."""
+    tensors, metadata = read if read is not None else read_safetensors(path)
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no fastres export at {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ExportFormatError(f"{path} is not a readable safetensors file (truncated or "
-                                f"corrupt?): {err}") from err
     if metadata.get("format") != FORMAT:
         raise ExportFormatError(f"{path} is not a fastres export (format "
                                 f"{metadata.get('format')!r}, expected {FORMAT!r})")
@@ -128,7 +108,7 @@ def read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
     if version != str(FORMAT_VERSION):
         raise ExportFormatError(f"{path} has fastres export format version {version!r}; this "
                                 f"fastres ({__version__}) reads version {FORMAT_VERSION}")
-    if metadata.get("sha256") != _digest(tensors):
+    if metadata.get("sha256") != digest(tensors):
         raise ExportFormatError(f"{path} is corrupt: its tensors do not match the recorded sha256")
     for key in ("config", "categories", "preprocess"):
         if key in metadata:
@@ -152,8 +132,14 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, *,
     ``arch``, when given, must match the file's architecture.
     """
     from .models import ResNet
+    from .quantized import is_quantized_file, load_quantized
 
-    tensors, metadata = read_export(path)
+    tensors, metadata = read_safetensors(path)
+    if is_quantized_file(metadata):         # a fastres.quantize module's 8-bit plan
+        if arch is not None:
+            raise ValueError(f"{path} holds a quantized plan, which records no arch: load it without arch=")
+        return load_quantized(path, device, read=(tensors, metadata))
+    tensors, metadata = read_export(path, read=(tensors, metadata))
     config = metadata.get("config")
     if arch is not None and metadata.get("arch") != arch:
         raise ValueError(f"{path} holds a {metadata.get('arch')} model, not {arch}")

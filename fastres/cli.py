@@ -6,6 +6,9 @@ import sys
 
 # Tolerance on the max logit error relative to the logit scale (docs/numerics in README).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+# 8-bit (fastres.quantize): the logits' cosine to fp32 must reach this
+MIN_COSINE = 0.99
+QUANTIZED = ("int8", "fp8")
 
 
 def _default_device() -> str:
@@ -19,6 +22,8 @@ def cmd_verify(args) -> int:
 
     device = args.device if args.device != "auto" else _default_device()
     dtype = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    if dtype in QUANTIZED:
+        return _verify_quantized(args, device, dtype)
     if args.model:
         return _verify_user_model(args, device, dtype)
     archs = ARCHITECTURES if args.arch == "all" else args.arch.split(",")
@@ -36,6 +41,59 @@ def cmd_verify(args) -> int:
               f"{r.seconds:>8.2f}  {'ok' if ok else 'FAIL (tolerance %.0e)' % TOLERANCE[dtype]}",
               flush=True)
     return 1 if failures else 0
+
+
+def _verify_quantized(args, device: str, dtype: str) -> int:
+    from .models import ARCHITECTURES
+    from .verify import verify_quantized
+
+    if args.model:
+        print("fastres verify: --dtype int8/fp8 checks the architectures (--arch); quantize your own model "
+              "with fastres.quantize, whose report says the same", file=sys.stderr)
+        return 2
+    archs = ARCHITECTURES if args.arch == "all" else args.arch.split(",")
+    print(f"fastres verify: {dtype} (fastres.quantize, {args.method}) device={device} batch={args.batch} "
+          f"size={args.size} (reference: the same model in fp32, non-default BN statistics; calibrated on "
+          f"{args.calib_batch} other image-like inputs)")
+    print(f"{'arch':<20} {'backend':<8} {'logit cosine':>12} {'max |dlogit|/max|logit|':>24} {'top-1 agree':>12} "
+          f"{'time s':>8}  status")
+    failures = 0
+    for arch in archs:
+        r = verify_quantized(arch, dtype=dtype, device=device, batch=args.batch, size=args.size, seed=args.seed,
+                             method=args.method, calib_batch=args.calib_batch)
+        ok = r.cosine >= MIN_COSINE
+        failures += not ok
+        print(f"{arch:<20} {r.backend:<8} {r.cosine:>12.5f} {r.max_rel_error:>24.3e} {r.top1_agreement:>12.0%} "
+              f"{r.seconds:>8.2f}  {'ok' if ok else f'FAIL (cosine < {MIN_COSINE})'}", flush=True)
+    return 1 if failures else 0
+
+
+def cmd_quantize(args) -> int:
+    from .checkpoint import export
+    from .classify import resolve_model
+    from .quantize import QuantizationError, quantize
+
+    try:
+        model = resolve_model(args.weights, args.arch).float().eval()
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"fastres quantize: {err}", file=sys.stderr)
+        return 2
+    device = args.device if args.device != "auto" else _default_device()
+    model = model.to(device)
+    try:
+        qmodel = quantize(model, args.calib, dtype=args.dtype, method=args.method, num_batches=args.num_batches,
+                          progress=not args.no_progress, min_cosine=args.min_cosine)
+    except QuantizationError as err:
+        print(err.report, file=sys.stderr)
+        print(f"fastres quantize: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"fastres quantize: {err}", file=sys.stderr)
+        return 2
+    print(qmodel.report)
+    path = export(qmodel.to("cpu"), args.out)
+    print(f"wrote {path} ({args.dtype}, {args.method}; fastres.load reads it back)")
+    return 0
 
 
 def _verify_user_model(args, device: str, dtype: str) -> int:
@@ -88,7 +146,14 @@ def cmd_aot(args) -> int:
     if args.model:
         from .verify import load_model, parse_input_shape
         shape = parse_input_shape(args.input or f"3x{args.size}x{args.size}")
-    for sm in _ints(args.sm):
+    sms = _ints(args.sm)
+    if args.dtype == "fp8" and any(sm < 89 for sm in sms):
+        sms = [sm for sm in sms if sm >= 89]
+        print(f"fastres aot: fp8 (e4m3) tensor cores start at sm_89: compiling for {sms or 'nothing'}",
+              file=sys.stderr)
+        if not sms:
+            return 2
+    for sm in sms:
         for batch in _ints(args.batch):
             if args.model:
                 label = f"{args.model} b{batch} sm{sm}"
@@ -100,7 +165,7 @@ def cmd_aot(args) -> int:
                 label = f"{arch} b{batch} sm{sm}"
                 calls[label] = record_plan_launches(arch, batch, args.size, args.dtype, sm=sm)
                 targets[label] = sm
-    return run_aot(calls, sms=_ints(args.sm), workers=args.workers, loop_stats=args.loop_stats,
+    return run_aot(calls, sms=sms, workers=args.workers, loop_stats=args.loop_stats,
                    json_output=args.json, targets=targets)
 
 
@@ -112,7 +177,7 @@ def cmd_inspect(args) -> int:
     if args.model:
         import torch
 
-        from .plan_report import DTYPES, inspect_model
+        from .plan_report import _model_dtype, inspect_model
         from .verify import load_model, parse_input_shape
 
         try:
@@ -121,7 +186,7 @@ def cmd_inspect(args) -> int:
             print(f"fastres inspect: {err}", file=sys.stderr)
             return 2
         with torch.no_grad():
-            model = model.to(DTYPES[args.dtype]).eval()
+            model = model.to(_model_dtype(args.dtype)).eval()
         report = inspect_model(model, (args.batch, *shape), title=args.model, dtype=args.dtype)
     else:
         report = inspect_arch(args.arch, batch=args.batch, size=args.size, dtype=args.dtype, gpu=args.gpu)
@@ -199,8 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="compare fastres models with their torchvision twins")
     p.add_argument("--arch", default="all", help="architecture, comma list, or 'all'")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
-                   help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8", "fp8"],
+                   help="default: fp16 on cuda, fp32 on cpu; int8 / fp8: fastres.quantize against fp32")
+    p.add_argument("--method", default="percentile", choices=["percentile", "minmax", "mse"],
+                   help="with --dtype int8 / fp8: how activation scales are chosen")
+    p.add_argument("--calib-batch", type=positive_int, default=8,
+                   help="with --dtype int8 / fp8: calibration images")
     p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--seed", type=int, default=0)
@@ -218,12 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("quantize", help="calibrate an 8-bit (int8 / fp8) model on a directory of images and "
+                                        "write it (fastres.quantize, fastres.export)")
+    p.add_argument("--calib", required=True, metavar="DIR", help="calibration images (the model's preprocessing)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    p.add_argument("--weights", default="DEFAULT",
+                   help="a fastres export file, a checkpoint file, or torchvision weights (as for classify)")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--dtype", default="int8", choices=["int8", "fp8"])
+    p.add_argument("--method", default="percentile", choices=["percentile", "minmax", "mse"])
+    p.add_argument("--num-batches", type=positive_int, default=None, help="at most this many batches of 64 images")
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="fail (exit 1, nothing written) when the logits' cosine to fp32 is below this")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("aot", help="compile every kernel configuration of a plan for real GPUs "
                                    "(no GPU needed) and check registers, spills, shared memory")
     p.add_argument("--arch", default="resnet50,resnext50_32x4d", help="comma list")
     p.add_argument("--batch", default="1,8,32,64,128,256")
     p.add_argument("--size", type=positive_int, default=224)
-    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8", "fp8"],
+                   help="int8 / fp8: the fastres.quantize plan (fp8 compiles for sm_89+ only)")
     p.add_argument("--sm", default="80,90", help="target architectures; each compiles what the tile rule "
                                                  "picks for its GPU (sm_80: A100, 108 SMs; sm_90: H100, 132)")
     p.add_argument("--workers", type=int, default=2)
@@ -241,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--batch", type=positive_int, default=256)
     p.add_argument("--size", type=positive_int, default=224)
-    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8", "fp8"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--gpu", choices=["h100", "h200", "a100"], default=None,
                    help="add the modelled roofline floor per launch and in total (fastres/roofline.py)")

@@ -61,10 +61,10 @@ class StepResult:
 def plan(out_dir: str, budget_s: float = DEFAULT_BUDGET_S) -> list[Step]:
     py = sys.executable
     kernel_tests = ["tests/test_conv2d_nhwc.py", "tests/test_conv3x3_conv1x1_nhwc.py", "tests/test_pool_head.py",
-                    "tests/test_extension.py"]
+                    "tests/test_extension.py", "tests/test_conv2d_nhwc_8bit.py"]
     model_tests = ["tests/test_triton_models.py", "tests/test_fused_blocks.py", "tests/test_engine.py"]
     verify = " && ".join(f"{py} -m fastres.cli verify --device cuda --dtype {dtype} --arch resnet50,resnet18"
-                         for dtype in ("fp16", "bf16", "fp32"))
+                         for dtype in ("fp16", "bf16", "fp32", "int8"))
     return [
         Step("kernel-tests", "per-kernel tests on CUDA tensors (compiled kernels)",
              [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *kernel_tests], 0.25),

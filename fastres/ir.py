@@ -34,6 +34,7 @@ from .kernels import conv3x3_conv1x1_nhwc as _pair
 from .kernels import max_pool2d_nhwc as _max_pool
 from .kernels import se_scale_nhwc as _se
 from .kernels._common import conv_output_size
+from . import ir_quant as _q8
 
 __all__ = ["Step", "Ref", "OpKind", "OPS", "Plan", "KERNEL_KINDS"]
 
@@ -373,6 +374,14 @@ OPS: dict[str, OpKind] = {
                    lambda step: ["avgpool", "linear", "bias"]),
     "se_scale": OpKind(None, _se_launch, _se_reference, lambda step, shapes: shapes["x"], _se_describe),
     "torch": OpKind(None, None, _torch_reference, None, _torch_describe),
+    # 8-bit steps of a quantized plan (fastres.quantize; their functions in fastres.ir_quant)
+    "quantize": OpKind(None, None, _q8.quantize_reference, _q8.quantize_out_shape, _q8.quantize_describe),
+    "dequantize": OpKind(None, None, _q8.dequantize_reference, lambda step, shapes: shapes["x"],
+                         lambda step: ["dequantize"]),
+    "qconv": OpKind(_q8.qconv_pack, _q8.qconv_launch, _q8.qconv_reference, _conv_out_shape,
+                    lambda step: _conv_describe(step) + _q8.qconv_describe_suffix(step)),
+    "qhead": OpKind(_q8.qhead_pack, _q8.qhead_launch, _q8.qhead_reference, _head_out_shape,
+                    lambda step: ["avgpool", "linear", "bias", "(fp32 from 8-bit)"]),
 }
 KERNEL_KINDS = frozenset(k for k, op in OPS.items() if op.launch is not None)
 

@@ -103,7 +103,8 @@ def _launch(kernel, wrapped, call) -> None:
         raise AssertionError(f"recorded {call.name}, expected a launch of {kernel}")
     if wrapped is kernel and any(_is_fake(a) for a in call.args.values()):
         return
-    wrapped[call.grid](**call.args, **call.constexprs, num_warps=call.num_warps, num_stages=call.num_stages)
+    wrapped[call.grid](**call.args, **call.constexprs, num_warps=call.num_warps, num_stages=call.num_stages,
+                       **call.options)
 
 
 def _is_fake(t) -> bool:

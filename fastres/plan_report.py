@@ -25,6 +25,7 @@ __all__ = ["launch_rows", "reference_rows", "inspect_arch", "inspect_model", "fo
            "record_plan_launches", "record_model_launches", "torch_call_cost", "DTYPES"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+QUANTIZED = ("int8", "fp8")     # fastres.quantize plans: fp32 model, 8-bit steps (placeholder scales)
 
 # Calls that only reinterpret or describe a tensor: no launch, no traffic.
 _VIEWS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, getattr, operator.getitem}
@@ -120,6 +121,10 @@ def launch_rows(plan: Plan, input_shape: tuple) -> list[dict]:
                 cost = torch_call_cost(step.attrs["target"], list(args.values()), out)
                 rows.append({"name": step.name, "ops": list(step.ops),
                              "shape": {"M": _numel(out), "N": 1, "K": 1}, **cost})
+            elif step.kind in ("quantize", "dequantize"):    # an elementwise pass (PyTorch ops)
+                moved = sum(_numel(t) * t.element_size() for t in (*args.values(), out))
+                rows.append({"name": step.name, "ops": list(step.ops),
+                             "shape": {"M": _numel(out), "N": 1, "K": 1}, "flops": _numel(out), "bytes": moved})
     return rows
 
 
@@ -189,7 +194,13 @@ def inspect_model(model: nn.Module, input_shape: tuple, *, title: str = "model",
     return_nodes = None
     if isinstance(model, Optimized):        # what the optimized module runs: its module's plan
         model, return_nodes = model.module, model.return_nodes
-    plan = capture(model, return_nodes=return_nodes)
+    if dtype in QUANTIZED:
+        from .quantize import shape_only_plan
+        if return_nodes is not None:
+            raise ValueError("an 8-bit plan of a feature extractor (return_nodes) is not supported")
+        plan = shape_only_plan(model, dtype)
+    else:
+        plan = capture(model, return_nodes=return_nodes)
     batch = input_shape[0]
     rows = launch_rows(plan, input_shape)
     unfused = model if return_nodes is None else feature_extractor(model, return_nodes)
@@ -205,11 +216,20 @@ def _meta_model(arch: str, dtype: str) -> nn.Module:
 
     if arch not in models.ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(models.ARCHITECTURES)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     with torch.device("meta"):   # shapes only: no weights are initialised or read
         model = getattr(models, arch)()
-    return model.to(DTYPES[dtype]).eval()
+    return model.to(_model_dtype(dtype)).eval()
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES and dtype not in QUANTIZED:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join([*DTYPES, *QUANTIZED])}")
+
+
+def _model_dtype(dtype: str) -> torch.dtype:
+    """The float dtype of the model behind a plan of ``dtype`` (an 8-bit plan's model is fp32)."""
+    return torch.float32 if dtype in QUANTIZED else DTYPES[dtype]
 
 
 def _check_positive(batch: int, size: int) -> None:
@@ -274,11 +294,10 @@ def record_model_launches(make_model, input_shape: tuple, dtype: str = "fp16",
     """The KernelCalls a Triton-path forward of the model ``make_model()`` builds launches on
     inputs of ``input_shape`` (N, C, H, W): built on the meta device (shapes only), recorded
     (with ``sm``: tiles chosen for that GPU architecture)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     with torch.device("meta"):
         model = make_model()
-    return _record(model.to(DTYPES[dtype]).eval(), input_shape, dtype, sm)
+    return _record(model.to(_model_dtype(dtype)).eval(), input_shape, dtype, sm)
 
 
 def _record(model: nn.Module, input_shape: tuple, dtype: str, sm: Optional[int]) -> list:
@@ -287,8 +306,12 @@ def _record(model: nn.Module, input_shape: tuple, dtype: str, sm: Optional[int])
     from .capture import capture
     from .kernels._launch import record_launches
 
-    plan = capture(model)
-    x = torch.empty(input_shape, dtype=DTYPES[dtype], device="meta", memory_format=torch.channels_last)
+    if dtype in QUANTIZED:
+        from .quantize import shape_only_plan
+        plan = shape_only_plan(model, dtype)
+    else:
+        plan = capture(model)
+    x = torch.empty(input_shape, dtype=_model_dtype(dtype), device="meta", memory_format=torch.channels_last)
     target = contextlib.nullcontext()
     if sm:
         from .kernels._target import use_target

@@ -197,3 +197,42 @@ def verify_model(model: nn.Module, input_shape: tuple, *, device: str = "cpu", d
     return ModelVerifyResult(device=device, dtype=dtype, backend=backend_for(x.device),
                              max_rel_error=max(errors) if errors else float("nan"), top1_agreement=top1,
                              fused_steps=fused, pytorch_steps=notes, fallback=fallback, seconds=seconds)
+
+
+# -- 8-bit: fastres.quantize against the same model in fp32 ------------------------------------------
+@dataclass
+class QuantizedVerifyResult:
+    arch: str
+    device: str
+    dtype: str
+    backend: str
+    cosine: float               # of the logits, quantized vs fp32
+    max_rel_error: float
+    top1_agreement: float
+    seconds: float              # the quantized forward
+
+
+def verify_quantized(arch: str, *, dtype: str = "int8", device: str = "cpu", batch: int = 2, size: int = 224,
+                     seed: int = 0, method: str = "percentile", calib_batch: int = 8) -> QuantizedVerifyResult:
+    """``fastres.quantize`` of ``arch`` (non-default BN statistics), calibrated on ``calib_batch``
+    image-like inputs, against the same model in fp32 on ``batch`` other ones."""
+    import fastres
+    from .backend import backend_for
+
+    torch.manual_seed(seed)
+    model = randomize_norm_stats_(getattr(fastres, arch)(), seed).eval().to(device)
+    qmodel = fastres.quantize(model, [image_batch(calib_batch, size, seed + 1).to(device)], dtype=dtype,
+                              method=method, progress=False)
+    x = image_batch(batch, size, seed).to(device)
+    with torch.inference_mode():
+        expected = model(x).float()
+        start = time.perf_counter()
+        got = qmodel(x).float()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return QuantizedVerifyResult(
+        arch=arch, device=device, dtype=dtype, backend=backend_for(x.device),
+        cosine=float(F.cosine_similarity(got.flatten(), expected.flatten(), dim=0)),
+        max_rel_error=float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)),
+        top1_agreement=float((got.argmax(1) == expected.argmax(1)).float().mean()), seconds=seconds)

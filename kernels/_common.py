@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+EIGHT_BIT_DTYPES = (torch.int8, torch.float8_e4m3fn)    # 8-bit conv operands (fastres.quantize)
 MIN_TILE_CHANNELS = 16    # smallest tl.dot N and K tile, hence the narrowest packed conv group
 INT32_MAX = 2**31 - 1     # pixel indices inside the kernels are int32
 
@@ -195,6 +196,69 @@ def channel_mean_slots(block_m: int, hw: int) -> int:
     return (block_m - 1) // hw + 2
 
 
+@triton.jit
+def round_to_e4m3_nearest_even(x):
+    """fp32 in [-448, 448] -> fp32 holding the nearest-even fp8 e4m3 value: the triton 3.8
+    interpreter's fp32 -> fp8e4nv cast does not round to nearest (nor saturate), a GPU's
+    cvt.rn.satfinite does; values already on the e4m3 grid it converts exactly. Normal numbers
+    (|x| >= 2**-6) keep 3 mantissa bits; below that the grid is the subnormals' 2**-9."""
+    bits = x.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    magnitude = (tl.abs(x) + 24576.0) - 24576.0        # 1.5 * 2**14: its fp32 ulp is 2**-9
+    subnormal = (magnitude.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def store_requantized_epilogue(acc, out_ptr, acc_scale_ptr, bias_ptr, residual_ptr, res_rows, RES_SCALE,
+                               OUT_INV_SCALE, offs_m, offs_n, m_mask, n_mask, C_OUT: tl.constexpr,
+                               RES_C: tl.constexpr, RES_C_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+                               INTERPRETER_FP8: tl.constexpr):
+    """The epilogue of an 8-bit convolution tile (int32 accumulator of int8 operands, or fp32 of
+    fp8 e4m3 ones), every operation one fp32 rounding (the launch turns FMA contraction off, so a
+    GPU computes what the interpreter and ``requantize_ref`` compute):
+
+        y = acc * acc_scale[n] + bias[n] [+ RES_SCALE * residual[res_rows, n - RES_C_OFFSET]]
+        y = relu?(y)
+        int8 out:  sat_int8(round_half_even(y * OUT_INV_SCALE))
+        e4m3 out:  e4m3_rn(clamp(y * OUT_INV_SCALE, -448, 448))
+        float out: y (rounded once to out's dtype)
+
+    ``acc_scale`` [C_OUT] fp32 is s_x * s_w[n]; the residual (8-bit, dequantized by RES_SCALE) is
+    read like ``store_residual_block_epilogue``'s. Rounding half to even: the clamped value plus
+    and minus 1.5 * 2**23 (exact for |v| <= 2**22; a float -> int conversion truncates).
+    INTERPRETER_FP8: round to e4m3 by hand (``round_to_e4m3_nearest_even``) before the cast.
+    """
+    y = acc.to(tl.float32) * tl.load(acc_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        if RES_C == C_OUT and RES_C_OFFSET == 0:
+            res_offs = res_rows.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+            res_mask = out_mask
+        else:
+            res_c = offs_n - RES_C_OFFSET
+            res_offs = res_rows.to(tl.int64)[:, None] * RES_C + res_c[None, :]
+            res_mask = out_mask & ((res_c >= 0) & (res_c < RES_C))[None, :]
+        y = y + tl.load(residual_ptr + res_offs, mask=res_mask, other=0.0).to(tl.float32) * RES_SCALE
+    if APPLY_RELU:
+        y = tl.where(y < 0.0, 0.0, y)
+    if out_ptr.dtype.element_ty == tl.int8:
+        q = tl.minimum(tl.maximum(y * OUT_INV_SCALE, -128.0), 127.0)
+        q = (q + 12582912.0) - 12582912.0
+        tl.store(out_ptr + out_offs, q.to(tl.int8), mask=out_mask)
+    elif out_ptr.dtype.element_ty == tl.float8e4nv:
+        q = tl.minimum(tl.maximum(y * OUT_INV_SCALE, -448.0), 448.0)
+        if INTERPRETER_FP8:
+            q = round_to_e4m3_nearest_even(q)
+        tl.store(out_ptr + out_offs, q.to(tl.float8e4nv), mask=out_mask)
+    else:
+        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Integer rules
 
@@ -205,6 +269,11 @@ def pow2_at_least(n: int) -> int:
 
 def largest_pow2_divisor(n: int) -> int:
     return n & -n
+
+
+def min_dot_k(dtype: torch.dtype) -> int:
+    """Smallest K tile of ``tl.dot`` for operands of ``dtype`` on a GPU: 32 for 8-bit, else 16."""
+    return 2 * MIN_TILE_CHANNELS if dtype.itemsize == 1 else MIN_TILE_CHANNELS
 
 
 def tile_groups(groups: int, in_per_group: int, out_per_group: int) -> int:
@@ -358,14 +427,15 @@ def check_shortcut(shortcut, shortcut_stride, shortcut_channels: int, n: int, oh
     return sc_h, sc_w
 
 
-def check_nhwc_input(x, op: str) -> None:
-    """``x`` of a pooling op: a 4-D float tensor in channels_last memory. Errors name ``op``."""
+def check_nhwc_input(x, op: str, dtypes: tuple = FLOAT_DTYPES) -> None:
+    """``x`` of a pooling op: a 4-D tensor of one of ``dtypes`` in channels_last memory. Errors name ``op``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{op}: x must be [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: x dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        raise TypeError(f"{op}: x dtype must be {', '.join(names[:-1])} or {names[-1]}, got {x.dtype}")
     if not is_channels_last(x):
         raise ValueError(f"{op}: x must be in torch.channels_last memory format (NHWC), "
                          f"got strides {x.stride()} for shape {tuple(x.shape)}")

@@ -26,6 +26,7 @@ class KernelCall:
     num_stages: int = 2
     name: str = ""                      # human-readable, e.g. "conv2d_nhwc[3x3/s1]"
     info: dict = field(default_factory=dict)  # problem description for reports (M, N, K, flops, bytes)
+    options: dict = field(default_factory=dict)  # other triton compile options, e.g. enable_fp_fusion=False
 
     def launch(self):
         calls = getattr(_recording, "calls", None)
@@ -34,7 +35,7 @@ class KernelCall:
             return
         self._check_runnable()
         self.kernel[self.grid](**self.args, **self.constexprs,
-                               num_warps=self.num_warps, num_stages=self.num_stages)
+                               num_warps=self.num_warps, num_stages=self.num_stages, **self.options)
 
     def _check_runnable(self):
         """A clear error instead of a failure inside triton for tensors it cannot run on."""

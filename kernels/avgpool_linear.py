@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_nhwc_input, check_out
+from ._common import EIGHT_BIT_DTYPES, FLOAT_DTYPES, check_nhwc_input, check_out
 from ._launch import KernelCall
 
 
@@ -132,16 +132,18 @@ def pack_linear_weight(weight):
     return packed
 
 
-def _check_inputs(x, packed, bias, out):
-    check_nhwc_input(x, "avgpool_linear")
+def _check_inputs(x, packed, bias, out, *, eight_bit=False):
+    check_nhwc_input(x, "avgpool_linear", dtypes=EIGHT_BIT_DTYPES if eight_bit else FLOAT_DTYPES)
     if packed.dim() != 2 or packed.stride(1) != 1:
         raise ValueError("avgpool_linear: packed weight must be the [C, classes] tensor from "
                          f"pack_linear_weight, got shape {tuple(packed.shape)} strides {packed.stride()}")
     if packed.shape[0] != x.shape[1]:
         raise ValueError(f"avgpool_linear: x has {x.shape[1]} channels but the weight expects "
                          f"{packed.shape[0]} (packed weight shape {tuple(packed.shape)} is [C, classes])")
-    if packed.dtype != x.dtype:
-        raise TypeError(f"avgpool_linear: weight dtype {packed.dtype} does not match x dtype {x.dtype}")
+    weight_dtype = torch.float32 if eight_bit else x.dtype
+    if packed.dtype != weight_dtype:
+        raise TypeError(f"avgpool_linear: weight dtype {packed.dtype} does not match x dtype {x.dtype}"
+                        + (" (an 8-bit x takes the fp32 weight of avgpool_linear_8bit_packed)" if eight_bit else ""))
     if packed.device != x.device:
         raise ValueError(f"avgpool_linear: weight is on {packed.device} but x is on {x.device}")
     classes = packed.shape[1]
@@ -155,7 +157,7 @@ def _check_inputs(x, packed, bias, out):
         if not bias.is_contiguous():
             raise ValueError("avgpool_linear: bias must be contiguous")
     if out is not None:
-        check_out(out, "avgpool_linear", (x.shape[0], classes), x, channels_last=False)
+        check_out(out, "avgpool_linear", (x.shape[0], classes), packed if eight_bit else x, channels_last=False)
 
 
 def avgpool_linear_packed(x, packed, bias=None, out=None, *, config=None):
@@ -165,16 +167,30 @@ def avgpool_linear_packed(x, packed, bias=None, out=None, *, config=None):
     ``config`` overrides ``avgpool_linear_config`` (benchmarks and tests try other tiles with it).
     """
     _check_inputs(x, packed, bias, out)
+    return _launch(x, packed, bias, out, config, x.dtype)
+
+
+def avgpool_linear_8bit_packed(x, packed, bias=None, out=None, *, config=None):
+    """The head of an 8-bit plan: ``out = mean_hw(x) @ W'.T + bias`` for int8 / e4m3 ``x`` and the
+    fp32 ``packed = pack_linear_weight(W * s_x)`` (the activation scale folded into the weight),
+    all in fp32 (the pooled sums of 8-bit values are exact), fp32 logits. Reference:
+    ``avgpool_linear_8bit_ref``."""
+    _check_inputs(x, packed, bias, out, eight_bit=True)
+    return _launch(x, packed, bias, out, config, torch.float32)
+
+
+def _launch(x, packed, bias, out, config, out_dtype):
     N, C, H, W = x.shape
     classes = packed.shape[1]
     if out is None:
-        out = torch.empty((N, classes), dtype=x.dtype, device=x.device)
+        out = torch.empty((N, classes), dtype=out_dtype, device=x.device)
     if N == 0 or classes == 0:
         return out
     if C == 0 or H * W == 0:
         raise ValueError(f"avgpool_linear: cannot average an empty feature map, x shape {tuple(x.shape)}")
 
-    cfg = config or avgpool_linear_config(N, C, H * W, classes, x.dtype, x.device.type)
+    # tiles sized by the weight's element size (an 8-bit x reads an fp32 weight)
+    cfg = config or avgpool_linear_config(N, C, H * W, classes, packed.dtype, x.device.type)
     # The triton interpreter (CPU tensors) computes tl.dot on bf16 operands wrongly; there, and for
     # fp32 inputs, the dot runs on fp32 operands. Recorded launches (meta) keep the GPU kernel.
     interpreted_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu"
@@ -184,14 +200,14 @@ def avgpool_linear_packed(x, packed, bias=None, out=None, *, config=None):
         args=dict(x_ptr=x, w_ptr=packed, bias_ptr=bias, out_ptr=out,
                   N=N, C=C, HW=H * W, CLASSES=classes, stride_wk=packed.stride(0)),
         constexprs=dict(HAS_BIAS=bias is not None,
-                        UPCAST_DOT_OPERANDS=x.dtype == torch.float32 or interpreted_bf16,
+                        UPCAST_DOT_OPERANDS=packed.dtype == torch.float32 or interpreted_bf16,
                         BLOCK_M=cfg["BLOCK_M"], BLOCK_CLS=cfg["BLOCK_CLS"],
                         BLOCK_K=cfg["BLOCK_K"], BLOCK_HW=cfg["BLOCK_HW"]),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         name="avgpool_linear",
         info=dict(N=N, C=C, HW=H * W, classes=classes, flops=x.numel() + 2 * N * C * classes,
-                  bytes=(x.numel() + classes * C + out.numel()) * x.element_size()
+                  bytes=x.numel() * x.element_size() + (classes * C + out.numel()) * packed.element_size()
                   + (4 * classes if bias is not None else 0)),
     ).launch()
     return out
@@ -216,3 +232,9 @@ def avgpool_linear_ref(x, weight, bias=None, *, upcast=False):
     pooled = x.mean(dim=(2, 3))
     bias = bias.to(pooled.dtype) if bias is not None else None
     return F.linear(pooled, weight, bias).to(out_dtype)
+
+
+def avgpool_linear_8bit_ref(x, weight, bias=None):
+    """Reference of ``avgpool_linear_8bit_packed``: ``weight`` [classes, C] fp32 with the activation
+    scale folded in, ``x`` int8 / e4m3; fp32 pooling and product, fp32 logits."""
+    return F.linear(x.float().mean(dim=(2, 3)), weight.float(), bias.float() if bias is not None else None)

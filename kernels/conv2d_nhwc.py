@@ -45,6 +45,13 @@ K loop modes (constexpr, chosen from the shape):
 Runtime ints are the batch and spatial sizes; channel counts, kernel size, stride, padding,
 dilation and the epilogue switches are constexpr. Pixel indices are int32 (N*H*W < 2**31 is
 checked), element offsets int64 (except within one image in FLAT_K mode: H*W*C_in < 2**31, checked).
+
+8-bit (QUANTIZED, ``QuantEpilogue``; ``fastres.quantize`` builds the plans): int8 x and W accumulate
+in int32 (IMMA on sm_80, wgmma .s8 on sm_90), fp8 e4m3 in fp32 (wgmma .e4m3, sm_89+), and the
+epilogue requantizes: ``acc * acc_scale[c] + bias [+ s_r * residual] -> relu -> round(. / s_out)``
+to int8 / e4m3 (``store_requantized_epilogue``; reference ``conv2d_nhwc_8bit_ref``). An 8-bit K
+tile has >= 32 elements (tl.dot's minimum), so a packed group of fewer than 32 channels runs
+FLAT_K; no split-K.
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activati
                       is_channels_last, largest_pow2_divisor, pow2_at_least, store_residual_block_epilogue,
                       tile_groups)
 from ._common import channel_mean_slots, store_channel_means
+from ._common import EIGHT_BIT_DTYPES, min_dot_k, store_requantized_epilogue   # 8-bit variant (fastres.quantize)
 from ._launch import KernelCall, is_recording
 from ._target import DEFAULT_TARGET, Target, table_arch, target_for
 
@@ -74,6 +82,7 @@ def _conv2d_nhwc_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, residual_ptr, shortcut_ptr, out2_ptr, scale2_ptr, shift2_ptr,
     ws_ptr, counter_ptr, mean_ptr,
     x_desc, w_desc,
+    acc_scale_ptr, RES_SCALE, OUT_INV_SCALE,
     BATCH, H, W, OH, OW, SC_H, SC_W, RES_H, RES_W, MEAN_SLOTS,
     C_IN: tl.constexpr, C_OUT: tl.constexpr,
     CIN_PER_GROUP: tl.constexpr, COUT_PER_GROUP: tl.constexpr,   # per *packed* group
@@ -88,6 +97,7 @@ def _conv2d_nhwc_kernel(
     RES_C: tl.constexpr, RES_C_OFFSET: tl.constexpr, RES_STRIDE: tl.constexpr,
     HAS_OUT2: tl.constexpr, OUT2_RELU: tl.constexpr, HAS_MEAN: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
+    QUANTIZED: tl.constexpr, INTERPRETER_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA: tl.constexpr,
 ):
@@ -104,6 +114,10 @@ def _conv2d_nhwc_kernel(
     are cast to fp32 first) and the fp32 -> bf16 cast truncates (so the store is rounded to
     nearest-even by hand, as the GPU's cvt.rn does). bf16 loads, the epilogue and the bf16 store
     still run, so the interpreter checks those paths.
+
+    QUANTIZED (8-bit x and W: int8 with an int32 accumulator, or fp8 e4m3 with fp32): the
+    requantizing epilogue ``store_requantized_epilogue`` (acc * acc_scale[c] + bias [+ RES_SCALE *
+    residual] -> relu -> * OUT_INV_SCALE -> int8 / e4m3, or a float out); no split-K, no out2.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1) if SPLIT_K > 1 else 0     # split-K: this program's share of the K steps
@@ -134,7 +148,8 @@ def _conv2d_nhwc_kernel(
     w_ptrs = w_ptr + offs_k[:, None] * C_OUT + offs_n[None, :]
     EVEN_N: tl.constexpr = COUT_PER_GROUP % BLOCK_N == 0
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ACC_DTYPE: tl.constexpr = tl.int32 if x_ptr.dtype.element_ty == tl.int8 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     PLAIN_GEMM: tl.constexpr = KH == 1 and KW == 1 and STRIDE_H == 1 and STRIDE_W == 1 and PAD_H == 0 and PAD_W == 0
     # A 1x1 main GEMM and its projection shortcut in one K loop when BLOCK_K divides both K's.
     CONCAT_ONE_LOOP: tl.constexpr = (HAS_SHORTCUT_GEMM and PLAIN_GEMM and CIN_PER_GROUP % BLOCK_K == 0
@@ -275,6 +290,10 @@ def _conv2d_nhwc_kernel(
             store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows, out2_ptr, scale2_ptr, shift2_ptr,
                                           offs_m, offs_n, m_mask, n_mask, C_OUT, RES_C, RES_C_OFFSET, HAS_BIAS, HAS_RESIDUAL,
                                           APPLY_RELU, HAS_OUT2, OUT2_RELU, INTERPRETER_BF16)
+    elif QUANTIZED:
+        store_requantized_epilogue(acc, out_ptr, acc_scale_ptr, bias_ptr, residual_ptr, res_rows, RES_SCALE,
+                                   OUT_INV_SCALE, offs_m, offs_n, m_mask, n_mask, C_OUT, RES_C, RES_C_OFFSET, HAS_BIAS,
+                                   HAS_RESIDUAL, APPLY_RELU, INTERPRETER_FP8)
     else:
         stored = store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows, out2_ptr, scale2_ptr,
                                                shift2_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT, RES_C, RES_C_OFFSET,
@@ -428,6 +447,25 @@ def pack_conv_weight(weight, *, groups=1, shortcut_weight=None, row_k=False) -> 
                             kernel_size=(kh, kw), groups=groups, tile_groups=t, shortcut_in_channels=c_sc)
 
 
+@dataclass(frozen=True)
+class QuantEpilogue:
+    """The requantizing epilogue of an 8-bit convolution (``store_requantized_epilogue``): x and the
+    packed weight int8 (int32 accumulation) or fp8 e4m3 (fp32 accumulation), the residual in x's
+    dtype, and
+
+        out = q(relu?(acc * acc_scale[c] + bias[c] [+ residual_scale * residual]) * out_inv_scale)
+
+    q: int8 saturating round-half-even, or e4m3 round-to-nearest-even clamped to +-448, by
+    ``out_dtype``; a float ``out_dtype`` (the last step before a float consumer) stores the fp32
+    value itself (``out_inv_scale`` None). The scales are fp32 values (``acc_scale`` an fp32 [C_out]
+    tensor on x's device, s_x * s_w[c]; the two scalars exactly representable in fp32).
+    """
+    acc_scale: torch.Tensor
+    out_dtype: torch.dtype
+    out_inv_scale: float | None = None
+    residual_scale: float | None = None
+
+
 # ----------------------------------------------------------------------------------------------
 # Configurations
 
@@ -569,7 +607,7 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
 def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padding=0, dilation=1,
                        residual=None, relu=False, shortcut=None, shortcut_stride=1, out=None,
                        residual_stride=1, residual_channel_offset=0, affine2=None, affine2_relu=False,
-                       out2=None, channel_mean=False, mean_out=None):
+                       out2=None, channel_mean=False, mean_out=None, quant: QuantEpilogue | None = None):
     """``relu?(conv(x, packed) [+ conv1x1_s(shortcut, packed shortcut)] + bias [+ residual])``.
 
     ``residual_stride`` / ``residual_channel_offset``: the residual is [N, C_r, H_r, W_r] read at
@@ -587,9 +625,13 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     [N, C_out, OH, OW] channels_last; ``shortcut`` [N, C_sc, H_sc, W_sc] channels_last when the
     packed weight carries a projection shortcut, read at (oh*shortcut_stride, ow*shortcut_stride).
     Works on meta tensors inside ``record_launches()``.
+
+    ``quant`` (x and the packed weight int8 or fp8 e4m3): the 8-bit convolution, its epilogue the
+    ``QuantEpilogue`` (reference: ``conv2d_nhwc_8bit_ref``); ``out`` is then in ``quant.out_dtype``.
     """
     (sh, sw), (ph, pw), (dh, dw) = conv_geometry(stride, padding, dilation)
     check_packed_input(x, "x", packed)
+    out_dtype = _check_quant(quant, x, packed, affine2, residual)
     n, c_in, h, w = x.shape
     oh, ow = conv_output_hw(h, w, packed.kernel_size, (sh, sw), (ph, pw), (dh, dw))
     out_shape = (n, packed.out_channels, oh, ow)
@@ -606,9 +648,10 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
             check_bias(t, what, packed.out_channels, x.device)
     sc_h, sc_w = check_shortcut(shortcut, shortcut_stride, packed.shortcut_in_channels, n, oh, ow, x, "x")
     if out is None:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        out = torch.empty(out_shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
     else:
-        check_activation(out, "out", out_shape, x, "x")
+        check_activation(out, "out", out_shape, x if quant is None else x.new_empty(0, dtype=out_dtype),
+                         "x" if quant is None else "quant.out_dtype")
         if x.device.type != "meta" and out.numel() and x.numel() and out.data_ptr() == x.data_ptr():
             raise ValueError("out must not alias x")
     if affine2 is not None:
@@ -617,6 +660,8 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
         else:
             check_activation(out2, "out2", out_shape, x, "x")
     if channel_mean:
+        if quant is not None:
+            raise ValueError("channel_mean has no 8-bit variant (quant)")
         if affine2 is not None:
             raise ValueError("channel_mean and affine2 cannot be combined (one extra output per launch)")
         mean_shape = (n, packed.out_channels, 1, 1)
@@ -635,7 +680,7 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     problem = dict(bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), residual=residual,
                    relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride,
                    residual_stride=residual_stride, residual_channel_offset=residual_channel_offset,
-                   affine2=affine2, affine2_relu=affine2_relu, out2=out2, mean_out=mean_out)
+                   affine2=affine2, affine2_relu=affine2_relu, out2=out2, mean_out=mean_out, quant=quant)
     config = None
     if x.device.type == "cuda" and _autotune.enabled() and not is_recording():
         config = _tuned_config(x, packed, out, problem)
@@ -643,10 +688,35 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     return result
 
 
+def _check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
+    """The output dtype of a conv with this ``quant`` (x's without one), the 8-bit operands checked."""
+    if quant is None:
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"x is {x.dtype}: an 8-bit convolution needs quant=QuantEpilogue(...)")
+        return x.dtype
+    if not isinstance(quant, QuantEpilogue):
+        raise TypeError(f"quant must be a QuantEpilogue, got {type(quant).__name__}")
+    if x.dtype not in EIGHT_BIT_DTYPES:
+        raise TypeError(f"quant needs int8 or float8_e4m3fn x and weight, got {x.dtype}")
+    if affine2 is not None:
+        raise ValueError("an 8-bit convolution has no second (affine2) output")
+    check_bias(quant.acc_scale, "quant.acc_scale", packed.out_channels, x.device)
+    if quant.acc_scale.dtype != torch.float32:
+        raise TypeError(f"quant.acc_scale must be float32, got {quant.acc_scale.dtype}")
+    if (residual is None) != (quant.residual_scale is None):
+        raise ValueError("quant.residual_scale must be given exactly when there is a residual")
+    out_8bit = quant.out_dtype in EIGHT_BIT_DTYPES
+    if quant.out_dtype not in EIGHT_BIT_DTYPES + FLOAT_DTYPES or (out_8bit and quant.out_dtype != x.dtype):
+        raise TypeError(f"quant.out_dtype must be x's dtype ({x.dtype}) or a float dtype, got {quant.out_dtype}")
+    if out_8bit != (quant.out_inv_scale is not None):
+        raise ValueError("quant.out_inv_scale must be given exactly when the output is 8-bit")
+    return quant.out_dtype
+
+
 def _candidate_configs(x, packed, out) -> dict:
     """The rule's choice and every other GPU tile for this operand width, clamped like the rule."""
     cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
-    flat_k = cin_g % MIN_TILE_CHANNELS != 0
+    flat_k = cin_g % min_dot_k(x.dtype) != 0
     names = ["fp32"] if x.dtype == torch.float32 else ["tc_wide", "tc_narrow", "tc_small_m"]
     block_k_cap = _FLAT_K_BLOCK_K if flat_k else largest_pow2_divisor(cin_g)
     target = target_for(x.device)
@@ -682,6 +752,9 @@ def _tuned_config(x, packed, out, problem) -> ConvConfig:
         gpu=torch.cuda.get_device_name(x.device))
 
 
+_EIGHT_BIT_NAMES = {torch.int8: "int8", torch.float8_e4m3fn: "e4m3"}
+
+
 def _concat_align(x, shortcut, c_in: int, c_sc: int, block_k: int) -> int:
     """Bytes every row base of the one-loop concat-K (x rows, shortcut rows, + k*BLOCK_K) is a multiple
     of: 16 when both tensors start 16-byte aligned and every channel count is a multiple of 16 bytes."""
@@ -714,23 +787,25 @@ def _tma_descriptors(x, packed, cfg: ConvConfig) -> dict:
 
 def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
                 shortcut_stride, residual_stride=1, residual_channel_offset=0, affine2=None,
-                affine2_relu=False, out2=None, mean_out=None, config: ConvConfig | None = None) -> KernelCall:
+                affine2_relu=False, out2=None, mean_out=None, config: ConvConfig | None = None,
+                quant: QuantEpilogue | None = None) -> KernelCall:
     """The KernelCall of one (already validated) convolution; touches no tensor data."""
     n, c_in, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
     kh, kw = packed.kernel_size
     cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
     num_groups = packed.out_channels // cout_g
-    flat_k = cin_g % MIN_TILE_CHANNELS != 0
+    flat_k = cin_g % min_dot_k(x.dtype) != 0
     m = n * oh * ow
     device_type = x.device.type
-    splittable = num_groups == 1 and shortcut is None and not flat_k and not packed.row_k and mean_out is None
+    splittable = (num_groups == 1 and shortcut is None and not flat_k and not packed.row_k and mean_out is None
+                  and quant is None)
     main_steps = kh * kw * cin_g // min(CONV_CONFIGS["tc_wide"].BLOCK_K, largest_pow2_divisor(cin_g)) if splittable else 0
     plain_gemm = ((kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and num_groups == 1
                   and shortcut is None and not packed.row_k)
     cfg = config or conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type,
                                 target_for(x.device), main_steps, plain_gemm)
-    if cfg.TMA and not _tma_fits(x, packed, cfg, plain_gemm):
+    if cfg.TMA and (quant is not None or not _tma_fits(x, packed, cfg, plain_gemm)):
         cfg = dataclasses.replace(cfg, TMA=False)
     row_align, row_k_mask = 1, False
     if packed.row_k:
@@ -771,6 +846,9 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
                     out2_ptr=out2 if affine2 is not None else None,
                     scale2_ptr=affine2[0] if affine2 is not None else None,
                     shift2_ptr=affine2[1] if affine2 is not None else None,
+                    acc_scale_ptr=quant.acc_scale if quant is not None else None,
+                    RES_SCALE=quant.residual_scale if quant is not None else None,
+                    OUT_INV_SCALE=quant.out_inv_scale if quant is not None else None,
                     **_tma_descriptors(x, packed, cfg))
     args.update({k: v for k, v in optional.items() if v is not None})
     constexprs = {k: v for k, v in optional.items() if v is None}
@@ -788,6 +866,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         HAS_OUT2=affine2 is not None, OUT2_RELU=bool(affine2_relu) and affine2 is not None,
         HAS_MEAN=mean_out is not None,
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
+        QUANTIZED=quant is not None, INTERPRETER_FP8=out.dtype == torch.float8_e4m3fn and device_type == "cpu",
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K,
         TMA=cfg.TMA,
     )
@@ -796,13 +875,16 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
             + (f"/g{packed.groups}" if packed.groups > 1 else "") + (f"+sc{c_sc}/s{shortcut_stride}" if c_sc else "")
             + ("/rowk" if packed.row_k else "") + (f"/splitk{cfg.SPLIT_K}" if split else "")
             + (f"+res{res_c}@{residual_channel_offset}/s{residual_stride}" if strided_residual else "")
-            + ("+affine2" if affine2 is not None else "") + ("+mean" if mean_out is not None else "") + "]")
+            + ("+affine2" if affine2 is not None else "") + ("+mean" if mean_out is not None else "")
+            + (f"/{_EIGHT_BIT_NAMES[x.dtype]}" if quant is not None else "") + "]")
     macs = m * packed.out_channels * (k_main // packed.tile_groups + c_sc)
     # K loop trips (the loop report divides an unrolled K loop's code by them)
     k_steps = ((kh if packed.row_k else triton.cdiv(k_main, cfg.BLOCK_K)) + triton.cdiv(c_sc, cfg.BLOCK_K)) // cfg.SPLIT_K
     return KernelCall(
         kernel=_conv2d_nhwc_kernel, grid=grid, args=args, constexprs=constexprs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,
+        # 8-bit: no FMA contraction, so the epilogue rounds as the interpreter and the reference do
+        options=dict(enable_fp_fusion=False) if quant is not None else {},
         # modelled traffic: each input once (only the strided shortcut pixels), the output once,
         # the weights as PyTorch holds them (not the packed zeros of block-diagonal groups), fp32 bias
         info=dict(M=m, N=packed.out_channels, K=k_main + c_sc, k_steps=k_steps, flops=2 * macs, dtype=str(x.dtype).replace("torch.", ""),
@@ -810,7 +892,9 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
                          + (m * res_c if residual is not None else 0) + m * c_sc
                          + packed.out_channels * (k_main // packed.tile_groups + c_sc)
                          + (n * packed.out_channels if mean_out is not None else 0)) * x.element_size()
-                  + (4 * packed.out_channels if bias is not None else 0)),
+                  + (4 * packed.out_channels if bias is not None else 0)
+                  + (out.numel() * (out.element_size() - x.element_size()) + 4 * packed.out_channels
+                     if quant is not None else 0)),
     )
 
 
@@ -917,3 +1001,56 @@ def _as_output(out, dtype, channels_last):
     if channels_last and not is_channels_last(out):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+def conv2d_nhwc_8bit_ref(x, weight, bias, quant: QuantEpilogue, *, stride=1, padding=0, dilation=1, groups=1,
+                         residual=None, relu=False, shortcut=None, shortcut_weight=None, shortcut_stride=1,
+                         residual_stride=1, residual_channel_offset=0):
+    """Reference of the 8-bit convolution: the same accumulation and the same epilogue roundings.
+
+        acc = conv(x, weight) [+ conv1x1_s(shortcut, shortcut_weight)]     exact, in float64
+        out = requantize_ref(acc, ...)                                       (see QuantEpilogue)
+
+    ``x``, ``weight`` (PyTorch layout), ``residual`` and the shortcut are int8 or float8_e4m3fn.
+    Every product of two 8-bit values and every partial sum of a ResNet conv is exact in float64
+    (int8: |sum| < K * 2**14 < 2**53; e4m3: products are multiples of 2**-18 below 2**18), so the
+    accumulator is exact: the int32 of the int8 kernel, the exact sum that the fp8 kernel's fp32
+    accumulation approximates. The accumulator is then rounded once to fp32 (exact for int8 up to
+    2**24). channels_last in gives channels_last out.
+    """
+    acc = F.conv2d(x.double(), weight.double(), stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if shortcut is not None:
+        acc += F.conv2d(shortcut.double(), shortcut_weight.double(), stride=shortcut_stride)
+    if residual is not None:
+        r = residual[:, :, ::residual_stride, ::residual_stride]
+        c0 = residual_channel_offset
+        padded = acc.new_zeros(acc.shape, dtype=torch.float32)
+        padded[:, c0:c0 + r.shape[1]] = r.float()
+        residual = padded
+    out = requantize_ref(acc.float(), bias, quant, residual=residual, relu=relu)
+    return _as_output(out, out.dtype, is_channels_last(x))
+
+
+def requantize_ref(acc, bias, quant: QuantEpilogue, *, residual=None, relu=False):
+    """``store_requantized_epilogue`` in PyTorch, one fp32 rounding per operation in its order:
+
+        y = acc * acc_scale[c] (+ bias[c]) (+ residual * residual_scale); relu?
+        int8:  clamp(y * out_inv_scale, -128, 127) rounded half to even;  e4m3: clamp to +-448, to e4m3 (RNE)
+
+    ``acc`` is the fp32 accumulator [N, C, H, W]; ``residual`` its 8-bit (or dequantization-ready
+    float) residual, zero where the kernel masks it."""
+    view = (1, -1, 1, 1)
+    y = acc.float() * quant.acc_scale.view(view)
+    if bias is not None:
+        y = y + bias.float().view(view)
+    if residual is not None:
+        y = y + residual.float() * torch.tensor(quant.residual_scale, dtype=torch.float32)
+    if relu:
+        y = torch.where(y < 0, torch.zeros_like(y), y)
+    if quant.out_dtype == torch.int8:
+        q = (y * torch.tensor(quant.out_inv_scale, dtype=torch.float32)).clamp_(-128.0, 127.0)
+        return torch.round(q).to(torch.int8)           # torch.round: half to even
+    if quant.out_dtype == torch.float8_e4m3fn:
+        q = (y * torch.tensor(quant.out_inv_scale, dtype=torch.float32)).clamp_(-448.0, 448.0)
+        return q.to(torch.float8_e4m3fn)               # round to nearest even
+    return y.to(quant.out_dtype)

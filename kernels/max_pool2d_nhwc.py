@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_nhwc_input, check_out
+from ._common import EIGHT_BIT_DTYPES, FLOAT_DTYPES, check_nhwc_input, check_out
 from ._launch import KernelCall
 
 KERNEL_SIZE, STRIDE, PADDING = 3, 2, 1
@@ -50,9 +50,11 @@ def _max_pool2d_nhwc_kernel(
             iw = ow * STRIDE - PADDING + kw
             pix_ok = row_ok & (iw >= 0) & (iw < W)
             ptrs = image[:, None] + ((ih * W + iw) * C)[:, None] + offs_c[None, :]
-            tap = tl.load(ptrs, mask=pix_ok[:, None] & c_ok[None, :], other=float("-inf"))
-            # fp16/bf16 -> fp32 is exact, so the maximum (and the store back) stays bit-exact.
-            result = tl.maximum(result, tap.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)
+            tap = tl.load(ptrs, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            # fp16/bf16/int8/fp8 -> fp32 is exact, so the maximum (and the store back) stays bit-exact;
+            # outside the image -inf (a select: int8 and e4m3 have no -inf to load as `other`).
+            tap = tl.where(pix_ok[:, None], tap.to(tl.float32), float("-inf"))
+            result = tl.maximum(result, tap, propagate_nan=tl.PropagateNan.ALL)
 
     out_ptrs = out_ptr + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
     tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
@@ -76,9 +78,10 @@ def max_pool2d_nhwc(x, *, out=None, config=None):
     """3x3/s2/p1 max pooling of a channels_last ``[N, C, H, W]`` tensor; see the module docstring.
 
     ``out`` (optional) receives the result: ``[N, C, OH, OW]``, x's dtype and device, channels_last.
+    x may also be 8-bit (int8, float8_e4m3fn: the quantized plan's pool, same scale in and out).
     ``config`` overrides ``max_pool2d_config`` (benchmarks and tests try other tiles with it).
     """
-    check_nhwc_input(x, "max_pool2d_nhwc")
+    check_nhwc_input(x, "max_pool2d_nhwc", dtypes=FLOAT_DTYPES + EIGHT_BIT_DTYPES)
     N, C, H, W = x.shape
     OH = (H + 2 * PADDING - KERNEL_SIZE) // STRIDE + 1
     OW = (W + 2 * PADDING - KERNEL_SIZE) // STRIDE + 1
@@ -108,4 +111,6 @@ def max_pool2d_nhwc(x, *, out=None, config=None):
 
 
 def max_pool2d_nhwc_ref(x):
+    if x.dtype in EIGHT_BIT_DTYPES:     # exact through fp32 (PyTorch pools no int8 / fp8 on CPU)
+        return F.max_pool2d(x.float(), kernel_size=3, stride=2, padding=1).to(x.dtype)
     return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)

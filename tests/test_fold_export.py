@@ -170,8 +170,8 @@ def _rewrite(path, tensors=None, **meta_changes):
     meta.update(meta_changes)
     tensors = tensors if tensors is not None else old
     if "sha256" not in meta_changes:
-        from fastres.checkpoint import _digest
-        meta["sha256"] = _digest(tensors)
+        from fastres.files import digest
+        meta["sha256"] = digest(tensors)
     save_file(tensors, str(path), metadata=meta)
     return old
 

@@ -10,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fastres
-from fastres.checkpoint import ExportFormatError, _digest
+from fastres.checkpoint import ExportFormatError
+from fastres.files import digest
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def forge(tmp_path, export_file, config_changes=None, *, raw_config=None, tensor
             metadata.pop(key, None)
         else:
             metadata[key] = value
-    metadata["sha256"] = _digest(tensors)
+    metadata["sha256"] = digest(tensors)
     path = tmp_path / "forged.safetensors"
     save_file(tensors, str(path), metadata=metadata)
     return path

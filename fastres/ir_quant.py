@@ -1,0 +1,150 @@
+"""The 8-bit step kinds of a quantized plan (``fastres.quantize``): their pack, launch and reference.
+
+``fastres.ir``'s op table holds one row per kind; this module holds the functions of the 8-bit
+rows, so the quantization numerics stay in one place:
+
+    quantize     float [N, C, H, W] -> 8-bit, per-tensor scale: sat(round_half_even(x / s)) for
+                 int8, e4m3_rn(clamp(x / s, +-448)) for fp8; for the ROW_K stem it writes the
+                 zero-bordered 4-channel layout the stem reads (zero is exact: symmetric scales)
+    dequantize   8-bit -> fp32: q * s
+    qconv        an 8-bit ``conv2d_nhwc`` (int8 x int8 -> int32, or e4m3 -> fp32) with the
+                 requantizing epilogue (``kernels.conv2d_nhwc.QuantEpilogue``); reference
+                 ``conv2d_nhwc_8bit_ref`` (exact accumulation, the same fp32 roundings)
+    qhead        average pool + Linear of an 8-bit map, fp32 (``avgpool_linear_8bit_packed``)
+
+``max_pool`` runs unchanged on 8-bit values (a maximum commutes with a monotone quantization: the
+output keeps the input's scale). Step tensors: ``weight`` 8-bit in PyTorch layout (the stem's
+padded to 4 input channels), ``shortcut_weight`` 8-bit, ``bias`` and ``acc_scale`` fp32 [C_out].
+Step attrs as a ``conv`` step's, plus ``out_dtype``, ``out_inv_scale`` (8-bit out) and
+``residual_scale`` (with a residual); the scalars are fp32 values.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import avgpool_linear as _avgpool_linear
+from .kernels import conv2d_nhwc as _conv
+
+INT8_MAX = 127.0
+E4M3_MAX = 448.0
+QMAX = {torch.int8: INT8_MAX, torch.float8_e4m3fn: E4M3_MAX}
+
+
+def fp32(v: float) -> float:
+    """``v`` rounded to the nearest fp32 value (the scalars a kernel receives are fp32)."""
+    return float(torch.tensor(v, dtype=torch.float32))
+
+
+def quantize_tensor(x: torch.Tensor, inv_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (any float dtype) to ``dtype`` with one fp32 multiply by ``inv_scale`` = 1/s, then
+    int8: clamp to [-128, 127] and round half to even; e4m3: clamp to +-448 and round to nearest
+    even (the rounding of the conv epilogue)."""
+    z = x.float() * torch.tensor(inv_scale, dtype=torch.float32)
+    if dtype == torch.int8:
+        return torch.round(z.clamp_(-128.0, 127.0)).to(torch.int8)
+    if dtype == torch.float8_e4m3fn:
+        return z.clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    raise TypeError(f"quantize to int8 or float8_e4m3fn, not {dtype}")
+
+
+def _into(out, y):
+    return out.copy_(y) if out is not None else y
+
+
+# -- quantize / dequantize -----------------------------------------------------------------------
+def quantize_reference(step, args, out, upcast):
+    a, x = step.attrs, args["x"]
+    q = quantize_tensor(x, a["inv_scale"], a["dtype"])
+    if a.get("stem_border"):
+        # the ROW_K stem's input: zero border (the conv's zero padding) and channels padded to 4
+        padding, stride = a["stem_border"]
+        top, bottom, left, right = _conv.stem_input_padding(x.shape[2], x.shape[3], padding, stride)
+        n, c, h, w = q.shape
+        bordered = q.new_zeros(n, h + top + bottom, w + left + right, _conv.STEM_CHANNELS)
+        bordered[:, top:top + h, left:left + w, :c] = q.permute(0, 2, 3, 1)
+        q = bordered.permute(0, 3, 1, 2)
+    else:
+        q = q.contiguous(memory_format=torch.channels_last)
+    return _into(out, q)
+
+
+def quantize_out_shape(step, shapes):
+    n, c, h, w = shapes["x"]
+    if not step.attrs.get("stem_border"):
+        return (n, c, h, w)
+    padding, stride = step.attrs["stem_border"]
+    top, bottom, left, right = _conv.stem_input_padding(h, w, padding, stride)
+    return (n, _conv.STEM_CHANNELS, h + top + bottom, w + left + right)
+
+
+def quantize_describe(step):
+    return [f"quantize/{_dtype_name(step.attrs['dtype'])}" + ("+stem border" if step.attrs.get("stem_border") else "")]
+
+
+def dequantize_reference(step, args, out, upcast):
+    x = args["x"]
+    y = x.float() * torch.tensor(step.attrs["scale"], dtype=torch.float32)
+    if y.dim() == 4:
+        y = y.contiguous(memory_format=torch.channels_last)
+    return _into(out, y)
+
+
+# -- qconv ---------------------------------------------------------------------------------------
+def qconv_epilogue(step) -> _conv.QuantEpilogue:
+    a = step.attrs
+    return _conv.QuantEpilogue(acc_scale=step.tensors["acc_scale"], out_dtype=a["out_dtype"],
+                               out_inv_scale=a.get("out_inv_scale"), residual_scale=a.get("residual_scale"))
+
+
+def qconv_pack(step):
+    t = step.tensors
+    if step.attrs.get("row_k"):
+        return _conv.pack_conv_weight(t["weight"], row_k=True)
+    return _conv.pack_conv_weight(t["weight"], groups=step.attrs["groups"], shortcut_weight=t.get("shortcut_weight"))
+
+
+def _residual_kwargs(step):
+    a = step.attrs
+    return dict(residual_stride=a.get("residual_stride", 1), residual_channel_offset=a.get("residual_channel_offset", 0))
+
+
+def qconv_launch(step, args, packed, out):
+    a = step.attrs
+    return _conv.conv2d_nhwc_packed(
+        args["x"], packed, step.tensors["bias"], stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
+        residual=args.get("residual"), relu=a["relu"], shortcut=args.get("shortcut"),
+        shortcut_stride=a.get("shortcut_stride", 1), out=out, quant=qconv_epilogue(step), **_residual_kwargs(step))
+
+
+def qconv_reference(step, args, out, upcast):
+    a, t = step.attrs, step.tensors
+    y = _conv.conv2d_nhwc_8bit_ref(
+        args["x"], t["weight"], t["bias"], qconv_epilogue(step), stride=a["stride"], padding=a["padding"],
+        dilation=a["dilation"], groups=a["groups"], residual=args.get("residual"), relu=a["relu"],
+        shortcut=args.get("shortcut"), shortcut_weight=t.get("shortcut_weight"),
+        shortcut_stride=a.get("shortcut_stride", 1), **_residual_kwargs(step))
+    return _into(out, y)
+
+
+def qconv_describe_suffix(step):
+    a = step.attrs
+    x = _dtype_name(step.tensors["weight"].dtype)
+    return [f"{x} x {x} -> {'int32' if x == 'int8' else 'fp32'}",
+            f"requantize -> {_dtype_name(a['out_dtype'])}"]
+
+
+# -- qhead ---------------------------------------------------------------------------------------
+def qhead_pack(step):
+    return _avgpool_linear.pack_linear_weight(step.tensors["weight"])
+
+
+def qhead_launch(step, args, packed, out):
+    return _avgpool_linear.avgpool_linear_8bit_packed(args["x"], packed, step.tensors["bias"], out=out)
+
+
+def qhead_reference(step, args, out, upcast):
+    return _into(out, _avgpool_linear.avgpool_linear_8bit_ref(args["x"], step.tensors["weight"], step.tensors["bias"]))
+
+
+def _dtype_name(dtype) -> str:
+    return {torch.int8: "int8", torch.float8_e4m3fn: "e4m3"}.get(dtype, str(dtype).removeprefix("torch."))
