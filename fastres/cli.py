@@ -177,7 +177,7 @@ def cmd_inspect(args) -> int:
     if args.model:
         import torch
 
-        from .plan_report import _model_dtype, inspect_model
+        from .plan_report import inspect_model, model_dtype
         from .verify import load_model, parse_input_shape
 
         try:
@@ -186,7 +186,7 @@ def cmd_inspect(args) -> int:
             print(f"fastres inspect: {err}", file=sys.stderr)
             return 2
         with torch.no_grad():
-            model = model.to(_model_dtype(args.dtype)).eval()
+            model = model.to(model_dtype(args.dtype)).eval()
         report = inspect_model(model, (args.batch, *shape), title=args.model, dtype=args.dtype)
     else:
         report = inspect_arch(args.arch, batch=args.batch, size=args.size, dtype=args.dtype, gpu=args.gpu)

@@ -188,19 +188,13 @@ def inspect_model(model: nn.Module, input_shape: tuple, *, title: str = "model",
                   dtype: Optional[str] = None) -> dict:
     """The plan of ``model`` (eval) for inputs of ``input_shape``, as the JSON report: a row per
     launch, the steps that run as PyTorch and why, totals beside the unfused forward's."""
-    from .capture import capture, feature_extractor
+    from .capture import feature_extractor
     from .optimized import Optimized
 
     return_nodes = None
     if isinstance(model, Optimized):        # what the optimized module runs: its module's plan
         model, return_nodes = model.module, model.return_nodes
-    if dtype in QUANTIZED:
-        from .quantize import shape_only_plan
-        if return_nodes is not None:
-            raise ValueError("an 8-bit plan of a feature extractor (return_nodes) is not supported")
-        plan = shape_only_plan(model, dtype)
-    else:
-        plan = capture(model, return_nodes=return_nodes)
+    plan = _plan_of(model, dtype, return_nodes)
     batch = input_shape[0]
     rows = launch_rows(plan, input_shape)
     unfused = model if return_nodes is None else feature_extractor(model, return_nodes)
@@ -219,7 +213,7 @@ def _meta_model(arch: str, dtype: str) -> nn.Module:
     _check_dtype(dtype)
     with torch.device("meta"):   # shapes only: no weights are initialised or read
         model = getattr(models, arch)()
-    return model.to(_model_dtype(dtype)).eval()
+    return model.to(model_dtype(dtype)).eval()
 
 
 def _check_dtype(dtype: str) -> None:
@@ -227,9 +221,22 @@ def _check_dtype(dtype: str) -> None:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join([*DTYPES, *QUANTIZED])}")
 
 
-def _model_dtype(dtype: str) -> torch.dtype:
+def model_dtype(dtype: str) -> torch.dtype:
     """The float dtype of the model behind a plan of ``dtype`` (an 8-bit plan's model is fp32)."""
     return torch.float32 if dtype in QUANTIZED else DTYPES[dtype]
+
+
+def _plan_of(model: nn.Module, dtype: Optional[str], return_nodes=None) -> Plan:
+    """The plan a forward of ``model`` runs; for int8 / fp8 the quantized plan's shapes and launches
+    (``fastres.quantize.shape_only_plan``: placeholder scales)."""
+    from .capture import capture
+
+    if dtype not in QUANTIZED:
+        return capture(model, return_nodes=return_nodes)
+    from .quantize import shape_only_plan
+    if return_nodes is not None:
+        raise ValueError("an 8-bit plan of a feature extractor (return_nodes) is not supported")
+    return shape_only_plan(model, dtype)
 
 
 def _check_positive(batch: int, size: int) -> None:
@@ -297,21 +304,16 @@ def record_model_launches(make_model, input_shape: tuple, dtype: str = "fp16",
     _check_dtype(dtype)
     with torch.device("meta"):
         model = make_model()
-    return _record(model.to(_model_dtype(dtype)).eval(), input_shape, dtype, sm)
+    return _record(model.to(model_dtype(dtype)).eval(), input_shape, dtype, sm)
 
 
 def _record(model: nn.Module, input_shape: tuple, dtype: str, sm: Optional[int]) -> list:
     import contextlib
 
-    from .capture import capture
     from .kernels._launch import record_launches
 
-    if dtype in QUANTIZED:
-        from .quantize import shape_only_plan
-        plan = shape_only_plan(model, dtype)
-    else:
-        plan = capture(model)
-    x = torch.empty(input_shape, dtype=_model_dtype(dtype), device="meta", memory_format=torch.channels_last)
+    plan = _plan_of(model, dtype)
+    x = torch.empty(input_shape, dtype=model_dtype(dtype), device="meta", memory_format=torch.channels_last)
     target = contextlib.nullcontext()
     if sm:
         from .kernels._target import use_target

@@ -64,6 +64,7 @@ __all__ = ["quantize", "QuantizedModel", "QuantizationError", "QuantReport", "Hi
 
 METHODS = ("percentile", "minmax", "mse")
 CALIBRATION_CHUNK = 64          # a 4-D calibration tensor is split into batches of this many images
+REPORT_IMAGES = 64              # the report runs on at most this many of the first calibration images
 
 
 class QuantizationError(RuntimeError):
@@ -355,18 +356,28 @@ def _run_recording(plan: Plan, x: torch.Tensor, backend) -> dict:
     return values
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    na, nb = a.norm(), b.norm()
-    if na == 0 and nb == 0:
-        return 1.0
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+class _Agreement:
+    """Running sums for the cosine and relative L2 error of ``got`` against ``ref`` (float64)."""
 
+    def __init__(self):
+        self.dot = self.got2 = self.ref2 = self.err2 = 0.0
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    nb = b.norm()
-    return float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
+    def add(self, got: torch.Tensor, ref: torch.Tensor) -> None:
+        g, r = got.detach().double().flatten(), ref.detach().double().flatten()
+        self.dot += float(g @ r)
+        self.got2 += float(g @ g)
+        self.ref2 += float(r @ r)
+        self.err2 += float((g - r) @ (g - r))
+
+    @property
+    def cosine(self) -> float:
+        if self.got2 == 0 and self.ref2 == 0:
+            return 1.0
+        return self.dot / math.sqrt(self.got2 * self.ref2) if self.got2 > 0 and self.ref2 > 0 else 0.0
+
+    @property
+    def rel_err(self) -> float:
+        return math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else math.sqrt(self.err2)
 
 
 @dataclasses.dataclass
@@ -422,27 +433,29 @@ def _origin(name: str) -> str:
 
 def measure(qplan: Plan, value_scale: dict, fplan: Plan, batches: list, backend, dtype_name: str,
             method: str) -> QuantReport:
-    """``QuantReport`` of ``qplan`` against ``fplan`` on ``batches`` (run on ``backend``)."""
+    """``QuantReport`` of ``qplan`` against ``fplan`` on ``batches`` (run on ``backend``): both plans
+    keep every value of one batch while it is compared (keep the batches small)."""
     producers = {s.output: s for s in qplan.steps}
     rows: dict = {}
-    outs_q, outs_f = [], []
+    output, top1 = _Agreement(), []
     for x in batches:
         fv = _run_recording(fplan, x, backend)
         qv = _run_recording(qplan, x, backend)
-        outs_q.append(bind_refs(qplan.output, qv))
-        outs_f.append(bind_refs(fplan.output, fv))
+        got, ref = bind_refs(qplan.output, qv), bind_refs(fplan.output, fv)
+        if torch.is_tensor(got):
+            output.add(got, ref)
+            if got.dim() == 2:
+                top1.append(got.argmax(1) == ref.argmax(1))
         for s in qplan.steps:
             if s.kind in ("quantize", "dequantize") or _origin(s.output) not in fv:
                 continue
             ref = fv[_origin(s.output)]
-            got = _dequantized(qv[s.output], value_scale.get(s.output))
-            row = rows.setdefault(s.name, dict(step=s, stats=[], local=[]))
-            row["stats"].append((got, ref))
-            if s.kind in ("qconv", "qhead"):
+            row = rows.setdefault(s.name, dict(step=s, end_to_end=_Agreement(), alone=None))
+            row["end_to_end"].add(_dequantized(qv[s.output], value_scale.get(s.output)), ref)
+            if s.kind in ("qconv", "qhead"):       # the step alone: its inputs the fp32 values, quantized
                 args = {}
                 for role, name in s.inputs.items():
-                    src = producers.get(name)
-                    f = fv[_origin(name)]
+                    src, f = producers.get(name), fv[_origin(name)]
                     if src is not None and src.kind == "quantize":     # (the stem's bordered layout)
                         args[role] = quantize_reference(src, {"x": f}, None, False)
                     else:
@@ -450,31 +463,16 @@ def measure(qplan: Plan, value_scale: dict, fplan: Plan, batches: list, backend,
                                                      ).contiguous(memory_format=torch.channels_last)
                 with torch.no_grad():
                     y = backend.run(s, OPS[s.kind], args, None)
-                row["local"].append((_dequantized(y, value_scale.get(s.output)), ref))
+                row["alone"] = row["alone"] or _Agreement()
+                row["alone"].add(_dequantized(y, value_scale.get(s.output)), ref)
+        del fv, qv
     steps = []
     for row in rows.values():
-        s = row["step"]
-        got = torch.cat([g.flatten() for g, _ in row["stats"]])
-        ref = torch.cat([r.flatten() for _, r in row["stats"]])
-        err = StepError(s.name, s.kind, s.output, value_scale.get(s.output), _cosine(got, ref), _rel_err(got, ref))
-        if row["local"]:
-            lg = torch.cat([g.flatten() for g, _ in row["local"]])
-            lr = torch.cat([r.flatten() for _, r in row["local"]])
-            err.local_cosine, err.local_rel_err = _cosine(lg, lr), _rel_err(lg, lr)
-        steps.append(err)
-    got = [o for o in outs_q if torch.is_tensor(o)]
-    ref = [o for o in outs_f if torch.is_tensor(o)]
-    top1 = None
-    if got and all(o.dim() == 2 for o in got):
-        top1 = float(torch.cat([g.argmax(1) == r.argmax(1) for g, r in zip(got, ref)]).float().mean())
-    if got:
-        g, r = torch.cat([o.flatten().float() for o in got]), torch.cat([o.flatten().float() for o in ref])
-        cos, rel = _cosine(g, r), _rel_err(g, r)
-    else:
-        cos, rel = float("nan"), float("nan")
-    return QuantReport(dtype_name, method, sum(x.shape[0] for x in batches), steps, cos, rel, top1)
-
-
+        s, e2e, alone = row["step"], row["end_to_end"], row["alone"]
+        steps.append(StepError(s.name, s.kind, s.output, value_scale.get(s.output), e2e.cosine, e2e.rel_err,
+                               alone.cosine if alone else None, alone.rel_err if alone else None))
+    return QuantReport(dtype_name, method, sum(x.shape[0] for x in batches), steps, output.cosine, output.rel_err,
+                       float(torch.cat(top1).float().mean()) if top1 else None)
 
 
 # -- the entry point -------------------------------------------------------------------------------
@@ -544,7 +542,8 @@ def quantize(model: nn.Module, calibration, *, dtype: str = "int8", method: str 
     files (``image_batches``: the model's export preprocessing); ``num_batches`` caps it.
     ``dtype``: "int8" or "fp8" (e4m3). ``method``: "percentile" (``percentile`` of |x|), "minmax" or
     "mse". ``progress``: a progress bar over the calibration batches. The first ``report_batches``
-    batches also measure the ``QuantReport`` (``.report``); ``min_cosine``: raise
+    batches (at most ``REPORT_IMAGES`` images: both plans keep every value of a report batch) also
+    measure the ``QuantReport`` (``.report``); ``min_cosine``: raise
     ``QuantizationError`` (naming the worst steps) when the output's cosine to fp32 is below it.
     """
     from .capture import Unsupported, capture
@@ -591,8 +590,8 @@ def quantize(model: nn.Module, calibration, *, dtype: str = "int8", method: str 
             x = x.to(plan.device, torch.float32)
             observe(fplan.input_name, x)
             fplan.run(x, _Recorder(backend, observe))
-            if len(kept) < report_batches:
-                kept.append(x)
+            if len(kept) < report_batches and sum(k.shape[0] for k in kept) < REPORT_IMAGES:
+                kept.append(x[:REPORT_IMAGES - sum(k.shape[0] for k in kept)])
             seen += 1
     if not seen:
         raise ValueError("fastres.quantize: the calibration data holds no batch")

@@ -97,6 +97,21 @@ def store_conv_epilogue(acc, out_ptr, bias_ptr, residual_ptr, offs_m, offs_n, m_
 
 
 @triton.jit
+def load_residual_tile(residual_ptr, res_rows, offs_n, out_mask, C_OUT: tl.constexpr, RES_C: tl.constexpr,
+                       RES_C_OFFSET: tl.constexpr):
+    """The fp32 residual tile of an epilogue: a [*, RES_C] NHWC tensor read at pixel ``res_rows`` and
+    channel n - RES_C_OFFSET, zero outside [RES_C_OFFSET, RES_C_OFFSET + RES_C) and ``out_mask``."""
+    if RES_C == C_OUT and RES_C_OFFSET == 0:
+        res_offs = res_rows.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+        res_mask = out_mask
+    else:
+        res_c = offs_n - RES_C_OFFSET
+        res_offs = res_rows.to(tl.int64)[:, None] * RES_C + res_c[None, :]
+        res_mask = out_mask & ((res_c >= 0) & (res_c < RES_C))[None, :]
+    return tl.load(residual_ptr + res_offs, mask=res_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows, out2_ptr, scale2_ptr, shift2_ptr,
                                   offs_m, offs_n, m_mask, n_mask, C_OUT: tl.constexpr, RES_C: tl.constexpr,
                                   RES_C_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -122,14 +137,7 @@ def store_residual_block_epilogue(acc, out_ptr, bias_ptr, residual_ptr, res_rows
     out_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
-        if RES_C == C_OUT and RES_C_OFFSET == 0:
-            res_offs = res_rows.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
-            res_mask = out_mask
-        else:
-            res_c = offs_n - RES_C_OFFSET
-            res_offs = res_rows.to(tl.int64)[:, None] * RES_C + res_c[None, :]
-            res_mask = out_mask & ((res_c >= 0) & (res_c < RES_C))[None, :]
-        acc += tl.load(residual_ptr + res_offs, mask=res_mask, other=0.0).to(tl.float32)
+        acc += load_residual_tile(residual_ptr, res_rows, offs_n, out_mask, C_OUT, RES_C, RES_C_OFFSET)
     if APPLY_RELU:
         # torch.relu keeps NaN; tl.maximum would drop it.
         acc = tl.where(acc < 0.0, 0.0, acc)
@@ -236,14 +244,7 @@ def store_requantized_epilogue(acc, out_ptr, acc_scale_ptr, bias_ptr, residual_p
     out_offs = offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
-        if RES_C == C_OUT and RES_C_OFFSET == 0:
-            res_offs = res_rows.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
-            res_mask = out_mask
-        else:
-            res_c = offs_n - RES_C_OFFSET
-            res_offs = res_rows.to(tl.int64)[:, None] * RES_C + res_c[None, :]
-            res_mask = out_mask & ((res_c >= 0) & (res_c < RES_C))[None, :]
-        y = y + tl.load(residual_ptr + res_offs, mask=res_mask, other=0.0).to(tl.float32) * RES_SCALE
+        y = y + load_residual_tile(residual_ptr, res_rows, offs_n, out_mask, C_OUT, RES_C, RES_C_OFFSET) * RES_SCALE
     if APPLY_RELU:
         y = tl.where(y < 0.0, 0.0, y)
     if out_ptr.dtype.element_ty == tl.int8:
