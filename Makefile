@@ -20,9 +20,12 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	touch $@
 
 
-# Main job: every architecture against its torchvision twin (GPU with fp16 if present, else CPU fp32).
+# Main job: every architecture against its torchvision twin (GPU with fp16 if present, else CPU fp32),
+# then one line of resnet50 images/s on this machine: torchvision, ONNX Runtime (when installed:
+# make EXTRAS=test,ray,bench), the fastres module and Engine (a few seconds).
 run: $(STAMP)
 	$(BIN)/fastres verify
+	$(BIN)/fastres bench --line
 
 # With nvcc present the CUDA kernels must have been built (their spill check may not skip).
 # tests/test_ray.py skips itself outside a loopback-only network namespace; test-ray runs it in one.

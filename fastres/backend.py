@@ -1,24 +1,29 @@
-"""Which kernels execute a plan: backend objects passed to ``Plan.run``.
+"""Which kernels execute a plan: backend objects whose ``execute(plan, x)`` runs it.
 
 The choice is made per call from the tensors' device, so one op never resolves two ways behind the
 user's back:
 
-* CUDA tensors -> ``triton`` (our kernels); CPU tensors -> ``torch`` (the references in kernels/,
-  channels_last, which is what makes the CPU path fast); ``meta`` tensors -> ``triton`` (recording
-  launches for ``fastres aot`` / ``fastres inspect``).
-* ``FASTRES_BACKEND=triton|torch`` (read when fastres is imported) or ``fastres.set_backend(...)`` /
-  ``with fastres.use_backend(...)`` force one. Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` in the environment
-  before fastres is imported: that is how the exact GPU code path runs in tests.
+* CUDA tensors -> ``triton`` (our kernels); CPU tensors -> ``torch`` (``CpuBackend``: float32 runs
+  as one oneDNN program per plan, other dtypes the references in kernels/); ``meta`` tensors ->
+  ``triton`` (recording launches for ``fastres aot`` / ``fastres inspect``).
+* ``FASTRES_BACKEND=triton|torch|reference`` (read when fastres is imported) or
+  ``fastres.set_backend(...)`` / ``with fastres.use_backend(...)`` force one. ``reference`` runs
+  every step as the plain-PyTorch reference beside its kernel (``F.conv2d`` in channels_last): the
+  fallback the CPU backend uses where oneDNN is missing, and what the tests compare it with.
+  Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` in the environment before fastres
+  is imported: that is how the exact GPU code path runs in tests.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
+import time
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "reference", "triton")
 
 _state = threading.local()
 _global_choice: str | None = None
@@ -81,7 +86,10 @@ class ReferenceBackend:
 
     On CPU, half-precision steps compute in fp32 and round once, like the kernels' epilogues.
     """
-    name = "torch"
+    name = "reference"
+
+    def execute(self, plan, x):
+        return plan.run(x, self)
 
     def prepare(self, step, op):
         return None
@@ -100,13 +108,13 @@ class ReferenceBackend:
         return op.reference(step, args, out, upcast)
 
 
-TorchBackend = ReferenceBackend
-
-
 class TritonBackend:
     """Runs each kernel step as one Triton kernel launch; weights are packed once per plan.
     PyTorch steps run as PyTorch runs them."""
     name = "triton"
+
+    def execute(self, plan, x):
+        return plan.run(x, self)
 
     def to_nhwc(self, x):
         """NHWC activations for the kernels: channels_last input is used as is; NCHW input goes
@@ -138,86 +146,623 @@ class TritonBackend:
         return op.launch(step, args, self.prepare(step, op), out)
 
 
-def onednn_available() -> bool:
-    return (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
-
-
-class OneDnnBackend(ReferenceBackend):
-    """fp32 on CPU through oneDNN's fused convolution primitive (what the Engine uses on CPU).
-
-    Each conv is one ``mkldnn::_convolution_pointwise`` call: conv + bias + ReLU, or with the
-    residual (or the projection shortcut's output) added inside the primitive before the ReLU; a
-    fused 3x3+1x1 pair runs as its two convs. Weights are reordered once, here, into oneDNN's
-    blocked layout for ``hint_shape`` (``F.conv2d`` reorders per call). The layout oneDNN picks
-    depends on the batch, so an instance is made per batch bucket; the hint does not restrict the
-    input: any batch and image size still runs. Other steps run their references.
-    """
-    name = "onednn"
-
-    def __init__(self, plan, hint_shape: tuple):
-        shapes = plan.value_shapes(hint_shape)
-        self.weights = {}
-        for step in plan.steps:
-            if step.kind not in ("conv", "conv_pair"):
+# -- CPU: intra-op threads ----------------------------------------------------------------------
+def _find_openmp():
+    """``omp_set_num_threads`` of the OpenMP runtime PyTorch loaded (per calling thread), or None."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if any(name in os.path.basename(path) for name in ("libgomp", "libiomp5", "libomp")):
+            try:
+                lib = ctypes.CDLL(path)
+                lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+                return lib.omp_set_num_threads
+            except (OSError, AttributeError):
                 continue
+    return None
+
+
+_omp_set_num_threads = None
+_omp_looked_up = False
+
+
+def set_thread_count(n: int) -> None:
+    """Set the calling thread's intra-op thread count to ``n`` without touching other threads.
+
+    oneDNN (OpenMP) reads the *calling thread's* OpenMP setting: a thread PyTorch has not
+    initialised runs with the OpenMP default (all cores, or OMP_NUM_THREADS) whatever
+    ``torch.set_num_threads`` said in the main thread. ``omp_set_num_threads`` is per thread;
+    ``torch.set_num_threads`` would also change the process-wide default (the fallback where the
+    OpenMP runtime cannot be found).
+    """
+    global _omp_set_num_threads, _omp_looked_up
+    if not _omp_looked_up:
+        _omp_set_num_threads, _omp_looked_up = _find_openmp(), True
+    if _omp_set_num_threads is not None:
+        _omp_set_num_threads(int(n))
+    else:
+        torch.set_num_threads(int(n))
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: "int | None"):
+    """Run the block with ``n`` intra-op threads in the calling thread (None: PyTorch's setting
+    for this thread, ``torch.get_num_threads()``), restoring the thread's count afterwards."""
+    current = torch.get_num_threads()     # also PyTorch's once-per-thread initialisation
+    if n is None or n == current:
+        yield
+        return
+    set_thread_count(n)
+    try:
+        yield
+    finally:
+        set_thread_count(current)
+
+
+class ThreadGovernor:
+    """How many of the configured intra-op threads a CPU call uses: all of them, unless other
+    processes keep busy the CPUs this process may run on.
+
+    Why: oneDNN and PyTorch split each op statically over their OpenMP threads and wait at a
+    barrier for the slowest. When another process shares the cores, one of the threads is often
+    descheduled, and every op (about 50 per resnet50 forward) waits for the scheduler to run it
+    again (measured on 2 cores: batch-1 resnet50 from 21 to ~1 image/s with two threads, while one
+    thread kept ~4). So every ``WINDOW_S`` seconds (on the next call) it reads how much CPU time
+    the machine spent on those CPUs (/proc/stat, per CPU of the affinity mask) and how much of it
+    was this process's (``os.times``); the busy cores of *other* processes are subtracted from the
+    CPUs available, and calls use at most the cores left (at least one). Quiet: the configured
+    count. Linux only (elsewhere, and with ``FASTRES_ADAPTIVE_THREADS=0`` or
+    ``set_adaptive_threads(False)``, calls use the configured count).
+    """
+    WINDOW_S = 0.5
+
+    def __init__(self):
+        self.enabled = os.environ.get("FASTRES_ADAPTIVE_THREADS", "1") not in ("", "0")
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._last = None        # (monotonic, machine busy ticks, total ticks, process cpu seconds)
+        self.cap = 1 << 30       # threads the free cores allow (the last window's reading)
+        self.others = 0.0        # cores other processes kept busy in the last window
+        try:
+            self._cpus = frozenset(os.sched_getaffinity(0))
+            self._cpu_stat()
+        except (AttributeError, OSError, ValueError):
+            self._cpus = None    # no /proc/stat or affinity: no adaptation
+
+    def _cpu_stat(self) -> tuple:
+        busy = total = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                if not line.startswith("cpu") or line.startswith("cpu "):
+                    if not line.startswith("cpu"):
+                        break
+                    continue
+                fields = line.split()
+                if int(fields[0][3:]) not in self._cpus:
+                    continue
+                ticks = [int(v) for v in fields[1:9]]   # user nice system idle iowait irq softirq steal
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+        return busy, total
+
+    def threads(self, configured: int) -> int:
+        if configured <= 1 or not self.enabled or self._cpus is None:
+            return configured
+        now = time.monotonic()
+        if now >= self._next and self._lock.acquire(blocking=False):
+            try:
+                self._sample(now)
+            finally:
+                self._lock.release()
+        return max(1, min(configured, self.cap))
+
+    def _sample(self, now: float) -> None:
+        self._next = now + self.WINDOW_S
+        try:
+            busy, total = self._cpu_stat()
+        except (OSError, ValueError):
+            self._cpus = None
+            return
+        cpu = os.times()
+        mine = cpu.user + cpu.system
+        last, self._last = self._last, (now, busy, total, mine)
+        if last is None or total <= last[2]:
+            return
+        n = len(self._cpus)
+        machine = n * (busy - last[1]) / (total - last[2])        # busy cores, all processes
+        ours = (mine - last[3]) / max(now - last[0], 1e-6)         # this process's cores
+        self.others = max(0.0, machine - ours)
+        self.cap = max(1, math.floor(n - self.others + 0.25))
+
+
+GOVERNOR = ThreadGovernor()
+
+
+def set_adaptive_threads(enabled: bool) -> None:
+    """Turn ``ThreadGovernor`` on or off for every CPU call of the process."""
+    GOVERNOR.enabled = bool(enabled)
+
+
+# -- CPU: oneDNN ---------------------------------------------------------------------------------
+_ONEDNN_ENV = os.environ.get("FASTRES_ONEDNN", "1") not in ("", "0")
+_onednn_state: "bool | None" = None
+_onednn_reason = ""
+
+
+def onednn_available() -> bool:
+    """Whether the private oneDNN ops the CPU backend uses exist and compute what ``F.conv2d``
+    does (checked once, on a tiny conv + bias + residual + ReLU; ``FASTRES_ONEDNN=0`` turns them
+    off). Where they do not, the CPU backend runs the references (``onednn_unavailable_reason``)."""
+    global _onednn_state, _onednn_reason
+    if _onednn_state is None:
+        _onednn_state, _onednn_reason = _check_onednn()
+    return _onednn_state
+
+
+def onednn_unavailable_reason() -> str:
+    onednn_available()
+    return _onednn_reason
+
+
+def _check_onednn() -> tuple:
+    if not _ONEDNN_ENV:
+        return False, "FASTRES_ONEDNN=0"
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False, "PyTorch was built without oneDNN (torch.backends.mkldnn)"
+        import torch.nn.functional as F
+        ops = _OneDnnOps()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 8, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(16, 4, 3, 3, generator=g)
+        b = torch.randn(16, generator=g)
+        r = torch.randn(2, 16, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+        geometry = ([1, 1], [2, 2], [1, 1], 2)
+        packed = ops.reorder(w, *geometry, list(x.shape))
+        with torch.no_grad():
+            expected = F.conv2d(x, w, b, stride=2, padding=1, groups=2)
+            got = (ops.conv(x, packed, b, *geometry, "relu", [], ""),
+                   ops.conv(x, packed, None, *geometry, "none", [], ""),
+                   ops.conv_add(x, r, packed, b, *geometry, "add", None, "relu", [], ""),
+                   ops.conv_add(x, r, packed, b, *geometry, "add", None, None, [], ""),
+                   ops.conv_add_(r.clone(), x, packed, b, *geometry, "add", None, "relu", [], ""))
+            wanted = (expected.relu(), expected - b.view(1, -1, 1, 1), (expected + r).relu(),
+                      expected + r, (expected + r).relu())
+        for y, e in zip(got, wanted):
+            if y.shape != e.shape or not torch.allclose(y, e, rtol=1e-4, atol=1e-4):
+                return False, "torch.ops.mkldnn._convolution_pointwise disagrees with F.conv2d here"
+    except Exception as err:  # noqa: BLE001 - private ops: any failure means "use the references"
+        return False, f"the oneDNN ops are not usable ({type(err).__name__}: {err})"
+    return True, ""
+
+
+class _OneDnnOps:
+    """The private ops, resolved once (``OpOverload``s: the cheapest Python call into them)."""
+
+    def __init__(self):
+        mkldnn = torch.ops.mkldnn
+        self.conv = mkldnn._convolution_pointwise.default
+        self.conv_add = mkldnn._convolution_pointwise.binary      # conv + bias + other [-> relu]
+        self.conv_add_ = mkldnn._convolution_pointwise_.binary    # the same, written into other
+        self._reorder = torch._C._nn.mkldnn_reorder_conv2d_weight
+
+    def reorder(self, weight, padding, stride, dilation, groups, input_shape):
+        """``weight`` in the blocked layout oneDNN's convolution picks for ``input_shape``."""
+        return self._reorder(weight.detach().float().contiguous().to_mkldnn(), list(padding),
+                             list(stride), list(dilation), groups, list(input_shape))
+
+
+CL = torch.channels_last
+# The batch a module's weights are laid out for: oneDNN picks the weight layout from the whole
+# problem (batch included), and running on weights laid out for another batch makes each conv
+# reorder them on every call; buckets bound how many layouts a module with varying batches keeps.
+MODULE_WEIGHT_BATCHES = (1, 8, 32, 128)
+PROGRAMS_PER_PLAN = 4    # LRU bound of weight layouts (one reordered copy of the weights each)
+
+
+def weight_batch_for(n: int) -> int:
+    return next((b for b in MODULE_WEIGHT_BATCHES if b >= n), MODULE_WEIGHT_BATCHES[-1])
+
+
+class CpuBackend(ReferenceBackend):
+    """The CPU backend of the drop-in module and the Engine: a plan in float32 runs as one
+    generated oneDNN program; other dtypes, other devices, or a PyTorch without the oneDNN ops
+    run the references (``ReferenceBackend``), step by step.
+
+    The program (``OneDnnProgram``), made once per plan and weight layout:
+
+    * every conv is one ``mkldnn::_convolution_pointwise`` call, bias + residual + ReLU as
+      post-ops; a projection shortcut is its own 1x1 conv whose output the block's last conv
+      accumulates into (in place, ``_convolution_pointwise_``); a fused 3x3+1x1 pair runs as its
+      two convs. The identity residual is accumulated into in place too when the block's add is
+      its last reader (no output allocation, one stream less).
+    * weights are reordered once, into the blocked layout oneDNN picks for the input shape and
+      thread count (``mkldnn_reorder_conv2d_weight``); activations stay dense channels_last,
+      which oneDNN's brgconv kernels read and write directly (bench/README.md: no activation
+      reorder runs in a forward, and convolutions on oneDNN's own blocked tensors measured slower
+      per layer and take no fused post-ops from PyTorch).
+    * the head is a contiguous mean over the pixels + ``addmm``; max pool, SE scaling, strided
+      (CIFAR) residuals, second outputs and PyTorch steps run their references.
+    * the steps are generated as one straight-line Python function (``program.source``) with the
+      weights and geometry bound as constants, values freed after their last reader: a step costs
+      one op call, no dictionary of values, no per-step dispatch.
+
+    Programs live on the plan (``plan._onednn_programs``), keyed by (weight batch, C, H, W,
+    threads) and bounded by an LRU of ``PROGRAMS_PER_PLAN`` (each holds one reordered copy of the
+    weights): the module's guard, which rebuilds the plan on any weight or structure change, drops
+    them with the plan, so a program can never run stale weights. The module lays weights out for
+    the bucket of ``MODULE_WEIGHT_BATCHES`` holding its batch; the Engine for its own buckets.
+
+    Threads: a call runs the calling thread's PyTorch setting (``torch.get_num_threads()``, which
+    also initialises a fresh thread to ``torch.set_num_threads``'s value: without it oneDNN in a
+    new worker thread would run the OpenMP default), or the Engine's ``num_threads``; fewer while
+    other processes keep the cores busy (``ThreadGovernor``).
+
+    Where the time goes, measured against ONNX Runtime's own profile: bench/README.md.
+    """
+    name = "torch"
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ops = None
+
+    def uses_onednn(self, plan, x) -> bool:
+        return (x.device.type == "cpu" and plan.dtype is torch.float32 and x.dtype is torch.float32
+                and onednn_available())
+
+    def execute(self, plan, x, weight_batch: "int | None" = None, capacity: "int | None" = None,
+                adaptive: bool = True):
+        """``plan`` on ``x``. ``weight_batch``: the batch the weights are laid out for (default:
+        the bucket of ``MODULE_WEIGHT_BATCHES`` holding ``x``'s batch); ``capacity``: at least
+        this many layouts kept for the plan; ``adaptive``: fewer threads than the calling thread's
+        setting where other processes keep the cores busy (``ThreadGovernor``)."""
+        if x.device.type != "cpu":
+            return plan.run(x, self)
+        configured = torch.get_num_threads()   # also PyTorch's per-thread init (oneDNN reads it)
+        n = GOVERNOR.threads(configured) if adaptive else configured
+        if n != configured:
+            set_thread_count(n)
+        try:
+            program = (self.program(plan, x.shape, weight_batch, capacity, threads=n)
+                       if self.uses_onednn(plan, x) else None)
+            if program is None or not all_finite(x):
+                return plan.run(x, self)
+            return program(x)
+        finally:
+            if n != configured:
+                set_thread_count(configured)
+
+    def program(self, plan, shape, weight_batch: "int | None" = None, capacity: "int | None" = None,
+                threads: "int | None" = None) -> "OneDnnProgram | None":
+        """The program for inputs of ``shape`` run with ``threads`` intra-op threads (default:
+        ``torch.get_num_threads()``), made on first use, then cached on the plan; None when the
+        plan's weights are not all finite (the references run it).
+
+        The thread count is part of the key: oneDNN picks the weight layout for the problem *and*
+        the thread count (measured: 6 of resnet50's convs change their blocking between 1 and 2
+        threads), and a conv given weights in another layout reorders them on every call."""
+        key = (weight_batch or weight_batch_for(shape[0]), *shape[1:], threads or torch.get_num_threads())
+        cache = plan.__dict__.get("_onednn_programs")
+        if cache is not None:
+            program = cache.get(key)
+            if program is not None:
+                if capacity is not None and capacity > cache.capacity:
+                    cache.capacity = capacity
+                return program
+        with self._lock:
+            cache = plan.__dict__.setdefault("_onednn_programs", _Lru(PROGRAMS_PER_PLAN))
+            cache.capacity = max(cache.capacity, capacity or 0)
+            program = cache.get(key)
+            if program is None:
+                if self._ops is None:
+                    self._ops = _OneDnnOps()
+                if not _finite_tensors(plan):
+                    return None     # NaN/inf weights: PyTorch's NaN semantics, step by step
+                with torch.no_grad():
+                    program = OneDnnProgram(plan, key, self._ops)
+                cache.put(key, program)
+        return program
+
+
+class _Lru:
+    """A small thread-safe LRU of programs by layout key."""
+
+    def __init__(self, capacity: int):
+        from collections import OrderedDict
+        self.capacity = capacity
+        self._items = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > max(1, self.capacity):
+                self._items.popitem(last=False)
+
+    def keys(self) -> list:
+        with self._lock:
+            return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or inf in ``x`` (one reduction over it: ~10 us for a 224x224 image).
+
+    oneDNN's fused ReLU is max(x, 0), which turns NaN into 0 where PyTorch's relu keeps it: an
+    input with NaN or inf runs the references instead, so it gets PyTorch's answer (NaN logits)."""
+    return math.isfinite(x.sum().item())
+
+
+def _finite_tensors(plan) -> bool:
+    """Whether every folded weight and bias of the plan's fused steps is finite (cached on it)."""
+    finite = plan.__dict__.get("_onednn_finite")
+    if finite is None:
+        finite = plan.__dict__["_onednn_finite"] = all(
+            bool(torch.isfinite(t).all()) for step in plan.steps if step.kind != "torch"
+            for t in step.tensors.values() if torch.is_tensor(t) and t.is_floating_point())
+    return finite
+
+
+def _conv_variant_supported(step) -> bool:
+    """Conv variants oneDNN's primitive runs: not a strided/zero-padded (CIFAR) residual, not a
+    second (pre-activation) output."""
+    return not step.extra_outputs and "residual_stride" not in step.attrs and "residual_pad" not in step.attrs
+
+
+class OneDnnProgram:
+    """One plan as a generated straight-line function over oneDNN ops (see ``CpuBackend``).
+
+    ``key`` = (weight batch, C, H, W, threads): the input shape and thread count the weights are
+    reordered for (any batch, image size and thread count still runs: a conv given weights in
+    another layout than it wants reorders them itself, on every call). ``source`` is the generated code, ``onednn_steps`` the names of
+    the steps that run on oneDNN (the others run their references).
+    """
+
+    def __init__(self, plan, key: tuple, ops: _OneDnnOps):
+        from .ir import KERNEL_KINDS, Ref, bind_refs
+        self.key = key
+        shapes = _conv_shapes(plan, tuple(key[:4]))
+        steps = plan.steps
+        outputs = set(_output_names(plan.output))
+        last_read, readers = {}, {}
+        for i, step in enumerate(steps):
+            for name in step.reads:
+                last_read[name] = i
+                readers.setdefault(name, []).append(step)
+        var = {plan.input_name: "v0"}
+        fresh = set()            # values our oneDNN ops allocated: safe to accumulate into
+        consts = {"CL": CL, "conv": ops.conv, "conv_add": ops.conv_add, "conv_add_": ops.conv_add_,
+                  "nhwc": _nhwc}
+        lines = []
+        self.onednn_steps = []
+        self.nbytes = 0          # of the reordered weights
+
+        def const(value, hint):
+            name = f"{hint}{len(consts)}"
+            consts[name] = value
+            return name
+
+        def weight(tensor, *geometry):
+            self.nbytes += tensor.numel() * 4
+            return const(ops.reorder(tensor, *geometry), "w")
+
+        relaid = {}              # value -> the name of its channels_last copy (made once)
+
+        def read(name, relayout=True):
+            """The expression reading value ``name``: channels_last for a kernel-kind step when a
+            step other than ours wrote it (the plan's layout rule: 4-D values), converted once."""
+            if not relayout or name in fresh:
+                return var[name]
+            if name not in relaid:
+                relaid[name] = "c" + var[name][1:]
+                lines.append(f"{relaid[name]} = nhwc({var[name]})")
+            return relaid[name]
+
+        def accumulable(name, i, step) -> bool:
+            """Whether step ``i`` may write its sum into value ``name`` (its residual): one of our
+            convs allocated it, only our convs read it (nothing holds a view of it), this step
+            reads it last and once, and it is neither the plan's input nor an output."""
+            return (name in fresh and last_read.get(name) == i and name not in outputs
+                    and name != plan.input_name and list(step.inputs.values()).count(name) == 1
+                    and all(r.kind in ("conv", "conv_pair") and _conv_variant_supported(r)
+                            for r in readers[name]))
+
+        def geometry(padding, stride, dilation, groups):
+            return f"{list(padding)}, {list(stride)}, {list(dilation)}, {groups}"
+
+        self._step_starts = []   # (index of the step's first line, step name, step kind)
+        for i, step in enumerate(steps):
+            self._step_starts.append((len(lines), step.name, step.kind))
+            out = var.setdefault(step.output, f"v{len(var)}")
+            for extra in step.extra_outputs:
+                var.setdefault(extra, f"v{len(var)}")
             a, t = step.attrs, step.tensors
-            x_shape = shapes[step.inputs["x"]]
-            shortcut = None
-            if "shortcut" in step.inputs:
-                shortcut = self._reorder(t["shortcut_weight"], (0, 0), (a["shortcut_stride"],) * 2,
-                                         (1, 1), 1, shapes[step.inputs["shortcut"]])
-            if step.kind == "conv":
-                self.weights[step.name] = (self._reorder(t["weight"], a["padding"], a["stride"],
-                                                         a["dilation"], a["groups"], x_shape), shortcut)
+            if step.kind in ("conv", "conv_pair") and _conv_variant_supported(step) and step.name in shapes:
+                x_shape = shapes[step.name]["x"]
+                x = read(step.inputs["x"])
+                other, inplace = None, False
+                if "shortcut" in step.inputs:
+                    s = a["shortcut_stride"]
+                    w_sc = weight(t["shortcut_weight"], (0, 0), (s, s), (1, 1), 1,
+                                  shapes[step.name]["shortcut"])
+                    sc = read(step.inputs["shortcut"])
+                    lines.append(f"s = conv({sc}, {w_sc}, None, {geometry((0, 0), (s, s), (1, 1), 1)}, "
+                                 "'none', [], '')")
+                    other, inplace = "s", True      # a temporary of ours
+                elif "residual" in step.inputs:
+                    r = step.inputs["residual"]
+                    other, inplace = read(r), accumulable(r, i, step)
+                if step.kind == "conv":
+                    w = weight(t["weight"], a["padding"], a["stride"], a["dilation"], a["groups"], x_shape)
+                    geo = geometry(a["padding"], a["stride"], a["dilation"], a["groups"])
+                    last_in, relu = x, a["relu"]
+                else:
+                    w_mid = weight(t["mid_weight"], a["padding"], a["stride"], a["dilation"],
+                                   a["groups"], x_shape)
+                    mid_shape = (x_shape[0], t["mid_weight"].shape[0], *shapes[step.name]["out"][2:])
+                    b_mid = const(t["mid_bias"].float().contiguous(), "b")
+                    lines.append(f"m = conv({x}, {w_mid}, {b_mid}, "
+                                 f"{geometry(a['padding'], a['stride'], a['dilation'], a['groups'])}, "
+                                 "'relu', [], '')")
+                    w = weight(t["weight"], (0, 0), (1, 1), (1, 1), 1, mid_shape)
+                    geo = geometry((0, 0), (1, 1), (1, 1), 1)
+                    last_in, relu = "m", True
+                bias = const(t["bias"].float().contiguous(), "b")
+                if other is None:
+                    unary = "'relu'" if relu else "'none'"
+                    lines.append(f"{out} = conv({last_in}, {w}, {bias}, {geo}, {unary}, [], '')")
+                else:      # (after a binary post-op the unary is relu or None, not 'none')
+                    unary = "'relu'" if relu else "None"
+                    if inplace:
+                        lines.append(f"{out} = conv_add_({other}, {last_in}, {w}, {bias}, {geo}, 'add', "
+                                     f"None, {unary}, [], '')")
+                    else:
+                        lines.append(f"{out} = conv_add({last_in}, {other}, {w}, {bias}, {geo}, 'add', "
+                                     f"None, {unary}, [], '')")
+                temporaries = [t for t in ("m", "s") if t in (last_in, other)]
+                if temporaries:
+                    lines.append("del " + ", ".join(temporaries))
+                fresh.add(step.output)
+                self.onednn_steps.append(step.name)
+            elif step.kind == "head" and a.get("pool") != "width":
+                x = read(step.inputs["x"])
+                wt = const(t["weight"].float().t().contiguous(), "w")
+                bias = const(t["bias"].float().contiguous(), "b")
+                lines.append(f"{out} = head({x}, {wt}, {bias})")
+                consts["head"] = _head
             else:
-                mid = self._reorder(t["mid_weight"], a["padding"], a["stride"], a["dilation"],
-                                    a["groups"], x_shape)
-                mid_shape = (x_shape[0], t["mid_weight"].shape[0], *shapes[step.output][2:])
-                last = self._reorder(t["weight"], (0, 0), (1, 1), (1, 1), 1, mid_shape)
-                self.weights[step.name] = (mid, last, shortcut)
-
-    @staticmethod
-    def _reorder(weight, padding, stride, dilation, groups, input_shape):
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.contiguous().to_mkldnn(), list(padding), list(stride), list(dilation), groups,
-            list(input_shape))
-
-    @staticmethod
-    def _conv(x, weight, bias, padding, stride, dilation, groups, relu, other):
-        pointwise = torch.ops.mkldnn._convolution_pointwise
-        geometry = (list(padding), list(stride), list(dilation), groups)
-        unary = "relu" if relu else "none"
-        if other is None:
-            return pointwise(x, weight, bias, *geometry, unary, [], "")
-        return pointwise.binary(x, other, weight, bias, *geometry, "add", None, unary, [], "")
-
-    def run(self, step, op, args, out):
-        if (step.kind not in ("conv", "conv_pair") or args["x"].dtype != torch.float32
-                or step.extra_outputs or "residual_stride" in step.attrs):
-            return super().run(step, op, args, out)   # variants oneDNN's primitive lacks
-        a, t = step.attrs, step.tensors
-        weights = self.weights[step.name]
-        other = args.get("residual")
-        if "shortcut" in step.inputs:
-            s = a["shortcut_stride"]
-            other = torch.ops.mkldnn._convolution_pointwise(
-                args["shortcut"], weights[-1], None, [0, 0], [s, s], [1, 1], 1, "none", [], "")
-        x = args["x"]
-        if step.kind == "conv":
-            y = self._conv(x, weights[0], t["bias"], a["padding"], a["stride"], a["dilation"],
-                           a["groups"], a["relu"], other)
+                fn = const(_reference_call(step), "step")
+                relayout = step.kind in KERNEL_KINDS
+                args = ", ".join(f"{role!r}: {read(name, relayout)}"
+                                 for role, name in step.inputs.items())
+                targets = ", ".join(var[n] for n in step.outputs)
+                lines.append(f"{targets}{',' if step.extra_outputs else ''} = {fn}({{{args}}})")
+            dead = [var[n] for n, j in last_read.items()
+                    if j == i and n not in outputs and n != plan.input_name]
+            dead += [relaid.pop(n) for n, j in last_read.items() if j == i and n in relaid]
+            if dead:
+                lines.append("del " + ", ".join(sorted(set(dead))))
+        out_names = _output_names(plan.output)
+        if isinstance(plan.output, Ref):
+            ret = var[plan.output.name]
         else:
-            mid = self._conv(x, weights[0], t["mid_bias"], a["padding"], a["stride"], a["dilation"],
-                             a["groups"], True, None)
-            y = self._conv(mid, weights[1], t["bias"], (0, 0), (1, 1), (1, 1), 1, True, other)
-        return out.copy_(y) if out is not None else y
+            consts["bind_refs"], consts["structure"] = bind_refs, plan.output
+            ret = "bind_refs(structure, {" + ", ".join(f"{n!r}: {var[n]}" for n in out_names) + "})"
+        self.source = "def program(v0):\n" + "".join(f"    {line}\n" for line in lines) + f"    return {ret}\n"
+        self._lines, self._ret, self._consts = lines, ret, consts
+        namespace = dict(consts)
+        exec(compile(self.source, f"<fastres onednn program {key}>", "exec"), namespace)
+        self._fn = namespace["program"]
+
+    def __call__(self, x):
+        return self._fn(x)
+
+    def profile(self, x, rounds: int = 5) -> list:
+        """[(step name, kind, median seconds)] of ``rounds`` runs on ``x``: the same program with a
+        clock read around each step (its op calls, frees and the Python between them)."""
+        import statistics
+        import time
+        starts = [k for k, _, _ in self._step_starts] + [len(self._lines)]
+        body = []
+        for i in range(len(self._step_starts)):
+            body.append(f"t = clock()")
+            body += self._lines[starts[i]:starts[i + 1]]
+            body.append(f"T[{i}].append(clock() - t)")
+        source = "def program(v0, T):\n" + "".join(f"    {line}\n" for line in body) + f"    return {self._ret}\n"
+        namespace = dict(self._consts, clock=time.perf_counter)
+        exec(compile(source, "<fastres onednn program, profiled>", "exec"), namespace)
+        times = [[] for _ in self._step_starts]
+        for _ in range(rounds):
+            namespace["program"](x, times)
+        return [(name, kind, statistics.median(t)) for (_, name, kind), t in zip(self._step_starts, times)]
+
+    def __repr__(self) -> str:
+        return f"OneDnnProgram(key={self.key}, {len(self.onednn_steps)} oneDNN steps)"
 
 
-_IMPLS = {"torch": ReferenceBackend(), "triton": TritonBackend()}
+def _nhwc(v):
+    return v.contiguous(memory_format=CL) if torch.is_tensor(v) and v.dim() == 4 else v
+
+
+def _conv_shapes(plan, input_shape: tuple) -> dict:
+    """{conv step name: {role: shape of what it reads, "out": its output's}} for 4-D conv steps,
+    from one run of the references on fake tensors (any step, also a PyTorch step returning a
+    dict or a list, runs as it would)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    shapes = {}
+
+    class Recorder(ReferenceBackend):
+        def run(self, step, op, args, out):
+            y = super().run(step, op, args, out)
+            if (step.kind in ("conv", "conv_pair") and torch.is_tensor(y)
+                    and all(torch.is_tensor(v) and v.dim() == 4 for v in args.values())):
+                shapes[step.name] = {**{role: tuple(v.shape) for role, v in args.items()},
+                                     "out": tuple(y.shape)}
+            return y
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(input_shape, dtype=plan.dtype, device=plan.device).contiguous(memory_format=CL)
+        plan.run(x, Recorder())
+    return shapes
+
+
+def _head(x, weight_t, bias):
+    """Global average pool + linear: the mean over the pixels of channels_last memory is a
+    contiguous reduction (``x.mean((2, 3))`` on it strides over channels)."""
+    n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=CL):
+        pooled = x.permute(0, 2, 3, 1).reshape(n, h * w, c).mean(1)
+    else:
+        pooled = x.mean((2, 3))
+    return torch.addmm(bias, pooled, weight_t)
+
+
+def _reference_call(step):
+    from .ir import OPS
+    op = OPS[step.kind]
+
+    def call(args, step=step, reference=op.reference):
+        return reference(step, args, None, False)
+    return call
+
+
+def _output_names(structure) -> list:
+    from .ir import Ref
+    out = []
+
+    def visit(v):
+        if isinstance(v, Ref):
+            out.append(v.name)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                visit(item)
+        elif isinstance(v, dict):
+            for item in v.values():
+                visit(item)
+        elif isinstance(v, slice):
+            for item in (v.start, v.stop, v.step):
+                visit(item)
+    visit(structure)
+    return out
+
+
+TorchBackend = CpuBackend
+_IMPLS = {"torch": CpuBackend(), "reference": ReferenceBackend(), "triton": TritonBackend()}
 
 
 def get_backend(name: str):
-    """The shared backend object of ``name`` ("torch" or "triton")."""
+    """The shared backend object of ``name`` ("torch", "reference" or "triton")."""
     return _IMPLS[name]

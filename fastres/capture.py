@@ -74,7 +74,40 @@ def is_graph_capture() -> bool:
     later weight edits as the plain module does."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
-    return fx._symbolic_trace.is_fx_symbolic_tracing()
+    if not fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False
+    # fx's flag is process-wide: while fastres traces in another thread, this one is not recorded
+    return not _tracing_threads or threading.get_ident() in _tracing_threads
+
+
+_tracing_threads: dict = {}     # thread id -> fastres fx traces it is running
+
+
+class _OwnThreadTracer:
+    """A tracer mixin: fx patches ``torch.nn.Module.__call__`` and ``__getattr__`` for the whole
+    process while it traces, so module calls and parameter reads from other threads (a server
+    running the model while a weight edit rebuilds its plan) would be recorded into this trace and
+    break it; they run as usual instead."""
+
+    def trace(self, root, *args, **kwargs):
+        self._thread = me = threading.get_ident()
+        _tracing_threads[me] = _tracing_threads.get(me, 0) + 1
+        try:
+            return super().trace(root, *args, **kwargs)
+        finally:
+            _tracing_threads[me] -= 1
+            if not _tracing_threads[me]:
+                del _tracing_threads[me]
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 # -- static reasons not to capture -------------------------------------------------------------
@@ -134,7 +167,7 @@ def _leaf_norm_types() -> list:
     return [t for t in (FrozenBatchNorm2d, _batchnorm_act_class()) if t is not None]
 
 
-class _Tracer(fx.Tracer):
+class _Tracer(_OwnThreadTracer, fx.Tracer):
     """torch.nn layers are leaves (fx's default), and so are torchvision's FrozenBatchNorm2d and
     timm's BatchNormAct2d, so the matcher sees a norm layer as one node it can fold (one that does
     not fold runs as one PyTorch step, its own forward)."""
@@ -184,7 +217,8 @@ def _feature_graph(module: nn.Module, return_nodes: dict) -> fx.GraphModule:
     from torchvision.models.feature_extraction import NodePathTracer
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    tracer = NodePathTracer(leaf_modules=_leaf_norm_types())
+    node_path_tracer = type("_NodePathTracer", (_OwnThreadTracer, NodePathTracer), {})
+    tracer = node_path_tracer(leaf_modules=_leaf_norm_types())
     graph = tracer.trace(module)
     names = list(tracer.node_to_qualname.values())
     for query in return_nodes:
@@ -1065,13 +1099,13 @@ class FastPath:
                 and x.dtype is plan.dtype and x.device == plan.device
                 and (plan.in_channels is None or x.shape[1] == plan.in_channels)
                 and not torch.is_autocast_enabled(x.device.type)):
-            return plan.run(x, _backend_for(x.device))
+            return _backend_for(x.device).execute(plan, x)
         if check_input is not None:
             check_input(x, module)
         reason = (_call_reason(module, x) or (state.reason if state is not None else None)
                   or _input_mismatch(plan, x))
         if reason is None:     # e.g. a tensor subclass: the plan runs it as any tensor
-            return plan.run(x, _backend_for(x.device))
+            return _backend_for(x.device).execute(plan, x)
         self.notice(reason)
         return pytorch_forward(x)
 

@@ -218,22 +218,46 @@ def cmd_bench(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("fastres bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.line:
+        print(benchmark.speed_line(device, arch=(args.arch or ["resnet50"])[0].split(",")[0]))
+        return 0
     try:
-        batches = [int(b) for b in args.batch.split(",") if b] if args.batch else None
+        batches = _ints(",".join(args.batch)) if args.batch else None
     except ValueError:
-        print(f"fastres bench: --batch takes a comma list of ints, got {args.batch!r}", file=sys.stderr)
+        print(f"fastres bench: --batch takes ints (comma or space separated), got {' '.join(args.batch)!r}",
+              file=sys.stderr)
         return 2
     if batches is not None and (not batches or min(batches) < 1):
-        print(f"fastres bench: --batch sizes must be >= 1, got {args.batch!r}", file=sys.stderr)
+        print(f"fastres bench: --batch sizes must be >= 1, got {' '.join(args.batch)!r}", file=sys.stderr)
         return 2
-    archs = args.arch.split(",") if args.arch else None
+    archs = [a for a in ",".join(args.arch).split(",") if a] if args.arch else None
+    try:
+        impls = benchmark.parse_compare(args.compare) if args.compare else None
+    except ValueError as err:
+        print(f"fastres bench: --compare: {err}", file=sys.stderr)
+        return 2
     # optional dependencies are checked before the (long) comparison runs, not after it
+    missing = benchmark.missing_extras(impls or benchmark.IMPLEMENTATIONS)
+    for impl in (("torch-tensorrt",) if device == "cpu" else ("onnxruntime", "openvino")):
+        missing.pop(impl, None)     # skipped on this device anyway
+    if missing and impls:
+        for impl, packages in missing.items():
+            print(f"fastres bench: --compare {impl} needs {', '.join(packages)}, not installed: "
+                  f"{benchmark.BENCH_INSTALL_HINT if impl != 'torch-tensorrt' else 'pip install torch-tensorrt'}",
+                  file=sys.stderr)
+        return 2
+    for impl, packages in missing.items():
+        print(f"fastres bench: {impl} will be skipped ({', '.join(packages)} not installed; "
+              f"{benchmark.BENCH_INSTALL_HINT if impl != 'torch-tensorrt' else 'pip install torch-tensorrt'})",
+              file=sys.stderr)
     png = benchmark.can_plot()
     if not png:
         print(f"fastres bench: matplotlib is not installed, so bench.png will be skipped "
               f"(bench.md and bench.json are written); for the plot: {benchmark.PLOT_INSTALL_HINT}",
               file=sys.stderr)
-    settings = benchmark.settings_for(args.quick, archs=archs, batches=batches, size=args.size)
+    settings = benchmark.settings_for(args.quick, archs=archs, batches=batches, size=args.size,
+                                      device=device, impls=impls, competing=args.competing,
+                                      rounds=args.rounds)
     results = benchmark.run_comparison(settings, device, progress=not args.no_progress)
     paths = benchmark.write_report(results, args.out, png=png)
     print(benchmark.markdown(results))
@@ -337,13 +361,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="images/s of fastres against torchvision eager, torch.compile, "
-                                     "ONNX Runtime / TensorRT; writes DIR/bench.md, .json, .png")
-    p.add_argument("--arch", default=None, help="architecture or comma list "
-                                                "(default resnet50,resnet18,resnet101; --quick: resnet18)")
-    p.add_argument("--batch", default=None, help="comma list (default 1,8,64,256; --quick: 1,4)")
+                                     "ONNX Runtime, OpenVINO / TensorRT; writes DIR/bench.md, .json, .png",
+                       epilog="The CPU table of the README: fastres bench --device cpu "
+                              "(resnet18, resnet50, resnext50_32x4d at batch 1, 8, 32, every implementation "
+                              "installed, interleaved).")
+    p.add_argument("--arch", nargs="+", default=None,
+                   help="architectures, comma or space separated (default: GPU resnet50,resnet18,resnet101; "
+                        "CPU resnet18,resnet50,resnext50_32x4d; --quick: resnet18)")
+    p.add_argument("--batch", nargs="+", default=None,
+                   help="batch sizes, comma or space separated (default: GPU 1,8,64,256; CPU 1,8,32; --quick: 1,4)")
     p.add_argument("--size", type=positive_int, default=None, help="image side (default 224; --quick: 64)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
+    p.add_argument("--compare", default=None,
+                   help="what to compare the fastres module and Engine with, comma list of "
+                        "torchvision, ort (onnxruntime), openvino, compile (torch.compile), tensorrt, or "
+                        "'all' (default: every implementation, those not installed skipped)")
+    p.add_argument("--rounds", type=positive_int, default=None,
+                   help="timed calls per implementation and cell (default: sized to the call time)")
+    p.add_argument("--competing", type=int, default=0, metavar="N",
+                   help="start N busy processes while timing (throughput under contention)")
+    p.add_argument("--line", action="store_true",
+                   help="only the one-line resnet50 comparison `make run` ends with (a few seconds)")
     p.add_argument("--quick", action="store_true", help="small batches and size, few rounds")
     p.add_argument("--out", default="bench-results", help="output directory")
     p.add_argument("--no-progress", action="store_true")

@@ -24,9 +24,20 @@ Execution, chosen once at build time
       ``cuda_graphs=False`` gives the same path without graphs (``"static-buffers"``).
     * CPU, Triton backend under ``TRITON_INTERPRET=1`` (tests): the same static-buffer path, no graphs.
     * CPU, torch backend: no graphs, no padding (a call runs its rows in chunks of at most the
-      largest bucket); float32 runs the plan through oneDNN's fused convolution (bias + residual +
-      ReLU in one primitive) on weights reordered for the chunk's bucket, once per bucket on its
-      first call (``"onednn"``); other dtypes run the plan's torch reference (``"plan"``).
+      largest bucket). float32 runs the plan as the CPU backend's oneDNN program (``"onednn"``,
+      ``fastres.backend.CpuBackend``: the same program the eval module runs, fused convolutions
+      with bias + residual + ReLU as post-ops, on weights reordered for the chunk's bucket once, on
+      the bucket's first call); other dtypes, or a PyTorch without the oneDNN ops, run the plan's
+      references (``"plan"``).
+
+Threads (CPU)
+    ``num_threads`` (default: ``torch.get_num_threads()`` where the engine is built) is the
+    intra-op thread count every call runs with, from whichever thread it is called: oneDNN reads
+    the calling thread's OpenMP setting, which in a fresh worker thread is the OpenMP default, not
+    ``torch.set_num_threads``'s value. The call sets it for its own thread and restores it. With
+    ``adaptive_threads`` (default) a call uses fewer while other processes keep the cores busy
+    (``fastres.backend.ThreadGovernor``: OpenMP ops wait at every barrier for a descheduled thread,
+    so two threads sharing two cores with a busy process run several times slower than one).
 
 Input normalisation ("whichever the plan picks")
     uint8 images are normalised by the extension's ``preprocess`` into the 3-channel channels_last
@@ -43,7 +54,7 @@ Thread safety
     order and return what one thread would get (the lock also serialises Triton-interpreter runs,
     which are not thread-safe). The CPU torch paths share only read-only weights and allocate
     their activations per call, so they run concurrently without a lock; only a bucket's first
-    oneDNN weight reorder takes it.
+    oneDNN weight reorder takes the backend's.
 """
 from __future__ import annotations
 
@@ -140,6 +151,8 @@ class Engine:
     with ``mean``/``std``) or ``"float_nchw"`` (normalised float ``[N, 3, H, W]``, contiguous or
     channels_last, as the model itself takes). ``mean``/``std`` (0-1 scale) default to the model's
     preprocessing metadata, else ImageNet's. ``cuda_graphs``: capture one graph per bucket on CUDA.
+    ``num_threads``: intra-op threads of every CPU call (default ``torch.get_num_threads()``);
+    ``adaptive_threads``: fewer of them while other processes keep the cores busy.
 
     The backend (Triton on CUDA, torch on CPU, or what ``fastres.use_backend``/``FASTRES_BACKEND``
     force) is chosen when the engine is built and stays fixed.
@@ -148,7 +161,8 @@ class Engine:
     def __init__(self, model_or_exported_path, *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                  image_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                  device=None, input: str = "uint8_nhwc", mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None, cuda_graphs: bool = True):
+                 std: Optional[Sequence[float]] = None, cuda_graphs: bool = True,
+                 num_threads: Optional[int] = None, adaptive_threads: bool = True):
         model = model_or_exported_path
         if isinstance(model, (str, os.PathLike)):
             from .checkpoint import load
@@ -177,6 +191,12 @@ class Engine:
             raise ValueError(f"fastres.Engine: input must be one of {INPUT_MODES}, got {input!r}")
         self.input = input
         self.batch_sizes = self._check_batch_sizes(batch_sizes)
+        if num_threads is None:
+            num_threads = torch.get_num_threads()
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"fastres.Engine: num_threads must be a positive int, got {num_threads!r}")
+        self.num_threads = num_threads
+        self.adaptive_threads = bool(adaptive_threads)
 
         meta = dict(getattr(model, "meta", None) or {})
         preprocess = meta.get("preprocess") or {}
@@ -211,13 +231,10 @@ class Engine:
         self._lock = threading.Lock()
         self._buckets: dict[int, _Bucket] = {}
         self._stream = None
-        self._onednn = None
-        if self.device.type == "cpu" and self.backend == "torch":
-            if dtype == torch.float32 and _backend.onednn_available():
-                self._onednn = {}     # bucket -> OneDnnBackend, made on the bucket's first call
-                self.executor = "onednn"
-            else:
-                self.executor = "plan"
+        if self.device.type == "cpu" and self.backend in ("torch", "reference"):
+            onednn = (self.backend == "torch" and dtype == torch.float32
+                      and _backend.onednn_available())
+            self.executor = "onednn" if onednn else "plan"
         else:
             use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
             self.executor = "cuda-graphs" if use_graphs else "static-buffers"
@@ -375,24 +392,19 @@ class Engine:
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _run_cpu(self, images: torch.Tensor) -> torch.Tensor:
-        x = self._normaliser(images) if self.input == "uint8_nhwc" else images.to(self.dtype)
-        if self._onednn is not None:
-            return self.plan.run(x, self._onednn_runner(self._bucket_for(x.shape[0])))
-        return self.plan.run(x, self._backend_impl)
-
-    def _onednn_runner(self, bucket: int) -> "_backend.OneDnnBackend":
-        """The runner whose weights oneDNN laid out for this bucket's batch. The layout it picks
-        depends on the batch (measured on resnet50: batch 1 runs ~5x slower on weights reordered for
-        batch 64, and batch 16 ~3x slower on weights reordered for batch 1), so each bucket gets
-        its own reorder, made on first use: weight memory grows with the buckets actually used."""
-        runner = self._onednn.get(bucket)
-        if runner is None:
-            with self._lock:
-                runner = self._onednn.get(bucket)
-                if runner is None:
-                    runner = self._onednn[bucket] = _backend.OneDnnBackend(
-                        self.plan, self._input_shape(bucket))
-        return runner
+        current = torch.get_num_threads()      # (also PyTorch's once-per-thread init)
+        n = _backend.GOVERNOR.threads(self.num_threads) if self.adaptive_threads else self.num_threads
+        if current != n:
+            _backend.set_thread_count(n)
+        try:
+            x = self._normaliser(images) if self.input == "uint8_nhwc" else images.to(self.dtype)
+            if self.executor == "onednn":
+                return self._backend_impl.execute(self.plan, x, weight_batch=self._bucket_for(x.shape[0]),
+                                                  capacity=2 * len(self.batch_sizes), adaptive=False)
+            return self._backend_impl.execute(self.plan, x, adaptive=False)
+        finally:
+            if current != n:
+                _backend.set_thread_count(current)
 
     def _bucket_for(self, rows: int) -> int:
         return next(b for b in self.batch_sizes if b >= rows)
@@ -475,4 +487,5 @@ class Engine:
         return (f"Engine({self.arch}, {self.num_classes} classes, {self.device} "
                 f"{str(self.dtype).removeprefix('torch.')}, input={self.input} "
                 f"{self.image_size}x{self.image_size}, batch_sizes={self.batch_sizes}, "
-                f"backend={self.backend}, executor={self.executor})")
+                f"backend={self.backend}, executor={self.executor}"
+                + (f", num_threads={self.num_threads})" if self.device.type == "cpu" else ")"))

@@ -1,0 +1,41 @@
+"""The CPU table of the README (issue #13): the fastres eval module and Engine against ONNX Runtime,
+OpenVINO, torch.compile and torchvision eager, fp32, resnet18 / resnet50 / resnext50_32x4d at batch
+1, 8 and 32, in ONE run, implementations interleaved per cell (median of 5-15 calls each).
+
+    pytest bench/test_cpu_vs_ort.py -s                         ~10 minutes on 2 cores (half of it torch.compile)
+    FASTRES_BENCH_COMPETING=1 pytest bench/test_cpu_vs_ort.py -s    with one busy process on the same cores
+
+(the same as ``fastres bench --device cpu``). The tables are printed and written to
+bench-results/cpu/ (bench.md, bench.json). ONNX Runtime and OpenVINO come from the ``bench`` extra; the
+test skips, saying what to install, without them.
+"""
+import os
+
+import pytest
+import torch
+
+from fastres import benchmark as fb
+
+from conftest import DEVICES, QUICK
+
+IMPLS = ("torchvision", "torchvision-compile", "fastres", "fastres-engine", "onnxruntime", "openvino")
+COMPETING = int(os.environ.get("FASTRES_BENCH_COMPETING", "0") or 0)
+
+
+def test_cpu_table():
+    if "cpu" not in DEVICES:
+        pytest.skip("FASTRES_BENCH_DEVICE excludes cpu")
+    missing = fb.missing_extras(IMPLS)
+    if missing:
+        pytest.skip(f"the CPU table compares with {', '.join(missing)}: "
+                    f"{', '.join(p for ps in missing.values() for p in ps)} not installed; {fb.BENCH_INSTALL_HINT}")
+    settings = fb.settings_for(QUICK, device="cpu", impls=IMPLS, competing=COMPETING)
+    results = fb.run_comparison(settings, "cpu", progress=False)
+    out = os.path.join("bench-results", "cpu" + (f"-competing{COMPETING}" if COMPETING else "")
+                       + ("-quick" if QUICK else ""))
+    fb.write_report(results, out, png=fb.can_plot())
+    print("\n" + fb.markdown(results))
+    for m in results:
+        if m.impl in fb.FASTRES_IMPLS:
+            assert m.skipped is None, f"{m.impl} did not run: {m.skipped}"
+            assert m.max_rel_error <= fb.TOLERANCE[torch.float32], (m.impl, m.arch, m.batch, m.max_rel_error)

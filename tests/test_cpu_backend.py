@@ -1,0 +1,264 @@
+"""The CPU backend (fastres.backend.CpuBackend): one oneDNN program per plan for the eval module
+and the Engine, against torchvision and against the reference backend; its fallback where the
+private oneDNN ops are missing; reordered weights living (and dying) with the plan; the layout LRU;
+in-place accumulation never touching a value someone else holds; threads from worker threads."""
+import threading
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fastres
+from fastres import backend
+from fastres.engine import Engine
+from fastres.models import ARCHITECTURES
+from fastres.verify import image_batch, randomize_norm_stats_
+
+from kernel_testing import rel_err
+
+needs_onednn = pytest.mark.skipif(not backend.onednn_available(),
+                                  reason=f"oneDNN ops unavailable: {backend.onednn_unavailable_reason()}")
+TOL = 1e-5        # fp32: max |error| relative to the largest logit
+INPUTS = [(1, 37, 45), (3, 32, 32)]    # batch 1 and 3, odd and even sizes
+
+
+def twins(arch, num_classes=10, seed=0, share=False):
+    """torchvision's model and fastres's with the same weights (``share``: the same tensors, which
+    saves initialising a second copy of the large ones)."""
+    torch.manual_seed(seed)
+    tv = randomize_norm_stats_(getattr(torchvision.models, arch)(num_classes=num_classes), seed).eval()
+    if share:
+        with torch.device("meta"):
+            model = getattr(fastres, arch)(num_classes=num_classes)
+        model.load_state_dict(tv.state_dict(), assign=True)
+    else:
+        model = getattr(fastres, arch)(num_classes=num_classes)
+        model.load_state_dict(tv.state_dict())
+    return tv, model.eval()
+
+
+def images(n, h, w, seed=0):
+    return image_batch(n, max(h, w), seed)[:, :, :h, :w].contiguous()
+
+
+def programs(model):
+    cache = model.plan().__dict__.get("_onednn_programs")
+    return {} if cache is None else dict(cache._items)
+
+
+def layouts(model_or_plan) -> list:
+    """The (weight batch, C, H, W) the programs' weights are laid out for (keys without threads)."""
+    plan = model_or_plan if isinstance(model_or_plan, fastres.ir.Plan) else model_or_plan.plan()
+    cache = plan.__dict__.get("_onednn_programs")
+    return [] if cache is None else [k[:4] for k in cache.keys()]
+
+
+@pytest.fixture(autouse=True)
+def fixed_threads():
+    """The thread count (part of a program's key) fixed: no adaptation to the machine's load."""
+    enabled = backend.GOVERNOR.enabled
+    backend.set_adaptive_threads(False)
+    yield
+    backend.set_adaptive_threads(enabled)
+
+
+@needs_onednn
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_constructor_matches_torchvision_and_the_references(arch):
+    tv, model = twins(arch, share=True)
+    for n, h, w in INPUTS:
+        x = images(n, h, w)
+        with torch.inference_mode():
+            expected = tv(x)
+            got = model(x)
+            with fastres.use_backend("reference"):
+                reference = model(x)
+        assert got.shape == expected.shape == (n, 10)
+        assert rel_err(got, expected) <= TOL, (arch, n, h, w)
+        assert rel_err(got, reference) <= TOL, (arch, n, h, w)
+    plan = model.plan()
+    (program, *_) = programs(model).values()
+    convs = [s.name for s in plan.steps if s.kind in ("conv", "conv_pair")]
+    assert program.onednn_steps == convs       # every conv of a torchvision ResNet runs on oneDNN
+    assert "conv_add_(" in program.source      # residuals accumulated in place
+
+
+@needs_onednn
+def test_engine_runs_the_module_program():
+    tv, model = twins("resnet50")
+    engine = Engine(tv, batch_sizes=(1, 8), image_size=32, input="float_nchw")
+    assert engine.executor == "onednn" and engine.backend == "torch"
+    x = images(3, 32, 32)
+    with torch.inference_mode():
+        expected = tv(x)
+        module = model(x)
+    got = engine(x)
+    assert rel_err(got, expected) <= TOL and rel_err(got, module) <= 1e-6
+    # the engine lays weights out for its buckets: (8, C, H, W) for 3 rows, like the module
+    threads = torch.get_num_threads()
+    assert list(engine.plan._onednn_programs.keys()) == [(8, 3, 32, 32, threads)]
+    assert list(programs(model)) == [(8, 3, 32, 32, threads)]
+
+
+def test_fallback_without_onednn(monkeypatch):
+    """Where the private ops are missing (or FASTRES_ONEDNN=0), the references run, unchanged."""
+    def broken(self):
+        raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_convolution_pointwise'")
+    monkeypatch.setattr(backend._OneDnnOps, "__init__", broken)
+    monkeypatch.setattr(backend, "_onednn_state", None)
+    assert not backend.onednn_available()
+    assert "_convolution_pointwise" in backend.onednn_unavailable_reason()
+    tv, model = twins("resnet18")
+    x = images(3, 32, 32)
+    with torch.inference_mode():
+        got, expected = model(x), tv(x)
+    assert rel_err(got, expected) <= TOL
+    assert programs(model) == {}
+    engine = Engine(tv, batch_sizes=(4,), image_size=32, input="float_nchw")
+    assert engine.executor == "plan"
+    assert rel_err(engine(x), expected) <= TOL
+
+
+@needs_onednn
+def test_reordered_weights_are_rebuilt_with_the_plan():
+    """The guard rebuilds the plan on a weight edit; the programs (and their reordered weights)
+    live on the plan, so the next forward reorders the new weights, never reuses stale ones."""
+    tv, model = twins("resnet18")
+    x = images(1, 32, 32)
+    with torch.inference_mode():
+        model(x)
+    plan, old = model.plan(), programs(model)
+    with torch.no_grad():
+        for m in (tv, model):
+            m.layer2[0].conv1.weight.mul_(-0.5)
+            m.fc.bias.add_(1.0)
+    with torch.inference_mode():
+        got, expected = model(x), tv(x)
+    assert rel_err(got, expected) <= TOL
+    assert model.plan() is not plan
+    new = programs(model)
+    assert list(new) == list(old) and all(new[k] is not old[k] for k in new)
+
+
+@needs_onednn
+def test_weight_layouts_are_bucketed_and_bounded():
+    tv, model = twins("resnet18")
+    with torch.inference_mode():
+        for n in (1, 2, 8):
+            x = images(n, 32, 32)
+            assert rel_err(model(x), tv(x)) <= TOL
+        assert layouts(model) == [(1, 3, 32, 32), (8, 3, 32, 32)]
+        for size in (33, 34, 35, 36, 37):
+            x = images(2, size, size)
+            assert rel_err(model(x), tv(x)) <= TOL
+    assert len(programs(model)) == backend.PROGRAMS_PER_PLAN
+    assert layouts(model)[-1] == (8, 3, 37, 37)      # least recently used ones went first
+    assert (1, 3, 32, 32) not in layouts(model)
+    # another thread count is another layout (oneDNN's blocking depends on it)
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    x = images(2, 37, 37)
+    with backend.intra_op_threads(other), torch.inference_mode():
+        assert rel_err(model(x), tv(x)) <= TOL
+    assert list(programs(model))[-2:] == [(8, 3, 37, 37, threads), (8, 3, 37, 37, other)]
+
+
+class _SharedResidual(nn.Module):
+    """The block input is added twice (the first add may not overwrite it); the plan input is a
+    residual too (it belongs to the caller)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(3))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(4))
+        self.relu = nn.ReLU()
+        self.flat = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        x = self.relu(self.flat(x) + x)                        # residual: the plan input
+        y = self.relu(self.bns[0](self.stem(x)))
+        z = self.relu(self.bns[1](self.convs[0](y)) + y)       # y is read again below
+        w = self.relu(self.bns[2](self.convs[1](z)) + y)
+        return self.relu(self.bns[3](self.convs[2](w)) + z)
+
+
+@needs_onednn
+def test_in_place_accumulation_never_writes_a_value_read_later():
+    torch.manual_seed(0)
+    model = randomize_norm_stats_(_SharedResidual()).eval()
+    fast = fastres.optimize(model)
+    x = images(2, 12, 12)
+    before = x.clone()
+    with torch.inference_mode():
+        expected = model(x)
+        got = fast(x)
+    assert torch.equal(x, before)                  # the caller's tensor is never written
+    assert rel_err(got, expected) <= TOL
+    (program,) = programs(fast).values()
+    # in place only where the residual dies: not into the input, not into y at its first add
+    assert program.source.count("conv_add_(") == 2, program.source
+    assert "v1 = conv_add(c0, c0," in program.source and "v3 = conv_add(v2, v2," in program.source
+
+
+@needs_onednn
+def test_nan_and_inf_inputs_get_pytorch_answers():
+    """oneDNN's fused ReLU maps NaN to 0; such inputs run the references (PyTorch's semantics)."""
+    tv, model = twins("resnet18")
+    x = images(3, 32, 32)
+    x[1, :, 4, 4] = float("nan")
+    x[2, 0, 7, 7] = float("inf")
+    with torch.inference_mode():
+        got, expected = model(x), tv(x)
+    assert torch.isnan(got[1]).all() and torch.equal(torch.isnan(got), torch.isnan(expected))
+    assert rel_err(got[0], expected[0]) <= TOL
+
+
+@needs_onednn
+def test_threads_follow_the_setting_from_any_thread(monkeypatch):
+    """oneDNN reads the calling thread's OpenMP count: the module runs PyTorch's setting and the
+    Engine its num_threads, also from a fresh worker thread, which is restored afterwards."""
+    seen = []
+    original = backend.OneDnnProgram.__call__
+
+    def recording(self, x):
+        seen.append(torch.get_num_threads())
+        return original(self, x)
+    monkeypatch.setattr(backend.OneDnnProgram, "__call__", recording)
+    tv, model = twins("resnet18")
+    x = images(1, 32, 32)
+    default = torch.get_num_threads()
+    other = 1 if default > 1 else 2
+    engine = Engine(tv, batch_sizes=(1,), image_size=32, input="float_nchw", num_threads=other)
+    assert engine.num_threads == other and f"num_threads={other}" in repr(engine)
+    after = []
+
+    def worker():
+        engine(x)
+        after.append(torch.get_num_threads())
+        with torch.inference_mode():
+            model(x)
+    try:
+        torch.set_num_threads(other)
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(default)
+    assert seen == [other, other]
+    assert after == [other]              # PyTorch's setting of the worker: restored
+    t = threading.Thread(target=lambda: (engine(x), after.append(torch.get_num_threads())))
+    t.start()
+    t.join()
+    assert seen[-1] == other and after[-1] == default
+    with pytest.raises(ValueError, match="num_threads"):
+        Engine(tv, batch_sizes=(1,), image_size=32, num_threads=0)
+
+
+def test_reference_backend_is_selectable():
+    assert backend.backend_for(torch.device("cpu")) == "torch"
+    with fastres.use_backend("reference"):
+        assert backend.backend_for(torch.device("cpu")) == "reference"
+    assert isinstance(backend.get_backend("torch"), backend.CpuBackend)
+    assert type(backend.get_backend("reference")) is backend.ReferenceBackend
