@@ -703,13 +703,17 @@ def _conv_shapes(plan, input_shape: tuple) -> dict:
     from one run of the references on fake tensors (any step, also a PyTorch step returning a
     dict or a list, runs as it would)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from .ir import residual_broadcasts
     shapes = {}
 
     class Recorder(ReferenceBackend):
         def run(self, step, op, args, out):
             y = super().run(step, op, args, out)
+            # a conv whose output is added by broadcasting (ir.residual_broadcasts) has no
+            # oneDNN form: its binary post-op needs the residual in the conv output's shape
             if (step.kind in ("conv", "conv_pair") and torch.is_tensor(y)
-                    and all(torch.is_tensor(v) and v.dim() == 4 for v in args.values())):
+                    and all(torch.is_tensor(v) and v.dim() == 4 for v in args.values())
+                    and not residual_broadcasts(step, args)):
                 shapes[step.name] = {**{role: tuple(v.shape) for role, v in args.items()},
                                      "out": tuple(y.shape)}
             return y

@@ -119,7 +119,7 @@ def _with_broadcast_add(step, args, out, run):
     return _into(out, y.relu_() if step.attrs["relu"] else y)
 
 
-def _residual_broadcasts(step, args) -> bool:
+def residual_broadcasts(step, args) -> bool:
     r = args.get("residual")
     return r is not None and _broadcasts(step, r.shape, _conv_out_shape(
         dataclasses.replace(step, extra_outputs=()), {"x": tuple(args["x"].shape)}))
@@ -152,7 +152,7 @@ def _conv_launch(step, args, packed, out):
             x = _padded_stem_input(x, step)
         return _conv.conv2d_nhwc_packed(x, packed, step.tensors["bias"], stride=a["stride"], padding=0,
                                         relu=a["relu"], out=out)
-    if _residual_broadcasts(step, args):
+    if residual_broadcasts(step, args):
         return _with_broadcast_add(step, args, out, lambda s, a: _conv_launch(s, a, packed, None))
     main, extra = out if isinstance(out, tuple) else (out, None)
     if a.get("channel_mean"):      # an [N, C] mean's buffer is the same N*C values
@@ -169,7 +169,7 @@ def _conv_launch(step, args, packed, out):
 
 def _conv_reference(step, args, out, upcast):
     a, t = step.attrs, step.tensors
-    if _residual_broadcasts(step, args):
+    if residual_broadcasts(step, args):
         return _with_broadcast_add(step, args, out, lambda s, a: _conv_reference(s, a, None, upcast))
     y = _conv.conv2d_nhwc_ref(
         args["x"], t["weight"], t["bias"], stride=a["stride"], padding=a["padding"],
