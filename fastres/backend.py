@@ -713,7 +713,7 @@ def _conv_shapes(plan, input_shape: tuple) -> dict:
             # oneDNN form: its binary post-op needs the residual in the conv output's shape
             if (step.kind in ("conv", "conv_pair") and torch.is_tensor(y)
                     and all(torch.is_tensor(v) and v.dim() == 4 for v in args.values())
-                    and not residual_broadcasts(step, args)):
+                    and not (step.kind == "conv" and residual_broadcasts(step, args))):
                 shapes[step.name] = {**{role: tuple(v.shape) for role, v in args.items()},
                                      "out": tuple(y.shape)}
             return y
