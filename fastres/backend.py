@@ -215,13 +215,15 @@ class ThreadGovernor:
     the machine spent on those CPUs (/proc/stat, per CPU of the affinity mask) and how much of it
     was this process's (``os.times``); the busy cores of *other* processes are subtracted from the
     CPUs available, and calls use at most the cores left (at least one). Quiet: the configured
-    count. Linux only (elsewhere, and with ``FASTRES_ADAPTIVE_THREADS=0`` or
-    ``set_adaptive_threads(False)``, calls use the configured count).
+    count. Off unless ``FASTRES_ADAPTIVE_THREADS=1`` or ``set_adaptive_threads(True)`` (results
+    then depend in their last bits on the machine's load); Linux only.
     """
     WINDOW_S = 0.5
 
     def __init__(self):
-        self.enabled = os.environ.get("FASTRES_ADAPTIVE_THREADS", "1") not in ("", "0")
+        # opt-in: a load-dependent thread count changes oneDNN's blocking, so results would
+        # differ in the last bits between a loaded and a quiet call (or two Ray actors)
+        self.enabled = os.environ.get("FASTRES_ADAPTIVE_THREADS", "0") not in ("", "0")
         self._lock = threading.Lock()
         self._next = 0.0
         self._last = None        # (monotonic, machine busy ticks, total ticks, process cpu seconds)
