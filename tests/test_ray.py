@@ -216,7 +216,8 @@ class TestLocalCluster:
         for i, path in enumerate(good):
             row = rows[os.path.basename(path)]
             assert row["error"] is None
-            assert torch.equal(torch.tensor(row["logits"]), expected[i]), path
+            # CPU oneDNN programs: a batch padded or split differently may differ in the last bits
+            torch.testing.assert_close(torch.tensor(row["logits"]), expected[i], rtol=1e-5, atol=1e-6, msg=path)
         bad = rows[os.path.basename(broken[0])]
         assert bad["logits"] is None and "cannot decode image" in bad["error"]
 
@@ -322,7 +323,8 @@ class TestLocalCluster:
             indices, probs, labels = expected[path]
             assert [t["index"] for t in top] == indices, path
             assert [t["label"] for t in top] == labels
-            assert [t["prob"] for t in top] == probs, path        # exact: same engine, same bucket
+            # (the last bits may differ: the CPU oneDNN program's batches are composed differently)
+            torch.testing.assert_close([t["prob"] for t in top], probs, rtol=1e-5, atol=1e-7, msg=path)
             batch_sizes += [int(s) for s in sizes.split(",")]
         assert len(answers) == (n_requests - 10 - 20) + 20 * 3      # 170 single images, 20 batches of 3
         assert max(batch_sizes) > 1, "no micro-batch held more than one request"
