@@ -22,7 +22,7 @@ IMPLS = ("torchvision", "torchvision-compile", "fastres", "fastres-engine", "onn
 COMPETING = int(os.environ.get("FASTRES_BENCH_COMPETING", "0") or 0)
 
 
-def test_cpu_table():
+def test_cpu_table(tmp_path):
     if "cpu" not in DEVICES:
         pytest.skip("FASTRES_BENCH_DEVICE excludes cpu")
     missing = fb.missing_extras(IMPLS)
@@ -31,8 +31,8 @@ def test_cpu_table():
                     f"{', '.join(p for ps in missing.values() for p in ps)} not installed; {fb.BENCH_INSTALL_HINT}")
     settings = fb.settings_for(QUICK, device="cpu", impls=IMPLS, competing=COMPETING)
     results = fb.run_comparison(settings, "cpu", progress=False)
-    out = os.path.join("bench-results", "cpu" + (f"-competing{COMPETING}" if COMPETING else "")
-                       + ("-quick" if QUICK else ""))
+    out = (str(tmp_path) if QUICK else
+           os.path.join("bench-results", "cpu" + (f"-competing{COMPETING}" if COMPETING else "")))
     fb.write_report(results, out, png=fb.can_plot())
     print("\n" + fb.markdown(results))
     for m in results:

@@ -148,21 +148,31 @@ class TritonBackend:
 
 # -- CPU: intra-op threads ----------------------------------------------------------------------
 def _find_openmp():
-    """``omp_set_num_threads`` of the OpenMP runtime PyTorch loaded (per calling thread), or None."""
+    """``omp_set_num_threads`` of the OpenMP runtime PyTorch uses (it sets the calling thread's
+    count only), or None. Several runtimes can be loaded (scikit-learn and others ship their own
+    libgomp): the one whose setting ``torch.get_num_threads()`` then reports is PyTorch's."""
     import ctypes
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
+            paths = {line.split()[-1] for line in maps if ".so" in line.rsplit("/", 1)[-1]}
     except OSError:
         return None
-    for path in sorted(paths):
-        if any(name in os.path.basename(path) for name in ("libgomp", "libiomp5", "libomp")):
-            try:
-                lib = ctypes.CDLL(path)
-                lib.omp_set_num_threads.argtypes = [ctypes.c_int]
-                return lib.omp_set_num_threads
-            except (OSError, AttributeError):
-                continue
+    torch_dir = os.path.dirname(torch.__file__)
+    runtimes = ("libgomp", "libiomp5", "libomp")
+    candidates = sorted((p for p in paths if any(n in os.path.basename(p) for n in runtimes)),
+                        key=lambda p: (not p.startswith(torch_dir), p))
+    current = torch.get_num_threads()
+    for path in candidates:
+        try:
+            setter = ctypes.CDLL(path).omp_set_num_threads
+        except (OSError, AttributeError):
+            continue
+        setter.argtypes = [ctypes.c_int]
+        setter(current + 1)
+        ours = torch.get_num_threads() == current + 1
+        setter(current)
+        if ours:
+            return setter
     return None
 
 
@@ -214,9 +224,10 @@ class ThreadGovernor:
     thread kept ~4). So every ``WINDOW_S`` seconds (on the next call) it reads how much CPU time
     the machine spent on those CPUs (/proc/stat, per CPU of the affinity mask) and how much of it
     was this process's (``os.times``); the busy cores of *other* processes are subtracted from the
-    CPUs available, and calls use at most the cores left (at least one). Quiet: the configured
-    count. Off unless ``FASTRES_ADAPTIVE_THREADS=1`` or ``set_adaptive_threads(True)`` (results
-    then depend in their last bits on the machine's load); Linux only.
+    CPUs of the affinity mask, and calls use at most the cores left (at least one, at most the
+    configured count; so never more threads than those CPUs). Quiet: the configured count. Off
+    unless ``FASTRES_ADAPTIVE_THREADS=1`` or ``set_adaptive_threads(True)`` (results then depend in
+    their last bits on the machine's load); Linux only.
     """
     WINDOW_S = 0.5
 
@@ -251,8 +262,10 @@ class ThreadGovernor:
                 busy += sum(ticks) - ticks[3] - ticks[4]
         return busy, total
 
-    def threads(self, configured: int) -> int:
-        if configured <= 1 or not self.enabled or self._cpus is None:
+    def threads(self, configured: int, enabled: "bool | None" = None) -> int:
+        """The thread count for a call configured for ``configured`` (``enabled``: this call's
+        choice, None for the process's setting)."""
+        if configured <= 1 or not (self.enabled if enabled is None else enabled) or self._cpus is None:
             return configured
         now = time.monotonic()
         if now >= self._next and self._lock.acquire(blocking=False):
@@ -282,6 +295,46 @@ class ThreadGovernor:
 
 
 GOVERNOR = ThreadGovernor()
+
+
+# -- CPU: memory ----------------------------------------------------------------------------------
+_MALLOC_TUNING_DEFAULT = os.environ.get("FASTRES_MALLOC_TUNING", "1") not in ("", "0")
+_MALLOC_TUNING = _MALLOC_TUNING_DEFAULT
+_malloc_tuned = False
+MALLOC_THRESHOLD = 1 << 30
+GLIBC_MMAP_THRESHOLD_MAX = 32 << 20     # glibc's dynamic mmap threshold never rises above this
+
+
+def tune_malloc() -> bool:
+    """Keep freed activation memory in the process instead of returning it to the kernel.
+
+    glibc serves a block of more than 32 MiB with a fresh mmap and unmaps it on free, so every
+    forward that allocates such activations (resnet50 at batch 32: 102 MB ones) page-faults all of
+    them in again: measured ~100k faults (~400 MB) per resnet50 batch-32 forward, 1.50 -> 1.26-1.37 s
+    per batch once they are reused. This sets glibc's mmap and trim thresholds to 1 GiB
+    (``mallopt``), process-wide, once: the heap then keeps up to that much freed memory for reuse
+    (resident memory stays near its peak). Called by the CPU backend the first time a program's
+    activations exceed 32 MiB; ``FASTRES_MALLOC_TUNING=0`` (read at import) or
+    ``set_malloc_tuning(False)`` before that leaves malloc alone. Returns whether it is in effect
+    (False off glibc)."""
+    global _malloc_tuned
+    if _malloc_tuned or not _MALLOC_TUNING:
+        return _malloc_tuned
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+        m_trim_threshold, m_mmap_threshold = -1, -3      # glibc's malloc.h
+        _malloc_tuned = (mallopt(m_mmap_threshold, MALLOC_THRESHOLD) == 1
+                         and mallopt(m_trim_threshold, MALLOC_THRESHOLD) == 1)
+    except (OSError, AttributeError):     # not glibc
+        _malloc_tuned = False
+    return _malloc_tuned
+
+
+def set_malloc_tuning(enabled: bool) -> None:
+    """Allow or forbid ``tune_malloc`` (it cannot be undone once it ran)."""
+    global _MALLOC_TUNING
+    _MALLOC_TUNING = bool(enabled)
 
 
 def set_adaptive_threads(enabled: bool) -> None:
@@ -337,6 +390,17 @@ def _check_onednn() -> tuple:
         for y, e in zip(got, wanted):
             if y.shape != e.shape or not torch.allclose(y, e, rtol=1e-4, atol=1e-4):
                 return False, "torch.ops.mkldnn._convolution_pointwise disagrees with F.conv2d here"
+        if ops.linear is not None:
+            v, m = torch.randn(3, 16, generator=g), torch.randn(5, 16, generator=g)
+            c = torch.randn(5, generator=g)
+            try:
+                ok = torch.allclose(ops.linear(v, m, c, "none", [], ""), F.linear(v, m, c),
+                                    rtol=1e-4, atol=1e-4)
+            except Exception:  # noqa: BLE001 - the head then uses addmm
+                ok = False
+            if not ok:
+                ops.linear = None
+                _OneDnnOps.linear_usable = False
     except Exception as err:  # noqa: BLE001 - private ops: any failure means "use the references"
         return False, f"the oneDNN ops are not usable ({type(err).__name__}: {err})"
     return True, ""
@@ -344,6 +408,7 @@ def _check_onednn() -> tuple:
 
 class _OneDnnOps:
     """The private ops, resolved once (``OpOverload``s: the cheapest Python call into them)."""
+    linear_usable = True      # mkldnn::_linear_pointwise passed the smoke test
 
     def __init__(self):
         mkldnn = torch.ops.mkldnn
@@ -351,6 +416,9 @@ class _OneDnnOps:
         self.conv_add = mkldnn._convolution_pointwise.binary      # conv + bias + other [-> relu]
         self.conv_add_ = mkldnn._convolution_pointwise_.binary    # the same, written into other
         self._reorder = torch._C._nn.mkldnn_reorder_conv2d_weight
+        # the head's linear (dense weight); optional: addmm where it is missing
+        self.linear = (getattr(getattr(mkldnn, "_linear_pointwise", None), "default", None)
+                       if self.linear_usable else None)
 
     def reorder(self, weight, padding, stride, dilation, groups, input_shape):
         """``weight`` in the blocked layout oneDNN's convolution picks for ``input_shape``."""
@@ -417,15 +485,16 @@ class CpuBackend(ReferenceBackend):
                 and onednn_available())
 
     def execute(self, plan, x, weight_batch: "int | None" = None, capacity: "int | None" = None,
-                adaptive: bool = True):
+                adaptive: "bool | None" = None):
         """``plan`` on ``x``. ``weight_batch``: the batch the weights are laid out for (default:
         the bucket of ``MODULE_WEIGHT_BATCHES`` holding ``x``'s batch); ``capacity``: at least
         this many layouts kept for the plan; ``adaptive``: fewer threads than the calling thread's
-        setting where other processes keep the cores busy (``ThreadGovernor``)."""
+        setting where other processes keep the cores busy (``ThreadGovernor``; None: the
+        process's setting, ``FASTRES_ADAPTIVE_THREADS``)."""
         if x.device.type != "cpu":
             return plan.run(x, self)
         configured = torch.get_num_threads()   # also PyTorch's per-thread init (oneDNN reads it)
-        n = GOVERNOR.threads(configured) if adaptive else configured
+        n = GOVERNOR.threads(configured, adaptive)
         if n != configured:
             set_thread_count(n)
         try:
@@ -530,14 +599,17 @@ class OneDnnProgram:
 
     ``key`` = (weight batch, C, H, W, threads): the input shape and thread count the weights are
     reordered for (any batch, image size and thread count still runs: a conv given weights in
-    another layout than it wants reorders them itself, on every call). ``source`` is the generated code, ``onednn_steps`` the names of
-    the steps that run on oneDNN (the others run their references).
+    another layout than it wants reorders them itself, on every call). ``source`` is the
+    generated code, ``onednn_steps`` the names of the steps that run on oneDNN (the others run
+    their references), ``profile(x)`` the time of each step.
     """
 
     def __init__(self, plan, key: tuple, ops: _OneDnnOps):
         from .ir import KERNEL_KINDS, Ref, bind_refs
         self.key = key
         shapes = _conv_shapes(plan, tuple(key[:4]))
+        largest = max((math.prod(v) * 4 for roles in shapes.values() for v in roles.values()), default=0)
+        self.malloc_tuned = largest > GLIBC_MMAP_THRESHOLD_MAX and tune_malloc()
         steps = plan.steps
         outputs = set(_output_names(plan.output))
         last_read, readers = {}, {}
@@ -642,10 +714,16 @@ class OneDnnProgram:
                 self.onednn_steps.append(step.name)
             elif step.kind == "head" and a.get("pool") != "width":
                 x = read(step.inputs["x"])
-                wt = const(t["weight"].float().t().contiguous(), "w")
                 bias = const(t["bias"].float().contiguous(), "b")
-                lines.append(f"{out} = head({x}, {wt}, {bias})")
-                consts["head"] = _head
+                if ops.linear is not None:     # oneDNN's linear: 2x faster than addmm here
+                    w = const(t["weight"].float().contiguous(), "w")
+                    lines.append(f"{out} = linear(pool({x}), {w}, {bias}, 'none', [], '')")
+                    consts["linear"] = ops.linear
+                else:
+                    w = const(t["weight"].float().t().contiguous(), "w")
+                    lines.append(f"{out} = addmm({bias}, pool({x}), {w})")
+                    consts["addmm"] = torch.addmm
+                consts["pool"] = _global_pool
             else:
                 fn = const(_reference_call(step), "step")
                 relayout = step.kind in KERNEL_KINDS
@@ -664,7 +742,8 @@ class OneDnnProgram:
         else:
             consts["bind_refs"], consts["structure"] = bind_refs, plan.output
             ret = "bind_refs(structure, {" + ", ".join(f"{n!r}: {var[n]}" for n in out_names) + "})"
-        self.source = "def program(v0):\n" + "".join(f"    {line}\n" for line in lines) + f"    return {ret}\n"
+        self.source = ("def program(v0):\n" + "".join(f"    {line}\n" for line in lines)
+                       + f"    return {ret}\n")
         self._lines, self._ret, self._consts = lines, ret, consts
         namespace = dict(consts)
         exec(compile(self.source, f"<fastres onednn program {key}>", "exec"), namespace)
@@ -684,7 +763,8 @@ class OneDnnProgram:
             body.append(f"t = clock()")
             body += self._lines[starts[i]:starts[i + 1]]
             body.append(f"T[{i}].append(clock() - t)")
-        source = "def program(v0, T):\n" + "".join(f"    {line}\n" for line in body) + f"    return {self._ret}\n"
+        source = ("def program(v0, T):\n" + "".join(f"    {line}\n" for line in body)
+                  + f"    return {self._ret}\n")
         namespace = dict(self._consts, clock=time.perf_counter)
         exec(compile(source, "<fastres onednn program, profiled>", "exec"), namespace)
         times = [[] for _ in self._step_starts]
@@ -725,15 +805,13 @@ def _conv_shapes(plan, input_shape: tuple) -> dict:
     return shapes
 
 
-def _head(x, weight_t, bias):
-    """Global average pool + linear: the mean over the pixels of channels_last memory is a
-    contiguous reduction (``x.mean((2, 3))`` on it strides over channels)."""
+def _global_pool(x):
+    """The mean over the pixels: on channels_last memory a contiguous reduction (``x.mean((2, 3))``
+    on it strides over the channels)."""
     n, c, h, w = x.shape
     if x.is_contiguous(memory_format=CL):
-        pooled = x.permute(0, 2, 3, 1).reshape(n, h * w, c).mean(1)
-    else:
-        pooled = x.mean((2, 3))
-    return torch.addmm(bias, pooled, weight_t)
+        return x.permute(0, 2, 3, 1).reshape(n, h * w, c).mean(1)
+    return x.mean((2, 3))
 
 
 def _reference_call(step):

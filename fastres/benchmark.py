@@ -272,9 +272,7 @@ class Workload:
             compile_batches = self.settings.compile_batches
             if compile_batches is not None and batch not in compile_batches:
                 raise Skip(f"quick mode compiles once, at batch {compile_batches[0]}")
-            model = self._get(impl, lambda: torch.compile(
-                self._eager(), mode=self.settings.gpu_compile_mode if self.device == "cuda" else None,
-                dynamic=False))
+            model = self._get(impl, self._compiled)
             return self._torch_call(model, x)
         if impl == "fastres":
             import fastres
@@ -302,6 +300,14 @@ class Workload:
             model = self._get(f"{impl}/{batch}", lambda: self._tensorrt_module(x))
             return self._torch_call(model, x)
         raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+
+    def _compiled(self):
+        """torch.compile of the eager model, static shapes (one compile per batch). Dynamo counts
+        the compiles of torchvision's one ``forward`` across architectures against its recompile
+        limit (8), past which it silently runs eager: its caches are reset per architecture."""
+        torch._dynamo.reset()
+        return torch.compile(self._eager(), dynamic=False,
+                             mode=self.settings.gpu_compile_mode if self.device == "cuda" else None)
 
     def _torch_call(self, fn, x) -> Callable[[], torch.Tensor]:
         device = self.device
@@ -577,6 +583,9 @@ def machine_line(results: list[Measurement]) -> str:
             parts.append(f"load average {min(loads):.2f}-{max(loads):.2f}")
         parts.append(f"{first.competing} competing busy process(es)" if first.competing
                      else "no competing process started")
+        from .backend import GOVERNOR
+        parts.append("fastres thread governor " + ("on (FASTRES_ADAPTIVE_THREADS=1)" if GOVERNOR.enabled
+                                                   else "off"))
     timed = [len(m.times) for m in results if m.times]
     if timed:
         parts.append(f"interleaved, median of {min(timed)}-{max(timed)} calls")
@@ -733,7 +742,12 @@ def speed_line(device: Optional[str] = None, arch: str = "resnet50", batch: Opti
     for impl, value in speed.items():
         ratio = f" ({value / ref:.2f}x {ref_name})" if impl in FASTRES_IMPLS and ref else ""
         parts.append(f"{_LINE_NAMES[impl]} {value:.1f}{ratio}")
-    threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
+    threads = ""
+    if device == "cpu":
+        threads = f", {torch.get_num_threads()} threads"
+        used = _governed_threads(torch.get_num_threads())
+        if used is not None and used < torch.get_num_threads():
+            threads += f" (fastres used {used}: other processes busy)"
     where = f"{device_name(device)}{threads}" + (f", load {load:.2f}" if load is not None else "")
     line = (f"speed, {arch} {str(workload.dtype).removeprefix('torch.')} 224x224 batch {batch} "
             f"({where}; images/s, interleaved median of {rounds}): " + " | ".join(parts))

@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=positive_int, default=None,
                    help="timed calls per implementation and cell (default: sized to the call time)")
     p.add_argument("--competing", type=int, default=0, metavar="N",
-                   help="start N busy processes while timing (throughput under contention)")
+                   help="start N busy processes while timing (throughput under contention; "
+                        "FASTRES_ADAPTIVE_THREADS=1 lets fastres run on the cores left)")
     p.add_argument("--line", action="store_true",
                    help="only the one-line resnet50 comparison `make run` ends with (a few seconds)")
     p.add_argument("--quick", action="store_true", help="small batches and size, few rounds")

@@ -35,9 +35,12 @@ Threads (CPU)
     intra-op thread count every call runs with, from whichever thread it is called: oneDNN reads
     the calling thread's OpenMP setting, which in a fresh worker thread is the OpenMP default, not
     ``torch.set_num_threads``'s value. The call sets it for its own thread and restores it. With
-    ``adaptive_threads`` (default) a call uses fewer while other processes keep the cores busy
+    ``adaptive_threads=True`` (None, the default: ``FASTRES_ADAPTIVE_THREADS=1`` in the
+    environment) a call uses fewer while other processes keep the cores busy
     (``fastres.backend.ThreadGovernor``: OpenMP ops wait at every barrier for a descheduled thread,
-    so two threads sharing two cores with a busy process run several times slower than one).
+    so two threads sharing two cores with a busy process run several times slower than one); off,
+    results do not depend on the machine's load (the thread count changes oneDNN's blocking, so
+    the last bits of the logits).
 
 Input normalisation ("whichever the plan picks")
     uint8 images are normalised by the extension's ``preprocess`` into the 3-channel channels_last
@@ -152,7 +155,8 @@ class Engine:
     channels_last, as the model itself takes). ``mean``/``std`` (0-1 scale) default to the model's
     preprocessing metadata, else ImageNet's. ``cuda_graphs``: capture one graph per bucket on CUDA.
     ``num_threads``: intra-op threads of every CPU call (default ``torch.get_num_threads()``);
-    ``adaptive_threads``: fewer of them while other processes keep the cores busy.
+    ``adaptive_threads``: fewer of them while other processes keep the cores busy (None: the
+    process's ``FASTRES_ADAPTIVE_THREADS`` setting, off by default).
 
     The backend (Triton on CUDA, torch on CPU, or what ``fastres.use_backend``/``FASTRES_BACKEND``
     force) is chosen when the engine is built and stays fixed.
@@ -162,7 +166,7 @@ class Engine:
                  image_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                  device=None, input: str = "uint8_nhwc", mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None, cuda_graphs: bool = True,
-                 num_threads: Optional[int] = None, adaptive_threads: bool = True):
+                 num_threads: Optional[int] = None, adaptive_threads: Optional[bool] = None):
         model = model_or_exported_path
         if isinstance(model, (str, os.PathLike)):
             from .checkpoint import load
@@ -196,7 +200,7 @@ class Engine:
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
             raise ValueError(f"fastres.Engine: num_threads must be a positive int, got {num_threads!r}")
         self.num_threads = num_threads
-        self.adaptive_threads = bool(adaptive_threads)
+        self.adaptive_threads = None if adaptive_threads is None else bool(adaptive_threads)
 
         meta = dict(getattr(model, "meta", None) or {})
         preprocess = meta.get("preprocess") or {}
@@ -393,7 +397,7 @@ class Engine:
 
     def _run_cpu(self, images: torch.Tensor) -> torch.Tensor:
         current = torch.get_num_threads()      # (also PyTorch's once-per-thread init)
-        n = _backend.GOVERNOR.threads(self.num_threads) if self.adaptive_threads else self.num_threads
+        n = _backend.GOVERNOR.threads(self.num_threads, self.adaptive_threads)
         if current != n:
             _backend.set_thread_count(n)
         try:

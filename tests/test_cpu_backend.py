@@ -262,3 +262,80 @@ def test_reference_backend_is_selectable():
         assert backend.backend_for(torch.device("cpu")) == "reference"
     assert isinstance(backend.get_backend("torch"), backend.CpuBackend)
     assert type(backend.get_backend("reference")) is backend.ReferenceBackend
+
+
+def test_thread_governor_yields_cores_other_processes_keep_busy(monkeypatch):
+    """Fed /proc/stat and process CPU times: another process busy on one of two CPUs -> one thread;
+    only this process busy -> all of them; never above the configured count."""
+    gov = backend.ThreadGovernor()
+    gov.enabled = True
+    gov._cpus = frozenset({0, 1})
+    clock = [100.0]
+    stat = [(0, 0)]          # (busy ticks, total ticks) over both CPUs
+    mine = [0.0]             # this process's CPU seconds
+    monkeypatch.setattr(gov, "_cpu_stat", lambda: stat[0])
+    monkeypatch.setattr(backend.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(backend.os, "times", lambda: type("T", (), {"user": mine[0], "system": 0.0})())
+
+    def window(machine_cores, our_cores, seconds=1.0):
+        clock[0] += seconds
+        busy, total = stat[0]
+        stat[0] = (busy + int(machine_cores * 100 * seconds), total + int(2 * 100 * seconds))
+        mine[0] += our_cores * seconds
+        return gov.threads(2)
+
+    assert gov.threads(2) == 2                      # first reading: nothing to compare yet
+    assert window(2.0, 1.0) == 1                    # another process keeps a core busy
+    assert gov.others == pytest.approx(1.0)
+    assert window(2.0, 2.0) == 2                    # all of it is ours: quiet
+    assert window(0.1, 0.0) == 2
+    assert window(2.0, 0.0) == 1 and gov.threads(1) == 1   # both busy elsewhere: at least one
+    assert window(1.2, 1.0) == 2                    # a little noise is not contention
+    gov.enabled = False
+    assert window(2.0, 0.0) == 2
+
+
+def test_malloc_tuning_sets_glibc_thresholds_once_and_can_be_refused(monkeypatch):
+    import ctypes
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(backend, "_malloc_tuned", False)
+    backend.set_malloc_tuning(False)
+    try:
+        assert backend.tune_malloc() is False and calls == []
+        backend.set_malloc_tuning(True)
+        assert backend.tune_malloc() is True
+        assert calls == [(-3, backend.MALLOC_THRESHOLD), (-1, backend.MALLOC_THRESHOLD)]
+        assert backend.tune_malloc() is True and len(calls) == 2      # once
+    finally:
+        backend.set_malloc_tuning(backend._MALLOC_TUNING_DEFAULT)
+
+
+def test_thread_setting_reaches_pytorchs_openmp_with_another_runtime_loaded(monkeypatch):
+    """scikit-learn ships its own libgomp; loaded first, its path sorts before torch's. The
+    per-thread setting must still go to the runtime PyTorch (and oneDNN) reads."""
+    import ctypes
+    import glob
+    import os
+    sklearn = pytest.importorskip("sklearn")
+    others = glob.glob(os.path.join(os.path.dirname(os.path.dirname(sklearn.__file__)),
+                                    "scikit_learn.libs", "libgomp*.so*"))
+    if not others:
+        pytest.skip("this scikit-learn wheel ships no libgomp of its own")
+    ctypes.CDLL(others[0])
+    monkeypatch.setattr(backend, "_omp_looked_up", False)
+    default = torch.get_num_threads()
+    other = 1 if default > 1 else 2
+    try:
+        backend.set_thread_count(other)
+        assert torch.get_num_threads() == other
+    finally:
+        backend.set_thread_count(default)
+    assert torch.get_num_threads() == default
+    with backend.intra_op_threads(other):
+        assert torch.get_num_threads() == other
