@@ -339,3 +339,22 @@ def test_thread_setting_reaches_pytorchs_openmp_with_another_runtime_loaded(monk
     assert torch.get_num_threads() == default
     with backend.intra_op_threads(other):
         assert torch.get_num_threads() == other
+
+
+@needs_onednn
+def test_an_images_logits_do_not_depend_on_its_batch_within_a_weight_layout():
+    """Within one weight-layout bucket (batches 2-8 share batch 8's layout) an image's logits are
+    the same bits whatever batch it is in and whoever its neighbours are; across buckets (batch 1
+    has its own layout, oneDNN blocks it differently) they may differ in the last bits, as
+    torchvision's do between batch sizes."""
+    tv, model = twins("resnet18")
+    x = images(8, 32, 32)
+    with torch.inference_mode():
+        full = model(x)
+        for sub in (2, 3, 4):
+            assert backend.weight_batch_for(sub) == backend.weight_batch_for(8)
+            assert torch.equal(model(x[:sub]), full[:sub])
+        y = x.clone()
+        y[1:] = images(7, 32, 32, seed=1)
+        assert torch.equal(model(y)[0], full[0])
+        assert rel_err(model(x[:1]), full[:1]) <= TOL
