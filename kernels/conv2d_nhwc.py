@@ -31,6 +31,11 @@ K loop modes (constexpr, chosen from the shape):
   host-side tensor descriptors, one UTMALDG per tile, instead of per-thread cp.async.
 * channels per packed group a multiple of 16 (every ResNet conv but the stem): tap-major; one
   BLOCK_K step loads BLOCK_K contiguous channels of one tap, 16-byte aligned vector loads.
+  TMA (sm_90, stride 1, groups 1, chosen by ``conv_config`` where a box of pixels tiles the output
+  with few idle rows, ``spatial_tile``): an M tile is TILE_IMGS x TILE_H x TILE_W output pixels
+  instead of BLOCK_M consecutive ones, and a K step of tap (kh, kw) loads the 4-D box of x at
+  (img0, oh0 + kh*d - p, ow0 + kw*d - p, c0) with one UTMALDG, its out-of-bounds zero fill being
+  the padding (no per-element masks); rows past the output's edge or the batch are not stored.
 * few channels, padding 0, stride/row alignment allowing it (ROW_K; the stem over its padded
   4-channel input, see ``pad_stem_weight`` and ``stem_input_padding``): one K step is one kernel row
   kh, the KW*C_in contiguous elements of input row ih0 + kh starting at pixel iw0 (7 taps x 4
@@ -99,7 +104,7 @@ def _conv2d_nhwc_kernel(
     INTERPRETER_BF16: tl.constexpr,
     QUANTIZED: tl.constexpr, INTERPRETER_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, TILE_IMGS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
     """out = relu?(conv(x, W) [+ shortcut @ W_sc] + bias [+ residual]), fp32 accumulation;
     [out2 = relu?(out * scale2 + shift2)] (``store_residual_block_epilogue``);
@@ -122,7 +127,16 @@ def _conv2d_nhwc_kernel(
     pid = tl.program_id(0)
     pid_k = tl.program_id(1) if SPLIT_K > 1 else 0     # split-K: this program's share of the K steps
     M = BATCH * OH * OW
-    num_pid_m = tl.cdiv(M, BLOCK_M)
+    # SPATIAL_TILE (TMA behind a tap-major conv): an M tile is a box of TILE_IMGS x TILE_H x TILE_W
+    # output pixels, so each K step's A tile is one 4-D descriptor load; else BLOCK_M consecutive pixels.
+    SPATIAL_TILE: tl.constexpr = TILE_IMGS * TILE_H * TILE_W > 0
+    if SPATIAL_TILE:
+        tl.static_assert(TILE_IMGS * TILE_H * TILE_W == BLOCK_M)
+        tiles_w = tl.cdiv(OW, TILE_W)
+        tiles_hw = tl.cdiv(OH, TILE_H) * tiles_w
+        num_pid_m = tl.cdiv(BATCH, TILE_IMGS) * tiles_hw
+    else:
+        num_pid_m = tl.cdiv(M, BLOCK_M)
     N_TILES_PER_GROUP: tl.constexpr = (COUT_PER_GROUP + BLOCK_N - 1) // BLOCK_N
     num_pid_n = (C_OUT // COUT_PER_GROUP) * N_TILES_PER_GROUP
     # Swizzle: GROUP_M consecutive programs share a weight tile column while they walk M, so the
@@ -137,12 +151,25 @@ def _conv2d_nhwc_kernel(
     offs_n_in_group = (pid_n % N_TILES_PER_GROUP) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = group * COUT_PER_GROUP + offs_n_in_group
     n_mask = offs_n_in_group < COUT_PER_GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    img = offs_m // (OW * OH)
+    if SPATIAL_TILE:
+        # row r of the tile is pixel (img0 + r // (TILE_H*TILE_W), oh0 + r // TILE_W % TILE_H, ow0 + r % TILE_W);
+        # rows past the batch or the output's edge are computed on zero-filled input and not stored
+        img0 = pid_m // tiles_hw * TILE_IMGS
+        oh0 = pid_m % tiles_hw // tiles_w * TILE_H
+        ow0 = pid_m % tiles_w * TILE_W
+        offs_r = tl.arange(0, BLOCK_M)
+        img = img0 + offs_r // (TILE_H * TILE_W)
+        oh = oh0 + offs_r // TILE_W % TILE_H
+        ow = ow0 + offs_r % TILE_W
+        m_mask = (img < BATCH) & (oh < OH) & (ow < OW)
+        offs_m = (img * OH + oh) * OW + ow
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        ow = offs_m % OW
+        oh = (offs_m // OW) % OH
+        img = offs_m // (OW * OH)
     # Loop invariants are hoisted and pointers advanced by scalars: the K loop does little more
     # than two loads and a dot (also what keeps the interpreter fast).
     w_ptrs = w_ptr + offs_k[:, None] * C_OUT + offs_n[None, :]
@@ -163,13 +190,24 @@ def _conv2d_nhwc_kernel(
         acc = dot_concat_k(acc, x_ptr + offs_m.to(tl.int64) * C_IN, shortcut_ptr + sc_pixel.to(tl.int64) * C_SC,
                            w_ptrs, offs_k, m_mask, n_mask, C_IN, C_SC, C_OUT, CONCAT_ALIGN, EVEN_N, INTERPRETER_BF16,
                            BLOCK_K)
-    elif PLAIN_GEMM and TMA:
-        # Plain GEMM, operand tiles through TMA descriptors (sm_90: one UTMALDG per tile, no address
-        # math per thread): x_desc is x as [N*H*W, C_IN] (rows past M come zero-filled), w_desc the
-        # packed [K, C_OUT] weight; groups == 1, no split, BLOCK_K divides C_IN (checked at launch).
+    elif TMA:
+        # Operand tiles through TMA descriptors (sm_90: one UTMALDG per tile, no address math or
+        # masks per thread); w_desc is the packed [K, C_OUT] weight; groups == 1, no split, BLOCK_K
+        # divides C_IN (checked at launch). Plain GEMM: x_desc is x as [N*H*W, C_IN] (rows past M
+        # come zero-filled). Tap-major (SPATIAL_TILE, stride 1): x_desc is x as [N, H, W, C_IN] and
+        # step kb reads the box [TILE_IMGS, TILE_H, TILE_W, BLOCK_K] at (img0, oh0 + kh*DIL_H - PAD_H,
+        # ow0 + kw*DIL_W - PAD_W, c0) (tap and c0 as in the tap-major loop below): the descriptor's
+        # out-of-bounds zero fill, also at negative offsets, is the padding.
+        tl.static_assert(PLAIN_GEMM or (SPATIAL_TILE and STRIDE_H == 1 and STRIDE_W == 1 and SPLIT_K == 1))
+        CHUNKS: tl.constexpr = CIN_PER_GROUP // BLOCK_K
         n0 = (pid_n % N_TILES_PER_GROUP) * BLOCK_N
-        for kb in range(0, CIN_PER_GROUP // BLOCK_K):
-            a = x_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+        for kb in range(0, KH * KW * CHUNKS):
+            if SPATIAL_TILE:
+                a = x_desc.load([img0, oh0 + (kb // CHUNKS // KW) * DIL_H - PAD_H,
+                                 ow0 + (kb // CHUNKS % KW) * DIL_W - PAD_W, (kb % CHUNKS) * BLOCK_K])
+                a = a.reshape(BLOCK_M, BLOCK_K)
+            else:
+                a = x_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
             b = w_desc.load([kb * BLOCK_K, n0])
             if INTERPRETER_BF16:
                 a, b = a.to(tl.float32), b.to(tl.float32)
@@ -322,6 +360,19 @@ class PackedConvWeight:
     tile_groups: int
     shortcut_in_channels: int = 0
     row_k: int = 0          # ROW_K packing: BLOCK_K rows per kernel row (KW*C_in real, zeros after), else 0
+    # TMA descriptors of ``weight`` by block shape, each with the (device, pointer, shape, strides, dtype)
+    # it was built for: a descriptor encodes the address, so it is reused only while all of them hold
+    _descriptors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def tma_descriptor(self, block_shape: tuple) -> TensorDescriptor:
+        """The host-side TensorDescriptor of ``weight`` with ``block_shape`` tiles, built once while
+        the weight tensor stays the same (kernels launched with it read the weight through it)."""
+        w = self.weight
+        guard = (w.device, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype)
+        cached = self._descriptors.get(block_shape)
+        if cached is None or cached[0] != guard:
+            cached = self._descriptors[block_shape] = (guard, TensorDescriptor.from_tensor(w, list(block_shape)))
+        return cached[1]
 
     @property
     def group_in_channels(self) -> int:      # input channels of one packed group
@@ -479,7 +530,8 @@ class ConvConfig:
     num_warps: int
     num_stages: int
     SPLIT_K: int = 1        # programs sharing one output tile's K steps (fp32 atomics + last-arriver epilogue)
-    TMA: bool = False       # 1x1 plain GEMM operand tiles through host-side TMA descriptors (sm_90)
+    TMA: bool = False       # operand tiles through host-side TMA descriptors (sm_90)
+    TILE: tuple = ()        # TMA behind a 3x3: the M tile as (images, rows, columns) of output pixels
 
 
 # Untuned starting points (no GPU has measured them); every tile the rule can reach for the
@@ -514,6 +566,11 @@ MIN_STEPS_PER_SPLIT = 4        # each with at least this many BLOCK_K steps (eno
 # stream worth moving off the threads); everything else, and sm_80, keeps cp.async.
 TMA_MIN_K = 256
 TMA_MIN_WAVES = 3
+# A stride-1 tap-major conv (3x3) takes TMA with spatial M tiles (``spatial_tile``): its rows past the
+# output's edge are zero-filled MMA work the linear tiling does not do, so the tile must keep at
+# least this fraction of its rows on real pixels (power-of-two boxes cover 56x56 or 28x28 exactly,
+# 14x14 and 7x7 only with several images per tile).
+TMA_MIN_TILE_FILL = 0.95
 _FLAT_K_BLOCK_K = 32           # FLAT_K: K in steps of 32
 
 
@@ -524,6 +581,24 @@ def wave_efficiency(programs: int, ctas_per_sm: int, sms: int) -> float:
     if programs < slots:
         return min(programs, sms) / sms
     return programs / (-(-programs // slots) * slots)
+
+
+def spatial_tile(block_m: int, batch: int, oh: int, ow: int) -> tuple:
+    """(images, rows, columns), powers of two with product ``block_m``: the box of output pixels an M
+    tile covers that wastes the fewest rows over a batch x OH x OW output (then: the fewest images,
+    the squarest), and the fraction of its rows on real pixels."""
+    def fill(tile):
+        i, h, w = tile
+        return batch * oh * ow / (triton.cdiv(batch, i) * i * triton.cdiv(oh, h) * h * triton.cdiv(ow, w) * w)
+    log_m = block_m.bit_length() - 1
+    tiles = [(1 << a, 1 << b, 1 << (log_m - a - b)) for a in range(log_m + 1) for b in range(log_m + 1 - a)]
+    best = max(tiles, key=lambda t: (fill(t), -t[0], -abs(t[1] - t[2]), t[2]))
+    return best, fill(best)
+
+
+def spatial_tiles(tile: tuple, batch: int, oh: int, ow: int) -> int:
+    """M tiles of a launch whose tiles are ``tile`` = (images, rows, columns) boxes of output pixels."""
+    return triton.cdiv(batch, tile[0]) * triton.cdiv(oh, tile[1]) * triton.cdiv(ow, tile[2])
 
 
 def _split_k(steps: int, target: Target, ctas: int, cfg: ConvConfig, m: int, cout: int) -> int:
@@ -539,7 +614,7 @@ def _split_k(steps: int, target: Target, ctas: int, cfg: ConvConfig, m: int, cou
 @functools.lru_cache(maxsize=4096)
 def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_channels: int, flat_k: bool,
                 dtype: torch.dtype, device_type: str, target: Target = DEFAULT_TARGET,
-                split_k_steps: int = 0, plain_gemm: bool = False) -> ConvConfig:
+                split_k_steps: int = 0, plain_gemm: bool = False, spatial: tuple | None = None) -> ConvConfig:
     """Tile rule, keyed on what changes the answer: M = N*OH*OW, the packed group widths, the
     K mode, the operand width, whether the interpreter runs it and the target GPU (architecture,
     SM count).
@@ -553,8 +628,11 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
     MIN_STEPS_PER_SPLIT steps each) that fills the waves, else the one filling them most, on the
     tc_small_m tile: small M and large K, e.g. layer4 at batch 1-8. num_stages per architecture (CONV_STAGES).
     TMA on sm_90 for a ``plain_gemm`` (1x1/s1, groups 1, no shortcut) with K >= TMA_MIN_K whose
-    tile (not split) runs at least TMA_MIN_WAVES waves. fp32: the fp32 tile. Interpreter (device
-    cpu): the interpreter tile.
+    tile (not split) runs at least TMA_MIN_WAVES waves; the same for a tap-major conv given
+    ``spatial`` = (batch, OH, OW, KH*KW) (stride 1, groups 1, no shortcut), whose M tiles are then the
+    ``spatial_tile`` boxes, when those keep TMA_MIN_TILE_FILL of their rows on real pixels and
+    their programs make the waves. fp32: the fp32 tile. Interpreter (device cpu): the interpreter
+    tile.
     Then BLOCK_N is clamped to the packed group width (pow2, >= 16) and BLOCK_K to the largest
     power of two dividing the group's input channels (tap-major K steps must not straddle a tap),
     or 32 in FLAT_K mode (ROW_K sets its own BLOCK_K at launch).
@@ -586,12 +664,17 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
             split = _split_k(split_k_steps, target, CONV_CTAS_PER_SM["tc_small_m", arch], small, m, group_out_channels)
             if split > 1:
                 cfg = dataclasses.replace(small, SPLIT_K=split)
-        if (arch == 90 and plain_gemm and num_groups == 1 and group_in_channels >= TMA_MIN_K and cfg.SPLIT_K == 1
+        k_tma = group_in_channels * (spatial[3] if spatial else 1)
+        if (arch == 90 and (plain_gemm or spatial) and num_groups == 1 and k_tma >= TMA_MIN_K and cfg.SPLIT_K == 1
                 and group_in_channels % cfg.BLOCK_K == 0):
             block_n = min(cfg.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(group_out_channels)))
-            programs = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(group_out_channels, block_n)
-            if programs >= TMA_MIN_WAVES * CONV_CTAS_PER_SM[name, arch] * target.sms:
-                cfg = dataclasses.replace(cfg, TMA=True)
+            m_tiles, tile = triton.cdiv(m, cfg.BLOCK_M), ()
+            if spatial:
+                tile, fill = spatial_tile(cfg.BLOCK_M, *spatial[:3])
+                m_tiles = spatial_tiles(tile, *spatial[:3]) if fill >= TMA_MIN_TILE_FILL else 0
+            slots = CONV_CTAS_PER_SM[name, arch] * target.sms
+            if m_tiles * triton.cdiv(group_out_channels, block_n) >= TMA_MIN_WAVES * slots:
+                cfg = dataclasses.replace(cfg, TMA=True, TILE=tile)
     block_n = min(cfg.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(group_out_channels)))
     if flat_k:
         block_k = min(cfg.BLOCK_K, _FLAT_K_BLOCK_K)
@@ -766,23 +849,32 @@ def _concat_align(x, shortcut, c_in: int, c_sc: int, block_k: int) -> int:
     return 16 if aligned else 1
 
 
-def _tma_fits(x, packed, cfg: ConvConfig, plain_gemm: bool) -> bool:
-    """Whether a conv can take its operand tiles from TMA descriptors: a 1x1 plain GEMM, groups 1, no
-    split, BLOCK_K dividing C_in, and what a descriptor needs (16-byte aligned base and row pitch)."""
+def _tma_fits(x, packed, cfg: ConvConfig, plain_gemm: bool, spatial: bool) -> bool:
+    """Whether a conv can take its operand tiles from TMA descriptors: a 1x1 plain GEMM or (with a
+    spatial tile) a stride-1 tap-major conv, groups 1, no split, BLOCK_K dividing C_in, and what a
+    descriptor needs (16-byte aligned base and pitches: with C_in so aligned, so are W*C_in and
+    H*W*C_in)."""
     size = x.element_size()
-    return (plain_gemm and cfg.SPLIT_K == 1 and packed.in_channels % cfg.BLOCK_K == 0
+    return ((plain_gemm or (spatial and len(cfg.TILE) == 3)) and cfg.SPLIT_K == 1
+            and packed.in_channels % cfg.BLOCK_K == 0
             and x.data_ptr() % 16 == 0 and packed.weight.data_ptr() % 16 == 0
             and packed.in_channels * size % 16 == 0 and packed.out_channels * size % 16 == 0)
 
 
 def _tma_descriptors(x, packed, cfg: ConvConfig) -> dict:
-    """x_desc / w_desc of a TMA launch (x as its [N*H*W, C_in] rows, the packed [K, C_out] weight),
-    None (constexpr) otherwise."""
+    """x_desc / w_desc of a TMA launch (x as its [N*H*W, C_in] rows, or as [N, H, W, C_in] boxes of
+    a spatial tile; the packed [K, C_out] weight), None (constexpr) otherwise."""
     if not cfg.TMA:
         return dict(x_desc=None, w_desc=None)
-    x2d = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])        # a view: channels_last bytes
-    return dict(x_desc=TensorDescriptor.from_tensor(x2d, [cfg.BLOCK_M, cfg.BLOCK_K]),
-                w_desc=TensorDescriptor.from_tensor(packed.weight, [cfg.BLOCK_K, cfg.BLOCK_N]))
+    # x's channels_last bytes described directly (no view tensor: a launch's host work), as
+    # [N, H, W, C] or [N*H*W, C]; x's descriptor is built per launch, because a cached one would keep
+    # its activation alive (the weight's is cached on the packed weight, which lives as long)
+    n, c, h, w = x.shape
+    if cfg.TILE:
+        x_desc = TensorDescriptor(x, [n, h, w, c], [h * w * c, w * c, c, 1], [*cfg.TILE, cfg.BLOCK_K])
+    else:
+        x_desc = TensorDescriptor(x, [n * h * w, c], [c, 1], [cfg.BLOCK_M, cfg.BLOCK_K])
+    return dict(x_desc=x_desc, w_desc=packed.tma_descriptor((cfg.BLOCK_K, cfg.BLOCK_N)))
 
 
 def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
@@ -803,10 +895,18 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     main_steps = kh * kw * cin_g // min(CONV_CONFIGS["tc_wide"].BLOCK_K, largest_pow2_divisor(cin_g)) if splittable else 0
     plain_gemm = ((kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and num_groups == 1
                   and shortcut is None and not packed.row_k)
+    # a tap-major conv whose K steps can each be one box of the input: stride 1, groups 1 and only
+    # the plain epilogue terms (a spatial tile's rows are not one run of pixels, which the channel
+    # means and split-K's workspace assume)
+    spatial = ((n, oh, ow, kh * kw) if tuple(stride) == (1, 1) and not plain_gemm and num_groups == 1
+               and shortcut is None and not flat_k and not packed.row_k and mean_out is None and quant is None
+               else None)
     cfg = config or conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type,
-                                target_for(x.device), main_steps, plain_gemm)
-    if cfg.TMA and (quant is not None or not _tma_fits(x, packed, cfg, plain_gemm)):
-        cfg = dataclasses.replace(cfg, TMA=False)
+                                target_for(x.device), main_steps, plain_gemm, spatial)
+    if cfg.TMA and (quant is not None or not _tma_fits(x, packed, cfg, plain_gemm, spatial is not None)):
+        cfg = dataclasses.replace(cfg, TMA=False, TILE=())
+    if cfg.TILE and not cfg.TMA:
+        raise ValueError(f"a spatial tile {cfg.TILE} needs TMA=True")
     row_align, row_k_mask = 1, False
     if packed.row_k:
         cfg = dataclasses.replace(cfg, BLOCK_K=packed.row_k)
@@ -814,7 +914,8 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         # is not), capped at one 16-byte vector; the BLOCK_K run of the last column must stay in its row
         row_align = min(largest_pow2_divisor(math.gcd(stride[1] * c_in, w * c_in)), 16 // x.element_size())
         row_k_mask = (ow - 1) * stride[1] * c_in + packed.row_k > w * c_in
-    tiles = triton.cdiv(m, cfg.BLOCK_M) * num_groups * triton.cdiv(cout_g, cfg.BLOCK_N)
+    m_tiles = spatial_tiles(cfg.TILE, n, oh, ow) if cfg.TILE else triton.cdiv(m, cfg.BLOCK_M)
+    tiles = m_tiles * num_groups * triton.cdiv(cout_g, cfg.BLOCK_N)
     grid = (tiles, cfg.SPLIT_K) if cfg.SPLIT_K > 1 else (tiles,)
     args = dict(x_ptr=x, w_ptr=packed.weight, out_ptr=out, BATCH=n, H=h, W=w, OH=oh, OW=ow)
     # Absent operands are None, which Triton treats as constexpr: they go with the constexprs.
@@ -868,7 +969,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
         QUANTIZED=quant is not None, INTERPRETER_FP8=out.dtype == torch.float8_e4m3fn and device_type == "cpu",
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K,
-        TMA=cfg.TMA,
+        TMA=cfg.TMA, **dict(zip(("TILE_IMGS", "TILE_H", "TILE_W"), cfg.TILE or (0, 0, 0))),
     )
     k_main = kh * kw * cin_g
     name = (f"conv2d_nhwc[{kh}x{kw}/s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")

@@ -724,3 +724,160 @@ def test_tma_needs_aligned_operands():
         conv2d_nhwc_packed(x, packed, torch.empty(64, device="meta"), relu=True)
         conv2d_nhwc_packed(aligned, packed, torch.empty(64, device="meta"), relu=True)
     assert [c.constexprs["TMA"] for c in calls] == [False, True]
+
+
+# ------------------------------------------------------------------------------------------------
+# TMA behind a 3x3 (sm_90): spatial M tiles, one 4-D descriptor box per K step, zero fill = padding
+
+
+@pytest.mark.parametrize("case", [
+    # batch, C_in, C_out, H, W, (images, rows, columns) of a tile, BLOCK_N, BLOCK_K, dilation
+    (3, 64, 64, 9, 13, (2, 4, 8), 64, 32, 1),      # resnet18 layer1 (2 channel blocks per tap); the third image,
+                                                   # the bottom and right tiles half outside the output
+    (1, 256, 256, 5, 6, (1, 8, 8), 128, 64, 1),    # resnet50 layer3 3x3 at 5x6: one tile, most rows masked
+    (4, 128, 128, 7, 7, (4, 4, 4), 64, 64, 1),     # resnet18 layer2 at 7x7: 4 images a tile, every tile at a border
+    (2, 64, 96, 6, 10, (1, 4, 16), 64, 64, 2),     # dilation 2 (padding 2): boxes 2 pixels outside; N tail
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tma_spatial_tile_3x3_matches_the_reference(case, dtype, monkeypatch):
+    """The TMA loop behind a stride-1 3x3 (what sm_90 runs for compute-bound ones: spatial M tiles,
+    each K step one [images, rows, columns, BLOCK_K] descriptor box at (img0, oh0 + kh*d - p,
+    ow0 + kw*d - p, c0) whose out-of-bounds zero fill, also at negative offsets, is the padding)
+    under the interpreter, which runs the 4-D descriptor loads and their zero fill, with the bias,
+    residual and ReLU epilogue, against F.conv2d in fp64. bf16: with the upcast dot (module docstring)."""
+    batch, c_in, c_out, h, w, tile, block_n, block_k, dil = case
+    if dtype == torch.bfloat16 and c_in > 64:
+        pytest.skip("bf16 on the small shapes (the same loop)")
+    block_m = math.prod(tile)
+    monkeypatch.setattr(conv_module, "conv_config", lambda *args, **kwargs: conv_module.ConvConfig(
+        block_m, block_n, block_k, 4, 4, 2, TMA=True, TILE=tile))
+    x, weight, b, r = _make_problem(batch, c_in, c_out, h, w, 3, 1, dil, dil, 1, dtype, bias=True, residual=True)
+    conv = dict(padding=dil, dilation=dil)
+    with record_launches() as calls:
+        conv2d_nhwc(x, weight, b, residual=r, relu=True, **conv)
+    (call,) = calls
+    assert call.constexprs["TMA"] and (call.constexprs["TILE_IMGS"], call.constexprs["TILE_H"],
+                                       call.constexprs["TILE_W"]) == tile
+    desc = call.args["x_desc"]
+    assert tuple(desc.shape) == (batch, h, w, c_in) and list(desc.block_shape) == [*tile, block_k]
+    m_tiles = math.ceil(batch / tile[0]) * math.ceil(h / tile[1]) * math.ceil(w / tile[2])
+    assert call.grid == (m_tiles * math.ceil(c_out / block_n),)
+    out = conv2d_nhwc(x, weight, b, residual=r, relu=True, **conv)
+    ref64 = F.conv2d(_double(x), _double(weight), _double(b), padding=dil, dilation=dil).add_(_double(r)).relu_()
+    torch_out = None if dtype == torch.float32 else conv2d_nhwc_ref(x, weight, b, residual=r, relu=True, **conv)
+    _assert_close_to_reference(out, torch_out, ref64, dtype, c_in * 9, what=f"TMA 3x3 {case}")
+
+
+def test_tma_spatial_tile_with_strided_residual_and_second_output(monkeypatch):
+    """The epilogue terms that read the tile's (image, row, column) rather than its linear pixel: the
+    CIFAR option-A residual (stride 2, channel offset) and the second affine output."""
+    tile = (2, 2, 16)
+    monkeypatch.setattr(conv_module, "conv_config", lambda *args, **kwargs: conv_module.ConvConfig(
+        64, 64, 32, 4, 4, 2, TMA=True, TILE=tile))
+    x, weight, b, _ = _make_problem(3, 32, 64, 5, 9, 3, 1, 1, 1, 1, torch.float32, bias=True, residual=False)
+    gen = torch.Generator().manual_seed(1)
+    res = channels_last(torch.randn(3, 32, 9, 17, generator=gen)).to(DEVICE)
+    scale, shift = (torch.randn(64, generator=gen).to(DEVICE) for _ in range(2))
+    packed = pack_conv_weight(weight)
+    out, out2 = conv2d_nhwc_packed(x, packed, b, padding=1, residual=res, residual_stride=2,
+                                   residual_channel_offset=16, relu=True, affine2=(scale, shift), affine2_relu=True)
+    ref, ref2 = conv2d_nhwc_ref(_double(x), _double(weight), _double(b), padding=1, residual=_double(res),
+                                residual_stride=2, residual_channel_offset=16, relu=True,
+                                affine2=(_double(scale), _double(shift)), affine2_relu=True)
+    _assert_close_to_reference(out, None, ref, torch.float32, 32 * 9, what="TMA 3x3 strided residual")
+    _assert_close_to_reference(out2, None, ref2, torch.float32, 32 * 9, what="TMA 3x3 out2")
+
+
+def test_spatial_tile_covers_the_output_with_the_fewest_idle_rows():
+    from fastres.kernels.conv2d_nhwc import spatial_tile
+    assert spatial_tile(128, 256, 56, 56) == ((2, 8, 8), 1.0)       # resnet18 layer1: 8x8 pixels of 2 images
+    assert spatial_tile(128, 256, 28, 28) == ((8, 4, 4), 1.0)
+    assert spatial_tile(128, 256, 14, 14) == ((32, 2, 2), 1.0)
+    assert spatial_tile(128, 256, 7, 7) == ((128, 1, 1), 1.0)       # 7 is prime: one pixel of 128 images
+    tile, fill = spatial_tile(128, 1, 14, 14)                        # one image of 14x14: 196 of 256 rows
+    assert math.prod(tile) == 128 and fill == pytest.approx(196 / 256)
+
+
+def test_tma_rule_picks_compute_bound_3x3_convs_whose_tiles_fit_on_sm90_only():
+    from fastres.kernels._target import TARGETS
+    h100, a100 = TARGETS[90], TARGETS[80]
+    fp16 = torch.float16
+    # resnet18/34 at batch 256: layer1 3x3 64->64 at 56x56 (6272 programs), layer2 128->128 at 28x28
+    cfg = conv_config(802816, 64, 1, 64, False, fp16, "cuda", h100, 9, False, (256, 56, 56, 9))
+    assert cfg.TMA and cfg.TILE == (2, 8, 8) and cfg.BLOCK_M == 128
+    assert conv_config(200704, 128, 1, 128, False, fp16, "cuda", h100, 18, False, (256, 28, 28, 9)).TILE == (8, 4, 4)
+    # the same on sm_80, in fp32, without a spatial description (stride 2 etc.): cp.async
+    assert not conv_config(802816, 64, 1, 64, False, fp16, "cuda", a100, 9, False, (256, 56, 56, 9)).TMA
+    assert not conv_config(802816, 64, 1, 64, False, torch.float32, "cuda", h100, 9, False, (256, 56, 56, 9)).TMA
+    assert not conv_config(802816, 64, 1, 64, False, fp16, "cuda", h100, 9, False).TMA
+    # resnet50 layer3 3x3 at batch 256: its tiles fit (32 images of 2x2) but make 2.97 waves, under TMA_MIN_WAVES
+    assert not conv_config(50176, 256, 1, 256, False, fp16, "cuda", h100, 36, False, (256, 14, 14, 9)).TMA
+    # many waves, but the best box leaves more than 5% of its rows idle (13x13 images, batch 100)
+    assert conv_module.spatial_tile(128, 100, 13, 13)[1] < conv_module.TMA_MIN_TILE_FILL
+    assert not conv_config(100 * 169, 64, 1, 64, False, fp16, "cuda", h100, 9, False, (100, 13, 13, 9)).TMA
+    # K = 9 x 16 < TMA_MIN_K (the CIFAR ResNets' first stage)
+    assert not conv_config(802816, 16, 1, 16, False, fp16, "cuda", h100, 9, False, (256, 56, 56, 9)).TMA
+
+
+def test_tma_spatial_tile_is_recorded_only_where_it_can_run():
+    """Stride 2, a projection shortcut, groups and unaligned input rows keep cp.async where the rule
+    would otherwise pick a spatial tile; a stride-1 3x3 at batch 256 over 56x56 gets it."""
+    meta = dict(device="meta", dtype=torch.float16)
+    x = torch.empty(256, 64, 56, 56, **meta).contiguous(memory_format=CL)
+    packed = pack_conv_weight(torch.empty(64, 64, 3, 3, **meta))
+    storage = torch.empty(256 * 56 * 56 * 64 + 4, **meta)
+    unaligned = storage[4:].view(256, 56, 56, 64).permute(0, 3, 1, 2)
+    bias = torch.empty(64, device="meta")
+    with record_launches() as calls:
+        conv2d_nhwc_packed(x, packed, bias, padding=1, relu=True)
+        conv2d_nhwc_packed(unaligned, packed, bias, padding=1, relu=True)
+        conv2d_nhwc_packed(torch.empty(256, 64, 112, 112, **meta).contiguous(memory_format=CL), packed, bias,
+                           stride=2, padding=1, relu=True)
+        conv2d_nhwc_packed(x, pack_conv_weight(torch.empty(64, 2, 3, 3, **meta), groups=32), bias, padding=1)
+    assert [c.constexprs["TMA"] for c in calls] == [True, False, False, False]
+    assert [c.constexprs["TILE_IMGS"] for c in calls] == [2, 0, 0, 0]
+
+
+def test_weight_descriptor_is_reused_only_while_the_weight_tensor_is_the_same():
+    """TMA launches take the weight's TensorDescriptor from the packed weight's cache (built once per
+    block shape), guarded by everything the descriptor encodes: device, pointer, shape, strides and
+    dtype; x's is built per launch without a view, the same descriptor as from_tensor of x's NHWC view."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    packed = pack_conv_weight(torch.randn(64, 32, 3, 3))
+    d = packed.tma_descriptor((64, 64))
+    assert packed.tma_descriptor((64, 64)) is d and d.base is packed.weight and list(d.block_shape) == [64, 64]
+    assert list(packed.tma_descriptor((32, 64)).block_shape) == [32, 64] and packed.tma_descriptor((64, 64)) is d
+    pitched = torch.zeros(288, 128)
+    for replace in (lambda w: w.clone(),                                    # another pointer
+                    lambda w: w.to(torch.float16),                          # dtype
+                    lambda w: w.reshape(-1)[:w.numel() // 2].view(-1, 64),  # same pointer, another shape
+                    lambda w: pitched[:, :64],                              # rows 128 apart
+                    lambda w: pitched.view(-1)[:288 * 64].view(288, 64)):   # same pointer and shape, rows 64 apart
+        packed.weight = replace(packed.weight)
+        new = packed.tma_descriptor((64, 64))
+        assert new is not d and new.base is packed.weight
+        assert (list(new.shape), list(new.strides)) == (list(packed.weight.shape), list(packed.weight.stride()))
+        d = new
+
+    x = channels_last(torch.randn(2, 64, 5, 7))
+    ref = TensorDescriptor.from_tensor(x.permute(0, 2, 3, 1), [1, 4, 4, 32])
+    cfg = conv_module.ConvConfig(16, 64, 32, 1, 4, 2, TMA=True, TILE=(1, 4, 4))
+    descs = conv_module._tma_descriptors(x, pack_conv_weight(torch.randn(64, 64, 3, 3)), cfg)
+    got = descs["x_desc"]
+    assert (got.base.data_ptr(), list(got.shape), list(got.strides), list(got.block_shape)) == \
+        (ref.base.data_ptr(), list(ref.shape), list(ref.strides), list(ref.block_shape))
+    ref2d = TensorDescriptor.from_tensor(x.permute(0, 2, 3, 1).reshape(-1, 64), [16, 32])
+    got2d = conv_module._tma_descriptors(x, pack_conv_weight(torch.randn(64, 64, 1, 1)),
+                                         conv_module.ConvConfig(16, 64, 32, 1, 4, 2, TMA=True))["x_desc"]
+    assert (list(got2d.shape), list(got2d.strides)) == (list(ref2d.shape), list(ref2d.strides))
+
+
+def test_repeated_tma_launches_share_the_weight_descriptor():
+    meta = dict(device="meta", dtype=torch.float16)
+    x = torch.empty(256, 64, 56, 56, **meta).contiguous(memory_format=CL)
+    packed = pack_conv_weight(torch.empty(64, 64, 3, 3, **meta))
+    with record_launches() as calls:
+        for _ in range(2):
+            conv2d_nhwc_packed(x, packed, torch.empty(64, device="meta"), padding=1, relu=True)
+    assert calls[0].constexprs["TMA"] and calls[0].args["w_desc"] is calls[1].args["w_desc"]
+    assert calls[0].args["x_desc"] is not calls[1].args["x_desc"]

@@ -7,7 +7,8 @@ fastres/sass.py), against a plain Triton GEMM with the same tiles (bench/gemm_re
 * on sm_90 every K loop of a 16-bit kernel issues asynchronous wgmma (one group in flight);
 * the stem's K step costs at most 2x the plain GEMM's instructions, and <= 100 on sm_90;
 * the fused 3x3 -> 1x1's 3x3 loop is a plain GEMM's (128 rows, 16-byte cp.async, within 2x);
-* the sm_90 TMA loops load with UTMALDG; concat-K behind a 1x1 or a 3x3 is one K loop.
+* the sm_90 TMA loops (1x1 GEMMs; 3x3 over spatial tiles, resnet18) load with UTMALDG; concat-K
+  behind a 1x1 or a 3x3 is one K loop.
 
 The plan configurations are the ones tests/test_plan_aot.py compiles (same labels): fastres.aot
 caches compiled results in-process, so in one pytest run they are compiled once.
@@ -186,11 +187,16 @@ def test_sm90_tma_loops_load_tiles_with_utmaldg(plan_rows):
         assert row.resources[90].spill_bytes == 0
 
 
-def test_concat_k_behind_a_3x3_is_one_k_loop():
+@pytest.fixture(scope="module")
+def resnet18_rows():
+    calls, targets = plan_calls([("resnet18", 256, "fp16")])
+    return aot.aot_report(calls, SMS, targets=targets)
+
+
+def test_concat_k_behind_a_3x3_is_one_k_loop(resnet18_rows):
     """BasicBlock's second 3x3 with its projection shortcut (resnet18 layer2-4 .0): the shortcut
     steps join the tap-major loop (one pipeline fill), 16-byte cp.async, async wgmma on sm_90."""
-    calls, targets = plan_calls([("resnet18", 256, "fp16")])
-    rows = [row for row in aot.aot_report(calls, SMS, targets=targets) if row.kernel.startswith("conv2d_nhwc[3x3/s1+sc")]
+    rows = [row for row in resnet18_rows if row.kernel.startswith("conv2d_nhwc[3x3/s1+sc")]
     assert len(rows) >= 3 * len(SMS) // 2, [row.kernel for row in rows]
     for row in rows:
         for sm in row.resources:
@@ -200,3 +206,42 @@ def test_concat_k_behind_a_3x3_is_one_k_loop():
             assert row.resources[sm].spill_bytes == 0
         if 90 in row.resources:
             assert _loops(row, 90)[0].wgmma_async
+
+
+def test_sm90_3x3_tma_loops_load_boxes_with_utmaldg(resnet18_rows):
+    """The stride-1 3x3 convs the rule gives spatial M tiles on sm_90 (resnet18 layer1-2 at batch 256):
+    each K step loads one 4-D box of the input and one weight tile with UTMALDG (no per-thread loads,
+    no padding predicates), async wgmma with one group in flight, 0 spills (as every configuration of
+    the resnet18 plan on both architectures), and fewer instructions and predicate ops per
+    step than the cp.async tap-major loop of the same tiles (its epilogue without the residual: the K
+    loop does not depend on it); sm_80 keeps cp.async."""
+    import dataclasses
+
+    from fastres.kernels import conv2d_nhwc as conv_module
+    from fastres.kernels._target import use_target
+    assert not [(row.kernel, row.problems()) for row in resnet18_rows if row.problems()]   # 0 spills, sm_80 and sm_90
+    rows = [row for row in resnet18_rows if "TMA=T" in row.config.split()]
+    assert {row.config.split("TILE_IMGS=")[1].split()[0] for row in rows} == {"2", "8"}, [r.config for r in rows]
+    meta = dict(device="meta", dtype=torch.float16)
+    for row in rows:
+        assert set(row.resources) == {90} and row.resources[90].spill_bytes == 0, (row.kernel, set(row.resources))
+        (loop,) = _loops(row, 90)
+        assert loop.global_loads == {"UTMALDG": 2}, loop.summary()
+        assert loop.wgmma_async and loop.wgmma_in_flight == 1, loop.summary()
+        cfg = dict(item.split("=") for item in row.config.split() if "=" in item)
+        c, hw = int(cfg["C_IN"]), {64: 56, 128: 28}[int(cfg["C_IN"])]
+        x = torch.empty(256, c, hw, hw, **meta).contiguous(memory_format=torch.channels_last)
+        out, packed = torch.empty_like(x), conv_module.pack_conv_weight(torch.empty(c, c, 3, 3, **meta))
+        with use_target(90):
+            tma = conv_module.conv_config(256 * hw * hw, c, 1, c, False, torch.float16, "cuda",
+                                          spatial=(256, hw, hw, 9))
+            assert tma.TILE and tma.BLOCK_M == int(cfg["BLOCK_M"]) and tma.BLOCK_N == int(cfg["BLOCK_N"])
+            twin = conv_module._build_call(x, packed, out, bias=torch.empty(c, device="meta"), stride=(1, 1),
+                                           padding=(1, 1), dilation=(1, 1), residual=None, relu=True, shortcut=None,
+                                           shortcut_stride=1, config=dataclasses.replace(tma, TMA=False, TILE=()))
+        (twin_row,) = aot.aot_report({"cp.async": [twin]}, (90,))
+        (cp_async,) = _loops(twin_row, 90)
+        assert set(cp_async.global_loads) == {"LDGSTS.128"}
+        assert loop.instructions < cp_async.instructions, (loop.summary(), cp_async.summary())
+        assert loop.predicate_ops < cp_async.predicate_ops, (loop.summary(), cp_async.summary())
+        print(row.kernel, row.config.split("TMA=")[1], loop.summary(), "| cp.async:", cp_async.summary())
