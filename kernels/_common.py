@@ -32,7 +32,7 @@ def round_to_bf16_nearest_even(x):
 def dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, K: tl.constexpr, W_ROW_STRIDE: tl.constexpr,
                      EVEN_N: tl.constexpr, INTERPRETER_BF16: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc + A @ W, fp32 accumulation, where row m of A is K contiguous channels of one pixel and W
-    has K rows W_ROW_STRIDE elements apart (a 1x1 conv, or a concat-K shortcut).
+    has K rows W_ROW_STRIDE elements apart (a 1x1 conv, or a concat-K shortcut; 1 for a K-major W).
 
     ``a_ptrs`` [BLOCK_M, BLOCK_K] and ``w_ptrs`` [BLOCK_K, BLOCK_N] point at the first K step;
     ``offs_k`` is ``tl.arange(0, BLOCK_K)``. A K tail is masked; EVEN_N (BLOCK_N divides the
