@@ -651,7 +651,7 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     """
     (sh, sw), (ph, pw), (dh, dw) = conv_geometry(stride, padding, dilation)
     check_packed_input(x, "x", packed)
-    out_dtype = _check_quant(quant, x, packed, affine2, residual)
+    out_dtype = check_quant(quant, x, packed, affine2, residual)
     n, c_in, h, w = x.shape
     oh, ow = conv_output_hw(h, w, packed.kernel_size, (sh, sw), (ph, pw), (dh, dw))
     out_shape = (n, packed.out_channels, oh, ow)
@@ -708,7 +708,7 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     return result
 
 
-def _check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
+def check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
     """The output dtype of a conv with this ``quant`` (x's without one), the 8-bit operands checked."""
     if quant is None:
         if x.dtype not in FLOAT_DTYPES:
