@@ -260,8 +260,9 @@ def test_8bit_k_loops_stream_both_operands_with_cp_async(plan_rows_8bit):
 
 @pytest.mark.parametrize("kind", ["int8", "e4m3"])
 def test_8bit_3x3_k_step_is_a_plain_gemm_step(plan_rows_8bit, kind):
-    """The tap-major 3x3 of layer1-2 (8-bit, tc tiles, sm_90) against a plain Triton 8-bit GEMM with
-    the same tiles and a K-major B: the same wgmma, at most 1.5x its instructions per K step."""
+    """The unfused tap-major 3x3 of layer3-4 (8-bit, sm_90) against a plain Triton 8-bit GEMM with
+    the same tiles and a K-major B: the same wgmma, at most 2x its instructions per K step (as the
+    fused 3x3 is pinned; the padding tests of the tap-major loop cost ~40 instructions)."""
     dtype = torch.int8 if kind == "int8" else torch.float8_e4m3fn
     checked = 0
     for row, sm, k, loop in _8bit_conv_loops(plan_rows_8bit):
@@ -276,7 +277,7 @@ def test_8bit_3x3_k_step_is_a_plain_gemm_step(plan_rows_8bit, kind):
         (ref_row,) = aot.aot_report({"reference": [reference]}, (90,))
         (ref,) = _loops(ref_row, 90)
         assert loop.mma == ref.mma and loop.wgmma_async == ref.wgmma_async, (loop.summary(), ref.summary())
-        assert loop.instructions <= 1.5 * ref.instructions, (row.kernel, row.config, loop.summary(), ref.summary())
+        assert loop.instructions <= 2 * ref.instructions, (row.kernel, row.config, loop.summary(), ref.summary())
         print(row.kernel, row.config, loop.summary(), "| reference:", ref.summary())
         checked += 1
     assert checked >= 1
