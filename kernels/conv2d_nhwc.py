@@ -51,7 +51,8 @@ in int32 (IMMA on sm_80, wgmma .s8 on sm_90), fp8 e4m3 in fp32 (wgmma .e4m3, sm_
 epilogue requantizes: ``acc * acc_scale[c] + bias [+ s_r * residual] -> relu -> round(. / s_out)``
 to int8 / e4m3 (``store_requantized_epilogue``; reference ``conv2d_nhwc_8bit_ref``). An 8-bit K
 tile has >= 32 elements (tl.dot's minimum), so a packed group of fewer than 32 channels runs
-FLAT_K; no split-K.
+FLAT_K; no split-K. The 8-bit packed weight is K-major (``PackedConvWeight``), the kernel reads
+its strides (W_K_STRIDE, W_N_STRIDE).
 """
 from __future__ import annotations
 
@@ -317,8 +318,8 @@ class PackedConvWeight:
 
     K_main = KH*KW*group_in_channels, rows ordered (kh, kw, c) within a packed group; see the
     module docstring for packed groups (``tile_groups`` conv groups, block-diagonal).
-    16-bit and fp32 weights are N-major (contiguous); 8-bit ones K-major (``k_major_view``: the
-    [K, C_out] transpose of a contiguous [C_out, K]), because Hopper's 8-bit wgmma reads its B tile
+    16-bit and fp32 weights are N-major (contiguous); 8-bit ones K-major (the [K, C_out] transpose
+    view of a contiguous [C_out, K]), because Hopper's 8-bit wgmma reads its B tile
     K-contiguous from shared memory: from an N-major weight triton loads B through registers and
     transposes it into shared memory each step, outside the cp.async pipeline (and sm_80's IMMA
     takes 8-byte instead of 16-byte cp.async rows). The kernel reads the strides.
@@ -349,14 +350,10 @@ class PackedConvWeight:
         return self.weight.device
 
 
-def k_major_view(packed: torch.Tensor) -> torch.Tensor:
-    """A [K, C_out] packed weight as the transposed view of a contiguous [C_out, K]: strides (1, K)."""
-    return packed.t().contiguous().t()
-
-
 def _packed_layout(packed: torch.Tensor) -> torch.Tensor:
-    """The packed [K, C_out] weight in the layout the kernel reads for its dtype (``PackedConvWeight``)."""
-    return k_major_view(packed) if packed.dtype in EIGHT_BIT_DTYPES else packed.contiguous()
+    """The packed [K, C_out] weight in the layout the kernel reads for its dtype (``PackedConvWeight``):
+    8-bit as the transposed view of a contiguous [C_out, K] (strides (1, K)), else contiguous."""
+    return packed.t().contiguous().t() if packed.dtype in EIGHT_BIT_DTYPES else packed.contiguous()
 
 
 def row_k_block(kernel_w: int, in_channels: int) -> int:
