@@ -338,7 +338,8 @@ def pack_conv3x3_conv1x1(w_mid, w_out, *, groups=1, shortcut_weight=None) -> Pac
     if w_out.dtype != w_mid.dtype or w_out.device != w_mid.device:
         raise ValueError(f"w_out ({w_out.dtype}, {w_out.device}) must match w_mid ({w_mid.dtype}, {w_mid.device})")
     if w_mid.dtype not in FLOAT_DTYPES + EIGHT_BIT_DTYPES:
-        raise TypeError(f"weights must be float16, bfloat16, float32, int8 or float8_e4m3fn, got {w_mid.dtype}")
+        raise TypeError(f"weights must be float16, bfloat16 or float32 (or int8 / float8_e4m3fn: the 8-bit pair), "
+                        f"got {w_mid.dtype}")
     mid = pack_conv_weight(w_mid, groups=groups)
     problem = _kernel_layout_problem(mid.group_in_channels, mid.group_out_channels, c_mid, w_mid.dtype)
     if problem:
