@@ -380,6 +380,8 @@ OPS: dict[str, OpKind] = {
                          lambda step: ["dequantize"]),
     "qconv": OpKind(_q8.qconv_pack, _q8.qconv_launch, _q8.qconv_reference, _conv_out_shape,
                     lambda step: _conv_describe(step) + _q8.qconv_describe_suffix(step)),
+    "qconv_pair": OpKind(_q8.qconv_pair_pack, _q8.qconv_pair_launch, _q8.qconv_pair_reference, _pair_out_shape,
+                         lambda step: list(_pair_describe(step)) + _q8.qconv_describe_suffix(step)),
     "qhead": OpKind(_q8.qhead_pack, _q8.qhead_launch, _q8.qhead_reference, _head_out_shape,
                     lambda step: ["avgpool", "linear", "bias", "(fp32 from 8-bit)"]),
 }

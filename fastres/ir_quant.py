@@ -10,13 +10,18 @@ rows, so the quantization numerics stay in one place:
     qconv        an 8-bit ``conv2d_nhwc`` (int8 x int8 -> int32, or e4m3 -> fp32) with the
                  requantizing epilogue (``kernels.conv2d_nhwc.QuantEpilogue``); reference
                  ``conv2d_nhwc_8bit_ref`` (exact accumulation, the same fp32 roundings)
+    qconv_pair   a bottleneck's 3x3 -> 1x1 qconvs in one ``conv3x3_conv1x1_nhwc`` launch (8-bit):
+                 the mid tile requantized in registers (``mid_acc_scale``, ``mid_inv_scale``), never
+                 written; reference ``conv3x3_conv1x1_nhwc_8bit_ref`` (the two qconv references)
     qhead        average pool + Linear of an 8-bit map, fp32 (``avgpool_linear_8bit_packed``)
 
 ``max_pool`` runs unchanged on 8-bit values (a maximum commutes with a monotone quantization: the
 output keeps the input's scale). Step tensors: ``weight`` 8-bit in PyTorch layout (the stem's
 padded to 4 input channels), ``shortcut_weight`` 8-bit, ``bias`` and ``acc_scale`` fp32 [C_out].
 Step attrs as a ``conv`` step's, plus ``out_dtype``, ``out_inv_scale`` (8-bit out) and
-``residual_scale`` (with a residual); the scalars are fp32 values.
+``residual_scale`` (with a residual); the scalars are fp32 values. A ``qconv_pair`` holds the 1x1's
+tensors and attrs as a ``qconv`` does, the 3x3's as ``mid_weight``, ``mid_bias``, ``mid_acc_scale``
+and ``mid_inv_scale`` (its stride, padding and dilation are the step's).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 
 from .kernels import avgpool_linear as _avgpool_linear
 from .kernels import conv2d_nhwc as _conv
+from .kernels import conv3x3_conv1x1_nhwc as _pair
 
 INT8_MAX = 127.0
 E4M3_MAX = 448.0
@@ -131,6 +137,37 @@ def qconv_describe_suffix(step):
     x = _dtype_name(step.tensors["weight"].dtype)
     return [f"{x} x {x} -> {'int32' if x == 'int8' else 'fp32'}",
             f"requantize -> {_dtype_name(a['out_dtype'])}"]
+
+
+# -- qconv_pair ----------------------------------------------------------------------------------
+def qconv_pair_mid_epilogue(step) -> _conv.QuantEpilogue:
+    """The 3x3's requantization of a ``qconv_pair``: to the operands' 8-bit dtype, by 1 / s_mid."""
+    t = step.tensors
+    return _conv.QuantEpilogue(acc_scale=t["mid_acc_scale"], out_dtype=t["mid_weight"].dtype,
+                               out_inv_scale=step.attrs["mid_inv_scale"])
+
+
+def qconv_pair_pack(step):
+    t = step.tensors
+    return _pair.pack_conv3x3_conv1x1(t["mid_weight"], t["weight"], shortcut_weight=t.get("shortcut_weight"))
+
+
+def qconv_pair_launch(step, args, packed, out):
+    a, t = step.attrs, step.tensors
+    return _pair.conv3x3_conv1x1_nhwc_packed(
+        args["x"], packed, t["mid_bias"], t["bias"], stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
+        residual=args.get("residual"), shortcut=args.get("shortcut"), shortcut_stride=a.get("shortcut_stride", 1),
+        out=out, quant_mid=qconv_pair_mid_epilogue(step), quant=qconv_epilogue(step))
+
+
+def qconv_pair_reference(step, args, out, upcast):
+    a, t = step.attrs, step.tensors
+    y = _pair.conv3x3_conv1x1_nhwc_8bit_ref(
+        args["x"], t["mid_weight"], t["mid_bias"], t["weight"], t["bias"], qconv_pair_mid_epilogue(step),
+        qconv_epilogue(step), stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=1,
+        residual=args.get("residual"), shortcut=args.get("shortcut"), shortcut_weight=t.get("shortcut_weight"),
+        shortcut_stride=a.get("shortcut_stride", 1))
+    return _into(out, y)
 
 
 # -- qhead ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 What it does:
 
 1. captures the model's fp32 plan (``fastres.capture``; a fused 3x3 -> 1x1 ``conv_pair`` is split
-   back into its two convolutions, each quantized on its own);
+   back into its two convolutions, each calibrated and quantized on its own);
 2. runs it on the calibration batches and keeps a histogram of |x| of every value a step writes
    (``Histogram``: 2048 bins over a range that doubles as larger values come);
 3. chooses one scale per activation tensor (``choose_scale``: ``percentile`` of |x|, ``minmax``,
@@ -18,7 +18,9 @@ What it does:
    added in fp32 in the epilogue and the sum requantized once), ``max_pool`` on 8-bit values,
    ``qhead`` (average pool + Linear in fp32 from the 8-bit map). A step with no 8-bit kind
    (a PyTorch call, SE gating, a second BN output, a non-global pool) runs in fp32 between a
-   ``dequantize`` and a ``quantize``;
+   ``dequantize`` and a ``quantize``. A bottleneck's 3x3 and 1x1 ``qconv`` that the fused kernel
+   runs (``fuses_conv3x3_conv1x1`` for 8-bit operands) become one ``qconv_pair`` (``paired_qconvs``:
+   the mid tensor is requantized in registers, never written);
 5. runs both plans on the first calibration batch(es) and reports, per step, the cosine and the
    relative L2 error of its output against fp32, end to end and for the step alone (its inputs the
    quantized fp32 values); ``min_cosine`` raises ``QuantizationError`` naming the worst steps.
@@ -56,6 +58,7 @@ from .backend import backend_for, get_backend
 from .ir import OPS, Plan, Ref, Step, bind_refs
 from .ir_quant import QMAX, fp32, quantize_reference, quantize_tensor
 from .kernels import conv2d_nhwc as _conv
+from .kernels.conv3x3_conv1x1_nhwc import fuses_conv3x3_conv1x1
 from .quantized import DTYPES, QuantizedModel, export_quantized, is_quantized_file, load_quantized  # noqa: F401
 
 __all__ = ["quantize", "QuantizedModel", "QuantizationError", "QuantReport", "Histogram", "choose_scale",
@@ -297,6 +300,7 @@ def build_quantized_plan(plan: Plan, scales: dict, dtype: torch.dtype) -> tuple[
         if out in q_name and read_float(out) and out not in f_name:
             dequantize_step(out)
     output = bind_refs(plan.output, {n: Ref(f_name[n]) for n in plan.output_names})
+    new_steps = paired_qconvs(new_steps, {f_name[n] for n in plan.output_names})
     qplan = Plan(steps=new_steps, output=output, dtype=torch.float32, device=plan.device, input_name=inp,
                  in_channels=plan.in_channels, notes=list(plan.notes))
     return qplan, value_scale
@@ -324,6 +328,55 @@ def _qconv_step(s: Step, inputs: dict, value_scale: dict, scales: dict, dtype, *
     if "residual" in inputs:
         a["residual_scale"] = value_scale[inputs["residual"]]
     return Step("qconv", s.name, inputs, s.output, a, tensors, s.fused)
+
+
+def _pairs(first: Step, second: Step, readers: dict, outputs: set) -> bool:
+    """Whether ``second`` (the only reader of ``first``'s output) and ``first`` are a bottleneck's
+    3x3 -> 1x1 the fused 8-bit kernel runs: a 3x3 qconv + ReLU to 8-bit, groups 1, nothing else read;
+    a 1x1/s1 qconv + ReLU reading it, with at most a projection shortcut and a same-shape residual."""
+    if not first.kind == second.kind == "qconv":
+        return False
+    a, b = first.attrs, second.attrs
+    w_mid, w = first.tensors["weight"], second.tensors["weight"]
+    return (set(first.inputs) == {"x"} and second.inputs["x"] == first.output
+            and readers.get(first.output) == 1 and first.output not in outputs
+            and tuple(w_mid.shape[2:]) == (3, 3) and a["groups"] == 1 and a["relu"] and not a.get("row_k")
+            and a["out_dtype"] == w_mid.dtype
+            and tuple(w.shape[2:]) == (1, 1) and tuple(b["stride"]) == (1, 1) and tuple(b["padding"]) == (0, 0)
+            and b["groups"] == 1 and b["relu"] and not set(b) & {"residual_stride", "residual_channel_offset",
+                                                                "residual_pad"}
+            and set(second.inputs) <= {"x", "residual", "shortcut"}
+            and fuses_conv3x3_conv1x1(w_mid.shape[0], w_mid.shape[1], w.shape[0], 1, w_mid.dtype))
+
+
+def paired_qconvs(steps: list, outputs: set) -> list:
+    """``steps`` with each 3x3 -> 1x1 pair of ``qconv`` steps the fused kernel runs (``_pairs``) as
+    one ``qconv_pair`` in the 1x1's place: the 1x1's inputs (x: the 3x3's), output, tensors and
+    attrs, the 3x3's stride, padding and dilation, its weight, bias and accumulator scale as
+    ``mid_*`` and its output scale as ``mid_inv_scale``. ``outputs``: the plan's output values."""
+    readers: dict = {}
+    for s in steps:
+        for name in s.inputs.values():
+            readers[name] = readers.get(name, 0) + 1
+    producer = {s.output: s for s in steps}
+    firsts = {id(producer[s.inputs["x"]]) for s in steps
+              if s.kind == "qconv" and s.inputs.get("x") in producer
+              and _pairs(producer[s.inputs["x"]], s, readers, outputs)}
+    out = []
+    for s in steps:
+        if id(s) in firsts:
+            continue
+        first = producer.get(s.inputs.get("x"))
+        if first is None or id(first) not in firsts:
+            out.append(s)
+            continue
+        a, t = first.attrs, first.tensors
+        attrs = dict(s.attrs, stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
+                     mid_inv_scale=a["out_inv_scale"])
+        tensors = dict(s.tensors, mid_weight=t["weight"], mid_bias=t["bias"], mid_acc_scale=t["acc_scale"])
+        out.append(Step("qconv_pair", f"{first.name}+{s.name.rpartition('.')[2]}", dict(s.inputs, x=first.inputs["x"]),
+                        s.output, attrs, tensors, first.fused + s.fused))
+    return out
 
 
 # -- running and reporting -----------------------------------------------------------------------
@@ -405,7 +458,7 @@ class QuantReport:
 
     def worst(self, n: int = 3) -> list:
         """The ``n`` steps whose own quantization hurts most (lowest local cosine, else end to end)."""
-        rated = [s for s in self.steps if s.kind in ("qconv", "qhead")]
+        rated = [s for s in self.steps if s.kind in ("qconv", "qconv_pair", "qhead")]
         return sorted(rated, key=lambda s: s.local_cosine if s.local_cosine is not None else s.cosine)[:n]
 
     def __str__(self) -> str:
@@ -452,7 +505,7 @@ def measure(qplan: Plan, value_scale: dict, fplan: Plan, batches: list, backend,
             ref = fv[_origin(s.output)]
             row = rows.setdefault(s.name, dict(step=s, end_to_end=_Agreement(), alone=None))
             row["end_to_end"].add(_dequantized(qv[s.output], value_scale.get(s.output)), ref)
-            if s.kind in ("qconv", "qhead"):       # the step alone: its inputs the fp32 values, quantized
+            if s.kind in ("qconv", "qconv_pair", "qhead"):   # the step alone: its inputs the fp32 values, quantized
                 args = {}
                 for role, name in s.inputs.items():
                     src, f = producers.get(name), fv[_origin(name)]

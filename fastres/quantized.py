@@ -80,6 +80,8 @@ _FILE_ATTRS = {
     "dequantize": {"scale"},
     "qconv": {"stride", "padding", "dilation", "groups", "relu", "shortcut_stride", "residual_stride",
               "residual_channel_offset", "residual_pad", "row_k", "out_dtype", "out_inv_scale", "residual_scale"},
+    "qconv_pair": {"stride", "padding", "dilation", "groups", "relu", "shortcut_stride", "out_dtype", "out_inv_scale",
+                   "residual_scale", "mid_inv_scale"},
     "qhead": {"pool", "flatten"},
     "max_pool": set(),
     "conv": {"stride", "padding", "dilation", "groups", "relu", "shortcut_stride", "residual_stride",
@@ -87,7 +89,8 @@ _FILE_ATTRS = {
     "head": {"pool", "flatten"},
     "se_scale": {"relu", "sigmoid"},
 }
-_FILE_TENSORS = {"weight", "bias", "shortcut_weight", "acc_scale", "scale2", "shift2"}
+_FILE_TENSORS = {"weight", "bias", "shortcut_weight", "acc_scale", "scale2", "shift2", "mid_weight", "mid_bias",
+                 "mid_acc_scale"}
 _PAIRS = {"stride", "padding", "dilation", "residual_pad", "stem_border"}
 _FILE_DTYPES = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn, "float32": torch.float32,
                 "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -271,10 +274,20 @@ def _step_from_json(d, i, tensors, known, used, bad) -> Step:
 def _check_step_tensors(kind, t, attrs, bad):
     """The tensors a step kind needs, in their dtypes and shapes (the kernels check the rest)."""
     need = {"qconv": {"weight", "bias", "acc_scale"}, "qhead": {"weight", "bias"}, "conv": {"weight", "bias"},
-            "head": {"weight", "bias"}}.get(kind, set())
+            "head": {"weight", "bias"},
+            "qconv_pair": {"weight", "bias", "acc_scale", "mid_weight", "mid_bias", "mid_acc_scale"}}.get(kind, set())
     if need - set(t):
         bad(f"lacks tensors {sorted(need - set(t))}")
-    if kind == "qconv":
+    if kind == "qconv_pair":
+        m = t["mid_weight"]
+        if m.dtype != t["weight"].dtype or m.dim() != 4 or tuple(m.shape[2:]) != (3, 3):
+            bad(f"mid_weight must be a 3x3 weight of the weight's dtype, got {m.dtype} {tuple(m.shape)}")
+        for k in ("mid_bias", "mid_acc_scale"):
+            if t[k].dtype != torch.float32 or tuple(t[k].shape) != (m.shape[0],):
+                bad(f"{k} must be float32 [{m.shape[0]}]")
+        if not isinstance(attrs.get("mid_inv_scale"), (int, float)):
+            bad("lacks attribute mid_inv_scale")
+    if kind in ("qconv", "qconv_pair"):
         w = t["weight"]
         if w.dtype not in (torch.int8, torch.float8_e4m3fn) or w.dim() != 4:
             bad(f"weight must be a 4-D int8 / float8_e4m3fn tensor, got {w.dtype} {tuple(w.shape)}")
@@ -292,6 +305,6 @@ def _check_step_tensors(kind, t, attrs, bad):
             bad("needs out_inv_scale exactly when its output is 8-bit")
     if kind == "quantize" and attrs.get("dtype") not in (torch.int8, torch.float8_e4m3fn):
         bad("quantizes to int8 or float8_e4m3fn only")
-    for k in ("scale", "inv_scale", "out_inv_scale", "residual_scale"):
+    for k in ("scale", "inv_scale", "out_inv_scale", "residual_scale", "mid_inv_scale"):
         if k in attrs and not (isinstance(attrs[k], (int, float)) and not isinstance(attrs[k], bool) and attrs[k] > 0):
             bad(f"attribute {k} must be a positive number")

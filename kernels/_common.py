@@ -32,7 +32,7 @@ def round_to_bf16_nearest_even(x):
 def dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, K: tl.constexpr, W_ROW_STRIDE: tl.constexpr,
                      EVEN_N: tl.constexpr, INTERPRETER_BF16: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc + A @ W, fp32 accumulation, where row m of A is K contiguous channels of one pixel and W
-    has K rows W_ROW_STRIDE elements apart (a 1x1 conv, or a concat-K shortcut).
+    has K rows W_ROW_STRIDE elements apart (a 1x1 conv, or a concat-K shortcut; 1 for a K-major W).
 
     ``a_ptrs`` [BLOCK_M, BLOCK_K] and ``w_ptrs`` [BLOCK_K, BLOCK_N] point at the first K step;
     ``offs_k`` is ``tl.arange(0, BLOCK_K)``. A K tail is masked; EVEN_N (BLOCK_N divides the
@@ -218,6 +218,21 @@ def round_to_e4m3_nearest_even(x):
 
 
 @triton.jit
+def requantize_tile(y, OUT_INV_SCALE, OUT_DTYPE: tl.constexpr, INTERPRETER_FP8: tl.constexpr):
+    """An fp32 tile to 8-bit: int8 ``sat_int8(round_half_even(y * OUT_INV_SCALE))``, e4m3
+    ``e4m3_rn(clamp(y * OUT_INV_SCALE, -448, 448))`` (``store_requantized_epilogue`` explains the
+    roundings; the fused 3x3 -> 1x1 requantizes its mid tile in registers with it)."""
+    if OUT_DTYPE == tl.int8:
+        q = tl.minimum(tl.maximum(y * OUT_INV_SCALE, -128.0), 127.0)
+        q = (q + 12582912.0) - 12582912.0
+    else:
+        q = tl.minimum(tl.maximum(y * OUT_INV_SCALE, -448.0), 448.0)
+        if INTERPRETER_FP8:
+            q = round_to_e4m3_nearest_even(q)
+    return q.to(OUT_DTYPE)
+
+
+@triton.jit
 def store_requantized_epilogue(acc, out_ptr, acc_scale_ptr, bias_ptr, residual_ptr, res_rows, RES_SCALE,
                                OUT_INV_SCALE, offs_m, offs_n, m_mask, n_mask, C_OUT: tl.constexpr,
                                RES_C: tl.constexpr, RES_C_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -247,15 +262,9 @@ def store_requantized_epilogue(acc, out_ptr, acc_scale_ptr, bias_ptr, residual_p
         y = y + load_residual_tile(residual_ptr, res_rows, offs_n, out_mask, C_OUT, RES_C, RES_C_OFFSET) * RES_SCALE
     if APPLY_RELU:
         y = tl.where(y < 0.0, 0.0, y)
-    if out_ptr.dtype.element_ty == tl.int8:
-        q = tl.minimum(tl.maximum(y * OUT_INV_SCALE, -128.0), 127.0)
-        q = (q + 12582912.0) - 12582912.0
-        tl.store(out_ptr + out_offs, q.to(tl.int8), mask=out_mask)
-    elif out_ptr.dtype.element_ty == tl.float8e4nv:
-        q = tl.minimum(tl.maximum(y * OUT_INV_SCALE, -448.0), 448.0)
-        if INTERPRETER_FP8:
-            q = round_to_e4m3_nearest_even(q)
-        tl.store(out_ptr + out_offs, q.to(tl.float8e4nv), mask=out_mask)
+    if out_ptr.dtype.element_ty == tl.int8 or out_ptr.dtype.element_ty == tl.float8e4nv:
+        tl.store(out_ptr + out_offs, requantize_tile(y, OUT_INV_SCALE, out_ptr.dtype.element_ty, INTERPRETER_FP8),
+                 mask=out_mask)
     else:
         tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
 

@@ -56,7 +56,8 @@ in int32 (IMMA on sm_80, wgmma .s8 on sm_90), fp8 e4m3 in fp32 (wgmma .e4m3, sm_
 epilogue requantizes: ``acc * acc_scale[c] + bias [+ s_r * residual] -> relu -> round(. / s_out)``
 to int8 / e4m3 (``store_requantized_epilogue``; reference ``conv2d_nhwc_8bit_ref``). An 8-bit K
 tile has >= 32 elements (tl.dot's minimum), so a packed group of fewer than 32 channels runs
-FLAT_K; no split-K.
+FLAT_K; no split-K. The 8-bit packed weight is K-major (``PackedConvWeight``), the kernel reads
+its strides (W_K_STRIDE, W_N_STRIDE).
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def _conv2d_nhwc_kernel(
     RES_C: tl.constexpr, RES_C_OFFSET: tl.constexpr, RES_STRIDE: tl.constexpr,
     HAS_OUT2: tl.constexpr, OUT2_RELU: tl.constexpr, HAS_MEAN: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
-    QUANTIZED: tl.constexpr, INTERPRETER_FP8: tl.constexpr,
+    QUANTIZED: tl.constexpr, INTERPRETER_FP8: tl.constexpr, W_K_STRIDE: tl.constexpr, W_N_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA: tl.constexpr, TILE_IMGS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
@@ -123,6 +124,9 @@ def _conv2d_nhwc_kernel(
     QUANTIZED (8-bit x and W: int8 with an int32 accumulator, or fp8 e4m3 with fp32): the
     requantizing epilogue ``store_requantized_epilogue`` (acc * acc_scale[c] + bias [+ RES_SCALE *
     residual] -> relu -> * OUT_INV_SCALE -> int8 / e4m3, or a float out); no split-K, no out2.
+
+    W_K_STRIDE / W_N_STRIDE: element strides of the packed weight's K rows and output columns
+    (``PackedConvWeight``): (C_OUT, 1) N-major for 16-bit and fp32, (1, K) K-major for 8-bit.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1) if SPLIT_K > 1 else 0     # split-K: this program's share of the K steps
@@ -172,7 +176,8 @@ def _conv2d_nhwc_kernel(
         img = offs_m // (OW * OH)
     # Loop invariants are hoisted and pointers advanced by scalars: the K loop does little more
     # than two loads and a dot (also what keeps the interpreter fast).
-    w_ptrs = w_ptr + offs_k[:, None] * C_OUT + offs_n[None, :]
+    w_ptrs = w_ptr + offs_k[:, None] * W_K_STRIDE + offs_n[None, :] * W_N_STRIDE
+    W_STEP: tl.constexpr = BLOCK_K * W_K_STRIDE       # one K step down the packed weight
     EVEN_N: tl.constexpr = COUT_PER_GROUP % BLOCK_N == 0
 
     ACC_DTYPE: tl.constexpr = tl.int32 if x_ptr.dtype.element_ty == tl.int8 else tl.float32
@@ -188,7 +193,7 @@ def _conv2d_nhwc_kernel(
         # groups == 1 with a shortcut (checked at pack time); the shortcut rows follow the main rows of W.
         sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE
         acc = dot_concat_k(acc, x_ptr + offs_m.to(tl.int64) * C_IN, shortcut_ptr + sc_pixel.to(tl.int64) * C_SC,
-                           w_ptrs, offs_k, m_mask, n_mask, C_IN, C_SC, C_OUT, CONCAT_ALIGN, EVEN_N, INTERPRETER_BF16,
+                           w_ptrs, offs_k, m_mask, n_mask, C_IN, C_SC, W_K_STRIDE, CONCAT_ALIGN, EVEN_N, INTERPRETER_BF16,
                            BLOCK_K)
     elif TMA:
         # Operand tiles through TMA descriptors (sm_90: one UTMALDG per tile, no address math or
@@ -217,8 +222,8 @@ def _conv2d_nhwc_kernel(
         K_SPLIT: tl.constexpr = CIN_PER_GROUP // SPLIT_K
         a_ptrs = (x_ptr + (offs_m.to(tl.int64) * C_IN + group * CIN_PER_GROUP + pid_k * K_SPLIT)[:, None]
                   + offs_k[None, :])
-        acc = dot_contiguous_k(acc, a_ptrs, w_ptrs + pid_k * K_SPLIT * C_OUT, offs_k, m_mask, n_mask, K_SPLIT,
-                               C_OUT, EVEN_N, INTERPRETER_BF16, BLOCK_K)
+        acc = dot_contiguous_k(acc, a_ptrs, w_ptrs + pid_k * K_SPLIT * W_K_STRIDE, offs_k, m_mask, n_mask, K_SPLIT,
+                               W_K_STRIDE, EVEN_N, INTERPRETER_BF16, BLOCK_K)
     elif ROW_K:
         # Step kh reads x[img, oh*S + kh, ow*S + j // C_IN, j % C_IN] for j < BLOCK_K: one contiguous
         # run per output pixel (packed weight rows kh*BLOCK_K + j, zero for j >= KW*C_IN).
@@ -239,7 +244,7 @@ def _conv2d_nhwc_kernel(
             if INTERPRETER_BF16:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision="ieee")
-            w_ptrs += BLOCK_K * C_OUT
+            w_ptrs += W_STEP
     elif FLAT_K:
         K_MAIN: tl.constexpr = KH * KW * CIN_PER_GROUP
         ih0 = oh * STRIDE_H - PAD_H
@@ -258,7 +263,7 @@ def _conv2d_nhwc_kernel(
             if INTERPRETER_BF16:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision="ieee")
-            w_ptrs += BLOCK_K * C_OUT
+            w_ptrs += W_STEP
     else:
         # Tap-major: step kb covers channels [c0, c0 + BLOCK_K) of tap (kh, kw) = divmod(kb // CHUNKS,
         # KW), c0 = (kb % CHUNKS) * BLOCK_K; BLOCK_K divides CIN_PER_GROUP, so packed row
@@ -278,7 +283,7 @@ def _conv2d_nhwc_kernel(
         SC_STEPS: tl.constexpr = C_SC // BLOCK_K if CONCAT_TAP_LOOP else 0
         if CONCAT_TAP_LOOP:
             sc_rows = shortcut_ptr + ((img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE).to(tl.int64) * C_SC
-        w_ptrs += pid_k * STEPS_PER_SPLIT * BLOCK_K * C_OUT
+        w_ptrs += pid_k * STEPS_PER_SPLIT * W_STEP
         for kb in range(pid_k * STEPS_PER_SPLIT, (pid_k + 1) * STEPS_PER_SPLIT + SC_STEPS):
             if PAD_H == 0 and PAD_W == 0:
                 row_ok = m_mask       # without padding every tap of a valid output pixel is inside
@@ -298,16 +303,16 @@ def _conv2d_nhwc_kernel(
             if INTERPRETER_BF16:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision="ieee")
-            w_ptrs += BLOCK_K * C_OUT
+            w_ptrs += W_STEP
 
     if HAS_SHORTCUT_GEMM and not CONCAT_ONE_LOOP and not CONCAT_TAP_LOOP:
         # groups == 1 here (checked at pack time) and w_ptrs now points at the shortcut rows, which
         # follow the KH*KW*C_IN main rows; the shortcut input is read at (oh*s, ow*s).
         sc_pixel = (img * SC_H + oh * SC_STRIDE) * SC_W + ow * SC_STRIDE
-        w_ptrs = w_ptr + (KH * KW * CIN_PER_GROUP + offs_k)[:, None] * C_OUT + offs_n[None, :]
+        w_ptrs = w_ptr + (KH * KW * CIN_PER_GROUP + offs_k)[:, None] * W_K_STRIDE + offs_n[None, :] * W_N_STRIDE
         a_ptrs = shortcut_ptr + (sc_pixel.to(tl.int64) * C_SC)[:, None] + offs_k[None, :]
-        acc = dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, C_SC, C_OUT, EVEN_N, INTERPRETER_BF16,
-                               BLOCK_K)
+        acc = dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, C_SC, W_K_STRIDE, EVEN_N,
+                               INTERPRETER_BF16, BLOCK_K)
 
     if RES_STRIDE == 1 and RES_C == C_OUT:
         res_rows = offs_m
@@ -351,6 +356,11 @@ class PackedConvWeight:
 
     K_main = KH*KW*group_in_channels, rows ordered (kh, kw, c) within a packed group; see the
     module docstring for packed groups (``tile_groups`` conv groups, block-diagonal).
+    16-bit and fp32 weights are N-major (contiguous); 8-bit ones K-major (the [K, C_out] transpose
+    view of a contiguous [C_out, K]), because Hopper's 8-bit wgmma reads its B tile
+    K-contiguous from shared memory: from an N-major weight triton loads B through registers and
+    transposes it into shared memory each step, outside the cp.async pipeline (and sm_80's IMMA
+    takes 8-byte instead of 16-byte cp.async rows). The kernel reads the strides.
     """
     weight: torch.Tensor
     out_channels: int
@@ -389,6 +399,12 @@ class PackedConvWeight:
     @property
     def device(self) -> torch.device:
         return self.weight.device
+
+
+def _packed_layout(packed: torch.Tensor) -> torch.Tensor:
+    """The packed [K, C_out] weight in the layout the kernel reads for its dtype (``PackedConvWeight``):
+    8-bit as the transposed view of a contiguous [C_out, K] (strides (1, K)), else contiguous."""
+    return packed.t().contiguous().t() if packed.dtype in EIGHT_BIT_DTYPES else packed.contiguous()
 
 
 def row_k_block(kernel_w: int, in_channels: int) -> int:
@@ -452,7 +468,8 @@ def pack_conv_weight(weight, *, groups=1, shortcut_weight=None, row_k=False) -> 
     ``row_k=True`` packs for the ROW_K loop (see the module docstring; ``row_k_fits`` says when it
     can): rows kh*BLOCK_K + kw*C_in + c, zero rows up to BLOCK_K = ``row_k_block(KW, C_in)``; the
     conv must then run with padding 0 and dilation 1 (pad the input instead: ``stem_input_padding``).
-    Keeps ``weight.dtype`` (cast to the compute dtype first) and device; works on meta tensors.
+    Keeps ``weight.dtype`` (cast to the compute dtype first) and device (8-bit: K-major, see
+    ``PackedConvWeight``); works on meta tensors.
     """
     weight = weight.detach()
     shortcut_weight = shortcut_weight.detach() if shortcut_weight is not None else None
@@ -469,7 +486,7 @@ def pack_conv_weight(weight, *, groups=1, shortcut_weight=None, row_k=False) -> 
         block_k = row_k_block(kw, cin_g)
         rows = weight.permute(2, 3, 1, 0).reshape(kh, kw * cin_g, c_out)
         packed = torch.cat([rows, rows.new_zeros(kh, block_k - kw * cin_g, c_out)], dim=1)
-        return PackedConvWeight(weight=packed.reshape(kh * block_k, c_out).contiguous(), out_channels=c_out,
+        return PackedConvWeight(weight=_packed_layout(packed.reshape(kh * block_k, c_out)), out_channels=c_out,
                                 in_channels=cin_g, kernel_size=(kh, kw), groups=1, tile_groups=1, row_k=block_k)
     t = tile_groups(groups, cin_g, cout_g)
     if t > 1:
@@ -494,7 +511,7 @@ def pack_conv_weight(weight, *, groups=1, shortcut_weight=None, row_k=False) -> 
                              f"conv weight ({weight.dtype}, {weight.device})")
         c_sc = shortcut_weight.shape[1]
         packed = torch.cat([packed, shortcut_weight[:, :, 0, 0].t()], dim=0)
-    return PackedConvWeight(weight=packed.contiguous(), out_channels=c_out, in_channels=cin_g * groups,
+    return PackedConvWeight(weight=_packed_layout(packed), out_channels=c_out, in_channels=cin_g * groups,
                             kernel_size=(kh, kw), groups=groups, tile_groups=t, shortcut_in_channels=c_sc)
 
 
@@ -714,7 +731,7 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     """
     (sh, sw), (ph, pw), (dh, dw) = conv_geometry(stride, padding, dilation)
     check_packed_input(x, "x", packed)
-    out_dtype = _check_quant(quant, x, packed, affine2, residual)
+    out_dtype = check_quant(quant, x, packed, affine2, residual)
     n, c_in, h, w = x.shape
     oh, ow = conv_output_hw(h, w, packed.kernel_size, (sh, sw), (ph, pw), (dh, dw))
     out_shape = (n, packed.out_channels, oh, ow)
@@ -771,7 +788,7 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     return result
 
 
-def _check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
+def check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
     """The output dtype of a conv with this ``quant`` (x's without one), the 8-bit operands checked."""
     if quant is None:
         if x.dtype not in FLOAT_DTYPES:
@@ -968,6 +985,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         HAS_MEAN=mean_out is not None,
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
         QUANTIZED=quant is not None, INTERPRETER_FP8=out.dtype == torch.float8_e4m3fn and device_type == "cpu",
+        W_K_STRIDE=packed.weight.stride(0), W_N_STRIDE=packed.weight.stride(1),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K,
         TMA=cfg.TMA, **dict(zip(("TILE_IMGS", "TILE_H", "TILE_W"), cfg.TILE or (0, 0, 0))),
     )

@@ -33,6 +33,12 @@ computed and multiplied into the chunk's accumulator by its rows of W_out. That 
 the chunk loop, so the config rule gives such shapes one chunk (BLOCK_N >= C_out): more chunks
 would recompute the 3x3.
 
+8-bit (QUANTIZED; ``fastres.quantize``'s ``qconv_pair``): int8 or e4m3 operands, the mid tile
+requantized in registers to the input's 8-bit dtype with the mid scale (the rounding the unfused
+pair's first ``qconv`` stores), the output chunks through the requantizing epilogue of
+``conv2d_nhwc`` (``QuantEpilogue``); weights packed K-major as ``conv2d_nhwc``'s 8-bit ones.
+Reference: ``conv3x3_conv1x1_nhwc_8bit_ref``, the two 8-bit reference convs in sequence.
+
 Which blocks the plan fuses is ``fuses_conv3x3_conv1x1`` (the rule and its reasons are in its
 docstring); the tiles are ``fused_config``. Runtime ints are the batch and spatial sizes; channel
 counts, stride, padding, dilation and the epilogue switches are constexpr. Pixel indices are
@@ -48,23 +54,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activation, check_bias,
-                      check_packed_input, check_shortcut, conv_geometry, conv_output_hw, dot_contiguous_k,
-                      largest_pow2_divisor, overlaps, pow2_at_least, round_to_bf16_nearest_even,
-                      store_conv_epilogue, tile_groups)
+from ._common import (EIGHT_BIT_DTYPES, FLOAT_DTYPES, INT32_MAX, MIN_TILE_CHANNELS, check_activation, check_bias,
+                      check_packed_input, check_shortcut, conv_geometry, conv_output_hw, largest_pow2_divisor,
+                      min_dot_k, overlaps, pow2_at_least, requantize_tile, round_to_bf16_nearest_even,
+                      store_conv_epilogue, store_requantized_epilogue, tile_groups)
 from ._launch import KernelCall
 from ._target import DEFAULT_TARGET, Target, table_arch, target_for
-from .conv2d_nhwc import PackedConvWeight, conv2d_nhwc_ref, pack_conv_weight
+from .conv2d_nhwc import (_EIGHT_BIT_NAMES, PackedConvWeight, QuantEpilogue, check_quant, conv2d_nhwc_8bit_ref,
+                          conv2d_nhwc_ref, pack_conv_weight)
 
 
 @triton.jit
-def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, mid_block, img, oh, ow, m_mask, H, W,
+def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, mid_acc_scale_ptr, MID_INV_SCALE, mid_block, img, oh, ow, m_mask, H, W,
               C_MID_IN: tl.constexpr, C_MID: tl.constexpr, GROUP_IN: tl.constexpr, GROUP_MID: tl.constexpr,
               MID_BLOCK: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
               PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-              INTERPRETER_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+              INTERPRETER_BF16: tl.constexpr, QUANTIZED: tl.constexpr, INTERPRETER_FP8: tl.constexpr,
+              W_MID_K_STRIDE: tl.constexpr, W_MID_N_STRIDE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """round_to_dtype(relu(conv3x3(y1) + bias_mid)) for mid channels [mid_block * MID_BLOCK, +MID_BLOCK),
-    which lie in one packed group: [BLOCK_M, MID_BLOCK].
+    which lie in one packed group: [BLOCK_M, MID_BLOCK]. QUANTIZED: requantize_tile(relu(acc *
+    mid_acc_scale + bias_mid), MID_INV_SCALE), the mid tile in y1's 8-bit dtype (what the unfused
+    pair's first ``qconv`` stores).
 
     The tap-major K loop of conv2d_nhwc over the packed group's input channels: step kb covers
     channels [c0, c0 + BLOCK_K) of tap (kh, kw) = divmod(kb // CHUNKS, 3), c0 = (kb % CHUNKS) *
@@ -78,8 +89,9 @@ def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, mid_block, img, oh, ow, m_mask, H,
     iw0 = ow * STRIDE_W - PAD_W
     y_rows = y_ptr + ((img * H + ih0) * W + iw0).to(tl.int64) * C_MID_IN + group * GROUP_IN
     y_row_pitch = W * C_MID_IN
-    w_ptrs = w_mid_ptr + offs_k[:, None] * C_MID + offs_mid[None, :]
-    acc = tl.zeros((BLOCK_M, MID_BLOCK), dtype=tl.float32)
+    w_ptrs = w_mid_ptr + offs_k[:, None] * W_MID_K_STRIDE + offs_mid[None, :] * W_MID_N_STRIDE
+    ACC_DTYPE: tl.constexpr = tl.int32 if y_ptr.dtype.element_ty == tl.int8 else tl.float32
+    acc = tl.zeros((BLOCK_M, MID_BLOCK), dtype=ACC_DTYPE)
     for kb in range(0, 9 * CHUNKS):
         if PAD_H == 0 and PAD_W == 0:
             row_ok = m_mask
@@ -94,7 +106,12 @@ def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, mid_block, img, oh, ow, m_mask, H,
         if INTERPRETER_BF16:
             y_tile, w_tile = y_tile.to(tl.float32), w_tile.to(tl.float32)
         acc = tl.dot(y_tile, w_tile, acc, input_precision="ieee")
-        w_ptrs += BLOCK_K * C_MID
+        w_ptrs += BLOCK_K * W_MID_K_STRIDE
+    if QUANTIZED:
+        mid = acc.to(tl.float32) * tl.load(mid_acc_scale_ptr + offs_mid)[None, :]
+        mid = mid + tl.load(bias_mid_ptr + offs_mid).to(tl.float32)[None, :]
+        mid = tl.where(mid < 0.0, 0.0, mid)
+        return requantize_tile(mid, MID_INV_SCALE, y_ptr.dtype.element_ty, INTERPRETER_FP8)
     acc += tl.load(bias_mid_ptr + offs_mid).to(tl.float32)[None, :]
     acc = tl.where(acc < 0.0, 0.0, acc)       # torch.relu keeps NaN; tl.maximum would drop it
     if INTERPRETER_BF16:
@@ -108,6 +125,7 @@ def _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, mid_block, img, oh, ow, m_mask, H,
 @triton.jit(do_not_specialize=["BATCH", "H", "W", "OH", "OW", "SC_H", "SC_W"])
 def _conv3x3_conv1x1_nhwc_kernel(
     y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_ptr, out_ptr, residual_ptr, shortcut_ptr,
+    mid_acc_scale_ptr, MID_INV_SCALE, acc_scale_ptr, RES_SCALE, OUT_INV_SCALE,
     BATCH, H, W, OH, OW, SC_H, SC_W,
     C_MID_IN: tl.constexpr, C_MID: tl.constexpr, C_OUT: tl.constexpr,
     GROUP_IN: tl.constexpr, GROUP_MID: tl.constexpr,            # per *packed* group of the 3x3
@@ -115,6 +133,9 @@ def _conv3x3_conv1x1_nhwc_kernel(
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     C_SC: tl.constexpr, SC_STRIDE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT_GEMM: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    QUANTIZED: tl.constexpr, INTERPRETER_FP8: tl.constexpr,
+    W_MID_K_STRIDE: tl.constexpr, W_MID_N_STRIDE: tl.constexpr, W_OUT_K_STRIDE: tl.constexpr,
+    W_OUT_N_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, MID_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_K_SC: tl.constexpr, UNROLL_CHUNKS: tl.constexpr,
 ):
@@ -123,6 +144,12 @@ def _conv3x3_conv1x1_nhwc_kernel(
     fp32 accumulation for both GEMMs. INTERPRETER_BF16 (set by the wrapper only for bf16 under the
     interpreter, as in conv2d_nhwc): dot tiles are upcast to fp32 because the interpreter's bf16
     tl.dot is wrong, and both bf16 roundings (mid tile, output) are done by hand to nearest-even.
+
+    QUANTIZED (8-bit y1, weights, shortcut and residual; int32 accumulators for int8, fp32 for
+    e4m3): the mid tile is requantized in registers to y1's dtype (``_mid_tile``), the output
+    chunks store through ``store_requantized_epilogue`` (acc * acc_scale + bias_out [+ RES_SCALE *
+    residual] -> relu -> * OUT_INV_SCALE); the weights are K-major (W_*_K_STRIDE 1, see
+    ``PackedConvWeight``). INTERPRETER_FP8: e4m3 roundings by hand, as in conv2d_nhwc.
     """
     pid = tl.program_id(0)
     M = BATCH * OH * OW
@@ -134,9 +161,10 @@ def _conv3x3_conv1x1_nhwc_kernel(
     MID_BLOCKS: tl.constexpr = C_MID // MID_BLOCK
     if MID_BLOCKS == 1:
         # The whole mid tile, once: it is the A operand of every output chunk.
-        mid = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, 0, img, oh, ow, m_mask, H, W,
-                        C_MID_IN, C_MID, GROUP_IN, GROUP_MID, MID_BLOCK, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
-                        DIL_H, DIL_W, INTERPRETER_BF16, BLOCK_M, BLOCK_K)
+        mid = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, mid_acc_scale_ptr, MID_INV_SCALE, 0, img, oh, ow, m_mask,
+                        H, W, C_MID_IN, C_MID, GROUP_IN, GROUP_MID, MID_BLOCK, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                        DIL_H, DIL_W, INTERPRETER_BF16, QUANTIZED, INTERPRETER_FP8, W_MID_K_STRIDE, W_MID_N_STRIDE,
+                        BLOCK_M, BLOCK_K)
     else:
         mid = None
     if HAS_SHORTCUT_GEMM:
@@ -155,24 +183,31 @@ def _conv3x3_conv1x1_nhwc_kernel(
         # result goes straight to an epilogue, and each chunk's weight loads can be issued early.
         for n0 in tl.static_range(0, C_OUT, BLOCK_N):
             _out_chunk(n0, mid, sc, y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_ptr, out_ptr, residual_ptr,
+                       mid_acc_scale_ptr, MID_INV_SCALE, acc_scale_ptr, RES_SCALE, OUT_INV_SCALE,
                        img, oh, ow, offs_m, m_mask, H, W, C_MID_IN, C_MID, C_OUT, GROUP_IN, GROUP_MID, STRIDE_H,
                        STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, C_SC, HAS_RESIDUAL, HAS_SHORTCUT_GEMM,
-                       INTERPRETER_BF16, BLOCK_M, MID_BLOCK, BLOCK_N, BLOCK_K, BLOCK_K_SC)
+                       INTERPRETER_BF16, QUANTIZED, INTERPRETER_FP8, W_MID_K_STRIDE, W_MID_N_STRIDE, W_OUT_K_STRIDE,
+                       W_OUT_N_STRIDE, BLOCK_M, MID_BLOCK, BLOCK_N, BLOCK_K, BLOCK_K_SC)
     else:
         for n0 in range(0, C_OUT, BLOCK_N):
             _out_chunk(n0, mid, sc, y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_ptr, out_ptr, residual_ptr,
+                       mid_acc_scale_ptr, MID_INV_SCALE, acc_scale_ptr, RES_SCALE, OUT_INV_SCALE,
                        img, oh, ow, offs_m, m_mask, H, W, C_MID_IN, C_MID, C_OUT, GROUP_IN, GROUP_MID, STRIDE_H,
                        STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, C_SC, HAS_RESIDUAL, HAS_SHORTCUT_GEMM,
-                       INTERPRETER_BF16, BLOCK_M, MID_BLOCK, BLOCK_N, BLOCK_K, BLOCK_K_SC)
+                       INTERPRETER_BF16, QUANTIZED, INTERPRETER_FP8, W_MID_K_STRIDE, W_MID_N_STRIDE, W_OUT_K_STRIDE,
+                       W_OUT_N_STRIDE, BLOCK_M, MID_BLOCK, BLOCK_N, BLOCK_K, BLOCK_K_SC)
 
 
 @triton.jit
 def _out_chunk(n0, mid, sc, y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_ptr, out_ptr, residual_ptr,
+               mid_acc_scale_ptr, MID_INV_SCALE, acc_scale_ptr, RES_SCALE, OUT_INV_SCALE,
                img, oh, ow, offs_m, m_mask, H, W, C_MID_IN: tl.constexpr, C_MID: tl.constexpr, C_OUT: tl.constexpr,
                GROUP_IN: tl.constexpr, GROUP_MID: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
                PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
                C_SC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT_GEMM: tl.constexpr,
-               INTERPRETER_BF16: tl.constexpr, BLOCK_M: tl.constexpr, MID_BLOCK: tl.constexpr,
+               INTERPRETER_BF16: tl.constexpr, QUANTIZED: tl.constexpr, INTERPRETER_FP8: tl.constexpr,
+               W_MID_K_STRIDE: tl.constexpr, W_MID_N_STRIDE: tl.constexpr, W_OUT_K_STRIDE: tl.constexpr,
+               W_OUT_N_STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, MID_BLOCK: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K_SC: tl.constexpr):
     """Output channels [n0, n0 + BLOCK_N): mid @ W_out [+ sc @ W_sc] and the epilogue, stored."""
     MID_BLOCKS: tl.constexpr = C_MID // MID_BLOCK
@@ -180,9 +215,10 @@ def _out_chunk(n0, mid, sc, y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_
     offs_mid = tl.arange(0, MID_BLOCK)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_OUT
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ACC_DTYPE: tl.constexpr = tl.int32 if y_ptr.dtype.element_ty == tl.int8 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     if MID_BLOCKS == 1:
-        w_ptrs = w_out_ptr + offs_mid[:, None] * C_OUT + offs_n[None, :]
+        w_ptrs = w_out_ptr + offs_mid[:, None] * W_OUT_K_STRIDE + offs_n[None, :] * W_OUT_N_STRIDE
         w_tile = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
         if INTERPRETER_BF16:
             w_tile = w_tile.to(tl.float32)
@@ -190,10 +226,11 @@ def _out_chunk(n0, mid, sc, y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_
     else:
         # K of the 1x1 GEMM split by mid block: rows j*MID_BLOCK.. of W_out meet mid block j.
         for j in range(0, MID_BLOCKS):
-            mid_j = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, j, img, oh, ow, m_mask, H, W,
-                              C_MID_IN, C_MID, GROUP_IN, GROUP_MID, MID_BLOCK, STRIDE_H, STRIDE_W,
-                              PAD_H, PAD_W, DIL_H, DIL_W, INTERPRETER_BF16, BLOCK_M, BLOCK_K)
-            w_ptrs = w_out_ptr + (j * MID_BLOCK + offs_mid)[:, None] * C_OUT + offs_n[None, :]
+            mid_j = _mid_tile(y_ptr, w_mid_ptr, bias_mid_ptr, mid_acc_scale_ptr, MID_INV_SCALE, j, img, oh, ow, m_mask,
+                              H, W, C_MID_IN, C_MID, GROUP_IN, GROUP_MID, MID_BLOCK, STRIDE_H, STRIDE_W,
+                              PAD_H, PAD_W, DIL_H, DIL_W, INTERPRETER_BF16, QUANTIZED, INTERPRETER_FP8,
+                              W_MID_K_STRIDE, W_MID_N_STRIDE, BLOCK_M, BLOCK_K)
+            w_ptrs = w_out_ptr + (j * MID_BLOCK + offs_mid)[:, None] * W_OUT_K_STRIDE + offs_n[None, :] * W_OUT_N_STRIDE
             w_tile = tl.load(w_ptrs) if EVEN_N else tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
             if INTERPRETER_BF16:
                 w_tile = w_tile.to(tl.float32)
@@ -201,7 +238,7 @@ def _out_chunk(n0, mid, sc, y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_
     if HAS_SHORTCUT_GEMM:
         # Concat-K: the shortcut rows follow the C_MID rows of W_out (rows past C_SC meet zero channels).
         offs_sc = tl.arange(0, BLOCK_K_SC)
-        wsc_ptrs = w_out_ptr + (C_MID + offs_sc)[:, None] * C_OUT + offs_n[None, :]
+        wsc_ptrs = w_out_ptr + (C_MID + offs_sc)[:, None] * W_OUT_K_STRIDE + offs_n[None, :] * W_OUT_N_STRIDE
         if C_SC == BLOCK_K_SC:
             wsc = tl.load(wsc_ptrs) if EVEN_N else tl.load(wsc_ptrs, mask=n_mask[None, :], other=0.0)
         else:
@@ -209,8 +246,14 @@ def _out_chunk(n0, mid, sc, y_ptr, w_mid_ptr, bias_mid_ptr, w_out_ptr, bias_out_
         if INTERPRETER_BF16:
             wsc = wsc.to(tl.float32)
         acc = tl.dot(sc, wsc, acc, input_precision="ieee")
-    store_conv_epilogue(acc, out_ptr, bias_out_ptr, residual_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT,
-                        HAS_BIAS=True, HAS_RESIDUAL=HAS_RESIDUAL, APPLY_RELU=True, INTERPRETER_BF16=INTERPRETER_BF16)
+    if QUANTIZED:
+        store_requantized_epilogue(acc, out_ptr, acc_scale_ptr, bias_out_ptr, residual_ptr, offs_m, RES_SCALE,
+                                   OUT_INV_SCALE, offs_m, offs_n, m_mask, n_mask, C_OUT, C_OUT, 0, HAS_BIAS=True,
+                                   HAS_RESIDUAL=HAS_RESIDUAL, APPLY_RELU=True, INTERPRETER_FP8=INTERPRETER_FP8)
+    else:
+        store_conv_epilogue(acc, out_ptr, bias_out_ptr, residual_ptr, offs_m, offs_n, m_mask, n_mask, C_OUT,
+                            HAS_BIAS=True, HAS_RESIDUAL=HAS_RESIDUAL, APPLY_RELU=True,
+                            INTERPRETER_BF16=INTERPRETER_BF16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,13 +303,18 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def _kernel_layout_problem(group_in: int, group_mid: int) -> str:
-    """Why the kernel cannot run a (packed) shape, or "" when it can."""
-    if not _is_pow2(group_mid) or group_mid < MIN_TILE_CHANNELS:
+def _kernel_layout_problem(group_in: int, group_mid: int, c_mid: int, dtype: torch.dtype) -> str:
+    """Why the kernel cannot run a (packed) shape, or "" when it can. The narrowest tile is
+    ``min_dot_k``: 16 channels, 32 for 8-bit operands (whose dots need K >= 32)."""
+    narrowest = min_dot_k(dtype)
+    if not _is_pow2(group_mid) or group_mid < narrowest:
         return (f"a packed group of {group_mid} mid channels (the kernel's register tile needs a power of two "
-                f">= {MIN_TILE_CHANNELS})")
-    if group_in % MIN_TILE_CHANNELS != 0:
-        return f"a packed group of {group_in} 3x3 input channels (the tap-major K loop needs a multiple of 16)"
+                f">= {narrowest})")
+    if group_in % narrowest != 0:
+        return (f"a packed group of {group_in} 3x3 input channels (the tap-major K loop needs a multiple of "
+                f"{narrowest})")
+    if dtype in EIGHT_BIT_DTYPES and group_mid != c_mid:
+        return "several packed groups in 8-bit (the grouped tiles are 16 mid channels wide)"
     return ""
 
 
@@ -289,10 +337,11 @@ def pack_conv3x3_conv1x1(w_mid, w_out, *, groups=1, shortcut_weight=None) -> Pac
                          f"{tuple(w_out.shape)}")
     if w_out.dtype != w_mid.dtype or w_out.device != w_mid.device:
         raise ValueError(f"w_out ({w_out.dtype}, {w_out.device}) must match w_mid ({w_mid.dtype}, {w_mid.device})")
-    if w_mid.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"weights must be float16, bfloat16 or float32, got {w_mid.dtype}")
+    if w_mid.dtype not in FLOAT_DTYPES + EIGHT_BIT_DTYPES:
+        raise TypeError(f"weights must be float16, bfloat16 or float32 (or int8 / float8_e4m3fn: the 8-bit pair), "
+                        f"got {w_mid.dtype}")
     mid = pack_conv_weight(w_mid, groups=groups)
-    problem = _kernel_layout_problem(mid.group_in_channels, mid.group_out_channels)
+    problem = _kernel_layout_problem(mid.group_in_channels, mid.group_out_channels, c_mid, w_mid.dtype)
     if problem:
         raise ValueError(f"conv3x3_conv1x1_nhwc cannot run {problem}; check fuses_conv3x3_conv1x1 first and "
                          "run the unfused pair")
@@ -366,17 +415,19 @@ def fused_tile(name: str, arch: int) -> FusedConfig:
     return FUSED_ARCH_CONFIGS.get((name, arch), FUSED_CONFIGS[name])
 
 
-def fit_config(cfg: FusedConfig, group_in: int, group_mid: int, c_out: int, c_sc: int) -> FusedConfig:
+def fit_config(cfg: FusedConfig, group_in: int, group_mid: int, c_out: int, c_sc: int,
+               dtype: torch.dtype = torch.float16) -> FusedConfig:
     """Clamp a configuration's tiles to a shape: MID_BLOCK to the packed group's mid channels,
     BLOCK_N to C_out (pow2, >= 16), BLOCK_K to the largest power of two dividing the packed group's
     input channels (a K step must not straddle a tap), BLOCK_K_SC to all the shortcut channels
-    (pow2, >= 16; a tail is masked): the shortcut tile is loaded once."""
+    (pow2, >= 16, >= 32 for 8-bit operands: it is a dot's K; a tail is masked): the shortcut tile
+    is loaded once."""
     return dataclasses.replace(
         cfg,
         MID_BLOCK=min(cfg.MID_BLOCK, group_mid),
         BLOCK_N=min(cfg.BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(c_out))),
         BLOCK_K=min(cfg.BLOCK_K, largest_pow2_divisor(group_in)),
-        BLOCK_K_SC=max(MIN_TILE_CHANNELS, pow2_at_least(c_sc)),
+        BLOCK_K_SC=max(min_dot_k(dtype), pow2_at_least(c_sc)),
     )
 
 
@@ -388,7 +439,8 @@ def fused_config(m: int, group_in: int, group_mid: int, c_mid: int, c_out: int, 
 
     GPU: several packed groups (ResNeXt) -> tc_grouped / fp32_grouped; else 16-bit -> tc, or
     tc_small_m when M gives fewer tc programs than the target has SMs; fp32 -> fp32; each tile as
-    the target architecture's row has it (``fused_tile``). Interpreter (device cpu): the
+    the target architecture's row has it (``fused_tile``). 8-bit operands take the 16-bit tiles
+    (untuned: BLOCK_K 64 elements is half the bytes per K step). Interpreter (device cpu): the
     interpreter tile, BLOCK_M shrunk to M. Then ``fit_config``.
     """
     grouped = group_mid < c_mid
@@ -404,7 +456,7 @@ def fused_config(m: int, group_in: int, group_mid: int, c_mid: int, c_out: int, 
         cfg = fused_tile("tc", arch)
         if triton.cdiv(m, cfg.BLOCK_M) < target.sms:
             cfg = fused_tile("tc_small_m", arch)
-    return fit_config(cfg, group_in, group_mid, c_out, c_sc)
+    return fit_config(cfg, group_in, group_mid, c_out, c_sc, dtype)
 
 
 def fuses_conv3x3_conv1x1(c_mid: int, c_in_mid: int, c_out: int, groups: int, dtype: torch.dtype) -> bool:
@@ -414,7 +466,9 @@ def fuses_conv3x3_conv1x1(c_mid: int, c_in_mid: int, c_out: int, groups: int, dt
 
     The 3x3's groups are packed as ``conv2d_nhwc`` packs them (block-diagonal tiles of >= 16
     channels); the kernel needs power-of-two packed mid widths >= 16 and packed input widths that
-    are multiples of 16, and dtype float16, bfloat16 or float32. Then:
+    are multiples of 16, and dtype float16, bfloat16 or float32, or int8 / float8_e4m3fn
+    (``fastres.quantize``'s ``qconv_pair``: one packed group, mid and input widths multiples of 32,
+    the narrowest 8-bit dot). Then:
 
     * one packed group (groups == 1): fused when c_mid <= 128. The whole [BLOCK_M, c_mid] fp32 mid
       accumulator and its rounded copy live in registers next to an output-chunk accumulator
@@ -434,13 +488,13 @@ def fuses_conv3x3_conv1x1(c_mid: int, c_in_mid: int, c_out: int, groups: int, dt
     with zero spills: tests/test_conv3x3_conv1x1_nhwc.py::test_aot_fused_blocks_fit_sm80_and_sm90.
     Otherwise the plan runs the unfused pair.
     """
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES + EIGHT_BIT_DTYPES:
         return False
     if min(c_mid, c_in_mid, c_out, groups) < 1 or c_mid % groups or c_in_mid % groups:
         return False
     t = tile_groups(groups, c_in_mid // groups, c_mid // groups)
     group_in, group_mid = t * c_in_mid // groups, t * c_mid // groups
-    if _kernel_layout_problem(group_in, group_mid):
+    if _kernel_layout_problem(group_in, group_mid, c_mid, dtype):
         return False
     if group_mid == c_mid:
         return c_mid <= _MAX_DENSE_MID
@@ -452,7 +506,8 @@ def fuses_conv3x3_conv1x1(c_mid: int, c_in_mid: int, c_out: int, groups: int, dt
 
 
 def conv3x3_conv1x1_nhwc_packed(y1, packed: PackedConv3x3Conv1x1, bias_mid, bias_out, *, stride, padding,
-                                dilation, residual=None, shortcut=None, shortcut_stride=1, out=None):
+                                dilation, residual=None, shortcut=None, shortcut_stride=1, out=None,
+                                quant_mid: QuantEpilogue | None = None, quant: QuantEpilogue | None = None):
     """``relu(round(relu(conv3x3(y1) + bias_mid)) @ W_out [+ conv1x1_s(shortcut, W_sc)] + bias_out
     [+ residual])`` in one launch; see the module docstring.
 
@@ -462,11 +517,25 @@ def conv3x3_conv1x1_nhwc_packed(y1, packed: PackedConv3x3Conv1x1, bias_mid, bias
     never y1 or the shortcut); ``shortcut`` [N, C_sc, H_sc, W_sc] channels_last exactly when the
     packed weights carry a projection, read at (oh*shortcut_stride, ow*shortcut_stride).
     Works on meta tensors inside ``record_launches()``.
+
+    8-bit (y1, the packed weights, residual and shortcut int8 or float8_e4m3fn): ``quant_mid`` is
+    the 3x3's ``QuantEpilogue`` (acc_scale [C_mid], out_dtype y1's, out_inv_scale 1 / s_mid: the
+    mid tile is requantized in registers as the unfused pair's first ``qconv`` stores it), ``quant``
+    the 1x1's (with the residual's scale; out 8-bit or float); both given or neither. Reference:
+    ``conv3x3_conv1x1_nhwc_8bit_ref``.
     """
     (sh, sw), (ph, pw), (dh, dw) = conv_geometry(stride, padding, dilation)
     if not isinstance(packed, PackedConv3x3Conv1x1):
         raise TypeError(f"packed must come from pack_conv3x3_conv1x1, got {type(packed).__name__}")
     check_packed_input(y1, "y1", packed)
+    if (quant_mid is None) != (quant is None):
+        raise ValueError("quant_mid and quant go together: give both (8-bit) or neither")
+    out_dtype = check_quant(quant, y1, packed.out, None, residual)
+    if quant_mid is not None:
+        check_quant(quant_mid, y1, packed.mid, None, None)
+        if quant_mid.out_dtype != y1.dtype:
+            raise TypeError(f"quant_mid.out_dtype must be y1's dtype ({y1.dtype}): the mid tile stays 8-bit, "
+                            f"got {quant_mid.out_dtype}")
     n, c_in, h, w = y1.shape
     oh, ow = conv_output_hw(h, w, (3, 3), (sh, sw), (ph, pw), (dh, dw))
     out_shape = (n, packed.out_channels, oh, ow)
@@ -476,9 +545,10 @@ def conv3x3_conv1x1_nhwc_packed(y1, packed: PackedConv3x3Conv1x1, bias_mid, bias
         check_activation(residual, "residual", out_shape, y1, "y1")
     sc_h, sc_w = check_shortcut(shortcut, shortcut_stride, packed.shortcut_in_channels, n, oh, ow, y1, "y1")
     if out is None:
-        out = torch.empty(out_shape, dtype=y1.dtype, device=y1.device, memory_format=torch.channels_last)
+        out = torch.empty(out_shape, dtype=out_dtype, device=y1.device, memory_format=torch.channels_last)
     else:
-        check_activation(out, "out", out_shape, y1, "y1")
+        check_activation(out, "out", out_shape, y1 if quant is None else y1.new_empty(0, dtype=out_dtype),
+                         "y1" if quant is None else "quant.out_dtype")
         # Programs read y1 and the shortcut around and beside their own pixels: out may not overlap
         # them. Each element of the residual is read by the program that writes it, just before.
         for what, t in (("y1", y1), ("shortcut", shortcut)):
@@ -491,12 +561,13 @@ def conv3x3_conv1x1_nhwc_packed(y1, packed: PackedConv3x3Conv1x1, bias_mid, bias
     if n * max(h * w, oh * ow, (sc_h or 0) * (sc_w or 0)) > INT32_MAX:
         raise ValueError(f"batch {n} x {h}x{w} pixels exceeds the kernel's int32 pixel index")
     _build_call(y1, packed, bias_mid, bias_out, out, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
-                residual=residual, shortcut=shortcut, shortcut_stride=shortcut_stride).launch()
+                residual=residual, shortcut=shortcut, shortcut_stride=shortcut_stride, quant_mid=quant_mid,
+                quant=quant).launch()
     return out
 
 
 def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilation, residual, shortcut,
-                shortcut_stride) -> KernelCall:
+                shortcut_stride, quant_mid=None, quant=None) -> KernelCall:
     """The KernelCall of one (already validated) fused pair; touches no tensor data."""
     n, c_in, h, w = y1.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -509,7 +580,12 @@ def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilatio
     # Absent operands are None, which Triton treats as constexpr: they go with the constexprs.
     optional = dict(residual_ptr=residual, shortcut_ptr=shortcut,
                     SC_H=shortcut.shape[2] if shortcut is not None else None,
-                    SC_W=shortcut.shape[3] if shortcut is not None else None)
+                    SC_W=shortcut.shape[3] if shortcut is not None else None,
+                    mid_acc_scale_ptr=quant_mid.acc_scale if quant_mid is not None else None,
+                    MID_INV_SCALE=quant_mid.out_inv_scale if quant_mid is not None else None,
+                    acc_scale_ptr=quant.acc_scale if quant is not None else None,
+                    RES_SCALE=quant.residual_scale if quant is not None else None,
+                    OUT_INV_SCALE=quant.out_inv_scale if quant is not None else None)
     args.update({k: v for k, v in optional.items() if v is not None})
     constexprs = {k: v for k, v in optional.items() if v is None}
     constexprs.update(
@@ -519,12 +595,16 @@ def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilatio
         C_SC=c_sc, SC_STRIDE=shortcut_stride if shortcut is not None else 1,
         HAS_RESIDUAL=residual is not None, HAS_SHORTCUT_GEMM=shortcut is not None,
         INTERPRETER_BF16=y1.dtype == torch.bfloat16 and y1.device.type == "cpu",
+        QUANTIZED=quant is not None, INTERPRETER_FP8=y1.dtype == torch.float8_e4m3fn and y1.device.type == "cpu",
+        W_MID_K_STRIDE=packed.mid.weight.stride(0), W_MID_N_STRIDE=packed.mid.weight.stride(1),
+        W_OUT_K_STRIDE=packed.out.weight.stride(0), W_OUT_N_STRIDE=packed.out.weight.stride(1),
         BLOCK_M=cfg.BLOCK_M, MID_BLOCK=cfg.MID_BLOCK, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         BLOCK_K_SC=cfg.BLOCK_K_SC, UNROLL_CHUNKS=cfg.UNROLL_CHUNKS,
     )
     groups = packed.groups
     name = (f"conv3x3_conv1x1_nhwc[s{stride[0]}" + (f"/d{dilation[0]}" if dilation[0] > 1 else "")
-            + (f"/g{groups}" if groups > 1 else "") + (f"+sc{c_sc}/s{shortcut_stride}" if c_sc else "") + "]")
+            + (f"/g{groups}" if groups > 1 else "") + (f"+sc{c_sc}/s{shortcut_stride}" if c_sc else "")
+            + (f"/{_EIGHT_BIT_NAMES[y1.dtype]}" if quant is not None else "") + "]")
     k_mid = 9 * c_in // groups
     macs = m * (c_mid * k_mid + c_out * (c_mid + c_sc))
     itemsize = y1.element_size()
@@ -532,13 +612,19 @@ def _build_call(y1, packed, bias_mid, bias_out, out, *, stride, padding, dilatio
     return KernelCall(
         kernel=_conv3x3_conv1x1_nhwc_kernel, grid=(triton.cdiv(m, cfg.BLOCK_M),), args=args,
         constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,
+        # 8-bit: no FMA contraction, so the requantizations round as the interpreter and the reference do
+        options=dict(enable_fp_fusion=False) if quant is not None else {},
         # the 3x3 GEMM is M x C_mid x K_mid, the 1x1 (with its concat-K shortcut) M x N x K
         info=dict(M=m, C_mid=c_mid, K_mid=k_mid, N=c_out, K=c_mid + c_sc, flops=2 * macs,
                   dtype=str(y1.dtype).replace("torch.", ""),
                   bytes=(y1.numel() + out.numel() * (2 if residual is not None else 1)
                          + (n * oh * ow * c_sc if shortcut is not None else 0) + weights) * itemsize
-                  + 4 * (c_mid + c_out)),
+                  + 4 * (c_mid + c_out)
+                  # 8-bit: the accumulator scales, and a float output's extra bytes
+                  + (4 * (c_mid + c_out) + out.numel() * (out.element_size() - itemsize) if quant is not None
+                     else 0)),
     )
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,3 +645,19 @@ def conv3x3_conv1x1_nhwc_ref(y1, w_mid, b_mid, w_out, b_out, *, stride, padding,
                           relu=True, upcast=upcast)
     return conv2d_nhwc_ref(mid, w_out, b_out, residual=residual, relu=True, shortcut=shortcut,
                            shortcut_weight=shortcut_weight, shortcut_stride=shortcut_stride, upcast=upcast)
+
+
+def conv3x3_conv1x1_nhwc_8bit_ref(y1, w_mid, b_mid, w_out, b_out, quant_mid: QuantEpilogue, quant: QuantEpilogue, *,
+                                  stride, padding, dilation, groups, residual=None, shortcut=None,
+                                  shortcut_weight=None, shortcut_stride=1):
+    """Reference of the 8-bit fused pair: the two ``conv2d_nhwc_8bit_ref`` calls the unfused plan
+    runs (the 3x3 requantized by ``quant_mid`` to y1's dtype, then the 1x1 with ``quant``).
+
+        mid = q_mid(relu(conv3x3(y1, w_mid) * acc_scale_mid + b_mid))                 8-bit
+        acc = conv1x1(mid, w_out) [+ conv1x1_s(shortcut, shortcut_weight)]             exact
+        out = q(relu(acc * acc_scale + b_out [+ residual_scale * residual]))
+    """
+    mid = conv2d_nhwc_8bit_ref(y1, w_mid, b_mid, quant_mid, stride=stride, padding=padding, dilation=dilation,
+                               groups=groups, relu=True)
+    return conv2d_nhwc_8bit_ref(mid, w_out, b_out, quant, residual=residual, relu=True, shortcut=shortcut,
+                                shortcut_weight=shortcut_weight, shortcut_stride=shortcut_stride)

@@ -9,7 +9,10 @@ epilogue operations in the same order, so:
 * fp8 (e4m3) outputs are within one e4m3 ulp (the kernel's fp32 accumulation is rounded, the
   reference's exact), and almost all of them equal;
 * ties round half to even (a float -> int conversion truncates: the test shows that would differ),
-  and both formats saturate.
+  and both formats saturate;
+* the fused 3x3 -> 1x1 (``conv3x3_conv1x1_nhwc`` with 8-bit operands, the mid tile requantized in
+  registers) equals the two 8-bit reference convs in sequence (int8 bit for bit, e4m3 within one ulp)
+  on resnet50's pair shapes at small spatial sizes and odd ones.
 The AOT test compiles the 8-bit kernels for sm_80 (int8) and sm_90 (int8, e4m3): no spills, and the
 main loops issue IMMA / IGMMA .S8 / QGMMA .E4M3.
 """
@@ -31,6 +34,10 @@ from fastres.kernels.avgpool_linear import (avgpool_linear_8bit_packed, avgpool_
 from fastres.kernels.max_pool2d_nhwc import max_pool2d_nhwc, max_pool2d_nhwc_ref  # noqa: E402
 from fastres.kernels.conv2d_nhwc import (QuantEpilogue, conv2d_nhwc_8bit_ref, conv2d_nhwc_packed,  # noqa: E402
                                          pack_conv_weight, pack_stem_weight, stem_input_padding)
+from fastres.kernels import conv3x3_conv1x1_nhwc as fused_module  # noqa: E402
+from fastres.kernels.conv3x3_conv1x1_nhwc import (FUSED_CONFIGS, conv3x3_conv1x1_nhwc_8bit_ref,  # noqa: E402
+                                                  conv3x3_conv1x1_nhwc_packed, fit_config, fuses_conv3x3_conv1x1,
+                                                  pack_conv3x3_conv1x1)
 
 skip_if_compiled_without_gpu(conv_module._conv2d_nhwc_kernel)
 
@@ -332,6 +339,106 @@ def test_head_on_8bit_map(dtype, batch, c, hw, classes):
 
 
 # ------------------------------------------------------------------------------------------------
+# The fused 3x3 -> 1x1 (fastres.quantize's qconv_pair) against the two reference convs in sequence
+
+
+def _pair_problem(batch, c_in, c_mid, c_out, h, w, stride, dilation, dtype, *, residual, c_sc, seed=0):
+    """(y1, weights, biases, quant_mid, quant, residual, shortcut, shortcut weight) of a fused pair,
+    both requantizations spread over the 8-bit range."""
+    gen = torch.Generator().manual_seed(seed)
+    y1 = channels_last(_rand8((batch, c_in, h, w), dtype, gen))
+    w_mid = _rand8((c_mid, c_in, 3, 3), dtype, gen, weight=True)
+    w_out = _rand8((c_out, c_mid, 1, 1), dtype, gen, weight=True)
+    spread = lambda k: (74.0 * 74.0 if dtype == INT8 else 8.0) * math.sqrt(k)  # noqa: E731
+    out_inv_scale = fp32(30.0 if dtype == INT8 else 60.0)
+    quant_mid = QuantEpilogue(((0.5 + torch.rand(c_mid, generator=gen)) / spread(9 * c_in)).float(), dtype,
+                              out_inv_scale=out_inv_scale)
+    oh = (h + 2 * dilation - 2 * dilation - 1) // stride + 1
+    ow = (w + 2 * dilation - 2 * dilation - 1) // stride + 1
+    r = channels_last(_rand8((batch, c_out, oh, ow), dtype, gen)) if residual else None
+    sc = channels_last(_rand8((batch, c_sc, h, w), dtype, gen)) if c_sc else None
+    sc_w = _rand8((c_out, c_sc, 1, 1), dtype, gen, weight=True) if c_sc else None
+    quant = QuantEpilogue(((0.5 + torch.rand(c_out, generator=gen)) / spread(c_mid + c_sc)).float(), dtype,
+                          out_inv_scale=out_inv_scale, residual_scale=fp32(0.02 if dtype == INT8 else 0.1)
+                          if residual else None)
+    b_mid, b_out = torch.randn(c_mid, generator=gen), torch.randn(c_out, generator=gen)
+    move = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    return (move(y1), move(w_mid), move(w_out), move(b_mid), move(b_out), _on_device(quant_mid), _on_device(quant),
+            move(r), move(sc), move(sc_w))
+
+
+def _check_pair(batch, c_in, c_mid, c_out, h, w, stride, dilation, dtype, *, residual, c_sc, seed=0):
+    y1, w_mid, w_out, b_mid, b_out, quant_mid, quant, r, sc, sc_w = _pair_problem(
+        batch, c_in, c_mid, c_out, h, w, stride, dilation, dtype, residual=residual, c_sc=c_sc, seed=seed)
+    conv = dict(stride=stride, padding=dilation, dilation=dilation)
+    packed = pack_conv3x3_conv1x1(w_mid, w_out, shortcut_weight=sc_w)
+    assert packed.mid.weight.stride() == (1, 9 * c_in) and packed.out.weight.stride() == (1, c_mid + c_sc)  # K-major
+    out = conv3x3_conv1x1_nhwc_packed(y1, packed, b_mid, b_out, residual=r, shortcut=sc, shortcut_stride=stride,
+                                      quant_mid=quant_mid, quant=quant, **conv)
+    ref = conv3x3_conv1x1_nhwc_8bit_ref(y1, w_mid, b_mid, w_out, b_out, quant_mid, quant, groups=1, residual=r,
+                                        shortcut=sc, shortcut_weight=sc_w, shortcut_stride=stride, **conv)
+    _assert_matches(out, ref, what=f"{dtype} pair {c_in}->{c_mid}->{c_out} s{stride} d{dilation} sc{c_sc}")
+
+
+# resnet50's fused blocks (layer1-2: 3x3 input, mid, output, stride, shortcut channels), then odd ones
+_PAIR_CASES = [
+    (2, 64, 64, 256, 8, 8, 1, 1, True, 0),        # layer1.1-2: same-shape residual
+    (1, 64, 64, 256, 7, 9, 1, 1, False, 64),      # layer1.0: projection shortcut at stride 1, H != W
+    (1, 128, 128, 512, 9, 9, 2, 1, False, 256),   # layer2.0: stride 2, shortcut 256 at stride 2
+    (3, 128, 128, 512, 5, 6, 1, 1, True, 0),      # layer2.1-3, batch 3
+    (1, 32, 32, 80, 13, 7, 1, 2, False, 80),      # the narrowest 8-bit mid, dilation 2, masked shortcut K tail
+]
+
+
+@pytest.mark.parametrize("dtype", [INT8, E4M3])
+@pytest.mark.parametrize("batch,c_in,c_mid,c_out,h,w,stride,dilation,residual,c_sc", _PAIR_CASES)
+def test_fused_pair(dtype, batch, c_in, c_mid, c_out, h, w, stride, dilation, residual, c_sc):
+    _check_pair(batch, c_in, c_mid, c_out, h, w, stride, dilation, dtype, residual=residual, c_sc=c_sc)
+
+
+@pytest.mark.parametrize("config_name", ["tc", "tc_small_m"])
+def test_fused_pair_gpu_tiles(config_name, monkeypatch):
+    """The GPU tiles under the interpreter: several M tiles with a masked tail, 64-column output
+    chunks with a masked last one (C_out 320)."""
+    config = FUSED_CONFIGS[config_name]
+    monkeypatch.setattr(fused_module, "fused_config",
+                        lambda m, group_in, group_mid, c_mid, c_out, c_sc, dtype, device_type, target=None:
+                        fit_config(config, group_in, group_mid, c_out, c_sc, dtype))
+    _check_pair(1, 64, 64, 320, 7, 9, 2, 1, INT8, residual=False, c_sc=128, seed=3)
+
+
+def test_fused_pair_rule_and_bad_quant():
+    """8-bit pairs fuse with one packed group and mid / input widths multiples of 32; the two
+    requantizations go together and the mid stays 8-bit."""
+    for dtype in (INT8, E4M3):
+        assert fuses_conv3x3_conv1x1(64, 64, 256, 1, dtype) and fuses_conv3x3_conv1x1(128, 128, 512, 1, dtype)
+        assert not fuses_conv3x3_conv1x1(16, 16, 64, 1, dtype)           # 16-channel mid: below an 8-bit dot's K
+        assert not fuses_conv3x3_conv1x1(128, 128, 256, 32, dtype)       # resnext groups: 16-channel packed groups
+        assert not fuses_conv3x3_conv1x1(256, 256, 1024, 1, dtype)
+    y1, w_mid, w_out, b_mid, b_out, quant_mid, quant, r, _, _ = _pair_problem(1, 32, 32, 64, 5, 5, 1, 1, INT8,
+                                                                              residual=True, c_sc=0)
+    packed = pack_conv3x3_conv1x1(w_mid, w_out)
+    conv = dict(stride=1, padding=1, dilation=1, residual=r)
+    with pytest.raises(ValueError, match="go together"):
+        conv3x3_conv1x1_nhwc_packed(y1, packed, b_mid, b_out, quant=quant, **conv)
+    with pytest.raises(TypeError, match="mid tile stays 8-bit"):
+        conv3x3_conv1x1_nhwc_packed(y1, packed, b_mid, b_out, quant_mid=QuantEpilogue(
+            quant_mid.acc_scale, torch.float32), quant=quant, **conv)
+    with pytest.raises(ValueError, match="acc_scale"):
+        conv3x3_conv1x1_nhwc_packed(y1, packed, b_mid, b_out, quant_mid=QuantEpilogue(
+            quant.acc_scale, INT8, 1.0), quant=quant, **conv)
+    with pytest.raises(TypeError, match="needs quant"):
+        conv3x3_conv1x1_nhwc_packed(y1, packed, b_mid, b_out, **conv)
+    meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731
+    with record_launches() as calls:
+        conv3x3_conv1x1_nhwc_packed(meta(y1), pack_conv3x3_conv1x1(meta(w_mid), meta(w_out)), meta(b_mid), meta(b_out),
+                                    stride=1, padding=1, dilation=1, residual=meta(r), quant=QuantEpilogue(meta(quant.acc_scale), INT8, 1.0, 1.0),
+                                    quant_mid=QuantEpilogue(meta(quant_mid.acc_scale), INT8, 1.0))
+    (call,) = calls
+    assert call.options == {"enable_fp_fusion": False} and call.name.endswith("/int8]")
+
+
+# ------------------------------------------------------------------------------------------------
 # AOT: compiles for real GPUs with no spills, and the K loops run 8-bit tensor-core MMAs
 
 
@@ -361,6 +468,20 @@ def _calls_8bit(dtype, batch=32):
                                residual=_meta_nhwc((batch, c_out, oh, oh), dtype) if residual else None,
                                shortcut=_meta_nhwc((batch, c_sc, h, h), dtype) if c_sc else None, quant=quant)
         calls += recorded
+    for c_in, c_mid, c_out, h, s, c_sc in [(64, 64, 256, 56, 1, 64), (128, 128, 512, 28, 1, 0)]:   # fused pairs
+        packed = pack_conv3x3_conv1x1(torch.empty(c_mid, c_in, 3, 3, dtype=dtype, device="meta"),
+                                      torch.empty(c_out, c_mid, 1, 1, dtype=dtype, device="meta"),
+                                      shortcut_weight=torch.empty(c_out, c_sc, 1, 1, dtype=dtype, device="meta")
+                                      if c_sc else None)
+        quant_mid = QuantEpilogue(torch.empty(c_mid, device="meta"), dtype, 1.0)
+        quant = QuantEpilogue(torch.empty(c_out, device="meta"), dtype, 1.0, None if c_sc else 1.0)
+        with record_launches() as recorded:
+            conv3x3_conv1x1_nhwc_packed(_meta_nhwc((batch, c_in, h, h), dtype), packed, torch.empty(c_mid, device="meta"),
+                                        torch.empty(c_out, device="meta"), stride=s, padding=1, dilation=1,
+                                        residual=None if c_sc else _meta_nhwc((batch, c_out, h, h), dtype),
+                                        shortcut=_meta_nhwc((batch, c_sc, h, h), dtype) if c_sc else None,
+                                        shortcut_stride=s, quant_mid=quant_mid, quant=quant)
+        calls += recorded
     with record_launches() as recorded:
         max_pool2d_nhwc(_meta_nhwc((batch, 64, 112, 112), dtype))
         avgpool_linear_8bit_packed(_meta_nhwc((batch, 2048, 7, 7), dtype),
@@ -374,8 +495,9 @@ def test_aot_8bit_kernels_compile_without_spills_and_use_8bit_mma():
     rows = aot.aot_report({"int8": _calls_8bit(INT8)}, (80, 90)) + aot.aot_report({"e4m3": _calls_8bit(E4M3)}, (90,))
     problems = [p for row in rows for p in row.problems()]
     assert not problems, problems
+    assert sum(row.kernel.startswith("conv3x3_conv1x1_nhwc[") for row in rows) == 2 * 2
     for entry in aot.loop_report(rows, (80, 90)):
-        if not entry["kernel"].startswith("conv2d_nhwc"):
+        if not entry["kernel"].startswith(("conv2d_nhwc", "conv3x3_conv1x1_nhwc")):
             continue
         main = max(entry["k_loops"], key=lambda lp: lp["mma_count"])
         want = {(80, "int8"): "IMMA.16832.S8.S8", (90, "int8"): "IGMMA.", (90, "e4m3"): "QGMMA."}

@@ -131,18 +131,54 @@ def test_report_names_every_step_and_min_cosine_raises():
 # Plans the 8-bit kinds do not cover end to end
 
 
-def test_bottleneck_projection_and_split_pairs():
-    """A Bottleneck ResNet: the fused 3x3 -> 1x1 pairs run as two qconvs, projections as concat-K."""
+@functools.lru_cache(maxsize=1)
+def _bottleneck_model():
     torch.manual_seed(0)
-    model = randomize_(fastres.ResNet(fastres.Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=16))
+    return randomize_(fastres.ResNet(fastres.Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=16))
+
+
+def test_bottleneck_projection_and_fused_pairs(tmp_path):
+    """A Bottleneck ResNet: its 3x3 -> 1x1 pairs with 32..128 mid channels run as ``qconv_pair``
+    (the fused kernel; layer1's 16-channel mid is below an 8-bit dot's K: two qconvs), projections
+    as concat-K; the pairs survive export / load."""
+    model = _bottleneck_model()
     x = torch.randn(8, 3, 32, 32)
     qmodel = quantize(model, [x], progress=False)
     kinds = [s.kind for s in qmodel.plan.steps]
-    assert "conv_pair" not in kinds and kinds.count("qconv") == 3 * 4 + 1
+    assert "conv_pair" not in kinds and kinds.count("qconv") == 3 * 4 + 1 - 2 * 3
+    assert [s.name for s in qmodel.plan.steps if s.kind == "qconv_pair"] == [
+        f"layer{i}.0.conv2+conv3" for i in (2, 3, 4)]
     assert sum("shortcut" in s.inputs for s in qmodel.plan.steps) == 4
+    assert all(s.local_cosine > 0.99 for s in qmodel.report.steps if s.kind == "qconv_pair")
     with torch.no_grad():
         cosine = F.cosine_similarity(qmodel(x).flatten(), model(x).flatten(), dim=0).item()
     assert cosine > 0.98, qmodel.report
+    loaded = fastres.load(fastres.export(qmodel, tmp_path / "q.safetensors"))
+    assert [s.kind for s in loaded.plan.steps] == kinds
+    with torch.no_grad():
+        assert torch.equal(loaded(x[:2]), qmodel(x[:2]))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+def test_fused_pairs_triton_path_matches_integer_reference(dtype):
+    """The qconv_pair steps through the fused Triton kernel write the 8-bit values the reference
+    (two qconv references in sequence) writes: int8 bit for bit, e4m3 too here."""
+    if not ON_CUDA and not fastres.backend.interpreter_enabled():
+        pytest.skip("the Triton path needs a GPU or TRITON_INTERPRET=1")
+    if ON_CUDA and dtype == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 tl.dot needs sm_89+")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    qmodel = quantize(_bottleneck_model(), [x], dtype=dtype, progress=False)
+    x = x[:2]
+    if ON_CUDA:
+        qmodel, x = qmodel.cuda(), x.cuda()
+    got, ref = _values(qmodel, x, "triton"), _values(qmodel, x, "torch")
+    pairs = [s.output for s in qmodel.plan.steps if s.kind == "qconv_pair"]
+    assert len(pairs) == 3
+    for name in pairs:
+        g, r = got[name].cpu(), ref[name].cpu()
+        same = (g.view(torch.uint8) == r.view(torch.uint8)).float().mean().item()
+        assert same == 1.0 if dtype == "int8" else same > 0.98, f"{name}: {same:.4f} of the 8-bit values equal"
 
 
 def test_steps_without_an_8bit_kind_run_in_fp32_between_conversions():
