@@ -813,8 +813,39 @@ def check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
     return quant.out_dtype
 
 
-def _candidate_configs(x, packed, out) -> dict:
-    """The rule's choice and every other GPU tile for this operand width, clamped like the rule."""
+def _operand_shape(x, packed, out, stride, padding, shortcut, mean_out, quant) -> tuple:
+    """(plain_gemm, spatial) of a conv: whether it is one plain GEMM (1x1, stride 1, no padding, groups
+    1, no shortcut), and for a tap-major conv whose K steps can each be one box of the input (stride
+    1, groups 1 and only the plain epilogue terms: a spatial tile's rows are not one run of pixels,
+    which the channel means and split-K's workspace assume) its (N, OH, OW, taps), else None."""
+    kh, kw = packed.kernel_size
+    num_groups = packed.out_channels // packed.group_out_channels
+    flat_k = packed.group_in_channels % min_dot_k(x.dtype) != 0
+    plain_gemm = ((kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and num_groups == 1
+                  and shortcut is None and not packed.row_k)
+    spatial = ((x.shape[0], out.shape[2], out.shape[3], kh * kw) if tuple(stride) == (1, 1) and not plain_gemm
+               and num_groups == 1 and shortcut is None and not flat_k and not packed.row_k and mean_out is None
+               and quant is None else None)
+    return plain_gemm, spatial
+
+
+def _rule_config(x, packed, out, *, stride, padding, shortcut, mean_out, quant, **_) -> ConvConfig:
+    """``conv_config``'s choice for this conv (the launch's and the autotuner's "rule" candidate)."""
+    kh, kw = packed.kernel_size
+    cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
+    num_groups = packed.out_channels // cout_g
+    flat_k = cin_g % min_dot_k(x.dtype) != 0
+    splittable = (num_groups == 1 and shortcut is None and not flat_k and not packed.row_k and mean_out is None
+                  and quant is None)
+    main_steps = kh * kw * cin_g // min(CONV_CONFIGS["tc_wide"].BLOCK_K, largest_pow2_divisor(cin_g)) if splittable else 0
+    plain_gemm, spatial = _operand_shape(x, packed, out, stride, padding, shortcut, mean_out, quant)
+    return conv_config(x.shape[0] * out.shape[2] * out.shape[3], cout_g, num_groups, cin_g, flat_k, x.dtype,
+                       x.device.type, target_for(x.device), main_steps, plain_gemm, spatial)
+
+
+def _candidate_configs(x, packed, out, problem) -> dict:
+    """The rule's choice (TMA and split-K included, as the launch would pick it) and every other GPU
+    tile for this operand width, clamped like the rule."""
     cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
     flat_k = cin_g % min_dot_k(x.dtype) != 0
     names = ["fp32"] if x.dtype == torch.float32 else ["tc_wide", "tc_narrow", "tc_small_m"]
@@ -825,9 +856,7 @@ def _candidate_configs(x, packed, out) -> dict:
         CONV_CONFIGS[name], BLOCK_N=min(CONV_CONFIGS[name].BLOCK_N, max(MIN_TILE_CHANNELS, pow2_at_least(cout_g))),
         BLOCK_K=min(CONV_CONFIGS[name].BLOCK_K, block_k_cap),
         num_stages=CONV_STAGES.get((name, arch), CONV_CONFIGS[name].num_stages)) for name in names}
-    m = out.shape[0] * out.shape[2] * out.shape[3]
-    candidates["rule"] = conv_config(m, cout_g, packed.out_channels // cout_g, cin_g, flat_k, x.dtype, "cuda",
-                                     target)
+    candidates["rule"] = _rule_config(x, packed, out, **problem)
     return candidates
 
 
@@ -847,7 +876,7 @@ def _tuned_config(x, packed, out, problem) -> ConvConfig:
     if problem["mean_out"] is not None:
         key += ("mean",)
     return _autotune.choose(
-        "conv2d_nhwc", key, _candidate_configs(x, packed, out),
+        "conv2d_nhwc", key, _candidate_configs(x, packed, out, problem),
         run=lambda cfg: _build_call(x, packed, scratch, config=cfg, **timing).launch(),
         gpu=torch.cuda.get_device_name(x.device))
 
@@ -906,20 +935,9 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     num_groups = packed.out_channels // cout_g
     flat_k = cin_g % min_dot_k(x.dtype) != 0
     m = n * oh * ow
-    device_type = x.device.type
-    splittable = (num_groups == 1 and shortcut is None and not flat_k and not packed.row_k and mean_out is None
-                  and quant is None)
-    main_steps = kh * kw * cin_g // min(CONV_CONFIGS["tc_wide"].BLOCK_K, largest_pow2_divisor(cin_g)) if splittable else 0
-    plain_gemm = ((kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and num_groups == 1
-                  and shortcut is None and not packed.row_k)
-    # a tap-major conv whose K steps can each be one box of the input: stride 1, groups 1 and only
-    # the plain epilogue terms (a spatial tile's rows are not one run of pixels, which the channel
-    # means and split-K's workspace assume)
-    spatial = ((n, oh, ow, kh * kw) if tuple(stride) == (1, 1) and not plain_gemm and num_groups == 1
-               and shortcut is None and not flat_k and not packed.row_k and mean_out is None and quant is None
-               else None)
-    cfg = config or conv_config(m, cout_g, num_groups, cin_g, flat_k, x.dtype, device_type,
-                                target_for(x.device), main_steps, plain_gemm, spatial)
+    plain_gemm, spatial = _operand_shape(x, packed, out, stride, padding, shortcut, mean_out, quant)
+    cfg = config or _rule_config(x, packed, out, stride=stride, padding=padding, shortcut=shortcut,
+                                 mean_out=mean_out, quant=quant)
     if cfg.TMA and (quant is not None or not _tma_fits(x, packed, cfg, plain_gemm, spatial is not None)):
         cfg = dataclasses.replace(cfg, TMA=False, TILE=())
     if cfg.TILE and not cfg.TMA:
@@ -983,8 +1001,8 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         RES_STRIDE=residual_stride if strided_residual else 1,
         HAS_OUT2=affine2 is not None, OUT2_RELU=bool(affine2_relu) and affine2 is not None,
         HAS_MEAN=mean_out is not None,
-        INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
-        QUANTIZED=quant is not None, INTERPRETER_FP8=out.dtype == torch.float8_e4m3fn and device_type == "cpu",
+        INTERPRETER_BF16=x.dtype == torch.bfloat16 and x.device.type == "cpu",
+        QUANTIZED=quant is not None, INTERPRETER_FP8=out.dtype == torch.float8_e4m3fn and x.device.type == "cpu",
         W_K_STRIDE=packed.weight.stride(0), W_N_STRIDE=packed.weight.stride(1),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K,
         TMA=cfg.TMA, **dict(zip(("TILE_IMGS", "TILE_H", "TILE_W"), cfg.TILE or (0, 0, 0))),

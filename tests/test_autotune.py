@@ -73,10 +73,30 @@ def test_candidates_include_the_rule_and_respect_its_clamps(c_in, c_out, k, grou
     packed = pack_conv_weight(weight, groups=groups)
     x = torch.empty(8, c_in, 14, 14, dtype=dtype, device="meta", memory_format=torch.channels_last)
     out = torch.empty(8, c_out, 14, 14, dtype=dtype, device="meta", memory_format=torch.channels_last)
-    candidates = _candidate_configs(x, packed, out)
+    problem = dict(stride=(1, 1), padding=(k // 2, k // 2), shortcut=None, mean_out=None, quant=None)
+    candidates = _candidate_configs(x, packed, out, problem)
     cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
     flat = cin_g % 16 != 0
-    assert candidates["rule"] == conv_config(8 * 14 * 14, cout_g, c_out // cout_g, cin_g, flat, dtype, "cuda")
+    plain_gemm = k == 1 and groups == 1
+    spatial = (8, 14, 14, k * k) if groups == 1 and not plain_gemm and not flat and k > 1 else None
+    steps = k * k * cin_g // min(64, cin_g & -cin_g) if groups == 1 and not flat else 0
+    assert candidates["rule"] == conv_config(8 * 14 * 14, cout_g, c_out // cout_g, cin_g, flat, dtype, "cuda",
+                                             split_k_steps=steps, plain_gemm=plain_gemm, spatial=spatial)
     for cfg in candidates.values():
         assert cfg.BLOCK_N <= max(16, cout_g) and (flat or cin_g % cfg.BLOCK_K == 0)
         assert cfg != CONV_CONFIGS["interpreter"]
+
+
+def test_the_rule_candidate_is_the_launchs_choice_tma_included():
+    """The autotuner's "rule" candidate is what a launch without autotuning runs: on sm_90 a large
+    1x1 GEMM and a stride-1 3x3 of many waves take their tiles by TMA (so FASTRES_AUTOTUNE times the
+    TMA paths against the cp.async tiles, not only the latter)."""
+    from fastres.kernels._target import use_target
+    for c, k, n, hw in ((256, 1, 256, 56), (64, 3, 256, 56)):
+        packed = pack_conv_weight(torch.empty(c, c, k, k, dtype=torch.float16, device="meta"))
+        x = torch.empty(n, c, hw, hw, dtype=torch.float16, device="meta", memory_format=torch.channels_last)
+        problem = dict(stride=(1, 1), padding=(k // 2, k // 2), shortcut=None, mean_out=None, quant=None)
+        with use_target(90):
+            assert _candidate_configs(x, packed, torch.empty_like(x), problem)["rule"].TMA, (c, k)
+        with use_target(80):
+            assert not _candidate_configs(x, packed, torch.empty_like(x), problem)["rule"].TMA, (c, k)
