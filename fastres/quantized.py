@@ -46,7 +46,7 @@ class QuantizedModel(nn.Module):
         if x.device != self.plan.device:
             raise ValueError(f"input on {x.device}, the quantized model on {self.plan.device}: move one of them")
         with torch.no_grad():
-            return self.plan.run(x.float(), get_backend(backend_for(x.device)))
+            return get_backend(backend_for(x.device)).execute(self.plan, x.float())
 
     def _apply(self, fn, recurse=True):
         device = None
