@@ -4,7 +4,8 @@ The choice is made per call from the tensors' device, so one op never resolves t
 user's back:
 
 * CUDA tensors -> ``triton`` (our kernels); CPU tensors -> ``torch`` (``CpuBackend``: float32 runs
-  as one oneDNN program per plan, other dtypes the references in kernels/); ``meta`` tensors ->
+  as one oneDNN program per plan, a quantized plan's int8 convs as oneDNN int8 convolutions inside
+  it, other dtypes the references in kernels/); ``meta`` tensors ->
   ``triton`` (recording launches for ``fastres aot`` / ``fastres inspect``).
 * ``FASTRES_BACKEND=triton|torch|reference`` (read when fastres is imported) or
   ``fastres.set_backend(...)`` / ``with fastres.use_backend(...)`` force one. ``reference`` runs
@@ -650,6 +651,10 @@ class CpuBackend(ReferenceBackend):
       per layer and take no fused post-ops from PyTorch).
     * the head is a contiguous mean over the pixels + ``addmm``; max pool, SE scaling, strided
       (CIFAR) residuals, second outputs and PyTorch steps run their references.
+    * a quantized plan's int8 ``qconv`` steps run oneDNN's int8 convolution (``_Int8Conv``: bit for
+      bit ``conv2d_nhwc_8bit_ref``, smoke-tested at first use by ``onednn_int8_available``); the
+      ones it cannot run exactly (``qconv_runs_int8``: e4m3, option-A residuals) and the other 8-bit
+      kinds run their references (``program.int8_fallbacks`` says why, per step).
     * the steps are generated as one straight-line Python function (``program.source``) with the
       weights and geometry bound as constants, values freed after their last reader: a step costs
       one op call, no dictionary of values, no per-step dispatch.
