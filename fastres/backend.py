@@ -586,7 +586,7 @@ class _Int8Conv:
         if self.bias is not None:
             y.add_(self.bias)
         if residual is not None:
-            y.add_(torch.mul(residual, self.residual_scale))
+            y.add_(residual.float().mul_(self.residual_scale))    # (torch.mul(int8, fp32) is 30x slower)
         if self.int8_out:     # relu(y) * s then clamp == clamp(y * s, 0, 127): s > 0
             return y.mul_(self.inv_scale).clamp_(0.0 if self.relu else -128.0, 127.0).round_().to(torch.int8)
         if self.relu:
