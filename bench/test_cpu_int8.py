@@ -12,25 +12,16 @@ ONNX Runtime comes from the ``bench`` extra; the test skips, saying what to inst
 """
 import os
 
-import pytest
-
 from fastres import benchmark as fb
 
-from conftest import DEVICES, QUICK
+from conftest import QUICK, run_cpu_table
 
 IMPLS = ("fastres", "fastres-int8", "onnxruntime", "onnxruntime-int8")
 
 
 def test_cpu_int8_table(tmp_path):
-    if "cpu" not in DEVICES:
-        pytest.skip("FASTRES_BENCH_DEVICE excludes cpu")
-    missing = fb.missing_extras(IMPLS)
-    if missing:
-        pytest.skip(f"the INT8 table compares with {', '.join(missing)}: "
-                    f"{', '.join(p for ps in missing.values() for p in ps)} not installed; {fb.BENCH_INSTALL_HINT}")
-    settings = fb.settings_for(QUICK, device="cpu", impls=IMPLS, archs=None if QUICK else ("resnet50", "resnet18"),
-                               batches=None if QUICK else (1, 8))
-    results = fb.run_comparison(settings, "cpu", progress=False)
+    results = run_cpu_table(IMPLS, "the INT8 table", **({} if QUICK else dict(archs=("resnet50", "resnet18"),
+                                                                               batches=(1, 8))))
     out = str(tmp_path) if QUICK else os.path.join("bench-results", "cpu-int8")
     fb.write_report(results, out, png=False)
     print("\n" + fb.markdown(results))

@@ -71,6 +71,8 @@ EXTRAS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx
           "torch-tensorrt": ("torch_tensorrt",), "onnxruntime-int8": ("onnxruntime", "onnx")}
 # the 8-bit implementations: compared with fp32 by logits cosine and top-1 agreement, not TOLERANCE
 EIGHT_BIT_IMPLS = ("fastres-int8", "onnxruntime-int8")
+# what runs when no implementation is named: the 8-bit ones are opt-in (``--compare int8,ort-int8``)
+DEFAULT_IMPLS = tuple(i for i in IMPLEMENTATIONS if i not in EIGHT_BIT_IMPLS)
 CALIBRATION_IMAGES = 16
 AGREEMENT_IMAGES = 64     # held-out images the 8-bit implementations' top-1 agreement and cosine are over
 BENCH_INSTALL_HINT = "pip install -e '.[bench]' (or: pip install onnxruntime onnx openvino)"
@@ -92,7 +94,7 @@ class Settings:
     target_seconds: float = 2.0      # timed time per implementation and cell, beyond min_rounds
     compile_batches: Optional[tuple] = None   # batches torch.compile is measured at (None: all)
     gpu_compile_mode: Optional[str] = "max-autotune"
-    impls: Optional[tuple] = None    # None: every implementation (the ones not installed skip)
+    impls: Optional[tuple] = None    # None: DEFAULT_IMPLS (the ones not installed skip)
     pause_s: Optional[float] = None  # before each timed call; None: CPU_PAUSE_S on CPU, 0 on GPU
     competing: int = 0               # busy processes started for the timing (contention)
 
@@ -589,7 +591,7 @@ def run_comparison(settings: Settings, device: str, *, progress: bool = True) ->
     (arch, batch) cell (see the module docstring), with a progress bar over the cells."""
     from tqdm import tqdm
 
-    impls = settings.impls or IMPLEMENTATIONS
+    impls = settings.impls or DEFAULT_IMPLS
     results = []
     cells = [(arch, batch) for arch in settings.archs for batch in settings.batches]
     bar = tqdm(total=len(cells) * len(impls), unit="impl", disable=not progress, dynamic_ncols=True)
