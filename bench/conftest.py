@@ -48,8 +48,9 @@ def run_cpu_table(impls: tuple, what: str, **overrides) -> list:
         pytest.skip("FASTRES_BENCH_DEVICE excludes cpu")
     missing = benchmark.missing_extras(impls)
     if missing:
-        pytest.skip(f"{what} compares with {', '.join(missing)}: "
-                    f"{', '.join(p for ps in missing.values() for p in ps)} not installed; {benchmark.BENCH_INSTALL_HINT}")
+        packages = ", ".join(p for ps in missing.values() for p in ps)
+        pytest.skip(f"{what} compares with {', '.join(missing)}: {packages} not installed; "
+                    f"{benchmark.BENCH_INSTALL_HINT}")
     settings = benchmark.settings_for(QUICK, device="cpu", impls=impls, **overrides)
     return benchmark.run_comparison(settings, "cpu", progress=False)
 

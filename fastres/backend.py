@@ -494,9 +494,10 @@ def qconv_runs_int8(step, shapes: "dict | None") -> str:
     """Why the qconv ``step`` cannot run as one oneDNN int8 convolution ("" when it can).
 
     oneDNN accumulates u8 x s8 products in int32 (exact, as the reference) and scales them by
-    ``acc_scale`` (``_Int8Conv``; checked bit for bit by ``onednn_int8_available``). It cannot take: e4m3 operands (its fp8 convolution accumulates in fp32, rounding, while the
-    reference is exact), a residual read at a stride or into a channel offset (CIFAR option A), a
-    projection shortcut that does not fit the main conv's centre tap (``_Int8Conv``)."""
+    ``acc_scale`` (``_Int8Conv``; checked bit for bit by ``onednn_int8_available``). Not taken:
+    e4m3 operands (oneDNN's fp8 convolution accumulates in fp32, rounding, where the reference is
+    exact), a residual read at a stride or into a channel offset (CIFAR option A), a projection
+    shortcut that does not fit the main conv's centre tap."""
     a, w = step.attrs, step.tensors["weight"]
     if w.dtype != torch.int8:
         return f"{w.dtype} operands"
@@ -611,7 +612,6 @@ class _OneDnnOps:
         onednn = getattr(torch.ops, "onednn", None)
         qconv = getattr(onednn, "qconv2d_pointwise", None) if onednn is not None else None
         self.qconv = getattr(qconv, "default", None)
-        self.qconv_add = getattr(qconv, "binary", None)
         self.qprepack = getattr(getattr(onednn, "qconv_prepack", None), "default", None)
 
     def reorder(self, weight, padding, stride, dilation, groups, input_shape):

@@ -23,6 +23,7 @@ import fastres
 from fastres import backend
 from fastres.ir import Plan, Ref, Step
 from fastres.ir_quant import fp32, qconv_reference
+from fastres.kernels._common import conv_output_size
 from fastres.quantize import _run_recording, quantize
 
 INT8 = torch.int8
@@ -93,7 +94,7 @@ def test_resnet_conv_shapes(shape):
     h, w = (13, 11) if c_in == 3 else (5, 6)
     step = _qconv_step(c_in, c_out, k, stride, padding, dilation, groups, relu=relu, residual=residual, seed=index)
     x = _int8((2, c_in, h, w), nonneg, index)
-    oh, ow = ((h + 2 * padding - dilation * (k - 1) - 1) // stride + 1, (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1)
+    oh, ow = (conv_output_size(n, k, stride, padding, dilation) for n in (h, w))
     r = _int8((2, c_out, oh, ow), False, index + 7) if residual else None
     _check(step, x, nonneg=nonneg, residual=r)
 
@@ -113,7 +114,7 @@ def test_resnet_conv_shapes(shape):
 def test_odd_shapes(batch, h, w, c_in, c_out, k, stride, padding, dilation, groups, nonneg):
     step = _qconv_step(c_in, c_out, k, stride, padding, dilation, groups, relu=True, residual=stride == 1)
     x = _int8((batch, c_in, h, w), nonneg, 0)
-    oh, ow = ((h + 2 * padding - dilation * (k - 1) - 1) // stride + 1, (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1)
+    oh, ow = (conv_output_size(n, k, stride, padding, dilation) for n in (h, w))
     r = _int8((batch, c_out, oh, ow), False, 3) if stride == 1 else None
     _check(step, x, nonneg=nonneg, residual=r)
 
