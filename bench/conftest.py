@@ -41,6 +41,20 @@ class Workloads:
         return self._current
 
 
+def run_cpu_table(impls: tuple, what: str, **overrides) -> list:
+    """One interleaved CPU run of ``impls`` (``benchmark.run_comparison``), or a skip saying what is
+    not installed; ``overrides``: ``settings_for``'s fields."""
+    if "cpu" not in DEVICES:
+        pytest.skip("FASTRES_BENCH_DEVICE excludes cpu")
+    missing = benchmark.missing_extras(impls)
+    if missing:
+        packages = ", ".join(p for ps in missing.values() for p in ps)
+        pytest.skip(f"{what} compares with {', '.join(missing)}: {packages} not installed; "
+                    f"{benchmark.BENCH_INSTALL_HINT}")
+    settings = benchmark.settings_for(QUICK, device="cpu", impls=impls, **overrides)
+    return benchmark.run_comparison(settings, "cpu", progress=False)
+
+
 @pytest.fixture(scope="session")
 def workloads():
     return Workloads()

@@ -11,26 +11,18 @@ test skips, saying what to install, without them.
 """
 import os
 
-import pytest
 import torch
 
 from fastres import benchmark as fb
 
-from conftest import DEVICES, QUICK
+from conftest import QUICK, run_cpu_table
 
 IMPLS = ("torchvision", "torchvision-compile", "fastres", "fastres-engine", "onnxruntime", "openvino")
 COMPETING = int(os.environ.get("FASTRES_BENCH_COMPETING", "0") or 0)
 
 
 def test_cpu_table(tmp_path):
-    if "cpu" not in DEVICES:
-        pytest.skip("FASTRES_BENCH_DEVICE excludes cpu")
-    missing = fb.missing_extras(IMPLS)
-    if missing:
-        pytest.skip(f"the CPU table compares with {', '.join(missing)}: "
-                    f"{', '.join(p for ps in missing.values() for p in ps)} not installed; {fb.BENCH_INSTALL_HINT}")
-    settings = fb.settings_for(QUICK, device="cpu", impls=IMPLS, competing=COMPETING)
-    results = fb.run_comparison(settings, "cpu", progress=False)
+    results = run_cpu_table(IMPLS, "the CPU table", competing=COMPETING)
     out = (str(tmp_path) if QUICK else
            os.path.join("bench-results", "cpu" + (f"-competing{COMPETING}" if COMPETING else "")))
     fb.write_report(results, out, png=fb.can_plot())

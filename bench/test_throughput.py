@@ -9,7 +9,7 @@ from fastres import benchmark as fb
 from conftest import DEVICES, QUICK, SETTINGS_FOR
 
 CASES = [(device, arch, batch, impl) for device in DEVICES for arch in SETTINGS_FOR[device].archs
-         for batch in SETTINGS_FOR[device].batches for impl in fb.IMPLEMENTATIONS]
+         for batch in SETTINGS_FOR[device].batches for impl in fb.DEFAULT_IMPLS]
 STRICT = os.environ.get("FASTRES_BENCH_STRICT", "0") not in ("", "0")
 
 

@@ -4,7 +4,8 @@ The choice is made per call from the tensors' device, so one op never resolves t
 user's back:
 
 * CUDA tensors -> ``triton`` (our kernels); CPU tensors -> ``torch`` (``CpuBackend``: float32 runs
-  as one oneDNN program per plan, other dtypes the references in kernels/); ``meta`` tensors ->
+  as one oneDNN program per plan, a quantized plan's int8 convs as oneDNN int8 convolutions inside
+  it, other dtypes the references in kernels/); ``meta`` tensors ->
   ``triton`` (recording launches for ``fastres aot`` / ``fastres inspect``).
 * ``FASTRES_BACKEND=triton|torch|reference`` (read when fastres is imported) or
   ``fastres.set_backend(...)`` / ``with fastres.use_backend(...)`` force one. ``reference`` runs
@@ -406,6 +407,194 @@ def _check_onednn() -> tuple:
     return True, ""
 
 
+# -- CPU: oneDNN int8 ------------------------------------------------------------------------------
+_onednn_int8_state: "bool | None" = None
+_onednn_int8_reason = ""
+
+
+def onednn_int8_available() -> bool:
+    """Whether oneDNN's int8 convolution (``torch.ops.onednn.qconv2d_pointwise``, the op behind
+    PyTorch's x86 PT2E quantization) exists here and computes our 8-bit steps bit for bit: checked
+    once, on small convs of the shapes the 8-bit plan uses (1x1, 3x3 strided, grouped, the 7x7 stem
+    on signed input, a residual, saturation, ties) against ``conv2d_nhwc_8bit_ref``. Where it does
+    not, the qconv steps run that reference (``onednn_int8_unavailable_reason``)."""
+    global _onednn_int8_state, _onednn_int8_reason
+    if _onednn_int8_state is None:
+        _onednn_int8_state, _onednn_int8_reason = (_check_onednn_int8() if onednn_available()
+                                                   else (False, onednn_unavailable_reason()))
+    return _onednn_int8_state
+
+
+def onednn_int8_unavailable_reason() -> str:
+    onednn_int8_available()
+    return _onednn_int8_reason
+
+
+def _check_onednn_int8() -> tuple:
+    from .kernels.conv2d_nhwc import QuantEpilogue, conv2d_nhwc_8bit_ref
+    try:
+        ops = _OneDnnOps()
+        if ops.qconv is None:
+            return False, "torch.ops.onednn.qconv2d_pointwise is missing from this PyTorch"
+        g = torch.Generator().manual_seed(0)
+
+        def rand_int8(*shape, low=-128):
+            return torch.randint(low, 128, shape, generator=g, dtype=torch.int8)
+
+        def check(name, x, w, *, stride=1, padding=0, groups=1, relu=True, residual=None, out=torch.int8,
+                  acc_scale=None, bias=None, inv_scale=None, nonneg=False):
+            o = w.shape[0]
+            acc_scale = acc_scale if acc_scale is not None else torch.rand(o, generator=g) * 1e-3 + 1e-5
+            bias = bias if bias is not None else torch.randn(o, generator=g)
+            quant = QuantEpilogue(acc_scale=acc_scale, out_dtype=out,
+                                  out_inv_scale=(inv_scale or 3.5) if out == torch.int8 else None,
+                                  residual_scale=0.03125 if residual is not None else None)
+            x = x.contiguous(memory_format=CL)
+            residual = residual.contiguous(memory_format=CL) if residual is not None else None
+            conv = _Int8Conv(ops, w, None, quant, bias, (stride, stride), (padding, padding), (1, 1), groups,
+                             relu, x.shape, nonneg, shortcut_stride=1)
+            got = conv(x, None, residual)
+            want = conv2d_nhwc_8bit_ref(x, w, bias, quant, stride=stride, padding=padding, groups=groups,
+                                        residual=residual, relu=relu)
+            if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+                raise _Mismatch(name)
+
+        w = rand_int8(24, 16, 1, 1, low=-127)
+        check("1x1 on post-ReLU input", rand_int8(2, 16, 5, 6, low=0), w, nonneg=True)
+        check("1x1, no ReLU, fp32 out", rand_int8(2, 16, 5, 6, low=0), w, relu=False, out=torch.float32,
+              nonneg=True)
+        check("3x3 stride 2, signed input", rand_int8(1, 16, 9, 7), rand_int8(32, 16, 3, 3, low=-127),
+              stride=2, padding=1)
+        check("grouped 3x3", rand_int8(1, 32, 6, 6, low=0), rand_int8(32, 4, 3, 3, low=-127), padding=1,
+              groups=8, nonneg=True)
+        check("3x3 + residual", rand_int8(1, 16, 6, 5, low=0), rand_int8(16, 16, 3, 3, low=-127), padding=1,
+              residual=rand_int8(1, 16, 6, 5), nonneg=True)
+        check("7x7 stem on signed input", rand_int8(1, 4, 21, 21), rand_int8(16, 4, 7, 7, low=-127), stride=2)
+        # the largest products (a non-VNNI int8 kernel would saturate pairs of them in int16) and
+        # ties: acc * 0.5 is a half integer for odd acc, rounded half to even
+        full = torch.full((1, 8, 4, 4), -128, dtype=torch.int8)
+        w_full = torch.full((8, 8, 1, 1), 127, dtype=torch.int8)
+        w_full[::2] *= -1
+        check("saturation", full, w_full, acc_scale=torch.full((8,), 1e-3), inv_scale=1.0)
+        small = rand_int8(1, 8, 5, 5, low=0) % 4
+        check("ties", small, rand_int8(8, 8, 1, 1, low=-3) % 3, acc_scale=torch.full((8,), 0.5),
+              bias=torch.zeros(8), inv_scale=1.0, relu=False, nonneg=True)
+    except _Mismatch as err:
+        return False, f"oneDNN's int8 convolution differs from the integer reference here ({err})"
+    except Exception as err:  # noqa: BLE001 - private ops: any failure means "use the reference"
+        return False, f"oneDNN's int8 convolution is not usable ({type(err).__name__}: {err})"
+    return True, ""
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def qconv_runs_int8(step, shapes: "dict | None") -> str:
+    """Why the qconv ``step`` cannot run as one oneDNN int8 convolution ("" when it can).
+
+    oneDNN accumulates u8 x s8 products in int32 (exact, as the reference) and scales them by
+    ``acc_scale`` (``_Int8Conv``; checked bit for bit by ``onednn_int8_available``). Not taken:
+    e4m3 operands (oneDNN's fp8 convolution accumulates in fp32, rounding, where the reference is
+    exact), a residual read at a stride or into a channel offset (CIFAR option A), a projection
+    shortcut that does not fit the main conv's centre tap."""
+    a, w = step.attrs, step.tensors["weight"]
+    if w.dtype != torch.int8:
+        return f"{w.dtype} operands"
+    if step.extra_outputs or "residual_stride" in a or "residual_channel_offset" in a or "residual_pad" in a:
+        return "a strided or channel-offset residual"
+    if a["out_dtype"] not in (torch.int8, torch.float32, torch.float16, torch.bfloat16):
+        return f"{a['out_dtype']} output"
+    if a["out_dtype"] == torch.int8 and not a["out_inv_scale"] > 0:
+        return "a non-positive output scale"
+    if shapes is None or step.name not in shapes:
+        return "no 4-D shapes recorded"
+    if "shortcut" in step.inputs:
+        kh, kw = w.shape[2:]
+        s = a["shortcut_stride"]
+        sc_h, sc_w = shapes[step.name]["shortcut"][2:]
+        if not (tuple(a["stride"]) == (1, 1) and tuple(a["dilation"]) == (1, 1) and a["groups"] == 1
+                and kh % 2 == 1 and kw % 2 == 1 and tuple(a["padding"]) == (kh // 2, kw // 2)
+                and shapes[step.name]["out"][2:] == (-(-sc_h // s), -(-sc_w // s))):
+            return "a shortcut that does not fit the conv's centre tap"
+    return ""
+
+
+class _Int8Conv:
+    """One qconv step as one ``onednn::qconv2d_pointwise`` call (weights prepacked once) and the
+    reference's epilogue in PyTorch.
+
+    Our activations are symmetric int8; oneDNN takes unsigned ones with a zero point: an input
+    known to be >= 0 (a ReLU output, or a max pool of one) is reinterpreted as uint8 (zero point 0,
+    no copy), any other is shifted by 128 (``x ^ 0x80`` on its bytes, zero point 128). oneDNN
+    accumulates in int32 (exact) and, with x_scale 1 and the weight scales ``acc_scale``, writes the
+    fp32 ``acc * acc_scale[c]``: one conversion and one multiply, the reference's roundings. The rest
+    of the epilogue (+ bias, + residual * residual_scale, ReLU, * out_inv_scale, round half to even,
+    saturate) runs as PyTorch ops, one fp32 rounding each: oneDNN's own bias, ``sum`` post-op and
+    requantization fuse a multiply-add (measured: 1 value in 18k of a 1x1 stride-2 conv rounded to
+    the other side of a tie; its int8 ``sum`` 1 in 3.6M), so their answer is not the reference's.
+
+    A projection shortcut (concat-K: one accumulator) becomes extra input channels: its strided
+    input concatenated to x, its 1x1 weight placed at the centre tap of the main conv's kernel
+    (zeros elsewhere), so the int32 sum is the reference's.
+    """
+
+    def __init__(self, ops, weight, shortcut_weight, quant, bias, stride, padding, dilation, groups, relu,
+                 x_shape, nonneg: bool, shortcut_stride: int):
+        self.ops, self.relu, self.quant = ops, relu, quant
+        self.geometry = (list(stride), list(padding), list(dilation), groups)
+        self.shortcut_stride = shortcut_stride
+        self.zero_point = 0 if nonneg else 128
+        w = weight.detach()
+        x_shape = list(x_shape)
+        if shortcut_weight is not None:
+            kh, kw = w.shape[2:]
+            o, c_sc = shortcut_weight.shape[:2]
+            centre = torch.zeros(o, c_sc, kh, kw, dtype=torch.int8)
+            centre[:, :, kh // 2, kw // 2] = shortcut_weight.detach()[:, :, 0, 0]
+            w = torch.cat([w, centre], 1)
+            x_shape[1] += c_sc
+        self.scales = quant.acc_scale.float().contiguous()
+        self.zero_points = torch.zeros(w.shape[0], dtype=torch.int64)
+        self.bias = bias.float().view(1, -1, 1, 1) if bias is not None else None
+        self.weight = ops.qprepack(w.contiguous(), self.scales, 1.0, self.zero_point, *self.geometry[:3],
+                                   groups, x_shape)
+        self.int8_out = quant.out_dtype == torch.int8
+        self.inv_scale = (torch.tensor(quant.out_inv_scale, dtype=torch.float32) if self.int8_out else None)
+        self.residual_scale = (torch.tensor(quant.residual_scale, dtype=torch.float32)
+                               if quant.residual_scale is not None else None)
+
+    @classmethod
+    def from_step(cls, ops, step, x_shape, nonneg: bool) -> "_Int8Conv":
+        """The conv of qconv ``step`` (``qconv_runs_int8(step)`` is "") for inputs of ``x_shape``;
+        ``nonneg``: its inputs (x and the shortcut's) are known to be >= 0."""
+        from .ir_quant import qconv_epilogue
+        a, t = step.attrs, step.tensors
+        return cls(ops, t["weight"], t.get("shortcut_weight"), qconv_epilogue(step), t.get("bias"), a["stride"],
+                   a["padding"], a["dilation"], a["groups"], a["relu"], x_shape, nonneg, a.get("shortcut_stride", 1))
+
+    def _unsigned(self, x):
+        u = x.view(torch.uint8)
+        return u if self.zero_point == 0 else torch.bitwise_xor(u, 128)
+
+    def __call__(self, x, shortcut=None, residual=None):
+        q = _nhwc(self._unsigned(x))
+        if shortcut is not None:
+            s = self.shortcut_stride
+            q = torch.cat([q, _nhwc(self._unsigned(shortcut))[:, :, ::s, ::s]], 1).contiguous(memory_format=CL)
+        y = self.ops.qconv(q, 1.0, self.zero_point, self.weight, self.scales, self.zero_points, None,
+                           *self.geometry, 1.0, 0, torch.float32, "none", [], "")     # fp32 acc * acc_scale
+        if self.bias is not None:
+            y.add_(self.bias)
+        if residual is not None:
+            y.add_(residual.float().mul_(self.residual_scale))    # (torch.mul(int8, fp32) is 30x slower)
+        if self.int8_out:     # relu(y) * s then clamp == clamp(y * s, 0, 127): s > 0
+            return y.mul_(self.inv_scale).clamp_(0.0 if self.relu else -128.0, 127.0).round_().to(torch.int8)
+        if self.relu:
+            y.relu_()
+        return y if self.quant.out_dtype == torch.float32 else y.to(self.quant.out_dtype)
+
+
 class _OneDnnOps:
     """The private ops, resolved once (``OpOverload``s: the cheapest Python call into them)."""
     linear_usable = True      # mkldnn::_linear_pointwise passed the smoke test
@@ -419,6 +608,11 @@ class _OneDnnOps:
         # the head's linear (dense weight); optional: addmm where it is missing
         self.linear = (getattr(getattr(mkldnn, "_linear_pointwise", None), "default", None)
                        if self.linear_usable else None)
+        # oneDNN's int8 convolution (optional: the qconv steps run their reference where it is missing)
+        onednn = getattr(torch.ops, "onednn", None)
+        qconv = getattr(onednn, "qconv2d_pointwise", None) if onednn is not None else None
+        self.qconv = getattr(qconv, "default", None)
+        self.qprepack = getattr(getattr(onednn, "qconv_prepack", None), "default", None)
 
     def reorder(self, weight, padding, stride, dilation, groups, input_shape):
         """``weight`` in the blocked layout oneDNN's convolution picks for ``input_shape``."""
@@ -457,6 +651,10 @@ class CpuBackend(ReferenceBackend):
       per layer and take no fused post-ops from PyTorch).
     * the head is a contiguous mean over the pixels + ``addmm``; max pool, SE scaling, strided
       (CIFAR) residuals, second outputs and PyTorch steps run their references.
+    * a quantized plan's int8 ``qconv`` steps run oneDNN's int8 convolution (``_Int8Conv``: bit for
+      bit ``conv2d_nhwc_8bit_ref``, smoke-tested at first use by ``onednn_int8_available``); the
+      ones it cannot run exactly (``qconv_runs_int8``: e4m3, option-A residuals) and the other 8-bit
+      kinds run their references (``program.int8_fallbacks`` says why, per step).
     * the steps are generated as one straight-line Python function (``program.source``) with the
       weights and geometry bound as constants, values freed after their last reader: a step costs
       one op call, no dictionary of values, no per-step dispatch.
@@ -583,7 +781,8 @@ def _finite_tensors(plan) -> bool:
     finite = plan.__dict__.get("_onednn_finite")
     if finite is None:
         finite = plan.__dict__["_onednn_finite"] = all(
-            bool(torch.isfinite(t).all()) for step in plan.steps if step.kind != "torch"
+            bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())   # (no isfinite for fp8)
+            for step in plan.steps if step.kind != "torch"
             for t in step.tensors.values() if torch.is_tensor(t) and t.is_floating_point())
     return finite
 
@@ -658,6 +857,9 @@ class OneDnnProgram:
         def geometry(padding, stride, dilation, groups):
             return f"{list(padding)}, {list(stride)}, {list(dilation)}, {groups}"
 
+        nonneg = set()           # 8-bit values known to be >= 0 (ReLU outputs): oneDNN reads them as uint8
+        int8 = onednn_int8_available()
+        self.int8_fallbacks = {}  # qconv step name -> why it runs its reference
         self._step_starts = []   # (index of the step's first line, step name, step kind)
         for i, step in enumerate(steps):
             self._step_starts.append((len(lines), step.name, step.kind))
@@ -712,6 +914,18 @@ class OneDnnProgram:
                     lines.append("del " + ", ".join(temporaries))
                 fresh.add(step.output)
                 self.onednn_steps.append(step.name)
+            elif step.kind == "qconv" and int8 and not (why := qconv_runs_int8(step, shapes)):
+                sc = step.inputs.get("shortcut")
+                conv = _Int8Conv.from_step(ops, step, shapes[step.name]["x"],
+                                           step.inputs["x"] in nonneg and (sc is None or sc in nonneg))
+                fn = const(conv, "qconv")
+                self.nbytes += conv.weight.numel() * conv.weight.element_size()
+                args = [read(step.inputs["x"]), read(sc) if sc else "None",
+                        read(step.inputs["residual"]) if "residual" in step.inputs else "None"]
+                lines.append(f"{out} = {fn}({', '.join(args)})")
+                if a["relu"] and a["out_dtype"] == torch.int8:
+                    nonneg.add(step.output)
+                self.onednn_steps.append(step.name)
             elif step.kind == "head" and a.get("pool") != "width":
                 x = read(step.inputs["x"])
                 bias = const(t["bias"].float().contiguous(), "b")
@@ -725,6 +939,10 @@ class OneDnnProgram:
                     consts["addmm"] = torch.addmm
                 consts["pool"] = _global_pool
             else:
+                if step.kind == "qconv":
+                    self.int8_fallbacks[step.name] = why if int8 else onednn_int8_unavailable_reason()
+                elif step.kind == "max_pool" and step.inputs["x"] in nonneg:
+                    nonneg.add(step.output)          # a maximum of values >= 0
                 fn = const(_reference_call(step), "step")
                 relayout = step.kind in KERNEL_KINDS
                 args = ", ".join(f"{role!r}: {read(name, relayout)}"
@@ -793,7 +1011,7 @@ def _conv_shapes(plan, input_shape: tuple) -> dict:
             y = super().run(step, op, args, out)
             # a conv whose output is added by broadcasting (ir.residual_broadcasts) has no
             # oneDNN form: its binary post-op needs the residual in the conv output's shape
-            if (step.kind in ("conv", "conv_pair") and torch.is_tensor(y)
+            if (step.kind in ("conv", "conv_pair", "qconv") and torch.is_tensor(y)
                     and all(torch.is_tensor(v) and v.dim() == 4 for v in args.values())
                     and not (step.kind == "conv" and residual_broadcasts(step, args))):
                 shapes[step.name] = {**{role: tuple(v.shape) for role, v in args.items()},

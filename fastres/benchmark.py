@@ -9,6 +9,15 @@ Implementations, all fed the same input batch (normalised float, made once per b
     onnxruntime           ONNX Runtime, CPU execution provider, when installed (the ``bench`` extra)
     openvino              OpenVINO on CPU, f32 inference precision, latency hint, when installed
     torch-tensorrt        TensorRT through torch-tensorrt, GPU only, when installed
+    fastres-int8          ``fastres.quantize(..., dtype="int8")`` of the model (default percentile
+                          calibration), on CPU oneDNN's int8 convolution (bit for bit the integer reference)
+    onnxruntime-int8      ONNX Runtime on the same model after its static INT8 quantization
+                          (``quantize_static``: QDQ, per-channel int8 weights, uint8 activations,
+                          MinMax calibration), CPU only
+
+Both 8-bit implementations calibrate on the same ``CALIBRATION_IMAGES`` images (not the timed input);
+their top-1 agreement and logits cosine against torchvision fp32 are over ``AGREEMENT_IMAGES`` other
+images (``Workload.agreement``), the other implementations' over the timed batch.
 
 Timing (``run_comparison``): per (architecture, batch), every implementation is built and warmed up
 first (compilation, graph capture and the first call are excluded), then the implementations are
@@ -48,17 +57,24 @@ __all__ = ["Settings", "Skip", "Workload", "IMPLEMENTATIONS", "BASELINE", "setti
            "missing_extras"]
 
 IMPLEMENTATIONS = ("torchvision", "torchvision-compile", "fastres", "fastres-engine", "onnxruntime",
-                   "openvino", "torch-tensorrt")
+                   "openvino", "torch-tensorrt", "fastres-int8", "onnxruntime-int8")
 BASELINE = "torchvision"
 REFERENCE_RUNTIME = "onnxruntime"     # the CPU goal: fastres at least as fast as ONNX Runtime
 FASTRES_IMPLS = ("fastres", "fastres-engine")
 # names ``--compare`` takes besides the full ones
 ALIASES = {"ort": "onnxruntime", "ov": "openvino", "compile": "torchvision-compile",
            "tv": "torchvision", "eager": "torchvision", "module": "fastres", "engine": "fastres-engine",
-           "trt": "torch-tensorrt", "tensorrt": "torch-tensorrt"}
+           "trt": "torch-tensorrt", "tensorrt": "torch-tensorrt", "int8": "fastres-int8",
+           "ort-int8": "onnxruntime-int8"}
 # the Python packages each optional implementation needs (the ``bench`` extra holds the CPU ones)
 EXTRAS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx"),
-          "torch-tensorrt": ("torch_tensorrt",)}
+          "torch-tensorrt": ("torch_tensorrt",), "onnxruntime-int8": ("onnxruntime", "onnx")}
+# the 8-bit implementations: compared with fp32 by logits cosine and top-1 agreement, not TOLERANCE
+EIGHT_BIT_IMPLS = ("fastres-int8", "onnxruntime-int8")
+# what runs when no implementation is named: the 8-bit ones are opt-in (``--compare int8,ort-int8``)
+DEFAULT_IMPLS = tuple(i for i in IMPLEMENTATIONS if i not in EIGHT_BIT_IMPLS)
+CALIBRATION_IMAGES = 16
+AGREEMENT_IMAGES = 64     # held-out images the 8-bit implementations' top-1 agreement and cosine are over
 BENCH_INSTALL_HINT = "pip install -e '.[bench]' (or: pip install onnxruntime onnx openvino)"
 # max |logit error| / max |logit| against torchvision fp32 that a fastres implementation may show
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
@@ -78,7 +94,7 @@ class Settings:
     target_seconds: float = 2.0      # timed time per implementation and cell, beyond min_rounds
     compile_batches: Optional[tuple] = None   # batches torch.compile is measured at (None: all)
     gpu_compile_mode: Optional[str] = "max-autotune"
-    impls: Optional[tuple] = None    # None: every implementation (the ones not installed skip)
+    impls: Optional[tuple] = None    # None: DEFAULT_IMPLS (the ones not installed skip)
     pause_s: Optional[float] = None  # before each timed call; None: CPU_PAUSE_S on CPU, 0 on GPU
     competing: int = 0               # busy processes started for the timing (contention)
 
@@ -257,7 +273,7 @@ class Workload:
     def runner(self, impl: str, batch: int) -> Callable[[], torch.Tensor]:
         """A no-argument callable running ``impl`` on this batch (synchronised on GPU); raises Skip."""
         x = self.input(batch)
-        if impl in ("onnxruntime", "openvino") and self.device != "cpu":
+        if impl in ("onnxruntime", "openvino", "onnxruntime-int8") and self.device != "cpu":
             raise Skip(f"{impl} is compared on CPU only")
         if impl == "torch-tensorrt" and self.device != "cuda":
             raise Skip("TensorRT runs on GPU only")
@@ -299,6 +315,13 @@ class Workload:
         if impl == "torch-tensorrt":
             model = self._get(f"{impl}/{batch}", lambda: self._tensorrt_module(x))
             return self._torch_call(model, x)
+        if impl == "fastres-int8":
+            model = self._get(impl, self._fastres_int8)
+            return self._torch_call(model, x)
+        if impl == "onnxruntime-int8":
+            session = self._get(impl, self._onnxruntime_int8_session)
+            array = x.numpy()
+            return lambda: torch.from_numpy(session.run(None, {"images": array})[0])
         raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}")
 
     def _compiled(self):
@@ -334,14 +357,73 @@ class Workload:
             return buffer.getvalue()
         return self._get("onnx", export)
 
-    def _onnxruntime_session(self):
+    def calibration(self) -> torch.Tensor:
+        """The images both 8-bit implementations calibrate on (fp32, CPU; not the timed input)."""
+        if "calibration" not in self._built:
+            from .verify import image_batch
+            self._built["calibration"] = image_batch(CALIBRATION_IMAGES, self.size, self.seed + 1)
+        return self._built["calibration"]
+
+    def agreement(self, impl: str) -> tuple:
+        """(top-1 agreement, logits cosine) of ``impl`` against torchvision fp32 over
+        ``AGREEMENT_IMAGES`` held-out images (batches of 8), once per workload."""
+        def compute():
+            from .verify import image_batch
+            x = image_batch(AGREEMENT_IMAGES, self.size, self.seed + 2).to(self.device)
+            model = self._get("reference", lambda: copy.deepcopy(self.master).to(self.device))
+            with torch.inference_mode():
+                ref = torch.cat([model(b).float() for b in x.split(8)])
+                out = torch.cat([self._call_once(impl, b.to(self.dtype)).float().to(ref.device) for b in x.split(8)])
+            cosine = torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(), dim=0)
+            return float((out.argmax(-1) == ref.argmax(-1)).float().mean()), float(cosine)
+        return self._get(f"agreement/{impl}", compute)
+
+    def _call_once(self, impl: str, x: torch.Tensor) -> torch.Tensor:
+        if impl == "onnxruntime-int8":
+            return torch.from_numpy(self._get(impl, self._onnxruntime_int8_session).run(None, {"images": x.numpy()})[0])
+        return self._get(impl, self._fastres_int8)(x)
+
+    def _fastres_int8(self):
+        from .quantize import quantize
+        return quantize(copy.deepcopy(self.master), self.calibration(), dtype="int8", progress=False).to(self.device)
+
+    def _onnxruntime_int8_session(self):
+        """ONNX Runtime's static INT8 quantization of the exported model: QDQ format, per-channel
+        int8 weights, uint8 activations (the fast U8S8 kernels on x86), MinMax calibration on
+        ``calibration()``, after ORT's recommended pre-processing (shape inference, optimisation)."""
+        from onnxruntime import quantization as q
+        images = self.calibration().numpy()
+
+        class Reader(q.CalibrationDataReader):
+            def __init__(self):
+                self.batches = iter([{"images": images[i:i + 1]} for i in range(len(images))])
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32, prepared, int8 = (os.path.join(tmp, f"{n}.onnx") for n in ("fp32", "prepared", "int8"))
+            with open(fp32, "wb") as f:
+                f.write(self.onnx_bytes())
+            try:
+                from onnxruntime.quantization.shape_inference import quant_pre_process
+                quant_pre_process(fp32, prepared)
+            except Exception:  # noqa: BLE001 - optional step: quantize the exported model as it is
+                prepared = fp32
+            q.quantize_static(prepared, int8, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                              activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                              calibrate_method=q.CalibrationMethod.MinMax)
+            with open(int8, "rb") as f:
+                return self._onnxruntime_session(f.read())
+
+    def _onnxruntime_session(self, model: Optional[bytes] = None):
         import onnxruntime
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        return onnxruntime.InferenceSession(self.onnx_bytes(), options, providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(model or self.onnx_bytes(), options, providers=["CPUExecutionProvider"])
 
     def _openvino_request(self, batch: int):
         import openvino
@@ -380,6 +462,7 @@ class Measurement:
     times: list = field(default_factory=list)     # seconds per call
     max_rel_error: Optional[float] = None
     top1_agreement: Optional[float] = None
+    cosine: Optional[float] = None                # of the logits to torchvision fp32's
     skipped: Optional[str] = None
     speedup: Optional[float] = None               # images/s over torchvision eager's
     vs_reference: Optional[float] = None          # images/s over ONNX Runtime's (CPU)
@@ -414,6 +497,7 @@ class Measurement:
                 "load": list(self.load) if self.load else None, "competing": self.competing,
                 "threads_used": self.threads_used,
                 "max_rel_error": self.max_rel_error, "top1_agreement": self.top1_agreement,
+                "cosine": self.cosine,
                 "skipped": self.skipped}
 
 
@@ -447,6 +531,9 @@ def prepare(workload: Workload, impl: str, batch: int) -> tuple[Callable, Measur
     out = out.to(ref.device)
     m.max_rel_error = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     m.top1_agreement = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    m.cosine = float(torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(), dim=0))
+    if impl in EIGHT_BIT_IMPLS:
+        m.top1_agreement, m.cosine = workload.agreement(impl)
     start = time.perf_counter()
     runner()
     m.times = [time.perf_counter() - start]      # a first measurement; callers add the rounds
@@ -504,7 +591,7 @@ def run_comparison(settings: Settings, device: str, *, progress: bool = True) ->
     (arch, batch) cell (see the module docstring), with a progress bar over the cells."""
     from tqdm import tqdm
 
-    impls = settings.impls or IMPLEMENTATIONS
+    impls = settings.impls or DEFAULT_IMPLS
     results = []
     cells = [(arch, batch) for arch in settings.archs for batch in settings.batches]
     bar = tqdm(total=len(cells) * len(impls), unit="impl", disable=not progress, dynamic_ncols=True)
@@ -599,15 +686,15 @@ def markdown(results: list[Measurement]) -> str:
         lines.append(machine_line(results) + "; " + ", ".join(f"{k} {v}" for k, v in info.items()))
         lines.append("")
     lines += ["| arch | batch | implementation | images/s | ms p50 (p20-p80) | GFLOP/s "
-              "| speedup vs torchvision | vs ONNX Runtime | max rel. error | top-1 agree | note |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| speedup vs torchvision | vs ONNX Runtime | max rel. error | logits cosine | top-1 agree | note |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for m in results:
         ms = f"{m.ms(0.5):.2f} ({m.ms(0.2):.2f}-{m.ms(0.8):.2f})" if m.times else ""
         lines.append(f"| {m.arch} | {m.batch} | {m.impl} | {_fmt(m.images_per_s, '.1f')} | {ms} | "
                      f"{_fmt(m.gflops_per_s, '.1f')} | "
                      f"{_fmt(m.speedup, '.2f') + ('x' if m.speedup else '')} | "
                      f"{_fmt(m.vs_reference, '.2f') + ('x' if m.vs_reference else '')} | "
-                     f"{_fmt(m.max_rel_error, '.1e')} | {_fmt(m.top1_agreement, '.0%')} | "
+                     f"{_fmt(m.max_rel_error, '.1e')} | {_fmt(m.cosine, '.5f')} | {_fmt(m.top1_agreement, '.0%')} | "
                      f"{'skipped: ' + m.skipped if m.skipped else ''}"
                      f"{_threads_note(m)} |")
     table = ratio_table(results)

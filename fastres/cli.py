@@ -237,7 +237,7 @@ def cmd_bench(args) -> int:
         print(f"fastres bench: --compare: {err}", file=sys.stderr)
         return 2
     # optional dependencies are checked before the (long) comparison runs, not after it
-    missing = benchmark.missing_extras(impls or benchmark.IMPLEMENTATIONS)
+    missing = benchmark.missing_extras(impls or benchmark.DEFAULT_IMPLS)
     for impl in (("torch-tensorrt",) if device == "cpu" else ("onnxruntime", "openvino")):
         missing.pop(impl, None)     # skipped on this device anyway
     if missing and impls:
@@ -375,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: cuda when available, else cpu")
     p.add_argument("--compare", default=None,
                    help="what to compare the fastres module and Engine with, comma list of "
-                        "torchvision, ort (onnxruntime), openvino, compile (torch.compile), tensorrt, or "
-                        "'all' (default: every implementation, those not installed skipped)")
+                        "torchvision, ort (onnxruntime), openvino, compile (torch.compile), tensorrt, "
+                        "int8 (fastres.quantize int8), ort-int8 (ONNX Runtime static INT8, QDQ), or "
+                        "'all' (default: every fp/fp16 implementation, those not installed skipped)")
     p.add_argument("--rounds", type=positive_int, default=None,
                    help="timed calls per implementation and cell (default: sized to the call time)")
     p.add_argument("--competing", type=int, default=0, metavar="N",

@@ -33,11 +33,12 @@ accumulator, so both weights share the accumulator scale t[c] = max(s_x amax(W[c
 s_sc amax(W_sc[c])) / qmax (the branch with the smaller products uses less than the full range).
 
 Backends: CUDA tensors run the Triton 8-bit kernels (int8 on sm_80+, e4m3 on sm_89+); CPU tensors
-run the integer reference (``conv2d_nhwc_8bit_ref``: exact accumulation in float64, the kernel's
-fp32 epilogue), or the Triton kernels under ``TRITON_INTERPRET=1`` with ``fastres.use_backend
-("triton")``. PyTorch's oneDNN int8 convolutions are not used: they sit behind the quantized
-tensor / PT2E quantization stack with its own (affine, zero-point) rounding, not a function of int8
-tensors and our scales.
+run the CPU backend's program: int8 convs on oneDNN's int8 convolution (``onednn::qconv2d_pointwise``
+for the exact int32 accumulation and ``acc * acc_scale``, the rest of the epilogue as PyTorch ops:
+bit for bit the integer reference, ``fastres.backend._Int8Conv``), everything else (and all of
+e4m3) on the integer reference (``conv2d_nhwc_8bit_ref``: exact accumulation in float64, the
+kernel's fp32 epilogue); ``fastres.use_backend("reference")`` runs the reference throughout, and the
+Triton kernels run under ``TRITON_INTERPRET=1`` with ``fastres.use_backend("triton")``.
 
 The quantized model is a snapshot: it holds its own 8-bit weights and scales, so later edits of
 the float model do not reach it (PyTorch steps of the plan still call the model's own layers).

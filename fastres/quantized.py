@@ -26,8 +26,10 @@ DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 class QuantizedModel(nn.Module):
     """The inference module ``fastres.quantize`` returns: float NCHW images in (any float dtype; as
     the eval model takes them), the plan's outputs (logits in fp32) out. CUDA inputs run the Triton
-    8-bit kernels; CPU inputs the integer reference (or, with ``fastres.use_backend("triton")``
-    under ``TRITON_INTERPRET=1``, the same Triton kernels in the interpreter).
+    8-bit kernels; CPU inputs the CPU backend's program (int8 convs on oneDNN's int8 convolution, bit
+    for bit the integer reference; ``fastres.use_backend("reference")`` runs the reference itself),
+    or with ``fastres.use_backend("triton")`` under ``TRITON_INTERPRET=1`` the Triton kernels in the
+    interpreter.
 
     ``report`` is the ``QuantReport`` of the calibration; ``scales`` the activation scale of every
     8-bit value; ``.to(device)`` moves the 8-bit weights (dtypes never change)."""
@@ -46,7 +48,7 @@ class QuantizedModel(nn.Module):
         if x.device != self.plan.device:
             raise ValueError(f"input on {x.device}, the quantized model on {self.plan.device}: move one of them")
         with torch.no_grad():
-            return self.plan.run(x.float(), get_backend(backend_for(x.device)))
+            return get_backend(backend_for(x.device)).execute(self.plan, x.float())
 
     def _apply(self, fn, recurse=True):
         device = None

@@ -4,6 +4,7 @@ skipped, and the tolerance rules of the convolution kernels (style guide #11, #1
 Importing this module imports no kernel, so a test module can call ``skip_without_gpu_or_interpreter``
 before it imports ``fastres.kernels`` (the interpreter is chosen when a kernel is decorated).
 """
+import functools
 import math
 import os
 
@@ -14,6 +15,37 @@ import triton
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 CL = torch.channels_last
+
+
+def _conv_shapes_of(model):
+    """{(C_in, C_out, k, stride, padding, dilation, groups)} of every conv a 224x224 forward runs."""
+    shapes = set()
+
+    def hook(mod, inputs, output):
+        shapes.add((mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0], mod.padding[0],
+                    mod.dilation[0], mod.groups))
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            assert mod.kernel_size[0] == mod.kernel_size[1] and mod.stride[0] == mod.stride[1]
+            mod.register_forward_hook(hook)
+    model(torch.empty(1, 3, 224, 224, device="meta"))
+    return shapes
+
+
+@functools.lru_cache(maxsize=1)
+def resnet_conv_shapes() -> list:
+    """The conv shapes (C_in, C_out, k, stride, padding, dilation, groups) of the torchvision
+    ResNets, read off the models themselves (sorted)."""
+    import torchvision
+    with torch.device("meta"):
+        models = [torchvision.models.resnet50(), torchvision.models.resnet18(),
+                  torchvision.models.resnext50_32x4d(),
+                  torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])]
+    shapes = set()
+    for model in models:
+        shapes |= _conv_shapes_of(model)
+    return sorted(shapes)
 
 
 def skip_without_gpu_or_interpreter(what):

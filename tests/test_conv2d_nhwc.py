@@ -17,10 +17,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 import triton
 from kernel_testing import (CL, DEVICE, ON_CUDA, assert_fp32_close, assert_rounded_once, assert_within_twice_torch,
-                            channels_last, skip_if_compiled_without_gpu, skip_without_gpu_or_interpreter)
+                            channels_last, resnet_conv_shapes, skip_if_compiled_without_gpu,
+                            skip_without_gpu_or_interpreter)
 
 skip_without_gpu_or_interpreter("the Triton conv kernel")
 
@@ -35,37 +35,9 @@ skip_if_compiled_without_gpu(conv_module._conv2d_nhwc_kernel)
 # Tolerances are kernel_testing's (K = C_in/groups * KH * KW, + C_sc with a shortcut).
 
 # ------------------------------------------------------------------------------------------------
-# The conv shapes of the torchvision ResNets, read off the models themselves
+# The conv shapes of the torchvision ResNets, read off the models themselves (kernel_testing)
 
-
-def _conv_shapes_of(model):
-    """{(C_in, C_out, k, stride, padding, dilation, groups)} of every conv a 224x224 forward runs."""
-    shapes = set()
-
-    def hook(mod, inputs, output):
-        shapes.add((mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0], mod.padding[0],
-                    mod.dilation[0], mod.groups))
-
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Conv2d):
-            assert mod.kernel_size[0] == mod.kernel_size[1] and mod.stride[0] == mod.stride[1]
-            mod.register_forward_hook(hook)
-    model(torch.empty(1, 3, 224, 224, device="meta"))
-    return shapes
-
-
-def _resnet_conv_shapes():
-    with torch.device("meta"):
-        models = [torchvision.models.resnet50(), torchvision.models.resnet18(),
-                  torchvision.models.resnext50_32x4d(),
-                  torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])]
-    shapes = set()
-    for model in models:
-        shapes |= _conv_shapes_of(model)
-    return sorted(shapes)
-
-
-RESNET_CONV_SHAPES = _resnet_conv_shapes()
+RESNET_CONV_SHAPES = resnet_conv_shapes()
 _EPILOGUES = [(bias, residual, relu) for bias in (True, False) for residual in (True, False) for relu in (True, False)]
 
 
