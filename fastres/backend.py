@@ -17,6 +17,7 @@ user's back:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import threading
@@ -805,7 +806,11 @@ class OneDnnProgram:
 
     def __init__(self, plan, key: tuple, ops: _OneDnnOps):
         from .ir import KERNEL_KINDS, Ref, bind_refs
+        from .ir_quant import split_qconv_pair
         self.key = key
+        if any(step.kind == "qconv_pair" for step in plan.steps):
+            # the fused 8-bit pair is a GPU kernel: here its two qconvs (exactly what it computes)
+            plan = dataclasses.replace(plan, steps=[s for step in plan.steps for s in split_qconv_pair(step)])
         shapes = _conv_shapes(plan, tuple(key[:4]))
         largest = max((math.prod(v) * 4 for roles in shapes.values() for v in roles.values()), default=0)
         self.malloc_tuned = largest > GLIBC_MMAP_THRESHOLD_MAX and tune_malloc()

@@ -170,6 +170,29 @@ def qconv_pair_reference(step, args, out, upcast):
     return _into(out, y)
 
 
+def split_qconv_pair(step) -> list:
+    """A ``qconv_pair`` as the two ``qconv`` steps it fuses (what ``qconv_pair_reference`` computes:
+    the 3x3 + ReLU requantized to the mid scale, then the 1x1 with the pair's shortcut, residual and
+    epilogue), the mid value named ``<step output>:mid``; any other step as itself."""
+    from .ir import Step
+    if step.kind != "qconv_pair":
+        return [step]
+    a, t = step.attrs, step.tensors
+    mid = f"{step.output}:mid"
+    head, _, tail = step.name.partition("+")           # "layer1.0.conv2+conv3"
+    first = Step("qconv", head, {"x": step.inputs["x"]}, mid,
+                 dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=1, relu=True,
+                      out_dtype=t["mid_weight"].dtype, out_inv_scale=a["mid_inv_scale"]),
+                 dict(weight=t["mid_weight"], bias=t["mid_bias"], acc_scale=t["mid_acc_scale"]))
+    attrs = {k: v for k, v in a.items() if k != "mid_inv_scale"}
+    attrs.update(stride=type(a["stride"])((1, 1)), padding=type(a["padding"])((0, 0)),
+                 dilation=type(a["dilation"])((1, 1)))
+    second = Step("qconv", ".".join(filter(None, (head.rpartition(".")[0], tail or head + ":1x1"))),
+                  dict(step.inputs, x=mid), step.output, attrs,
+                  {k: v for k, v in t.items() if not k.startswith("mid_")}, step.fused)
+    return [first, second]
+
+
 # -- qhead ---------------------------------------------------------------------------------------
 def qhead_pack(step):
     return _avgpool_linear.pack_linear_weight(step.tensors["weight"])

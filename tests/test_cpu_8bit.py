@@ -224,6 +224,25 @@ def test_bottleneck_resnet_int8_equals_the_reference():
     _check_model(qmodel, x, int8_steps=[s.name for s in qmodel.plan.steps if s.kind == "qconv"])
 
 
+def test_fused_pairs_run_as_two_int8_convs():
+    """A quantized plan's qconv_pair (the GPU's fused 3x3 -> 1x1) runs on CPU as its two int8 convs
+    (ir_quant.split_qconv_pair): every 8-bit value, the pairs' outputs included, the reference's."""
+    from residual_zoo import randomize_
+
+    from fastres.ir_quant import split_qconv_pair
+    torch.manual_seed(0)
+    model = randomize_(fastres.ResNet(fastres.Bottleneck, [1, 1, 1, 1], num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    qmodel = quantize(model, [x], progress=False)
+    pairs = [s for s in qmodel.plan.steps if s.kind == "qconv_pair"]
+    assert len(pairs) == 2        # layer1-2 (mid 64, 128); layer3-4's mid widths are not fused
+    program = backend.get_backend("torch").program(_all_values(qmodel.plan), x.shape)
+    halves = [s.name for p in pairs for s in split_qconv_pair(p)]
+    assert halves == ["layer1.0.conv2", "layer1.0.conv3", "layer2.0.conv2", "layer2.0.conv3"]
+    assert set(halves) <= set(program.onednn_steps), program.int8_fallbacks
+    _check_model(qmodel, x, int8_steps=[s.name for s in qmodel.plan.steps if s.kind == "qconv"])
+
+
 def test_cifar_option_a_runs_its_strided_residuals_as_the_reference():
     from residual_zoo import CifarResNet, randomize_
     torch.manual_seed(0)
