@@ -82,7 +82,7 @@ def _conv2d_nhwc_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, residual_ptr, shortcut_ptr, out2_ptr, scale2_ptr, shift2_ptr,
     ws_ptr, counter_ptr, mean_ptr,
     x_desc, w_desc,
-    acc_scale_ptr, RES_SCALE, OUT_INV_SCALE,
+    acc_scale_ptr, RES_SCALE, OUT_INV_SCALE, offset_ptr,
     BATCH, H, W, OH, OW, SC_H, SC_W, RES_H, RES_W, MEAN_SLOTS,
     C_IN: tl.constexpr, C_OUT: tl.constexpr,
     CIN_PER_GROUP: tl.constexpr, COUT_PER_GROUP: tl.constexpr,   # per *packed* group
@@ -98,6 +98,7 @@ def _conv2d_nhwc_kernel(
     HAS_OUT2: tl.constexpr, OUT2_RELU: tl.constexpr, HAS_MEAN: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
     QUANTIZED: tl.constexpr, INTERPRETER_FP8: tl.constexpr,
+    HAS_INPUT_OFFSET: tl.constexpr, OFFSET_PAD_H: tl.constexpr, OFFSET_PAD_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA: tl.constexpr,
 ):
@@ -118,6 +119,12 @@ def _conv2d_nhwc_kernel(
     QUANTIZED (8-bit x and W: int8 with an int32 accumulator, or fp8 e4m3 with fp32): the
     requantizing epilogue ``store_requantized_epilogue`` (acc * acc_scale[c] + bias [+ RES_SCALE *
     residual] -> relu -> * OUT_INV_SCALE -> int8 / e4m3, or a float out); no split-K, no out2.
+
+    HAS_INPUT_OFFSET (a padding-0 conv over an input bordered by OFFSET_PAD_H/W zero pixels, no
+    split-K): acc += offset[class of (oh, ow)] in fp32 before the epilogue, the correction that
+    makes acc the convolution of (x - offset) over the image with a zero border
+    (``input_offset_table``); the class is how many kernel rows/columns of the window fall in the
+    top, bottom, left and right border.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1) if SPLIT_K > 1 else 0     # split-K: this program's share of the K steps
@@ -270,6 +277,18 @@ def _conv2d_nhwc_kernel(
         a_ptrs = shortcut_ptr + (sc_pixel.to(tl.int64) * C_SC)[:, None] + offs_k[None, :]
         acc = dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, C_SC, C_OUT, EVEN_N, INTERPRETER_BF16,
                                BLOCK_K)
+
+    if HAS_INPUT_OFFSET:
+        # the window of (oh, ow) starts at (oh*S, ow*S) of the bordered input; the image is
+        # rows [PAD, H - PAD) and columns [PAD, W - PAD) of it
+        top = tl.maximum(OFFSET_PAD_H - oh * STRIDE_H, 0)
+        bottom = tl.maximum(oh * STRIDE_H + KH - (H - OFFSET_PAD_H), 0)
+        left = tl.maximum(OFFSET_PAD_W - ow * STRIDE_W, 0)
+        right = tl.maximum(ow * STRIDE_W + KW - (W - OFFSET_PAD_W), 0)
+        cls = ((top * (OFFSET_PAD_H + 1) + bottom) * (OFFSET_PAD_W + 1) + left) * (OFFSET_PAD_W + 1) + right
+        corr = tl.load(offset_ptr + (cls * C_OUT)[:, None] + offs_n[None, :],
+                       mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = acc.to(tl.float32) + corr
 
     if RES_STRIDE == 1 and RES_C == C_OUT:
         res_rows = offs_m
@@ -607,7 +626,8 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
 def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padding=0, dilation=1,
                        residual=None, relu=False, shortcut=None, shortcut_stride=1, out=None,
                        residual_stride=1, residual_channel_offset=0, affine2=None, affine2_relu=False,
-                       out2=None, channel_mean=False, mean_out=None, quant: QuantEpilogue | None = None):
+                       out2=None, channel_mean=False, mean_out=None, quant: QuantEpilogue | None = None,
+                       input_offset=None):
     """``relu?(conv(x, packed) [+ conv1x1_s(shortcut, packed shortcut)] + bias [+ residual])``.
 
     ``residual_stride`` / ``residual_channel_offset``: the residual is [N, C_r, H_r, W_r] read at
@@ -628,6 +648,12 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
 
     ``quant`` (x and the packed weight int8 or fp8 e4m3): the 8-bit convolution, its epilogue the
     ``QuantEpilogue`` (reference: ``conv2d_nhwc_8bit_ref``); ``out`` is then in ``quant.out_dtype``.
+
+    ``input_offset`` = (table, (pad_h, pad_w)): x is an image inside a zero border of pad_h rows and
+    pad_w columns on each side and the conv runs with padding 0; the accumulator gets
+    ``table[class]`` (``input_offset_table``), so it is the convolution of (x - offset) over the
+    image, zero in the border: the stem over uint8 pixels as int8 p - 128, where the pixel value
+    that normalises to zero (255 mean) is not an integer (``fastres.quantize``).
     """
     (sh, sw), (ph, pw), (dh, dw) = conv_geometry(stride, padding, dilation)
     check_packed_input(x, "x", packed)
@@ -646,6 +672,8 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     if affine2 is not None:
         for what, t in zip(("affine2 scale", "affine2 shift"), affine2):
             check_bias(t, what, packed.out_channels, x.device)
+    if input_offset is not None:
+        _check_input_offset(input_offset, x, packed, (ph, pw), affine2, channel_mean)
     sc_h, sc_w = check_shortcut(shortcut, shortcut_stride, packed.shortcut_in_channels, n, oh, ow, x, "x")
     if out is None:
         out = torch.empty(out_shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
@@ -680,12 +708,72 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     problem = dict(bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), residual=residual,
                    relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride,
                    residual_stride=residual_stride, residual_channel_offset=residual_channel_offset,
-                   affine2=affine2, affine2_relu=affine2_relu, out2=out2, mean_out=mean_out, quant=quant)
+                   affine2=affine2, affine2_relu=affine2_relu, out2=out2, mean_out=mean_out, quant=quant,
+                   input_offset=input_offset)
     config = None
     if x.device.type == "cuda" and _autotune.enabled() and not is_recording():
         config = _tuned_config(x, packed, out, problem)
     _build_call(x, packed, out, config=config, **problem).launch()
     return result
+
+
+def _check_input_offset(input_offset, x, packed, padding, affine2, channel_mean) -> None:
+    try:
+        table, (pad_h, pad_w) = input_offset
+    except (TypeError, ValueError):
+        raise TypeError("input_offset must be (table, (pad_h, pad_w))") from None
+    if padding != (0, 0):
+        raise ValueError(f"input_offset: the conv runs over the bordered input with padding 0, got {padding}")
+    if affine2 is not None or channel_mean:
+        raise ValueError("input_offset has no second output (affine2 / channel_mean)")
+    classes = (pad_h + 1) ** 2 * (pad_w + 1) ** 2
+    if (not torch.is_tensor(table) or table.dtype != torch.float32 or table.device != x.device
+            or tuple(table.shape) != (classes, packed.out_channels) or not table.is_contiguous()):
+        raise ValueError(f"input_offset table must be a contiguous float32 [{classes}, {packed.out_channels}] tensor "
+                         f"on {x.device}, got " + (f"{table.dtype} {tuple(table.shape)} on {table.device}"
+                                                   if torch.is_tensor(table) else type(table).__name__))
+    if x.shape[2] < 2 * pad_h + packed.kernel_size[0] or x.shape[3] < 2 * pad_w + packed.kernel_size[1]:
+        raise ValueError(f"input_offset: x {tuple(x.shape[2:])} is smaller than its ({pad_h}, {pad_w}) border "
+                         "and one kernel window")
+
+
+def input_offset_table(weight, offset, padding) -> torch.Tensor:
+    """The accumulator correction of ``conv2d_nhwc_packed(..., input_offset=(table, padding))``:
+
+        table[class, o] = -sum over the taps (i, j) inside the image of sum_c weight[o, c, i, j] * offset[c]
+
+    in float64, rounded once to fp32; class = ((top*(P_H+1) + bottom)*(P_W+1) + left)*(P_W+1) + right,
+    the kernel rows (top, bottom) and columns (left, right) of an output pixel's window that fall in
+    the border (each 0..P). ``weight`` [C_out, C_in, KH, KW] (the 8-bit values), ``offset`` [C_in]:
+    acc + table[class] = conv(x - offset) over the image with zero padding, exactly up to that one
+    fp32 rounding of the table and the kernel's one fp32 addition.
+    """
+    pad_h, pad_w = padding
+    c_out, c_in, kh, kw = weight.shape
+    per_tap = torch.einsum("ocij,c->oij", weight.double(), torch.as_tensor(offset, dtype=torch.float64,
+                                                                            device=weight.device))
+    rows = []
+    for top in range(pad_h + 1):
+        for bottom in range(pad_h + 1):
+            for left in range(pad_w + 1):
+                for right in range(pad_w + 1):
+                    inside = per_tap[:, top:max(top, kh - bottom), left:max(left, kw - right)]
+                    rows.append(-inside.sum(dim=(1, 2)))
+    return torch.stack(rows).float().contiguous()
+
+
+def input_offset_ref(table, padding, kernel_size, stride, in_hw, out_hw) -> torch.Tensor:
+    """[1, C_out, OH, OW] fp32: ``table`` read at each output pixel's class (the kernel's lookup)."""
+    (pad_h, pad_w), (kh, kw), (sh, sw) = padding, kernel_size, stride
+    (h, w), (oh, ow) = in_hw, out_hw
+    r = torch.arange(oh, device=table.device) * sh
+    c = torch.arange(ow, device=table.device) * sw
+    top, bottom = (pad_h - r).clamp(min=0), (r + kh - (h - pad_h)).clamp(min=0)
+    left, right = (pad_w - c).clamp(min=0), (c + kw - (w - pad_w)).clamp(min=0)
+    row_class = top * (pad_h + 1) + bottom
+    col_class = left * (pad_w + 1) + right
+    cls = row_class[:, None] * (pad_w + 1) ** 2 + col_class[None, :]
+    return table[cls].permute(2, 0, 1).unsqueeze(0)
 
 
 def _check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
@@ -706,8 +794,8 @@ def _check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
     if (residual is None) != (quant.residual_scale is None):
         raise ValueError("quant.residual_scale must be given exactly when there is a residual")
     out_8bit = quant.out_dtype in EIGHT_BIT_DTYPES
-    if quant.out_dtype not in EIGHT_BIT_DTYPES + FLOAT_DTYPES or (out_8bit and quant.out_dtype != x.dtype):
-        raise TypeError(f"quant.out_dtype must be x's dtype ({x.dtype}) or a float dtype, got {quant.out_dtype}")
+    if quant.out_dtype not in EIGHT_BIT_DTYPES + FLOAT_DTYPES:    # (an int8 stem may write e4m3)
+        raise TypeError(f"quant.out_dtype must be int8, float8_e4m3fn or a float dtype, got {quant.out_dtype}")
     if out_8bit != (quant.out_inv_scale is not None):
         raise ValueError("quant.out_inv_scale must be given exactly when the output is 8-bit")
     return quant.out_dtype
@@ -788,7 +876,7 @@ def _tma_descriptors(x, packed, cfg: ConvConfig) -> dict:
 def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
                 shortcut_stride, residual_stride=1, residual_channel_offset=0, affine2=None,
                 affine2_relu=False, out2=None, mean_out=None, config: ConvConfig | None = None,
-                quant: QuantEpilogue | None = None) -> KernelCall:
+                quant: QuantEpilogue | None = None, input_offset=None) -> KernelCall:
     """The KernelCall of one (already validated) convolution; touches no tensor data."""
     n, c_in, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -799,7 +887,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     m = n * oh * ow
     device_type = x.device.type
     splittable = (num_groups == 1 and shortcut is None and not flat_k and not packed.row_k and mean_out is None
-                  and quant is None)
+                  and quant is None and input_offset is None)
     main_steps = kh * kw * cin_g // min(CONV_CONFIGS["tc_wide"].BLOCK_K, largest_pow2_divisor(cin_g)) if splittable else 0
     plain_gemm = ((kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and num_groups == 1
                   and shortcut is None and not packed.row_k)
@@ -849,6 +937,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
                     acc_scale_ptr=quant.acc_scale if quant is not None else None,
                     RES_SCALE=quant.residual_scale if quant is not None else None,
                     OUT_INV_SCALE=quant.out_inv_scale if quant is not None else None,
+                    offset_ptr=input_offset[0] if input_offset is not None else None,
                     **_tma_descriptors(x, packed, cfg))
     args.update({k: v for k, v in optional.items() if v is not None})
     constexprs = {k: v for k, v in optional.items() if v is None}
@@ -867,6 +956,9 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         HAS_MEAN=mean_out is not None,
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and device_type == "cpu",
         QUANTIZED=quant is not None, INTERPRETER_FP8=out.dtype == torch.float8_e4m3fn and device_type == "cpu",
+        HAS_INPUT_OFFSET=input_offset is not None,
+        OFFSET_PAD_H=input_offset[1][0] if input_offset is not None else 0,
+        OFFSET_PAD_W=input_offset[1][1] if input_offset is not None else 0,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K,
         TMA=cfg.TMA,
     )
@@ -876,6 +968,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
             + ("/rowk" if packed.row_k else "") + (f"/splitk{cfg.SPLIT_K}" if split else "")
             + (f"+res{res_c}@{residual_channel_offset}/s{residual_stride}" if strided_residual else "")
             + ("+affine2" if affine2 is not None else "") + ("+mean" if mean_out is not None else "")
+            + ("+offset" if input_offset is not None else "")
             + (f"/{_EIGHT_BIT_NAMES[x.dtype]}" if quant is not None else "") + "]")
     macs = m * packed.out_channels * (k_main // packed.tile_groups + c_sc)
     # K loop trips (the loop report divides an unrolled K loop's code by them)
@@ -894,7 +987,8 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
                          + (n * packed.out_channels if mean_out is not None else 0)) * x.element_size()
                   + (4 * packed.out_channels if bias is not None else 0)
                   + (out.numel() * (out.element_size() - x.element_size()) + 4 * packed.out_channels
-                     if quant is not None else 0)),
+                     if quant is not None else 0)
+                  + (input_offset[0].numel() * 4 if input_offset is not None else 0)),
     )
 
 
@@ -1005,7 +1099,7 @@ def _as_output(out, dtype, channels_last):
 
 def conv2d_nhwc_8bit_ref(x, weight, bias, quant: QuantEpilogue, *, stride=1, padding=0, dilation=1, groups=1,
                          residual=None, relu=False, shortcut=None, shortcut_weight=None, shortcut_stride=1,
-                         residual_stride=1, residual_channel_offset=0):
+                         residual_stride=1, residual_channel_offset=0, input_offset=None):
     """Reference of the 8-bit convolution: the same accumulation and the same epilogue roundings.
 
         acc = conv(x, weight) [+ conv1x1_s(shortcut, shortcut_weight)]     exact, in float64
@@ -1016,7 +1110,8 @@ def conv2d_nhwc_8bit_ref(x, weight, bias, quant: QuantEpilogue, *, stride=1, pad
     (int8: |sum| < K * 2**14 < 2**53; e4m3: products are multiples of 2**-18 below 2**18), so the
     accumulator is exact: the int32 of the int8 kernel, the exact sum that the fp8 kernel's fp32
     accumulation approximates. The accumulator is then rounded once to fp32 (exact for int8 up to
-    2**24). channels_last in gives channels_last out.
+    2**24) [and gets the fp32 ``input_offset`` correction, ``input_offset_ref``]. channels_last in
+    gives channels_last out.
     """
     acc = F.conv2d(x.double(), weight.double(), stride=stride, padding=padding, dilation=dilation, groups=groups)
     if shortcut is not None:
@@ -1027,7 +1122,12 @@ def conv2d_nhwc_8bit_ref(x, weight, bias, quant: QuantEpilogue, *, stride=1, pad
         padded = acc.new_zeros(acc.shape, dtype=torch.float32)
         padded[:, c0:c0 + r.shape[1]] = r.float()
         residual = padded
-    out = requantize_ref(acc.float(), bias, quant, residual=residual, relu=relu)
+    acc = acc.float()
+    if input_offset is not None:
+        table, pad = input_offset
+        acc = acc + input_offset_ref(table, pad, weight.shape[2:], conv_geometry(stride, padding, dilation)[0],
+                                     x.shape[2:], acc.shape[2:])
+    out = requantize_ref(acc, bias, quant, residual=residual, relu=relu)
     return _as_output(out, out.dtype, is_channels_last(x))
 
 

@@ -358,15 +358,15 @@ def test_activation_layout_never_overwrites_a_live_value(arch):
             last_read[name] = i
     written = {}
     for i, step in enumerate(plan.steps):
-        slot, value_shape = layout[step.output]
-        assert value_shape == shapes[step.output]
-        assert slots[slot] >= torch.Size(value_shape).numel()
-        for name, (other_slot, _) in layout.items():
+        slot, value_shape, dtype = layout[step.output]
+        assert value_shape == shapes[step.output] and dtype == plan.dtype
+        assert slots[slot] >= torch.Size(value_shape).numel() * dtype.itemsize
+        for name, (other_slot, _, _) in layout.items():
             alive = name in written and last_read.get(name, len(plan.steps)) >= i
             assert not (alive and other_slot == slot), f"{step.output} overwrites {name} at step {i}"
         written[step.output] = i
     assert len(slots) <= 4   # ResNets need 3: block input, a middle value, the next one
-    everything = sum(torch.Size(s).numel() for k, s in shapes.items() if k != plan.input_name)
+    everything = sum(torch.Size(s).numel() * plan.dtype.itemsize for k, s in shapes.items() if k != plan.input_name)
     assert sum(slots) < everything / 2
 
 
