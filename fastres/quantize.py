@@ -19,6 +19,9 @@ What it does:
    ``qhead`` (average pool + Linear in fp32 from the 8-bit map). A step with no 8-bit kind
    (a PyTorch call, SE gating, a second BN output, a non-global pool) runs in fp32 between a
    ``dequantize`` and a ``quantize``;
+   The module also holds the plan over uint8 pixels (``pixel_plan``): int8 p - 128 into a stem
+   with the normalisation folded into its weights and the border corrected exactly in its
+   accumulator (``forward_uint8``, and what ``fastres.Engine`` runs on uint8 images);
 5. runs both plans on the first calibration batch(es) and reports, per step, the cosine and the
    relative L2 error of its output against fp32, end to end and for the step alone (its inputs the
    quantized fp32 values); ``min_cosine`` raises ``QuantizationError`` naming the worst steps.

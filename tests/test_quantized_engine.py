@@ -318,3 +318,29 @@ def test_inspect_counts_the_pixel_input():
     entry = next(r for r in report["kernels"] if r["name"] == "quantize pixels")
     assert entry["bytes"] == 256 * (224 * 224 * 3 + 230 * 230 * 4)
     assert report["totals"]["bytes_per_image"] <= 25e6, report["totals"]
+
+
+def test_aot_pixel_stem_compiles_without_spills_and_uses_8bit_mma():
+    """The stem with the border offset (int8 x int8, int8 out; an fp8 model's: e4m3 out) for
+    sm_80 and sm_90 at batch 32: no spills, IMMA / IGMMA .S8 main loop."""
+    from fastres import aot
+    stems = {}
+    for dtype in ("int8", "fp8"):
+        with torch.device("meta"):
+            model = fastres.resnet50().eval()
+        plan = shape_only_plan(model, dtype)
+        entry, stem = plan.steps[0], plan.steps[1]
+        pixels = torch.empty(32, 3, 224, 224, dtype=torch.uint8, device="meta").contiguous(
+            memory_format=torch.channels_last)
+        with record_launches() as calls, torch.no_grad():
+            x = fastres.ir.OPS["quantize"].reference(entry, {"x": pixels}, None, False)
+            fastres.backend.TritonBackend().run(stem, fastres.ir.OPS["qconv"], {"x": x}, None)
+        assert len(calls) == 1 and calls[0].constexprs["HAS_INPUT_OFFSET"]
+        stems[dtype] = calls
+    rows = aot.aot_report({"int8": stems["int8"]}, (80, 90)) + aot.aot_report({"fp8": stems["fp8"]}, (90,))
+    assert len(rows) == 2 and not [p for row in rows for p in row.problems()]
+    entries = aot.loop_report(rows, (80, 90))
+    assert len(entries) == 3
+    for entry in entries:
+        main = max(entry["k_loops"], key=lambda lp: lp["mma_count"])
+        assert main["mma"].startswith({80: "IMMA.16832.S8.S8", 90: "IGMMA."}[entry["sm"]]), entry
