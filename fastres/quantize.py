@@ -610,7 +610,7 @@ def _batches(calibration, num_batches: Optional[int], meta: Optional[dict] = Non
             batch = preprocess(batch.contiguous(), stats[0], stats[1], dtype=torch.float32, pad_channels_to=3)
         elif not batch.is_floating_point():
             raise TypeError(f"calibration batch {i} is {batch.dtype} {tuple(batch.shape)}: pass the float "
-                            "(normalised) [N, C, H, W] images the model takes, or uint8 RGB pixels [N, H, W, 3]")
+                            "(normalised) [N, C, H, W] images the model takes, or uint8 pixels [N, H, W, 3] (RGB)")
         yield batch
 
 
