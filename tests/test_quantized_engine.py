@@ -344,3 +344,38 @@ def test_aot_pixel_stem_compiles_without_spills_and_uses_8bit_mma():
     for entry in entries:
         main = max(entry["k_loops"], key=lambda lp: lp["mma_count"])
         assert main["mma"].startswith({80: "IMMA.16832.S8.S8", 90: "IGMMA."}[entry["sm"]]), entry
+
+
+def test_forged_pixel_entries_are_refused(tmp_path):
+    from test_quantize import _forge
+
+    from fastres.files import ExportFormatError
+    path = fastres.export(pixel_model("int8"), tmp_path / "q.safetensors")
+
+    def pixel(edit):
+        def apply(plan, tensors):
+            edit(plan["pixel"])
+        return apply
+
+    def drop_offset(p):
+        del p["steps"][1]["tensors"]["input_offset"]
+
+    def rename_output(p):
+        p["steps"][1]["output"] = "elsewhere"
+
+    def read_replaced(plan, tensors):
+        plan["steps"][2]["inputs"] = {"x": plan["steps"][0]["output"]}
+
+    def shrink_offset(plan, tensors):
+        name = plan["pixel"]["steps"][1]["tensors"]["input_offset"]
+        return dict(tensors, **{name: tensors[name][:-1].clone()})
+
+    cases = [(pixel(drop_offset), "input_offset_padding exactly with an input_offset"),
+             (pixel(rename_output), "writing the plan stem's output"),
+             (pixel(lambda p: p.update(std=[0.5, 0.0, 0.5])), "std must be nonzero"),
+             (pixel(lambda p: p.update(mean=[0.5, 0.5])), "mean must be 3"),
+             (read_replaced, "reads a value it replaces"),
+             (shrink_offset, r"input_offset must be float32 \[256, 64\]")]
+    for edit, message in cases:
+        with pytest.raises(ExportFormatError, match=message):
+            fastres.load(_forge(tmp_path, path, edit))
