@@ -182,8 +182,9 @@ class Engine:
     then ``Engine(qmodel)``), and a quantized model is served only in its own dtype. An 8-bit
     engine returns fp32 logits and runs the quantized model's own plan: its logits equal the
     module's on the same input (on CUDA the Triton 8-bit kernels, on CPU the module's CPU path).
-    ``device``: default the model's device (CUDA when available for an exported path). ``input``: ``"uint8_nhwc"`` (uint8 ``[N, H, W, 3]`` RGB pixels, normalised
-    with ``mean``/``std``) or ``"float_nchw"`` (normalised float ``[N, 3, H, W]``, contiguous or
+    ``device``: default the model's device (CUDA when available for an exported path).
+    ``input``: ``"uint8_nhwc"`` (uint8 ``[N, H, W, 3]`` RGB pixels, normalised with
+    ``mean``/``std``) or ``"float_nchw"`` (normalised float ``[N, 3, H, W]``, contiguous or
     channels_last, as the model itself takes). ``mean``/``std`` (0-1 scale) default to the model's
     preprocessing metadata, else ImageNet's. ``cuda_graphs``: capture one graph per bucket on CUDA.
     ``num_threads``: intra-op threads of every CPU call (default ``torch.get_num_threads()``);
@@ -357,12 +358,14 @@ class Engine:
 
     def bucket_bytes(self, size: int) -> int:
         """Bytes of the static input and activation buffers the bucket ``size`` allocates."""
-        _, slot_sizes = self.plan.memory_layout(self._input_shape(size))
+        shape = self._input_shape(size)
+        _, slot_sizes = self.plan.memory_layout(shape)
         item = self._input_dtype.itemsize
         total = sum(slot_sizes)
-        if self.input == "uint8_nhwc":   # uint8 images + their normalised copy (in the graph pool)
-            total += size * self.image_size ** 2 * 3 * (1 + item) if not self.pixel_stem else \
-                size * (self.image_size ** 2 * 3 + (self.image_size + 6) ** 2 * 4)   # + the int8 bordered copy
+        if self.pixel_stem:     # uint8 images + the stem's int8 bordered copy of them (in the graph pool)
+            total += math.prod(shape) + math.prod(self.plan.value_shapes(shape)[self.plan.steps[0].output])
+        elif self.input == "uint8_nhwc":   # uint8 images + their normalised copy (in the graph pool)
+            total += size * self.image_size ** 2 * 3 * (1 + item)
         else:
             total += math.prod(self._input_shape(size)) * item
         return total

@@ -369,8 +369,8 @@ def pixel_plan(fplan: Plan, qplan: Plan, mean, std) -> Optional[Plan]:
     a = fstem.attrs
     if a["padding"][0] != a["padding"][1]:
         return None
-    folded = fstem.tensors["weight"].detach().double() / (255 * torch.tensor(std, dtype=torch.float64, device=fplan.device)
-                                                          ).view(1, 3, 1, 1)
+    per_channel = 255 * torch.tensor(std, dtype=torch.float64, device=fplan.device).view(1, 3, 1, 1)
+    folded = fstem.tensors["weight"].detach().double() / per_channel
     weight_q, _, acc_scale = quantize_conv_weight(folded, 1.0, torch.int8)
     offset = [255 * m - PIXEL_OFFSET for m in mean]
     padding = tuple(a["padding"])

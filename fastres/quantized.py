@@ -63,12 +63,13 @@ class QuantizedModel(nn.Module):
             raise ValueError("this quantized model has no uint8 pixel stem (its input is not read by a 3-channel "
                              "ROW_K stem alone): normalise the images and call the model")
         if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3] != 3:
-            raise TypeError("forward_uint8 takes uint8 RGB images [N, H, W, 3], got "
-                            + (f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__))
+            got = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+            raise TypeError(f"forward_uint8 takes uint8 RGB images [N, H, W, 3], got {got}")
         if not images.is_contiguous():
             raise ValueError(f"forward_uint8: images must be contiguous [N, H, W, 3], got strides {images.stride()}")
         if images.device != self.pixel_plan.device:
-            raise ValueError(f"input on {images.device}, the quantized model on {self.pixel_plan.device}: move one of them")
+            raise ValueError(f"input on {images.device}, the quantized model on {self.pixel_plan.device}: "
+                             "move one of them")
         with torch.no_grad():
             return run_plan(self.pixel_plan, images.permute(0, 3, 1, 2), get_backend(backend_for(images.device)))
 
@@ -385,7 +386,8 @@ def _check_step_tensors(kind, t, attrs, bad):
         if attrs["out_dtype"] not in (w.dtype, torch.float32, torch.float16, torch.bfloat16) and not (
                 "input_offset" in t and w.dtype == torch.int8 and attrs["out_dtype"] == torch.float8_e4m3fn):
             bad(f"writes {attrs['out_dtype']} from {w.dtype} operands")
-        if (attrs["out_dtype"] in (torch.int8, torch.float8_e4m3fn)) != isinstance(attrs.get("out_inv_scale"), (int, float)):
+        out_8bit = attrs["out_dtype"] in (torch.int8, torch.float8_e4m3fn)
+        if out_8bit != isinstance(attrs.get("out_inv_scale"), (int, float)):
             bad("needs out_inv_scale exactly when its output is 8-bit")
         if ("input_offset" in t) != ("input_offset_padding" in attrs):
             bad("needs input_offset_padding exactly with an input_offset tensor")

@@ -795,8 +795,8 @@ def _check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
         raise ValueError("quant.residual_scale must be given exactly when there is a residual")
     out_8bit = quant.out_dtype in EIGHT_BIT_DTYPES
     # x's 8-bit dtype, a float, or e4m3 from int8 (an fp8 model's stem over uint8 pixels: int8 p - 128)
-    if quant.out_dtype not in EIGHT_BIT_DTYPES + FLOAT_DTYPES or (
-            out_8bit and quant.out_dtype != x.dtype and (x.dtype, quant.out_dtype) != (torch.int8, torch.float8_e4m3fn)):
+    mixed = (x.dtype, quant.out_dtype) == (torch.int8, torch.float8_e4m3fn)
+    if quant.out_dtype not in EIGHT_BIT_DTYPES + FLOAT_DTYPES or (out_8bit and quant.out_dtype != x.dtype and not mixed):
         raise TypeError(f"quant.out_dtype must be x's dtype ({x.dtype}), a float dtype, or float8_e4m3fn from int8, "
                         f"got {quant.out_dtype}")
     if out_8bit != (quant.out_inv_scale is not None):

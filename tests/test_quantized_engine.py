@@ -280,7 +280,8 @@ def test_uint8_engine_runs_the_pixel_stem(dtype, tmp_path):
             assert torch.equal(engine(pixels[:n]), expected), f"batch {n}"
         loaded = fastres.load(fastres.export(qmodel, tmp_path / "q.safetensors"))
         assert loaded.pixel_stats == qmodel.pixel_stats
-        assert torch.equal(Engine(loaded, batch_sizes=BUCKETS, image_size=16)(pixels[:3]), qmodel.forward_uint8(pixels[:3]))
+        reloaded = Engine(loaded, batch_sizes=BUCKETS, image_size=16)
+        assert torch.equal(reloaded(pixels[:3]), qmodel.forward_uint8(pixels[:3]))
         other = Engine(qmodel, batch_sizes=BUCKETS, image_size=16, mean=IMAGENET[0], std=IMAGENET[1])
         assert not other.pixel_stem
         x = preprocess(pixels[:2], IMAGENET[0], IMAGENET[1], dtype=torch.float32, pad_channels_to=3)
