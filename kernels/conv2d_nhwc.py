@@ -749,7 +749,7 @@ def input_offset_table(weight, offset, padding) -> torch.Tensor:
     fp32 rounding of the table and the kernel's one fp32 addition.
     """
     pad_h, pad_w = padding
-    c_out, c_in, kh, kw = weight.shape
+    kh, kw = weight.shape[2:]
     per_tap = torch.einsum("ocij,c->oij", weight.double(), torch.as_tensor(offset, dtype=torch.float64,
                                                                             device=weight.device))
     rows = []
