@@ -497,13 +497,16 @@ def qconv_runs_int8(step, shapes: "dict | None") -> str:
     oneDNN accumulates u8 x s8 products in int32 (exact, as the reference) and scales them by
     ``acc_scale`` (``_Int8Conv``; checked bit for bit by ``onednn_int8_available``). Not taken:
     e4m3 operands (oneDNN's fp8 convolution accumulates in fp32, rounding, where the reference is
-    exact), a residual read at a stride or into a channel offset (CIFAR option A), a projection
-    shortcut that does not fit the main conv's centre tap."""
+    exact), a residual read at a stride or into a channel offset (CIFAR option A), the pixel stem's
+    per-window accumulator correction, a projection shortcut that does not fit the main conv's
+    centre tap."""
     a, w = step.attrs, step.tensors["weight"]
     if w.dtype != torch.int8:
         return f"{w.dtype} operands"
     if step.extra_outputs or "residual_stride" in a or "residual_channel_offset" in a or "residual_pad" in a:
         return "a strided or channel-offset residual"
+    if "input_offset" in step.tensors:
+        return "a pixel stem's border correction (input_offset)"
     if a["out_dtype"] not in (torch.int8, torch.float32, torch.float16, torch.bfloat16):
         return f"{a['out_dtype']} output"
     if a["out_dtype"] == torch.int8 and not a["out_inv_scale"] > 0:
@@ -1023,7 +1026,7 @@ def _conv_shapes(plan, input_shape: tuple) -> dict:
                                      "out": tuple(y.shape)}
             return y
     with FakeTensorMode(allow_non_fake_inputs=True):
-        x = torch.empty(input_shape, dtype=plan.dtype, device=plan.device).contiguous(memory_format=CL)
+        x = torch.empty(input_shape, dtype=plan.input_dtype or plan.dtype, device=plan.device).contiguous(memory_format=CL)
         plan.run(x, Recorder())
     return shapes
 

@@ -43,6 +43,11 @@ Threads (CPU)
     the last bits of the logits).
 
 Input normalisation ("whichever the plan picks")
+    An 8-bit engine (a ``fastres.quantize`` model) feeds uint8 images straight into the model's
+    pixel stem (``QuantizedModel.pixel_plan``): int8 p - 128 in the stem's bordered layout, the
+    normalisation folded into the stem's weights, its border corrected exactly in the accumulator,
+    when the engine's mean/std are those the stem folds (the model's ``meta``, the default);
+    otherwise, and for a model without one, as below into its float input.
     uint8 images are normalised by the extension's ``preprocess`` into the 3-channel channels_last
     tensor the stem takes (``pad_channels_to=3``: the stem weight has 3 input channels and the
     Triton conv handles the 3-channel K itself, so a zero 4th channel would only add bytes). Folding
@@ -74,6 +79,10 @@ from torch import nn
 
 from . import backend as _backend
 from .capture import capture
+from .ir import Plan
+from .quantized import DTYPES as QUANTIZED_DTYPES
+from .quantized import QuantizedModel
+from .quantized import run_plan as run_quantized
 
 __all__ = ["Engine", "Classification", "IMAGENET_MEAN", "IMAGENET_STD", "INPUT_MODES"]
 
@@ -82,6 +91,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_MODES = ("uint8_nhwc", "float_nchw")
 DEFAULT_BATCH_SIZES = (1, 8, 32, 128, 256)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# 8-bit engines serve a fastres.quantize model: its name for each 8-bit dtype
+_EIGHT_BIT = {"int8": "int8", "fp8": "fp8", torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 _WARMUP_FORWARDS = 2   # the first compiles the Triton kernels; the second runs them as captured
 
 
@@ -117,6 +128,20 @@ def _frozen_model(model: nn.Module, dtype: torch.dtype, device: torch.device) ->
     return frozen.to(device)
 
 
+def _frozen_quantized(qmodel, device: torch.device):
+    """A copy of a ``fastres.quantize`` module on ``device`` that nothing else references: its
+    8-bit weights, scales and plan (packed weights are dropped with the move and made again)."""
+    return copy.deepcopy(qmodel).to(device)
+
+
+def _eight_bit_name(dtype) -> Optional[str]:
+    """"int8" / "fp8" for an 8-bit engine dtype, None for anything else."""
+    try:
+        return _EIGHT_BIT.get(dtype)
+    except TypeError:       # unhashable
+        return None
+
+
 # -- buckets ----------------------------------------------------------------------------------
 @dataclass(eq=False)
 class _Bucket:
@@ -146,12 +171,20 @@ def _mib(nbytes: int) -> str:
 class Engine:
     """Batched inference over a frozen, BN-folded ResNet plan (see the module docstring).
 
-    ``model_or_exported_path``: a fastres or torchvision ResNet, or the path of a
-    ``fastres.export`` file. ``batch_sizes``: the buckets. ``image_size``: the square input side,
-    default the model's preprocessing crop, else 224. ``dtype``: compute dtype, default float16 on
-    CUDA and float32 on CPU. ``device``: default the model's device (CUDA when available for an
-    exported path). ``input``: ``"uint8_nhwc"`` (uint8 ``[N, H, W, 3]`` RGB pixels, normalised
-    with ``mean``/``std``) or ``"float_nchw"`` (normalised float ``[N, 3, H, W]``, contiguous or
+    ``model_or_exported_path``: a fastres or torchvision ResNet, a ``fastres.quantize`` module, or
+    the path of a ``fastres.export`` file (of either). ``batch_sizes``: the buckets.
+    ``image_size``: the square input side, default the model's preprocessing crop, else 224.
+    ``dtype``: compute dtype, default float16 on CUDA and float32 on CPU for a float model;
+    ``"int8"`` / ``"fp8"`` (or ``torch.int8`` / ``torch.float8_e4m3fn``) serve a quantized model,
+    the default for one. An 8-bit engine takes a model ``fastres.quantize`` made (or its export):
+    ``Engine(float_model, dtype="int8")`` raises, because choosing 8-bit scales needs calibration
+    images only the caller has (``qmodel = fastres.quantize(model.eval(), images, dtype="int8")``,
+    then ``Engine(qmodel)``), and a quantized model is served only in its own dtype. An 8-bit
+    engine returns fp32 logits and runs the quantized model's own plan: its logits equal the
+    module's on the same input (on CUDA the Triton 8-bit kernels, on CPU the module's CPU path).
+    ``device``: default the model's device (CUDA when available for an exported path).
+    ``input``: ``"uint8_nhwc"`` (uint8 ``[N, H, W, 3]`` RGB pixels, normalised with
+    ``mean``/``std``) or ``"float_nchw"`` (normalised float ``[N, 3, H, W]``, contiguous or
     channels_last, as the model itself takes). ``mean``/``std`` (0-1 scale) default to the model's
     preprocessing metadata, else ImageNet's. ``cuda_graphs``: capture one graph per bucket on CUDA.
     ``num_threads``: intra-op threads of every CPU call (default ``torch.get_num_threads()``);
@@ -172,6 +205,8 @@ class Engine:
             from .checkpoint import load
             model = load(model)
             default_device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif isinstance(model, QuantizedModel):
+            default_device = model.plan.device
         elif isinstance(model, nn.Module):
             param = next(model.parameters(), None)
             default_device = param.device if param is not None else "cpu"
@@ -186,11 +221,15 @@ class Engine:
                 self.device = torch.device("cuda", torch.cuda.current_device())
         elif self.device.type != "cpu":
             raise ValueError(f"fastres.Engine: runs on CPU or CUDA, not {self.device}")
-        if dtype is None:
+        self.quantized = self._check_dtype(model, dtype)
+        self.pixel_stem = False
+        if self.quantized:
+            dtype = QUANTIZED_DTYPES[self.quantized]
+        elif dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        if dtype not in _DTYPES:
-            raise TypeError(f"fastres.Engine: dtype must be one of {_DTYPES}, got {dtype}")
         self.dtype = dtype
+        # what the plan's input and the normalised images are in (an 8-bit plan takes fp32)
+        self._input_dtype = torch.float32 if self.quantized else dtype
         if input not in INPUT_MODES:
             raise ValueError(f"fastres.Engine: input must be one of {INPUT_MODES}, got {input!r}")
         self.input = input
@@ -217,9 +256,19 @@ class Engine:
             raise ValueError(f"fastres.Engine: std must be nonzero, got {list(self.std)}")
 
         with torch.no_grad():
-            frozen = _frozen_model(model, dtype, self.device)
-            self.arch = getattr(frozen, "arch", "resnet")
-            self.plan = capture(frozen)
+            if self.quantized:
+                frozen = _frozen_quantized(model, self.device)
+                self.arch = f"quantized {self.quantized}"
+                self.plan = frozen.plan
+                # uint8 images straight into the model's pixel stem, which folds its normalisation
+                self.pixel_stem = (self.input == "uint8_nhwc" and frozen.pixel_plan is not None
+                                   and frozen.pixel_stats == (self.mean, self.std))
+                if self.pixel_stem:
+                    self.plan, self._input_dtype = frozen.pixel_plan, torch.uint8
+            else:
+                frozen = _frozen_model(model, dtype, self.device)
+                self.arch = getattr(frozen, "arch", "resnet")
+                self.plan = capture(frozen)
         self.num_classes = self.plan.classes(self._input_shape(1))
         if self.categories is not None and len(self.categories) != self.num_classes:
             raise ValueError(f"fastres.Engine: {len(self.categories)} categories for a model with "
@@ -230,8 +279,11 @@ class Engine:
         self.backend = _backend.backend_for(self.device)
         self._backend_impl = _backend.get_backend(self.backend)
 
-        self._normaliser = (self._make_normaliser() if self.input == "uint8_nhwc"
-                            else lambda images: images)
+        if self.pixel_stem:      # the plan's input: the images' NHWC bytes as [N, 3, H, W]
+            self._normaliser = lambda images: images.permute(0, 3, 1, 2)
+        else:
+            self._normaliser = (self._make_normaliser() if self.input == "uint8_nhwc"
+                                else lambda images: images)
         self._lock = threading.Lock()
         self._buckets: dict[int, _Bucket] = {}
         self._stream = None
@@ -245,6 +297,25 @@ class Engine:
             self._build_buckets(use_graphs)
 
     # -- argument checks ----------------------------------------------------------------------
+    @staticmethod
+    def _check_dtype(model, dtype) -> Optional[str]:
+        """"int8" / "fp8" for an 8-bit engine (a quantized model, in its own dtype), None for a
+        float one (a float model in one of ``_DTYPES``); anything else is refused."""
+        eight_bit = _eight_bit_name(dtype)
+        if isinstance(model, QuantizedModel):
+            if dtype is None or eight_bit == model.dtype:
+                return model.dtype
+            raise TypeError(f"fastres.Engine: this model is quantized ({model.dtype}): build the engine with "
+                            f"dtype={model.dtype!r} (or no dtype), or pass the float model for dtype={dtype}")
+        if eight_bit is not None:
+            raise TypeError(f"fastres.Engine: dtype={dtype!r} serves a quantized model, and quantizing needs "
+                            f"calibration images: qmodel = fastres.quantize(model.eval(), calibration, "
+                            f"dtype={eight_bit!r}), then fastres.Engine(qmodel) (or fastres.export it and pass "
+                            "the file)")
+        if dtype is not None and dtype not in _DTYPES:
+            raise TypeError(f"fastres.Engine: dtype must be one of {_DTYPES}, 'int8' or 'fp8', got {dtype!r}")
+        return None
+
     @staticmethod
     def _check_batch_sizes(batch_sizes) -> tuple[int, ...]:
         try:
@@ -287,10 +358,13 @@ class Engine:
 
     def bucket_bytes(self, size: int) -> int:
         """Bytes of the static input and activation buffers the bucket ``size`` allocates."""
-        _, slot_sizes = self.plan.memory_layout(self._input_shape(size))
-        item = self.plan.dtype.itemsize
-        total = sum(slot_sizes) * item
-        if self.input == "uint8_nhwc":   # uint8 images + their normalised copy (in the graph pool)
+        shape = self._input_shape(size)
+        _, slot_sizes = self.plan.memory_layout(shape)
+        item = self._input_dtype.itemsize
+        total = sum(slot_sizes)
+        if self.pixel_stem:     # uint8 images + the stem's int8 bordered copy of them (in the graph pool)
+            total += math.prod(shape) + math.prod(self.plan.value_shapes(shape)[self.plan.steps[0].output])
+        elif self.input == "uint8_nhwc":   # uint8 images + their normalised copy (in the graph pool)
             total += size * self.image_size ** 2 * 3 * (1 + item)
         else:
             total += math.prod(self._input_shape(size)) * item
@@ -317,13 +391,15 @@ class Engine:
             static = torch.zeros((size, self.image_size, self.image_size, 3), dtype=torch.uint8,
                                  device=self.device)
         else:
-            static = torch.zeros(shape, dtype=self.dtype, device=self.device).contiguous(
+            static = torch.zeros(shape, dtype=self._input_dtype, device=self.device).contiguous(
                 memory_format=torch.channels_last)
         buffers = self.plan.allocate(shape)
         plan, backend, normalise = self.plan, self._backend_impl, self._normaliser
 
+        run = run_quantized if self.quantized else Plan.run
+
         def forward() -> torch.Tensor:
-            return plan.run(normalise(static), backend, buffers=buffers)
+            return run(plan, normalise(static), backend, buffers=buffers)
 
         bucket = _Bucket(size, static, forward)
         if self._stream is not None:
@@ -346,7 +422,7 @@ class Engine:
         """uint8 [N, H, W, 3] -> normalised [N, 3, H, W] channels_last in the engine dtype."""
         from .extension import _import_extension, preprocess
 
-        mean, std, dtype = self.mean, self.std, self.dtype
+        mean, std, dtype = self.mean, self.std, self._input_dtype
         module, _ = _import_extension()
         if module is not None and (self.device.type != "cuda" or module.cuda_built):
             stem = self.plan.steps[0]
@@ -386,7 +462,8 @@ class Engine:
 
     # -- calls --------------------------------------------------------------------------------
     def __call__(self, images) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` (engine dtype, engine device) for a batch of N >= 1 images."""
+        """Logits ``[N, num_classes]`` (engine dtype, fp32 for an 8-bit engine; engine device) for a
+        batch of N >= 1 images."""
         images = self._check_images(images)
         with torch.no_grad():
             if self._buckets:
@@ -401,10 +478,12 @@ class Engine:
         if current != n:
             _backend.set_thread_count(n)
         try:
-            x = self._normaliser(images) if self.input == "uint8_nhwc" else images.to(self.dtype)
+            x = self._normaliser(images) if self.input == "uint8_nhwc" else images.to(self._input_dtype)
             if self.executor == "onednn":
                 return self._backend_impl.execute(self.plan, x, weight_batch=self._bucket_for(x.shape[0]),
                                                   capacity=2 * len(self.batch_sizes), adaptive=False)
+            if self.quantized:      # the quantized module's own CPU path
+                return run_quantized(self.plan, x, self._backend_impl)
             return self._backend_impl.execute(self.plan, x, adaptive=False)
         finally:
             if current != n:
@@ -492,4 +571,5 @@ class Engine:
                 f"{str(self.dtype).removeprefix('torch.')}, input={self.input} "
                 f"{self.image_size}x{self.image_size}, batch_sizes={self.batch_sizes}, "
                 f"backend={self.backend}, executor={self.executor}"
+                + (", pixel stem" if self.pixel_stem else "")
                 + (f", num_threads={self.num_threads})" if self.device.type == "cpu" else ")"))

@@ -11,6 +11,8 @@ the compute dtype and PyTorch layout, fp32 biases). ``OPS`` maps each kind to
     out_shape   the output shape from the input shapes (memory planning without running anything);
                 with extra outputs, one shape per output
     describe    the fused ops, for ``fastres inspect``
+    out_dtype   the output dtype from the step and its input dtypes (None: x's dtype, as every float
+                kind and ``max_pool`` keep it; an 8-bit plan's kinds convert)
 
 and what a launch costs is what its recorded ``KernelCall`` says (``kernels._launch``), so
 ``inspect`` reports the launches a forward really makes. A ``torch`` step is any PyTorch call the
@@ -363,6 +365,7 @@ class OpKind:
     reference: Callable
     out_shape: Optional[Callable]       # None: shapes come from running the step on fake tensors
     describe: Callable
+    out_dtype: Optional[Callable] = None   # (step, {role: dtype}) -> dtype; None: x's dtype
 
 
 OPS: dict[str, OpKind] = {
@@ -375,15 +378,19 @@ OPS: dict[str, OpKind] = {
     "se_scale": OpKind(None, _se_launch, _se_reference, lambda step, shapes: shapes["x"], _se_describe),
     "torch": OpKind(None, None, _torch_reference, None, _torch_describe),
     # 8-bit steps of a quantized plan (fastres.quantize; their functions in fastres.ir_quant)
-    "quantize": OpKind(None, None, _q8.quantize_reference, _q8.quantize_out_shape, _q8.quantize_describe),
+    "quantize": OpKind(None, None, _q8.quantize_reference, _q8.quantize_out_shape, _q8.quantize_describe,
+                       lambda step, dtypes: step.attrs["dtype"]),
     "dequantize": OpKind(None, None, _q8.dequantize_reference, lambda step, shapes: shapes["x"],
-                         lambda step: ["dequantize"]),
+                         lambda step: ["dequantize"], lambda step, dtypes: torch.float32),
     "qconv": OpKind(_q8.qconv_pack, _q8.qconv_launch, _q8.qconv_reference, _conv_out_shape,
-                    lambda step: _conv_describe(step) + _q8.qconv_describe_suffix(step)),
+                    lambda step: _conv_describe(step) + _q8.qconv_describe_suffix(step),
+                    lambda step, dtypes: step.attrs["out_dtype"]),
     "qconv_pair": OpKind(_q8.qconv_pair_pack, _q8.qconv_pair_launch, _q8.qconv_pair_reference, _pair_out_shape,
-                         lambda step: list(_pair_describe(step)) + _q8.qconv_describe_suffix(step)),
+                         lambda step: list(_pair_describe(step)) + _q8.qconv_describe_suffix(step),
+                         lambda step, dtypes: step.attrs["out_dtype"]),
     "qhead": OpKind(_q8.qhead_pack, _q8.qhead_launch, _q8.qhead_reference, _head_out_shape,
-                    lambda step: ["avgpool", "linear", "bias", "(fp32 from 8-bit)"]),
+                    lambda step: ["avgpool", "linear", "bias", "(fp32 from 8-bit)"],
+                    lambda step, dtypes: torch.float32),
 }
 KERNEL_KINDS = frozenset(k for k, op in OPS.items() if op.launch is not None)
 
@@ -398,6 +405,7 @@ class Plan:
     device: torch.device
     input_name: str = "input"
     in_channels: Optional[int] = None     # what the first kernel reading the input expects
+    input_dtype: Optional[torch.dtype] = None   # None: ``dtype`` (uint8: pixels, an 8-bit plan's)
     notes: list = field(default_factory=list)   # why steps run as PyTorch, for reports
 
     def __post_init__(self):
@@ -482,15 +490,35 @@ class Plan:
             shapes[step.output] = tuple(y.shape) if torch.is_tensor(y) else None
         return shapes
 
+    def value_dtypes(self) -> dict[str, torch.dtype]:
+        """Dtype of every value a forward produces, by name: the input's ``input_dtype`` (default
+        the plan's dtype), then each step's ``out_dtype`` rule (float kinds keep x's dtype; the
+        8-bit kinds of a quantized plan convert: int8 activations, fp32 logits, ...). PyTorch
+        steps are taken to compute in the plan's dtype."""
+        dtypes = {self.input_name: self.input_dtype or self.dtype}
+        for step, op in zip(self.steps, self._ops):
+            ins = {role: dtypes[name] for role, name in step.inputs.items()}
+            if step.kind == "torch":
+                dtype = self.dtype
+            elif op.out_dtype is not None:
+                dtype = op.out_dtype(step, ins)
+            else:
+                dtype = ins.get("x", self.dtype)
+            for name in step.outputs:
+                dtypes[name] = dtype
+        return dtypes
+
     def memory_layout(self, input_shape: tuple) -> tuple[dict, list]:
         """Assign every value a kernel step writes to a memory slot; values whose lifetimes (from
         the step that writes them to the last step that reads them) do not overlap share a slot.
 
-        Returns ({value: (slot, shape)}, [slot numel]). A step's inputs are alive while it runs,
-        so its output never shares memory with them (the kernels refuse aliasing); outputs of the
-        plan stay alive to the end. PyTorch steps allocate their own outputs.
+        Returns ({value: (slot, shape, dtype)}, [slot bytes]). Slots are bytes, so values of
+        different dtypes (an 8-bit plan's int8 activations and fp32 logits) share them like values
+        of one dtype do. A step's inputs are alive while it runs, so its output never shares memory
+        with them (the kernels refuse aliasing); outputs of the plan stay alive to the end. PyTorch
+        steps allocate their own outputs.
         """
-        shapes = self.value_shapes(input_shape)
+        shapes, dtypes = self.value_shapes(input_shape), self.value_dtypes()
         kept = set(self.output_names)
         slot_sizes: list[int] = []
         slot_busy_until: list[int] = []
@@ -499,29 +527,30 @@ class Plan:
             if step.kind not in KERNEL_KINDS:
                 continue
             for name in step.outputs:
-                self._place(name, i, shapes[name], kept, layout, slot_sizes, slot_busy_until)
+                self._place(name, i, shapes[name], dtypes[name], kept, layout, slot_sizes, slot_busy_until)
         return layout, slot_sizes
 
-    def _place(self, name, i, shape, kept, layout, slot_sizes, slot_busy_until):
+    def _place(self, name, i, shape, dtype, kept, layout, slot_sizes, slot_busy_until):
         """A slot for value ``name`` written by step ``i`` (see ``memory_layout``)."""
-        numel = math.prod(shape)
+        nbytes = _slot_bytes(shape, dtype)
         free = [s for s in range(len(slot_sizes)) if slot_busy_until[s] < i]
-        fitting = [s for s in free if slot_sizes[s] >= numel]
+        fitting = [s for s in free if slot_sizes[s] >= nbytes]
         if fitting:
             slot = min(fitting, key=lambda s: slot_sizes[s])
         elif free:
             slot = max(free, key=lambda s: slot_sizes[s])
-            slot_sizes[slot] = numel
+            slot_sizes[slot] = nbytes
         else:
             slot = len(slot_sizes)
-            slot_sizes.append(numel)
+            slot_sizes.append(nbytes)
             slot_busy_until.append(0)
         end = len(self.steps) if name in kept else self._last_read.get(name, len(self.steps))
         slot_busy_until[slot] = end
-        layout[name] = (slot, shape)
+        layout[name] = (slot, shape, dtype)
 
     def allocate(self, input_shape: tuple, *, share_memory: bool = True) -> dict[str, torch.Tensor]:
-        """Preallocated outputs for ``run``: channels_last activations, contiguous 2-D outputs.
+        """Preallocated outputs for ``run``, each in its value's dtype (``value_dtypes``):
+        channels_last activations, contiguous 2-D outputs.
 
         ``share_memory`` lays values out by ``memory_layout`` (a few activations' worth, what the
         engine keeps per batch bucket); without it every value keeps its own buffer, so all
@@ -530,14 +559,14 @@ class Plan:
         if share_memory:
             layout, slot_sizes = self.memory_layout(input_shape)
         else:
-            shapes = self.value_shapes(input_shape)
-            named = [(n, shapes[n]) for s in self.steps if s.kind in KERNEL_KINDS for n in s.outputs]
-            layout = {name: (i, shape) for i, (name, shape) in enumerate(named)}
-            slot_sizes = [math.prod(shape) for _, shape in named]
-        slots = [torch.empty(n, dtype=self.dtype, device=self.device) for n in slot_sizes]
+            shapes, dtypes = self.value_shapes(input_shape), self.value_dtypes()
+            named = [n for s in self.steps if s.kind in KERNEL_KINDS for n in s.outputs]
+            layout = {name: (i, shapes[name], dtypes[name]) for i, name in enumerate(named)}
+            slot_sizes = [_slot_bytes(shape, dtype) for _, shape, dtype in layout.values()]
+        slots = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in slot_sizes]
         buffers = {}
-        for name, (slot, shape) in layout.items():
-            flat = slots[slot][:math.prod(shape)]
+        for name, (slot, shape, dtype) in layout.items():
+            flat = slots[slot][:math.prod(shape) * dtype.itemsize].view(dtype)
             if len(shape) == 4:
                 n, c, h, w = shape
                 buffers[name] = flat.view(n, h, w, c).permute(0, 3, 1, 2)   # channels_last
@@ -553,6 +582,12 @@ class Plan:
         for s in self.steps:
             kinds[s.kind] = kinds.get(s.kind, 0) + 1
         return f"Plan({len(self.steps)} steps {kinds}, {self.dtype}, {self.device})"
+
+
+def _slot_bytes(shape, dtype) -> int:
+    """Bytes of a memory slot holding a value: rounded up to 16, so any dtype's view of a slot
+    starts and ends aligned."""
+    return -(-math.prod(shape) * dtype.itemsize // 16) * 16
 
 
 def _refs(structure) -> list[str]:

@@ -5,7 +5,10 @@ rows, so the quantization numerics stay in one place:
 
     quantize     float [N, C, H, W] -> 8-bit, per-tensor scale: sat(round_half_even(x / s)) for
                  int8, e4m3_rn(clamp(x / s, +-448)) for fp8; for the ROW_K stem it writes the
-                 zero-bordered 4-channel layout the stem reads (zero is exact: symmetric scales)
+                 zero-bordered 4-channel layout the stem reads (zero is exact: symmetric scales).
+                 attrs pixels=True: uint8 pixels p [N, 3, H, W] (channels_last: the images' NHWC
+                 bytes) -> int8 p - 128, exact, inside a zero border of the stem's padding on
+                 every side (``pixel_stem`` below: the stem then corrects the border exactly)
     dequantize   8-bit -> fp32: q * s
     qconv        an 8-bit ``conv2d_nhwc`` (int8 x int8 -> int32, or e4m3 -> fp32) with the
                  requantizing epilogue (``kernels.conv2d_nhwc.QuantEpilogue``); reference
@@ -21,7 +24,8 @@ padded to 4 input channels), ``shortcut_weight`` 8-bit, ``bias`` and ``acc_scale
 Step attrs as a ``conv`` step's, plus ``out_dtype``, ``out_inv_scale`` (8-bit out) and
 ``residual_scale`` (with a residual); the scalars are fp32 values. A ``qconv_pair`` holds the 1x1's
 tensors and attrs as a ``qconv`` does, the 3x3's as ``mid_weight``, ``mid_bias``, ``mid_acc_scale``
-and ``mid_inv_scale`` (its stride, padding and dilation are the step's).
+and ``mid_inv_scale`` (its stride, padding and dilation are the step's). The stem of a plan over
+uint8 pixels (``pixel_stem``) also has tensor ``input_offset`` and attr ``input_offset_padding``.
 """
 from __future__ import annotations
 
@@ -58,8 +62,13 @@ def _into(out, y):
 
 
 # -- quantize / dequantize -----------------------------------------------------------------------
+PIXEL_OFFSET = 128      # uint8 pixel p -> int8 p - 128 (its top bit flipped)
+
+
 def quantize_reference(step, args, out, upcast):
     a, x = step.attrs, args["x"]
+    if a.get("pixels"):
+        return _into(out, _bordered_pixels(x, a["stem_border"][0]))
     q = quantize_tensor(x, a["inv_scale"], a["dtype"])
     if a.get("stem_border"):
         # the ROW_K stem's input: zero border (the conv's zero padding) and channels padded to 4
@@ -74,16 +83,32 @@ def quantize_reference(step, args, out, upcast):
     return _into(out, q)
 
 
+def _bordered_pixels(x, padding):
+    """uint8 [N, 3, H, W] -> int8 [N, 4, H + 2p, W + 2p] channels_last: p - 128 inside, 0 in the
+    border and the 4th channel (the stem's layout; an exact conversion, no scale)."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"the pixel stem takes uint8 pixels, got {x.dtype}")
+    n, c, h, w = x.shape
+    bordered = x.new_zeros((n, h + 2 * padding, w + 2 * padding, _conv.STEM_CHANNELS), dtype=torch.int8)
+    bordered[:, padding:padding + h, padding:padding + w, :c] = x.permute(0, 2, 3, 1).view(torch.int8) ^ -128
+    return bordered.permute(0, 3, 1, 2)
+
+
 def quantize_out_shape(step, shapes):
     n, c, h, w = shapes["x"]
     if not step.attrs.get("stem_border"):
         return (n, c, h, w)
+    if step.attrs.get("pixels"):
+        p = step.attrs["stem_border"][0]
+        return (n, _conv.STEM_CHANNELS, h + 2 * p, w + 2 * p)
     padding, stride = step.attrs["stem_border"]
     top, bottom, left, right = _conv.stem_input_padding(h, w, padding, stride)
     return (n, _conv.STEM_CHANNELS, h + top + bottom, w + left + right)
 
 
 def quantize_describe(step):
+    if step.attrs.get("pixels"):
+        return ["uint8 pixels - 128 -> int8+stem border"]
     return [f"quantize/{_dtype_name(step.attrs['dtype'])}" + ("+stem border" if step.attrs.get("stem_border") else "")]
 
 
@@ -111,7 +136,10 @@ def qconv_pack(step):
 
 def _residual_kwargs(step):
     a = step.attrs
-    return dict(residual_stride=a.get("residual_stride", 1), residual_channel_offset=a.get("residual_channel_offset", 0))
+    kw = dict(residual_stride=a.get("residual_stride", 1), residual_channel_offset=a.get("residual_channel_offset", 0))
+    if "input_offset" in step.tensors:
+        kw["input_offset"] = (step.tensors["input_offset"], a["input_offset_padding"])
+    return kw
 
 
 def qconv_launch(step, args, packed, out):
@@ -135,8 +163,9 @@ def qconv_reference(step, args, out, upcast):
 def qconv_describe_suffix(step):
     a = step.attrs
     x = _dtype_name(step.tensors["weight"].dtype)
-    return [f"{x} x {x} -> {'int32' if x == 'int8' else 'fp32'}",
-            f"requantize -> {_dtype_name(a['out_dtype'])}"]
+    return ([f"{x} x {x} -> {'int32' if x == 'int8' else 'fp32'}"]
+            + (["exact border offset"] if "input_offset" in step.tensors else [])
+            + [f"requantize -> {_dtype_name(a['out_dtype'])}"])
 
 
 # -- qconv_pair ----------------------------------------------------------------------------------

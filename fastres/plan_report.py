@@ -102,7 +102,7 @@ def launch_rows(plan: Plan, input_shape: tuple) -> list[dict]:
     backend = _RecordingBackend()
     rows = []
     with _fake_mode() as mode, torch.no_grad(), record_launches() as calls:
-        x = torch.empty(input_shape, dtype=plan.dtype, device=plan.device).contiguous(
+        x = torch.empty(input_shape, dtype=plan.input_dtype or plan.dtype, device=plan.device).contiguous(
             memory_format=torch.channels_last)
         env = {plan.input_name: mode.from_tensor(x) if not isinstance(x, torch._subclasses.FakeTensor) else x}
         for step, op, relayout in zip(plan.steps, plan._ops, plan._relayout):
@@ -313,7 +313,8 @@ def _record(model: nn.Module, input_shape: tuple, dtype: str, sm: Optional[int])
     from .kernels._launch import record_launches
 
     plan = _plan_of(model, dtype)
-    x = torch.empty(input_shape, dtype=model_dtype(dtype), device="meta", memory_format=torch.channels_last)
+    x = torch.empty(input_shape, dtype=plan.input_dtype or model_dtype(dtype), device="meta",
+                    memory_format=torch.channels_last)
     target = contextlib.nullcontext()
     if sm:
         from .kernels._target import use_target

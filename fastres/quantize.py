@@ -20,7 +20,10 @@ What it does:
    (a PyTorch call, SE gating, a second BN output, a non-global pool) runs in fp32 between a
    ``dequantize`` and a ``quantize``. A bottleneck's 3x3 and 1x1 ``qconv`` that the fused kernel
    runs (``fuses_conv3x3_conv1x1`` for 8-bit operands) become one ``qconv_pair`` (``paired_qconvs``:
-   the mid tensor is requantized in registers, never written);
+   the mid tensor is requantized in registers, never written).
+   The module also holds the plan over uint8 pixels (``pixel_plan``): int8 p - 128 into a stem
+   with the normalisation folded into its weights and the border corrected exactly in its
+   accumulator (``forward_uint8``, and what ``fastres.Engine`` runs on uint8 images);
 5. runs both plans on the first calibration batch(es) and reports, per step, the cosine and the
    relative L2 error of its output against fp32, end to end and for the step alone (its inputs the
    quantized fp32 values); ``min_cosine`` raises ``QuantizationError`` naming the worst steps.
@@ -57,14 +60,14 @@ from torch import nn
 
 from .backend import backend_for, get_backend
 from .ir import OPS, Plan, Ref, Step, bind_refs
-from .ir_quant import QMAX, fp32, quantize_reference, quantize_tensor
+from .ir_quant import PIXEL_OFFSET, QMAX, fp32, quantize_reference, quantize_tensor
 from .kernels import conv2d_nhwc as _conv
 from .kernels.conv3x3_conv1x1_nhwc import fuses_conv3x3_conv1x1
 from .quantized import DTYPES, QuantizedModel, export_quantized, is_quantized_file, load_quantized  # noqa: F401
 
 __all__ = ["quantize", "QuantizedModel", "QuantizationError", "QuantReport", "Histogram", "choose_scale",
            "quantize_conv_weight", "build_quantized_plan", "export_quantized", "load_quantized", "image_batches",
-           "shape_only_plan", "DTYPES", "METHODS"]
+           "shape_only_plan", "pixel_plan", "DTYPES", "METHODS"]
 
 METHODS = ("percentile", "minmax", "mse")
 CALIBRATION_CHUNK = 64          # a 4-D calibration tensor is split into batches of this many images
@@ -380,6 +383,81 @@ def paired_qconvs(steps: list, outputs: set) -> list:
     return out
 
 
+# -- uint8 pixels straight into the stem ----------------------------------------------------------
+PIXELS = "uint8 pixels"       # the input value of a pixel plan (a space: no traced value has one)
+
+
+def pixel_plan(fplan: Plan, qplan: Plan, mean, std) -> Optional[Plan]:
+    """``qplan`` (from ``build_quantized_plan``) over uint8 pixels [N, 3, H, W] (channels_last: the
+    images' NHWC bytes) instead of normalised float images: its first two steps (quantize into the
+    stem's bordered layout, the stem) replaced by
+
+        quantize    int8 q = p - 128, exact, in a zero border of the stem's padding
+        the stem    an int8 conv with normalisation folded into it: W' = W / (255 std[c]) quantized
+                    per output channel (acc_scale t[o], input scale 1: q is in pixel units), the
+                    float stem's bias, output and scale; the accumulator corrected by
+                    ``input_offset_table(W'_q, 255 mean - 128)`` for the output pixel's window
+
+    so that the stem's accumulator is sum over the window's taps inside the image of
+    W'_q * (p - 255 mean[c]): the normalised image (x / 255 - mean) / std convolved with its zero
+    padding, whose zero is the non-integer pixel value 255 mean[c] (ImageNet: 123.675, ...). The
+    one place that is not an integer is the correction (fp32, one rounding each for the table and
+    the kernel's addition); the pixels need no quantization at all (no input rounding error).
+    Always int8 (an fp8 model's stem too, writing e4m3): p - 128 is not exact in e4m3.
+
+    None where the plan's input is not read by the bordered ROW_K stem alone (or the stem does not
+    take 3 channels): such a plan takes normalised images only.
+    """
+    if len(qplan.steps) < 2:
+        return None
+    entry, stem = qplan.steps[0], qplan.steps[1]
+    entry_values = {qplan.input_name, entry.output}
+    if not (entry.kind == "quantize" and entry.attrs.get("stem_border") and entry.inputs == {"x": qplan.input_name}
+            and stem.kind == "qconv" and stem.attrs.get("row_k") and stem.inputs == {"x": entry.output}
+            and not any(entry_values & set(s.reads) for s in qplan.steps[2:])
+            and qplan.input_name not in qplan.output_names):
+        return None
+    fstem = next((s for s in fplan.steps if s.name == stem.name and s.kind == "conv"), None)
+    if fstem is None or fstem.tensors["weight"].shape[1] != 3 or len(mean) != 3 or len(std) != 3:
+        return None
+    a = fstem.attrs
+    if a["padding"][0] != a["padding"][1]:
+        return None
+    per_channel = 255 * torch.tensor(std, dtype=torch.float64, device=fplan.device).view(1, 3, 1, 1)
+    folded = fstem.tensors["weight"].detach().double() / per_channel
+    weight_q, _, acc_scale = quantize_conv_weight(folded, 1.0, torch.int8)
+    offset = [255 * m - PIXEL_OFFSET for m in mean]
+    padding = tuple(a["padding"])
+    tensors = {"weight": _conv.pad_stem_weight(weight_q).contiguous(), "bias": fstem.tensors["bias"].float().clone(),
+               "acc_scale": acc_scale, "input_offset": _conv.input_offset_table(weight_q, offset, padding)}
+    quantize_pixels = Step("quantize", "quantize pixels", {"x": PIXELS}, f"{PIXELS}:q",
+                           dict(dtype=torch.int8, pixels=True, stem_border=(padding[0], a["stride"][0])))
+    pixel_stem = Step("qconv", stem.name, {"x": quantize_pixels.output}, stem.output,
+                      dict(stem.attrs, input_offset_padding=padding), tensors, stem.fused)
+    return Plan(steps=[quantize_pixels, pixel_stem, *qplan.steps[2:]], output=qplan.output, dtype=qplan.dtype,
+                device=qplan.device, input_name=PIXELS, in_channels=3, input_dtype=torch.uint8,
+                notes=list(qplan.notes))
+
+
+def _normalisation(model: nn.Module, mean, std) -> tuple:
+    """(mean, std) the pixel stem folds: as given, else the model's export preprocessing, else ImageNet's."""
+    from .engine import IMAGENET_MEAN, IMAGENET_STD
+
+    pre = (getattr(model, "meta", None) or {}).get("preprocess") or {}
+    stats = []
+    for name, given, default in (("mean", mean, IMAGENET_MEAN), ("std", std, IMAGENET_STD)):
+        values = given if given is not None else pre.get(name) or default
+        try:
+            values = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            raise TypeError(f"fastres.quantize: {name} must be 3 numbers, got {values!r}") from None
+        if len(values) != 3 or not all(math.isfinite(v) for v in values) or (name == "std" and 0 in values):
+            raise ValueError(f"fastres.quantize: {name} must be 3 finite per-channel values (0-1 scale)"
+                             + (", std nonzero" if name == "std" else "") + f", got {list(values)}")
+        stats.append(values)
+    return tuple(stats)
+
+
 # -- running and reporting -----------------------------------------------------------------------
 class _Recorder:
     """A backend that runs steps on ``base`` and hands every value a step writes to ``seen``."""
@@ -560,7 +638,7 @@ def image_batches(directory, meta: Optional[dict] = None, batch: int = CALIBRATI
         yield (torch.stack(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 
-def _batches(calibration, num_batches: Optional[int], meta: Optional[dict] = None):
+def _batches(calibration, num_batches: Optional[int], meta: Optional[dict] = None, stats: Optional[tuple] = None):
     if isinstance(calibration, (str, os.PathLike)):
         calibration = image_batches(calibration, meta)
     if torch.is_tensor(calibration):
@@ -580,20 +658,28 @@ def _batches(calibration, num_batches: Optional[int], meta: Optional[dict] = Non
         if not torch.is_tensor(batch) or batch.dim() != 4:
             raise TypeError(f"calibration batch {i} must be a [N, C, H, W] tensor, got "
                             + (f"shape {tuple(batch.shape)}" if torch.is_tensor(batch) else type(batch).__name__))
-        if not batch.is_floating_point():
-            raise TypeError(f"calibration batch {i} is {batch.dtype}: pass the float (normalised) images the model "
-                            "takes (uint8 pixels straight into the stem are not implemented yet)")
+        if batch.dtype == torch.uint8 and batch.shape[3] == 3 and stats is not None:
+            # uint8 RGB pixels [N, H, W, 3]: normalised as the engine normalises them
+            from .extension import preprocess
+            batch = preprocess(batch.contiguous(), stats[0], stats[1], dtype=torch.float32, pad_channels_to=3)
+        elif not batch.is_floating_point():
+            raise TypeError(f"calibration batch {i} is {batch.dtype} {tuple(batch.shape)}: pass the float "
+                            "(normalised) [N, C, H, W] images the model takes, or uint8 pixels [N, H, W, 3] (RGB)")
         yield batch
 
 
 def quantize(model: nn.Module, calibration, *, dtype: str = "int8", method: str = "percentile",
              num_batches: Optional[int] = None, percentile: float = 99.99, progress: bool = True,
-             min_cosine: Optional[float] = None, report_batches: int = 1) -> QuantizedModel:
+             min_cosine: Optional[float] = None, report_batches: int = 1, mean=None, std=None) -> QuantizedModel:
     """An 8-bit inference module of ``model`` (an fp32 module in eval mode; see the module docstring).
 
-    ``calibration``: an iterable of float [N, C, H, W] batches as the model takes them (or
-    (images, labels) pairs, or one 4-D tensor, split into batches of 64), or a directory of image
-    files (``image_batches``: the model's export preprocessing); ``num_batches`` caps it.
+    ``calibration``: an iterable of float [N, C, H, W] batches as the model takes them, or of uint8
+    RGB pixels [N, H, W, 3] (normalised with ``mean`` / ``std``) (or (images, labels) pairs, or one
+    4-D tensor, split into batches of 64), or a directory of image files (``image_batches``: the
+    model's export preprocessing); ``num_batches`` caps it. ``mean`` / ``std`` (0-1 scale, default
+    the model's export preprocessing, else ImageNet's): the normalisation folded into the module's
+    uint8 pixel stem (``pixel_plan``: what ``forward_uint8`` and ``fastres.Engine``'s uint8 input
+    run) and applied to uint8 calibration batches.
     ``dtype``: "int8" or "fp8" (e4m3). ``method``: "percentile" (``percentile`` of |x|), "minmax" or
     "mse". ``progress``: a progress bar over the calibration batches. The first ``report_batches``
     batches (at most ``REPORT_IMAGES`` images: both plans keep every value of a report batch) also
@@ -620,6 +706,7 @@ def quantize(model: nn.Module, calibration, *, dtype: str = "int8", method: str 
     if model.training:
         raise ValueError("fastres.quantize quantizes the eval forward: call model.eval() first")
     qdtype = DTYPES[dtype]
+    stats = _normalisation(model, mean, std)
     try:
         plan = capture(model)
     except Unsupported as err:
@@ -636,7 +723,7 @@ def quantize(model: nn.Module, calibration, *, dtype: str = "int8", method: str 
         if torch.is_tensor(v) and v.is_floating_point():
             hists.setdefault(name, Histogram()).add(v)
     from tqdm.auto import tqdm
-    batches = _batches(calibration, num_batches, getattr(model, "meta", None))
+    batches = _batches(calibration, num_batches, getattr(model, "meta", None), stats)
     seen = 0
     with torch.no_grad():
         for x in tqdm(batches, total=num_batches, desc=f"fastres.quantize ({dtype}, {method})", disable=not progress,
@@ -652,7 +739,8 @@ def quantize(model: nn.Module, calibration, *, dtype: str = "int8", method: str 
     scales = {name: choose_scale(h, method, qdtype, percentile) for name, h in hists.items()}
     qplan, value_scale = build_quantized_plan(fplan, scales, qdtype)
     report = measure(qplan, value_scale, fplan, kept, backend, dtype, method)
-    qmodel = QuantizedModel(qplan, value_scale, report, dtype, method)
+    qmodel = QuantizedModel(qplan, value_scale, report, dtype, method, pixel_plan=pixel_plan(fplan, qplan, *stats),
+                            pixel_stats=stats)
     if min_cosine is not None and not report.output_cosine >= min_cosine:
         worst = ", ".join(f"{s.step} (alone {s.local_cosine:.4f}, end to end {s.cosine:.4f})"
                           if s.local_cosine is not None else f"{s.step} ({s.cosine:.4f})" for s in report.worst(3))
@@ -661,17 +749,19 @@ def quantize(model: nn.Module, calibration, *, dtype: str = "int8", method: str 
     return qmodel
 
 
-def shape_only_plan(model: nn.Module, dtype: str = "int8") -> Plan:
+def shape_only_plan(model: nn.Module, dtype: str = "int8", pixels: bool = True) -> Plan:
     """The quantized plan of ``model`` with placeholder scales (every activation 1/qmax): its steps,
     shapes and kernel launches are those of a calibrated one, its numbers are not. For recording
-    launches on the meta device (``fastres aot --dtype int8``, ``fastres inspect --dtype int8``)."""
+    launches on the meta device (``fastres aot --dtype int8``, ``fastres inspect --dtype int8``).
+    ``pixels``: the plan over uint8 pixels (``pixel_plan``, ImageNet's normalisation: what an 8-bit
+    ``fastres.Engine`` runs on uint8 images) where the model has one."""
     from .capture import capture
 
     fplan = float_plan(capture(model, dtype=torch.float32))
     qdtype = DTYPES[dtype]
     names = [fplan.input_name] + [n for s in fplan.steps for n in s.outputs]
     qplan, _ = build_quantized_plan(fplan, dict.fromkeys(names, fp32(1.0 / QMAX[qdtype])), qdtype)
-    return qplan
+    return (pixels and pixel_plan(fplan, qplan, *_normalisation(model, None, None))) or qplan
 
 
 class _CallableModule(types.ModuleType):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 from torch import nn
@@ -17,12 +18,21 @@ from torch import nn
 from .backend import backend_for, get_backend
 from .ir import Plan, Ref, Step
 
-__all__ = ["QuantizedModel", "export_quantized", "load_quantized", "is_quantized_file", "FORMAT", "DTYPES"]
+__all__ = ["QuantizedModel", "run_plan", "export_quantized", "load_quantized", "is_quantized_file", "FORMAT", "DTYPES"]
 
 DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 # -- the module ------------------------------------------------------------------------------------
+def run_plan(plan: Plan, x: torch.Tensor, backend, buffers=None):
+    """A quantized plan's output for ``x`` on ``backend``: how the module and ``fastres.Engine`` both
+    run one (so an engine's logits are the module's; on CPU the backend's oneDNN program), ``buffers``
+    the engine's preallocated ones (its static-buffer path runs the steps into them)."""
+    if buffers is None:
+        return backend.execute(plan, x)
+    return plan.run(x, backend, buffers=buffers)
+
+
 class QuantizedModel(nn.Module):
     """The inference module ``fastres.quantize`` returns: float NCHW images in (any float dtype; as
     the eval model takes them), the plan's outputs (logits in fp32) out. CUDA inputs run the Triton
@@ -32,27 +42,62 @@ class QuantizedModel(nn.Module):
     interpreter.
 
     ``report`` is the ``QuantReport`` of the calibration; ``scales`` the activation scale of every
-    8-bit value; ``.to(device)`` moves the 8-bit weights (dtypes never change)."""
+    8-bit value; ``.to(device)`` moves the 8-bit weights (dtypes never change).
 
-    def __init__(self, plan: Plan, scales: dict, report, dtype: str, method: str):
+    ``pixel_plan`` (``fastres.quantize.pixel_plan``; None for a model whose stem cannot take them)
+    is the same plan over uint8 RGB pixels, the normalisation ``pixel_stats`` = (mean, std) folded
+    into its stem: ``forward_uint8(images)`` runs it, and so does ``fastres.Engine`` on uint8
+    images (``meta["preprocess"]`` holds those statistics, the engine's default). Its stem is
+    quantized from the float weights on its own, so its logits are close to, not equal to, those
+    of ``forward`` on the normalised images (closer to fp32: pixels need no input rounding)."""
+
+    def __init__(self, plan: Plan, scales: dict, report, dtype: str, method: str, *,
+                 pixel_plan: Optional[Plan] = None, pixel_stats: Optional[tuple] = None):
         super().__init__()
         self.plan, self.scales, self.report, self.dtype, self.method = plan, scales, report, dtype, method
         self.report_text = str(report) if report is not None else ""    # what a loaded file keeps of it
+        self.pixel_plan = pixel_plan
+        self.pixel_stats = tuple(tuple(float(v) for v in t) for t in pixel_stats) if pixel_plan is not None else None
+        self.meta = ({"preprocess": {"mean": list(self.pixel_stats[0]), "std": list(self.pixel_stats[1])}}
+                     if self.pixel_stats is not None else {})
+
+    def forward_uint8(self, images: torch.Tensor):
+        """The plan's outputs (fp32 logits) for uint8 RGB images [N, H, W, 3] (contiguous), through
+        ``pixel_plan``: the pixels go into the stem as int8 p - 128, normalised by the stem itself."""
+        if self.pixel_plan is None:
+            raise ValueError("this quantized model has no uint8 pixel stem (its input is not read by a 3-channel "
+                             "ROW_K stem alone): normalise the images and call the model")
+        if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3] != 3:
+            got = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+            raise TypeError(f"forward_uint8 takes uint8 RGB images [N, H, W, 3], got {got}")
+        if not images.is_contiguous():
+            raise ValueError(f"forward_uint8: images must be contiguous [N, H, W, 3], got strides {images.stride()}")
+        if images.device != self.pixel_plan.device:
+            raise ValueError(f"input on {images.device}, the quantized model on {self.pixel_plan.device}: "
+                             "move one of them")
+        with torch.no_grad():
+            return run_plan(self.pixel_plan, images.permute(0, 3, 1, 2), get_backend(backend_for(images.device)))
+
+    def _plans(self) -> list:
+        return [self.plan] + ([self.pixel_plan] if self.pixel_plan is not None else [])
 
     def forward(self, x: torch.Tensor):
         if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
             raise TypeError("a quantized fastres model takes float [N, C, H, W] images, got "
-                            + (f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__))
+                            + (f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__)
+                            + (" (uint8 RGB pixels [N, H, W, 3]: model.forward_uint8(images))"
+                               if torch.is_tensor(x) and x.dtype == torch.uint8 else ""))
         if self.plan.in_channels is not None and x.shape[1] != self.plan.in_channels:
             raise ValueError(f"the model takes {self.plan.in_channels} input channels, got {x.shape[1]}")
         if x.device != self.plan.device:
             raise ValueError(f"input on {x.device}, the quantized model on {self.plan.device}: move one of them")
         with torch.no_grad():
-            return get_backend(backend_for(x.device)).execute(self.plan, x.float())
+            return run_plan(self.plan, x.float(), get_backend(backend_for(x.device)))
 
     def _apply(self, fn, recurse=True):
         device = None
-        for step in self.plan.steps:
+        steps = {id(s): s for plan in self._plans() for s in plan.steps}     # (the plans share steps)
+        for step in steps.values():
             for k, t in step.tensors.items():
                 moved = fn(t)
                 if moved.dtype != t.dtype:
@@ -62,7 +107,8 @@ class QuantizedModel(nn.Module):
                 device = moved.device
             step.packed.clear()
         if device is not None:
-            self.plan.device = device
+            for plan in self._plans():
+                plan.device = device
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -78,10 +124,11 @@ FORMAT_VERSION = 1
 # the step kinds a file may hold, and the attributes each may carry (values: JSON numbers, bools,
 # strings, lists of ints; dtypes as their names)
 _FILE_ATTRS = {
-    "quantize": {"dtype", "scale", "inv_scale", "stem_border"},
+    "quantize": {"dtype", "scale", "inv_scale", "stem_border", "pixels"},
     "dequantize": {"scale"},
     "qconv": {"stride", "padding", "dilation", "groups", "relu", "shortcut_stride", "residual_stride",
-              "residual_channel_offset", "residual_pad", "row_k", "out_dtype", "out_inv_scale", "residual_scale"},
+              "residual_channel_offset", "residual_pad", "row_k", "out_dtype", "out_inv_scale", "residual_scale",
+              "input_offset_padding"},
     "qconv_pair": {"stride", "padding", "dilation", "groups", "relu", "shortcut_stride", "out_dtype", "out_inv_scale",
                    "residual_scale", "mid_inv_scale"},
     "qhead": {"pool", "flatten"},
@@ -92,8 +139,8 @@ _FILE_ATTRS = {
     "se_scale": {"relu", "sigmoid"},
 }
 _FILE_TENSORS = {"weight", "bias", "shortcut_weight", "acc_scale", "scale2", "shift2", "mid_weight", "mid_bias",
-                 "mid_acc_scale"}
-_PAIRS = {"stride", "padding", "dilation", "residual_pad", "stem_border"}
+                 "mid_acc_scale", "input_offset"}
+_PAIRS = {"stride", "padding", "dilation", "residual_pad", "stem_border", "input_offset_padding"}
 _FILE_DTYPES = {"int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn, "float32": torch.float32,
                 "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -123,20 +170,17 @@ def export_quantized(qmodel: QuantizedModel, path) -> str:
     if custom:
         raise ValueError(f"fastres.export: this quantized plan runs PyTorch calls of the model ({', '.join(custom[:5])})"
                          "; a file holds only fastres steps")
-    steps, tensors = [], {}
-    for i, s in enumerate(plan.steps):
-        names = {}
-        for k, t in s.tensors.items():
-            names[k] = f"{i}.{k}"
-            tensors[names[k]] = t.detach().to("cpu").contiguous()
-        steps.append(dict(kind=s.kind, name=s.name, inputs=s.inputs, output=s.output,
-                          extra_outputs=list(s.extra_outputs), tensors=names,
-                          attrs={k: _attr_to_json(v) for k, v in s.attrs.items()}))
+    tensors = {}
+    plan_json = dict(steps=_steps_to_json(plan.steps, "", tensors), input=plan.input_name, in_channels=plan.in_channels,
+                     output=_output_to_json(plan.output))
+    if qmodel.pixel_plan is not None:     # its own entry steps; the rest are the plan's
+        entry = qmodel.pixel_plan.steps[:_PIXEL_ENTRY]
+        plan_json["pixel"] = dict(steps=_steps_to_json(entry, "pixel.", tensors), input=qmodel.pixel_plan.input_name,
+                                  mean=list(qmodel.pixel_stats[0]), std=list(qmodel.pixel_stats[1]))
     metadata = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION), "fastres_version": __version__,
         "dtype": qmodel.dtype, "method": qmodel.method,
-        "plan": json.dumps(dict(steps=steps, input=plan.input_name, in_channels=plan.in_channels,
-                                output=_output_to_json(plan.output))),
+        "plan": json.dumps(plan_json),
         "scales": json.dumps(qmodel.scales),
         "report": str(qmodel.report) if qmodel.report is not None else "",
         "sha256": digest(tensors),
@@ -144,6 +188,23 @@ def export_quantized(qmodel: QuantizedModel, path) -> str:
     path = os.fspath(path)
     save_file(tensors, path, metadata=metadata)
     return path
+
+
+_PIXEL_ENTRY = 2       # the float plan's steps a pixel plan replaces: quantize, the stem
+
+
+def _steps_to_json(steps, prefix: str, tensors: dict) -> list:
+    """The steps as JSON objects; their tensors go into ``tensors`` as "{prefix}{i}.{name}"."""
+    out = []
+    for i, s in enumerate(steps):
+        names = {}
+        for k, t in s.tensors.items():
+            names[k] = f"{prefix}{i}.{k}"
+            tensors[names[k]] = t.detach().to("cpu").contiguous()
+        out.append(dict(kind=s.kind, name=s.name, inputs=s.inputs, output=s.output,
+                        extra_outputs=list(s.extra_outputs), tensors=names,
+                        attrs={k: _attr_to_json(v) for k, v in s.attrs.items()}))
+    return out
 
 
 def _output_to_json(output):
@@ -206,6 +267,10 @@ def load_quantized(path, device=None, *, read=None) -> QuantizedModel:
     steps, used = [], set()
     for i, d in enumerate(plan_data["steps"]):
         steps.append(_step_from_json(d, i, tensors, known, used, bad))
+    pixel = plan_data.get("pixel")
+    pixel_steps = pixel_stats = None
+    if pixel is not None:
+        pixel_steps, pixel_stats = _pixel_entry_from_json(pixel, steps, tensors, used, bad)
     if used != set(tensors):
         bad("tensors", f"{sorted(set(tensors) - used)[:5]} belong to no step")
     output = _output_from_json(plan_data.get("output"), bad)
@@ -217,9 +282,44 @@ def load_quantized(path, device=None, *, read=None) -> QuantizedModel:
         bad("plan", "in_channels must be a positive int")
     plan = Plan(steps=steps, output=output, dtype=torch.float32, device=torch.device("cpu"),
                 input_name=plan_data["input"], in_channels=in_channels)
-    qmodel = QuantizedModel(plan, scales, None, metadata["dtype"], str(metadata.get("method", "")))
+    pixels = None
+    if pixel_steps is not None:
+        pixels = Plan(steps=pixel_steps + steps[_PIXEL_ENTRY:], output=output, dtype=torch.float32,
+                      device=torch.device("cpu"), input_name=pixel["input"], in_channels=3, input_dtype=torch.uint8)
+    qmodel = QuantizedModel(plan, scales, None, metadata["dtype"], str(metadata.get("method", "")),
+                            pixel_plan=pixels, pixel_stats=pixel_stats)
     qmodel.report_text = metadata.get("report", "")
     return qmodel.to(device) if device is not None else qmodel
+
+
+def _pixel_entry_from_json(pixel, steps, tensors, used, bad) -> tuple:
+    """(entry steps, (mean, std)) of a file's pixel plan: a pixel quantize step and a stem that
+    writes what the plan's stem writes, the plan's later steps reading nothing else of its entry."""
+    where = "plan pixel entry"
+    if not (isinstance(pixel, dict) and isinstance(pixel.get("steps"), list) and isinstance(pixel.get("input"), str)
+            and len(pixel["steps"]) == _PIXEL_ENTRY and len(steps) > _PIXEL_ENTRY):
+        bad(where, f"must hold the input's name and {_PIXEL_ENTRY} steps, in a plan of more")
+    stats = []
+    for key in ("mean", "std"):
+        v = pixel.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(e, (int, float)) and not isinstance(e, bool)
+                                                            and math.isfinite(e) for e in v)):
+            bad(where, f"{key} must be 3 finite numbers")
+        stats.append(tuple(float(e) for e in v))
+    if 0 in stats[1]:
+        bad(where, "std must be nonzero")
+    known = {pixel["input"]}
+    entry = [_step_from_json(d, f"pixel {i}", tensors, known, used, bad) for i, d in enumerate(pixel["steps"])]
+    quantize_pixels, stem = entry
+    if not (quantize_pixels.kind == "quantize" and quantize_pixels.attrs.get("pixels") is True
+            and quantize_pixels.attrs.get("stem_border") and quantize_pixels.attrs.get("dtype") == torch.int8
+            and stem.kind == "qconv" and stem.inputs == {"x": quantize_pixels.output} and stem.attrs.get("row_k")
+            and stem.output == steps[_PIXEL_ENTRY - 1].output and "input_offset" in stem.tensors):
+        bad(where, "must be a pixel quantize step and a ROW_K stem with an input offset writing the plan stem's output")
+    replaced = {s.output for s in steps[:_PIXEL_ENTRY]} | {pixel["input"]}
+    if any(name in replaced - {stem.output} for s in steps[_PIXEL_ENTRY:] for name in s.reads):
+        bad(where, "is read around: a later step reads a value it replaces")
+    return entry, tuple(stats)
 
 
 def _output_names(output) -> list:
@@ -301,10 +401,19 @@ def _check_step_tensors(kind, t, attrs, bad):
         for k in ("stride", "padding", "dilation", "groups", "relu", "out_dtype"):
             if k not in attrs:
                 bad(f"lacks attribute {k}")
-        if attrs["out_dtype"] not in (w.dtype, torch.float32, torch.float16, torch.bfloat16):
+        if attrs["out_dtype"] not in (w.dtype, torch.float32, torch.float16, torch.bfloat16) and not (
+                "input_offset" in t and w.dtype == torch.int8 and attrs["out_dtype"] == torch.float8_e4m3fn):
             bad(f"writes {attrs['out_dtype']} from {w.dtype} operands")
-        if (attrs["out_dtype"] == w.dtype) != isinstance(attrs.get("out_inv_scale"), (int, float)):
+        out_8bit = attrs["out_dtype"] in (torch.int8, torch.float8_e4m3fn)
+        if out_8bit != isinstance(attrs.get("out_inv_scale"), (int, float)):
             bad("needs out_inv_scale exactly when its output is 8-bit")
+        if ("input_offset" in t) != ("input_offset_padding" in attrs):
+            bad("needs input_offset_padding exactly with an input_offset tensor")
+        if "input_offset" in t:
+            ph, pw = attrs["input_offset_padding"]
+            off = t["input_offset"]
+            if off.dtype != torch.float32 or tuple(off.shape) != ((ph + 1) ** 2 * (pw + 1) ** 2, w.shape[0]):
+                bad(f"input_offset must be float32 [{(ph + 1) ** 2 * (pw + 1) ** 2}, {w.shape[0]}]")
     if kind == "quantize" and attrs.get("dtype") not in (torch.int8, torch.float8_e4m3fn):
         bad("quantizes to int8 or float8_e4m3fn only")
     for k in ("scale", "inv_scale", "out_inv_scale", "residual_scale", "mid_inv_scale"):

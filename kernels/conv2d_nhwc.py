@@ -88,7 +88,7 @@ def _conv2d_nhwc_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, residual_ptr, shortcut_ptr, out2_ptr, scale2_ptr, shift2_ptr,
     ws_ptr, counter_ptr, mean_ptr,
     x_desc, w_desc,
-    acc_scale_ptr, RES_SCALE, OUT_INV_SCALE,
+    acc_scale_ptr, RES_SCALE, OUT_INV_SCALE, offset_ptr,
     BATCH, H, W, OH, OW, SC_H, SC_W, RES_H, RES_W, MEAN_SLOTS,
     C_IN: tl.constexpr, C_OUT: tl.constexpr,
     CIN_PER_GROUP: tl.constexpr, COUT_PER_GROUP: tl.constexpr,   # per *packed* group
@@ -104,6 +104,7 @@ def _conv2d_nhwc_kernel(
     HAS_OUT2: tl.constexpr, OUT2_RELU: tl.constexpr, HAS_MEAN: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,
     QUANTIZED: tl.constexpr, INTERPRETER_FP8: tl.constexpr, W_K_STRIDE: tl.constexpr, W_N_STRIDE: tl.constexpr,
+    HAS_INPUT_OFFSET: tl.constexpr, OFFSET_PAD_H: tl.constexpr, OFFSET_PAD_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA: tl.constexpr, TILE_IMGS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
@@ -127,6 +128,11 @@ def _conv2d_nhwc_kernel(
 
     W_K_STRIDE / W_N_STRIDE: element strides of the packed weight's K rows and output columns
     (``PackedConvWeight``): (C_OUT, 1) N-major for 16-bit and fp32, (1, K) K-major for 8-bit.
+    HAS_INPUT_OFFSET (a padding-0 conv over an input bordered by OFFSET_PAD_H/W zero pixels, no
+    split-K): acc += offset[class of (oh, ow)] in fp32 before the epilogue, the correction that
+    makes acc the convolution of (x - offset) over the image with a zero border
+    (``input_offset_table``); the class is how many kernel rows/columns of the window fall in the
+    top, bottom, left and right border.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1) if SPLIT_K > 1 else 0     # split-K: this program's share of the K steps
@@ -313,6 +319,18 @@ def _conv2d_nhwc_kernel(
         a_ptrs = shortcut_ptr + (sc_pixel.to(tl.int64) * C_SC)[:, None] + offs_k[None, :]
         acc = dot_contiguous_k(acc, a_ptrs, w_ptrs, offs_k, m_mask, n_mask, C_SC, W_K_STRIDE, EVEN_N,
                                INTERPRETER_BF16, BLOCK_K)
+
+    if HAS_INPUT_OFFSET:
+        # the window of (oh, ow) starts at (oh*S, ow*S) of the bordered input; the image is
+        # rows [PAD, H - PAD) and columns [PAD, W - PAD) of it
+        top = tl.maximum(OFFSET_PAD_H - oh * STRIDE_H, 0)
+        bottom = tl.maximum(oh * STRIDE_H + KH - (H - OFFSET_PAD_H), 0)
+        left = tl.maximum(OFFSET_PAD_W - ow * STRIDE_W, 0)
+        right = tl.maximum(ow * STRIDE_W + KW - (W - OFFSET_PAD_W), 0)
+        cls = ((top * (OFFSET_PAD_H + 1) + bottom) * (OFFSET_PAD_W + 1) + left) * (OFFSET_PAD_W + 1) + right
+        corr = tl.load(offset_ptr + (cls * C_OUT)[:, None] + offs_n[None, :],
+                       mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = acc.to(tl.float32) + corr
 
     if RES_STRIDE == 1 and RES_C == C_OUT:
         res_rows = offs_m
@@ -707,7 +725,8 @@ def conv_config(m: int, group_out_channels: int, num_groups: int, group_in_chann
 def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padding=0, dilation=1,
                        residual=None, relu=False, shortcut=None, shortcut_stride=1, out=None,
                        residual_stride=1, residual_channel_offset=0, affine2=None, affine2_relu=False,
-                       out2=None, channel_mean=False, mean_out=None, quant: QuantEpilogue | None = None):
+                       out2=None, channel_mean=False, mean_out=None, quant: QuantEpilogue | None = None,
+                       input_offset=None):
     """``relu?(conv(x, packed) [+ conv1x1_s(shortcut, packed shortcut)] + bias [+ residual])``.
 
     ``residual_stride`` / ``residual_channel_offset``: the residual is [N, C_r, H_r, W_r] read at
@@ -728,6 +747,12 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
 
     ``quant`` (x and the packed weight int8 or fp8 e4m3): the 8-bit convolution, its epilogue the
     ``QuantEpilogue`` (reference: ``conv2d_nhwc_8bit_ref``); ``out`` is then in ``quant.out_dtype``.
+
+    ``input_offset`` = (table, (pad_h, pad_w)): x is an image inside a zero border of pad_h rows and
+    pad_w columns on each side and the conv runs with padding 0; the accumulator gets
+    ``table[class]`` (``input_offset_table``), so it is the convolution of (x - offset) over the
+    image, zero in the border: the stem over uint8 pixels as int8 p - 128, where the pixel value
+    that normalises to zero (255 mean) is not an integer (``fastres.quantize``).
     """
     (sh, sw), (ph, pw), (dh, dw) = conv_geometry(stride, padding, dilation)
     check_packed_input(x, "x", packed)
@@ -746,6 +771,8 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     if affine2 is not None:
         for what, t in zip(("affine2 scale", "affine2 shift"), affine2):
             check_bias(t, what, packed.out_channels, x.device)
+    if input_offset is not None:
+        _check_input_offset(input_offset, x, packed, (ph, pw), affine2, channel_mean)
     sc_h, sc_w = check_shortcut(shortcut, shortcut_stride, packed.shortcut_in_channels, n, oh, ow, x, "x")
     if out is None:
         out = torch.empty(out_shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
@@ -780,12 +807,72 @@ def conv2d_nhwc_packed(x, packed: PackedConvWeight, bias=None, *, stride=1, padd
     problem = dict(bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), residual=residual,
                    relu=relu, shortcut=shortcut, shortcut_stride=shortcut_stride,
                    residual_stride=residual_stride, residual_channel_offset=residual_channel_offset,
-                   affine2=affine2, affine2_relu=affine2_relu, out2=out2, mean_out=mean_out, quant=quant)
+                   affine2=affine2, affine2_relu=affine2_relu, out2=out2, mean_out=mean_out, quant=quant,
+                   input_offset=input_offset)
     config = None
     if x.device.type == "cuda" and _autotune.enabled() and not is_recording():
         config = _tuned_config(x, packed, out, problem)
     _build_call(x, packed, out, config=config, **problem).launch()
     return result
+
+
+def _check_input_offset(input_offset, x, packed, padding, affine2, channel_mean) -> None:
+    try:
+        table, (pad_h, pad_w) = input_offset
+    except (TypeError, ValueError):
+        raise TypeError("input_offset must be (table, (pad_h, pad_w))") from None
+    if padding != (0, 0):
+        raise ValueError(f"input_offset: the conv runs over the bordered input with padding 0, got {padding}")
+    if affine2 is not None or channel_mean:
+        raise ValueError("input_offset has no second output (affine2 / channel_mean)")
+    classes = (pad_h + 1) ** 2 * (pad_w + 1) ** 2
+    if (not torch.is_tensor(table) or table.dtype != torch.float32 or table.device != x.device
+            or tuple(table.shape) != (classes, packed.out_channels) or not table.is_contiguous()):
+        raise ValueError(f"input_offset table must be a contiguous float32 [{classes}, {packed.out_channels}] tensor "
+                         f"on {x.device}, got " + (f"{table.dtype} {tuple(table.shape)} on {table.device}"
+                                                   if torch.is_tensor(table) else type(table).__name__))
+    if x.shape[2] < 2 * pad_h + packed.kernel_size[0] or x.shape[3] < 2 * pad_w + packed.kernel_size[1]:
+        raise ValueError(f"input_offset: x {tuple(x.shape[2:])} is smaller than its ({pad_h}, {pad_w}) border "
+                         "and one kernel window")
+
+
+def input_offset_table(weight, offset, padding) -> torch.Tensor:
+    """The accumulator correction of ``conv2d_nhwc_packed(..., input_offset=(table, padding))``:
+
+        table[class, o] = -sum over the taps (i, j) inside the image of sum_c weight[o, c, i, j] * offset[c]
+
+    in float64, rounded once to fp32; class = ((top*(P_H+1) + bottom)*(P_W+1) + left)*(P_W+1) + right,
+    the kernel rows (top, bottom) and columns (left, right) of an output pixel's window that fall in
+    the border (each 0..P). ``weight`` [C_out, C_in, KH, KW] (the 8-bit values), ``offset`` [C_in]:
+    acc + table[class] = conv(x - offset) over the image with zero padding, exactly up to that one
+    fp32 rounding of the table and the kernel's one fp32 addition.
+    """
+    pad_h, pad_w = padding
+    kh, kw = weight.shape[2:]
+    per_tap = torch.einsum("ocij,c->oij", weight.double(), torch.as_tensor(offset, dtype=torch.float64,
+                                                                            device=weight.device))
+    rows = []
+    for top in range(pad_h + 1):
+        for bottom in range(pad_h + 1):
+            for left in range(pad_w + 1):
+                for right in range(pad_w + 1):
+                    inside = per_tap[:, top:max(top, kh - bottom), left:max(left, kw - right)]
+                    rows.append(-inside.sum(dim=(1, 2)))
+    return torch.stack(rows).float().contiguous()
+
+
+def input_offset_ref(table, padding, kernel_size, stride, in_hw, out_hw) -> torch.Tensor:
+    """[1, C_out, OH, OW] fp32: ``table`` read at each output pixel's class (the kernel's lookup)."""
+    (pad_h, pad_w), (kh, kw), (sh, sw) = padding, kernel_size, stride
+    (h, w), (oh, ow) = in_hw, out_hw
+    r = torch.arange(oh, device=table.device) * sh
+    c = torch.arange(ow, device=table.device) * sw
+    top, bottom = (pad_h - r).clamp(min=0), (r + kh - (h - pad_h)).clamp(min=0)
+    left, right = (pad_w - c).clamp(min=0), (c + kw - (w - pad_w)).clamp(min=0)
+    row_class = top * (pad_h + 1) + bottom
+    col_class = left * (pad_w + 1) + right
+    cls = row_class[:, None] * (pad_w + 1) ** 2 + col_class[None, :]
+    return table[cls].permute(2, 0, 1).unsqueeze(0)
 
 
 def check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
@@ -806,8 +893,11 @@ def check_quant(quant, x, packed, affine2, residual) -> torch.dtype:
     if (residual is None) != (quant.residual_scale is None):
         raise ValueError("quant.residual_scale must be given exactly when there is a residual")
     out_8bit = quant.out_dtype in EIGHT_BIT_DTYPES
-    if quant.out_dtype not in EIGHT_BIT_DTYPES + FLOAT_DTYPES or (out_8bit and quant.out_dtype != x.dtype):
-        raise TypeError(f"quant.out_dtype must be x's dtype ({x.dtype}) or a float dtype, got {quant.out_dtype}")
+    # x's 8-bit dtype, a float, or e4m3 from int8 (an fp8 model's stem over uint8 pixels: int8 p - 128)
+    mixed = (x.dtype, quant.out_dtype) == (torch.int8, torch.float8_e4m3fn)
+    if quant.out_dtype not in EIGHT_BIT_DTYPES + FLOAT_DTYPES or (out_8bit and quant.out_dtype != x.dtype and not mixed):
+        raise TypeError(f"quant.out_dtype must be x's dtype ({x.dtype}), a float dtype, or float8_e4m3fn from int8, "
+                        f"got {quant.out_dtype}")
     if out_8bit != (quant.out_inv_scale is not None):
         raise ValueError("quant.out_inv_scale must be given exactly when the output is 8-bit")
     return quant.out_dtype
@@ -829,14 +919,14 @@ def _operand_shape(x, packed, out, stride, padding, shortcut, mean_out, quant) -
     return plain_gemm, spatial
 
 
-def _rule_config(x, packed, out, *, stride, padding, shortcut, mean_out, quant, **_) -> ConvConfig:
+def _rule_config(x, packed, out, *, stride, padding, shortcut, mean_out, quant, input_offset=None, **_) -> ConvConfig:
     """``conv_config``'s choice for this conv (the launch's and the autotuner's "rule" candidate)."""
     kh, kw = packed.kernel_size
     cin_g, cout_g = packed.group_in_channels, packed.group_out_channels
     num_groups = packed.out_channels // cout_g
     flat_k = cin_g % min_dot_k(x.dtype) != 0
     splittable = (num_groups == 1 and shortcut is None and not flat_k and not packed.row_k and mean_out is None
-                  and quant is None)
+                  and quant is None and input_offset is None)
     main_steps = kh * kw * cin_g // min(CONV_CONFIGS["tc_wide"].BLOCK_K, largest_pow2_divisor(cin_g)) if splittable else 0
     plain_gemm, spatial = _operand_shape(x, packed, out, stride, padding, shortcut, mean_out, quant)
     return conv_config(x.shape[0] * out.shape[2] * out.shape[3], cout_g, num_groups, cin_g, flat_k, x.dtype,
@@ -926,7 +1016,7 @@ def _tma_descriptors(x, packed, cfg: ConvConfig) -> dict:
 def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, relu, shortcut,
                 shortcut_stride, residual_stride=1, residual_channel_offset=0, affine2=None,
                 affine2_relu=False, out2=None, mean_out=None, config: ConvConfig | None = None,
-                quant: QuantEpilogue | None = None) -> KernelCall:
+                quant: QuantEpilogue | None = None, input_offset=None) -> KernelCall:
     """The KernelCall of one (already validated) convolution; touches no tensor data."""
     n, c_in, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -937,7 +1027,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
     m = n * oh * ow
     plain_gemm, spatial = _operand_shape(x, packed, out, stride, padding, shortcut, mean_out, quant)
     cfg = config or _rule_config(x, packed, out, stride=stride, padding=padding, shortcut=shortcut,
-                                 mean_out=mean_out, quant=quant)
+                                 mean_out=mean_out, quant=quant, input_offset=input_offset)
     if cfg.TMA and (quant is not None or not _tma_fits(x, packed, cfg, plain_gemm, spatial is not None)):
         cfg = dataclasses.replace(cfg, TMA=False, TILE=())
     if cfg.TILE and not cfg.TMA:
@@ -985,6 +1075,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
                     acc_scale_ptr=quant.acc_scale if quant is not None else None,
                     RES_SCALE=quant.residual_scale if quant is not None else None,
                     OUT_INV_SCALE=quant.out_inv_scale if quant is not None else None,
+                    offset_ptr=input_offset[0] if input_offset is not None else None,
                     **_tma_descriptors(x, packed, cfg))
     args.update({k: v for k, v in optional.items() if v is not None})
     constexprs = {k: v for k, v in optional.items() if v is None}
@@ -1004,6 +1095,9 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
         INTERPRETER_BF16=x.dtype == torch.bfloat16 and x.device.type == "cpu",
         QUANTIZED=quant is not None, INTERPRETER_FP8=out.dtype == torch.float8_e4m3fn and x.device.type == "cpu",
         W_K_STRIDE=packed.weight.stride(0), W_N_STRIDE=packed.weight.stride(1),
+        HAS_INPUT_OFFSET=input_offset is not None,
+        OFFSET_PAD_H=input_offset[1][0] if input_offset is not None else 0,
+        OFFSET_PAD_W=input_offset[1][1] if input_offset is not None else 0,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K,
         TMA=cfg.TMA, **dict(zip(("TILE_IMGS", "TILE_H", "TILE_W"), cfg.TILE or (0, 0, 0))),
     )
@@ -1013,6 +1107,7 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
             + ("/rowk" if packed.row_k else "") + (f"/splitk{cfg.SPLIT_K}" if split else "")
             + (f"+res{res_c}@{residual_channel_offset}/s{residual_stride}" if strided_residual else "")
             + ("+affine2" if affine2 is not None else "") + ("+mean" if mean_out is not None else "")
+            + ("+offset" if input_offset is not None else "")
             + (f"/{_EIGHT_BIT_NAMES[x.dtype]}" if quant is not None else "") + "]")
     macs = m * packed.out_channels * (k_main // packed.tile_groups + c_sc)
     # K loop trips (the loop report divides an unrolled K loop's code by them)
@@ -1031,7 +1126,8 @@ def _build_call(x, packed, out, *, bias, stride, padding, dilation, residual, re
                          + (n * packed.out_channels if mean_out is not None else 0)) * x.element_size()
                   + (4 * packed.out_channels if bias is not None else 0)
                   + (out.numel() * (out.element_size() - x.element_size()) + 4 * packed.out_channels
-                     if quant is not None else 0)),
+                     if quant is not None else 0)
+                  + (input_offset[0].numel() * 4 if input_offset is not None else 0)),
     )
 
 
@@ -1142,7 +1238,7 @@ def _as_output(out, dtype, channels_last):
 
 def conv2d_nhwc_8bit_ref(x, weight, bias, quant: QuantEpilogue, *, stride=1, padding=0, dilation=1, groups=1,
                          residual=None, relu=False, shortcut=None, shortcut_weight=None, shortcut_stride=1,
-                         residual_stride=1, residual_channel_offset=0):
+                         residual_stride=1, residual_channel_offset=0, input_offset=None):
     """Reference of the 8-bit convolution: the same accumulation and the same epilogue roundings.
 
         acc = conv(x, weight) [+ conv1x1_s(shortcut, shortcut_weight)]     exact, in float64
@@ -1153,7 +1249,8 @@ def conv2d_nhwc_8bit_ref(x, weight, bias, quant: QuantEpilogue, *, stride=1, pad
     (int8: |sum| < K * 2**14 < 2**53; e4m3: products are multiples of 2**-18 below 2**18), so the
     accumulator is exact: the int32 of the int8 kernel, the exact sum that the fp8 kernel's fp32
     accumulation approximates. The accumulator is then rounded once to fp32 (exact for int8 up to
-    2**24). channels_last in gives channels_last out.
+    2**24) [and gets the fp32 ``input_offset`` correction, ``input_offset_ref``]. channels_last in
+    gives channels_last out.
     """
     acc = F.conv2d(x.double(), weight.double(), stride=stride, padding=padding, dilation=dilation, groups=groups)
     if shortcut is not None:
@@ -1164,7 +1261,12 @@ def conv2d_nhwc_8bit_ref(x, weight, bias, quant: QuantEpilogue, *, stride=1, pad
         padded = acc.new_zeros(acc.shape, dtype=torch.float32)
         padded[:, c0:c0 + r.shape[1]] = r.float()
         residual = padded
-    out = requantize_ref(acc.float(), bias, quant, residual=residual, relu=relu)
+    acc = acc.float()
+    if input_offset is not None:
+        table, pad = input_offset
+        acc = acc + input_offset_ref(table, pad, weight.shape[2:], conv_geometry(stride, padding, dilation)[0],
+                                     x.shape[2:], acc.shape[2:])
+    out = requantize_ref(acc, bias, quant, residual=residual, relu=relu)
     return _as_output(out, out.dtype, is_channels_last(x))
 
 

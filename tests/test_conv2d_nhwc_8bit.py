@@ -302,8 +302,8 @@ def test_bad_quant_arguments_are_refused():
         conv2d_nhwc_packed(x, packed, bias, quant=quant)
     with pytest.raises(ValueError, match="out_inv_scale must be given exactly"):
         conv2d_nhwc_packed(x, packed, bias, residual=r, quant=QuantEpilogue(quant.acc_scale, INT8, None, 1.0))
-    with pytest.raises(TypeError, match="out_dtype must be x's dtype"):
-        conv2d_nhwc_packed(x, packed, bias, residual=r, quant=QuantEpilogue(quant.acc_scale, E4M3, 1.0, 1.0))
+    with pytest.raises(TypeError, match="out_dtype must be x's dtype"):      # (e4m3 from int8 is allowed)
+        conv2d_nhwc_packed(x, packed, bias, residual=r, quant=QuantEpilogue(quant.acc_scale, torch.uint8, 1.0, 1.0))
     with pytest.raises(ValueError, match="quant.acc_scale must be a float"):
         conv2d_nhwc_packed(x, packed, bias, residual=r, quant=QuantEpilogue(quant.acc_scale[:3], INT8, 1.0, 1.0))
 

@@ -302,7 +302,8 @@ def test_bad_float_input(float_engine, images, error, match):
     (dict(batch_sizes=(0, 4)), ValueError, "positive ints"),
     (dict(batch_sizes=("x",)), TypeError, "sequence of ints"),
     (dict(input="bgr"), ValueError, "input must be one of"),
-    (dict(dtype=torch.int8), TypeError, "dtype must be one of"),
+    (dict(dtype=torch.float64), TypeError, "dtype must be one of"),
+    (dict(dtype=torch.int8), TypeError, r"calibration images: qmodel = fastres.quantize"),
     (dict(image_size=0), ValueError, "image_size"),
     (dict(mean=(0.5, 0.5)), ValueError, "mean must be 3"),
     (dict(std=(0.5, 0.0, 0.5)), ValueError, "std must be nonzero"),
@@ -358,15 +359,15 @@ def test_activation_layout_never_overwrites_a_live_value(arch):
             last_read[name] = i
     written = {}
     for i, step in enumerate(plan.steps):
-        slot, value_shape = layout[step.output]
-        assert value_shape == shapes[step.output]
-        assert slots[slot] >= torch.Size(value_shape).numel()
-        for name, (other_slot, _) in layout.items():
+        slot, value_shape, dtype = layout[step.output]
+        assert value_shape == shapes[step.output] and dtype == plan.dtype
+        assert slots[slot] >= torch.Size(value_shape).numel() * dtype.itemsize
+        for name, (other_slot, _, _) in layout.items():
             alive = name in written and last_read.get(name, len(plan.steps)) >= i
             assert not (alive and other_slot == slot), f"{step.output} overwrites {name} at step {i}"
         written[step.output] = i
     assert len(slots) <= 4   # ResNets need 3: block input, a middle value, the next one
-    everything = sum(torch.Size(s).numel() for k, s in shapes.items() if k != plan.input_name)
+    everything = sum(torch.Size(s).numel() * plan.dtype.itemsize for k, s in shapes.items() if k != plan.input_name)
     assert sum(slots) < everything / 2
 
 
