@@ -771,6 +771,15 @@ class _Lru:
     def __len__(self) -> int:
         return len(self._items)
 
+    # The programs are derived from the plan's weights (reordered or prepacked copies, some opaque
+    # mkldnn tensors that cannot be copied): a copied plan starts with an empty cache and builds
+    # its own, from its own weights.
+    def __deepcopy__(self, memo):
+        return _Lru(self.capacity)
+
+    def __reduce__(self):
+        return (_Lru, (self.capacity,))
+
 
 def all_finite(x: torch.Tensor) -> bool:
     """No NaN or inf in ``x`` (one reduction over it: ~10 us for a 224x224 image).

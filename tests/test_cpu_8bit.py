@@ -268,3 +268,19 @@ def test_fp8_plans_run_the_exact_reference():
         logits = qmodel(x)
         with fastres.use_backend("reference"):
             assert torch.equal(logits, qmodel(x))
+
+
+def test_a_quantized_model_that_ran_on_cpu_can_be_copied(digits_int8):
+    """Its plan caches oneDNN programs with prepacked int8 weights (opaque tensors): a deep copy
+    (what fastres.Engine makes of the model) gets an empty cache, builds its own program from its
+    own weights and gives the same logits."""
+    import copy
+    qmodel, x = digits_int8
+    with torch.no_grad():
+        expected = qmodel(x)
+    assert len(qmodel.plan.__dict__["_onednn_programs"]) >= 1
+    twin = copy.deepcopy(qmodel)
+    assert len(twin.plan.__dict__["_onednn_programs"]) == 0
+    with torch.no_grad():
+        assert torch.equal(twin(x), expected)
+    assert len(twin.plan.__dict__["_onednn_programs"]) == 1
