@@ -29,6 +29,8 @@ uint8 pixels (``pixel_stem``) also has tensor ``input_offset`` and attr ``input_
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .kernels import avgpool_linear as _avgpool_linear
@@ -202,23 +204,26 @@ def qconv_pair_reference(step, args, out, upcast):
 def split_qconv_pair(step) -> list:
     """A ``qconv_pair`` as the two ``qconv`` steps it fuses (what ``qconv_pair_reference`` computes:
     the 3x3 + ReLU requantized to the mid scale, then the 1x1 with the pair's shortcut, residual and
-    epilogue), the mid value named ``<step output>:mid``; any other step as itself."""
-    from .ir import Step
+    epilogue), the mid value named ``<step output>:mid``; any other step as itself. (Steps made with
+    ``dataclasses.replace``: ir imports this module, not the other way round.)"""
     if step.kind != "qconv_pair":
         return [step]
     a, t = step.attrs, step.tensors
     mid = f"{step.output}:mid"
     head, _, tail = step.name.partition("+")           # "layer1.0.conv2+conv3"
-    first = Step("qconv", head, {"x": step.inputs["x"]}, mid,
-                 dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=1, relu=True,
-                      out_dtype=t["mid_weight"].dtype, out_inv_scale=a["mid_inv_scale"]),
-                 dict(weight=t["mid_weight"], bias=t["mid_bias"], acc_scale=t["mid_acc_scale"]))
+    first = dataclasses.replace(
+        step, kind="qconv", name=head, inputs={"x": step.inputs["x"]}, output=mid,
+        attrs=dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=1, relu=True,
+                   out_dtype=t["mid_weight"].dtype, out_inv_scale=a["mid_inv_scale"]),
+        tensors=dict(weight=t["mid_weight"], bias=t["mid_bias"], acc_scale=t["mid_acc_scale"]),
+        fused=(), packed={}, extra_outputs=())
     attrs = {k: v for k, v in a.items() if k != "mid_inv_scale"}
     attrs.update(stride=type(a["stride"])((1, 1)), padding=type(a["padding"])((0, 0)),
                  dilation=type(a["dilation"])((1, 1)))
-    second = Step("qconv", ".".join(filter(None, (head.rpartition(".")[0], tail or head + ":1x1"))),
-                  dict(step.inputs, x=mid), step.output, attrs,
-                  {k: v for k, v in t.items() if not k.startswith("mid_")}, step.fused)
+    second = dataclasses.replace(
+        step, kind="qconv", name=".".join(filter(None, (head.rpartition(".")[0], tail or head + ":1x1"))),
+        inputs=dict(step.inputs, x=mid), attrs=attrs,
+        tensors={k: v for k, v in t.items() if not k.startswith("mid_")}, packed={}, extra_outputs=())
     return [first, second]
 
 
