@@ -683,8 +683,9 @@ class CpuBackend(ReferenceBackend):
         self._ops = None
 
     def uses_onednn(self, plan, x) -> bool:
-        return (x.device.type == "cpu" and plan.dtype is torch.float32 and x.dtype is torch.float32
-                and onednn_available())
+        # float32 plans on float32 input, or a quantized plan over uint8 pixels (its input dtype)
+        return (x.device.type == "cpu" and plan.dtype is torch.float32
+                and x.dtype is (plan.input_dtype or torch.float32) and onednn_available())
 
     def execute(self, plan, x, weight_batch: "int | None" = None, capacity: "int | None" = None,
                 adaptive: "bool | None" = None):

@@ -75,11 +75,28 @@ class QuantizedModel(nn.Module):
         if images.device != self.pixel_plan.device:
             raise ValueError(f"input on {images.device}, the quantized model on {self.pixel_plan.device}: "
                              "move one of them")
+        self._drop_stale_caches()
         with torch.no_grad():
             return run_plan(self.pixel_plan, images.permute(0, 3, 1, 2), get_backend(backend_for(images.device)))
 
     def _plans(self) -> list:
         return [self.plan] + ([self.pixel_plan] if self.pixel_plan is not None else [])
+
+    def _drop_stale_caches(self) -> None:
+        """Packed weights (``step.packed``) and CPU programs (prepacked / reordered copies) are
+        made from the steps' tensors once; if any tensor was modified in place or replaced since
+        (its identity or version counter differs), both plans' caches go and are rebuilt from the
+        current weights: never a stale weight. About 0.1 us per tensor per call."""
+        signature = tuple((id(t), t._version) for plan in self._plans() for s in plan.steps
+                          for t in s.tensors.values() if torch.is_tensor(t))
+        seen = self.__dict__.get("_weights_signature")
+        if seen is not None and seen != signature:
+            for plan in self._plans():
+                for s in plan.steps:
+                    s.packed.clear()
+                for cache in ("_onednn_programs", "_onednn_finite"):
+                    plan.__dict__.pop(cache, None)
+        self.__dict__["_weights_signature"] = signature
 
     def forward(self, x: torch.Tensor):
         if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
@@ -91,6 +108,7 @@ class QuantizedModel(nn.Module):
             raise ValueError(f"the model takes {self.plan.in_channels} input channels, got {x.shape[1]}")
         if x.device != self.plan.device:
             raise ValueError(f"input on {x.device}, the quantized model on {self.plan.device}: move one of them")
+        self._drop_stale_caches()
         with torch.no_grad():
             return run_plan(self.plan, x.float(), get_backend(backend_for(x.device)))
 

@@ -284,3 +284,29 @@ def test_a_quantized_model_that_ran_on_cpu_can_be_copied(digits_int8):
     with torch.no_grad():
         assert torch.equal(twin(x), expected)
     assert len(twin.plan.__dict__["_onednn_programs"]) == 1
+
+
+def test_uint8_pixels_run_the_program_and_weight_edits_are_seen(digits_int8):
+    """forward_uint8 on CPU runs the oneDNN program (only the pixel stem's border correction on
+    its reference), bit for bit the reference; and a weight modified in place after a call is
+    used by the next call (the packed / prepacked copies are rebuilt), as the reference sees it."""
+    import copy
+    qmodel, x = digits_int8
+    qmodel = copy.deepcopy(qmodel)           # (its weights are edited below)
+    assert qmodel.pixel_plan is not None
+    pixels = torch.randint(0, 256, (3, *x.shape[2:], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cpu = backend.get_backend("torch")
+    assert cpu.uses_onednn(qmodel.pixel_plan, pixels.permute(0, 3, 1, 2))
+    with torch.no_grad():
+        got = qmodel.forward_uint8(pixels)
+        with fastres.use_backend("reference"):
+            assert torch.equal(got, qmodel.forward_uint8(pixels))
+        program = cpu.program(qmodel.pixel_plan, tuple(pixels.permute(0, 3, 1, 2).shape))
+        assert list(program.int8_fallbacks.values()) == ["a pixel stem's border correction (input_offset)"]
+        before = qmodel(x)
+        step = next(s for s in qmodel.plan.steps[2:] if s.kind == "qconv")
+        step.tensors["weight"].zero_()          # in place, after the programs were made
+        after = qmodel(x)
+        with fastres.use_backend("reference"):
+            assert torch.equal(after, qmodel(x))
+        assert not torch.equal(after, before)
