@@ -828,7 +828,7 @@ class OneDnnProgram:
         largest = max((math.prod(v) * 4 for roles in shapes.values() for v in roles.values()), default=0)
         self.malloc_tuned = largest > GLIBC_MMAP_THRESHOLD_MAX and tune_malloc()
         steps = plan.steps
-        outputs = set(_output_names(plan.output))
+        outputs = set(plan.output_names)
         last_read, readers = {}, {}
         for i, step in enumerate(steps):
             for name in step.reads:
@@ -972,7 +972,7 @@ class OneDnnProgram:
             dead += [relaid.pop(n) for n, j in last_read.items() if j == i and n in relaid]
             if dead:
                 lines.append("del " + ", ".join(sorted(set(dead))))
-        out_names = _output_names(plan.output)
+        out_names = plan.output_names
         if isinstance(plan.output, Ref):
             ret = var[plan.output.name]
         else:
@@ -1057,26 +1057,6 @@ def _reference_call(step):
     def call(args, step=step, reference=op.reference):
         return reference(step, args, None, False)
     return call
-
-
-def _output_names(structure) -> list:
-    from .ir import Ref
-    out = []
-
-    def visit(v):
-        if isinstance(v, Ref):
-            out.append(v.name)
-        elif isinstance(v, (list, tuple)):
-            for item in v:
-                visit(item)
-        elif isinstance(v, dict):
-            for item in v.values():
-                visit(item)
-        elif isinstance(v, slice):
-            for item in (v.start, v.stop, v.step):
-                visit(item)
-    visit(structure)
-    return out
 
 
 TorchBackend = CpuBackend

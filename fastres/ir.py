@@ -413,7 +413,7 @@ class Plan:
         for i, step in enumerate(self.steps):
             for name in step.reads:
                 self._last_read[name] = i
-        kept = set(_refs(self.output))
+        kept = set(ref_names(self.output))
         self._release = [[n for n, i in self._last_read.items()
                           if i == k and n != self.input_name and n not in kept]
                          for k in range(len(self.steps))]
@@ -425,7 +425,7 @@ class Plan:
 
     @property
     def output_names(self) -> list[str]:
-        return _refs(self.output)
+        return ref_names(self.output)
 
     def classes(self, input_shape: tuple) -> int:
         """Columns of the plan's single [N, classes] output for inputs of ``input_shape``
@@ -590,7 +590,9 @@ def _slot_bytes(shape, dtype) -> int:
     return -(-math.prod(shape) * dtype.itemsize // 16) * 16
 
 
-def _refs(structure) -> list[str]:
+def ref_names(structure) -> list[str]:
+    """The value names of every ``Ref`` in ``structure`` (nested tuples, lists, dicts, slices: what
+    ``bind_refs`` binds), in order."""
     out: list[str] = []
 
     def visit(v):
@@ -601,6 +603,9 @@ def _refs(structure) -> list[str]:
                 visit(item)
         elif isinstance(v, dict):
             for item in v.values():
+                visit(item)
+        elif isinstance(v, slice):
+            for item in (v.start, v.stop, v.step):
                 visit(item)
     visit(structure)
     return out

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .backend import backend_for, get_backend
-from .ir import Plan, Ref, Step
+from .ir import Plan, Ref, Step, ref_names
 
 __all__ = ["QuantizedModel", "run_plan", "export_quantized", "load_quantized", "is_quantized_file", "FORMAT", "DTYPES"]
 
@@ -292,7 +292,7 @@ def load_quantized(path, device=None, *, read=None) -> QuantizedModel:
     if used != set(tensors):
         bad("tensors", f"{sorted(set(tensors) - used)[:5]} belong to no step")
     output = _output_from_json(plan_data.get("output"), bad)
-    for name in _output_names(output):
+    for name in ref_names(output):
         if name not in known:
             bad("plan", f"outputs {name!r}, which no step writes")
     in_channels = plan_data.get("in_channels")
@@ -338,13 +338,6 @@ def _pixel_entry_from_json(pixel, steps, tensors, used, bad) -> tuple:
     if any(name in replaced - {stem.output} for s in steps[_PIXEL_ENTRY:] for name in s.reads):
         bad(where, "is read around: a later step reads a value it replaces")
     return entry, tuple(stats)
-
-
-def _output_names(output) -> list:
-    if isinstance(output, Ref):
-        return [output.name]
-    values = output.values() if isinstance(output, dict) else output
-    return [n for v in values for n in _output_names(v)]
 
 
 def _step_from_json(d, i, tensors, known, used, bad) -> Step:
