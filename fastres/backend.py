@@ -90,7 +90,9 @@ class ReferenceBackend:
     """
     name = "reference"
 
-    def execute(self, plan, x):
+    def execute(self, plan, x, weight_batch=None, capacity=None, adaptive=None):
+        """``plan`` on ``x`` (the keywords are ``CpuBackend``'s layout and thread hints: one call
+        for every backend; the step references have no layouts to keep)."""
         return plan.run(x, self)
 
     def prepare(self, step, op):
@@ -115,7 +117,7 @@ class TritonBackend:
     PyTorch steps run as PyTorch runs them."""
     name = "triton"
 
-    def execute(self, plan, x):
+    def execute(self, plan, x, weight_batch=None, capacity=None, adaptive=None):
         return plan.run(x, self)
 
     def to_nhwc(self, x):

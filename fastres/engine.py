@@ -482,8 +482,7 @@ class Engine:
             if self.executor == "onednn":
                 return self._backend_impl.execute(self.plan, x, weight_batch=self._bucket_for(x.shape[0]),
                                                   capacity=2 * len(self.batch_sizes), adaptive=False)
-            if self.quantized:      # the quantized module's own CPU path
-                return run_quantized(self.plan, x, self._backend_impl)
+            # (a quantized plan too: the module's own path, run_quantized without buffers)
             return self._backend_impl.execute(self.plan, x, adaptive=False)
         finally:
             if current != n:

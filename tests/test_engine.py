@@ -390,3 +390,18 @@ def test_cuda_graph_engine_fp16_and_streams():
     batches = [images[i:i + 5] for i in range(0, 40, 5)]
     for got, ref in zip(run_threads(engine, batches), [expected[i:i + 5] for i in range(0, 40, 5)]):
         assert_logits_close(got, ref, torch.float16)
+
+
+def test_cpu_engine_on_the_reference_backend():
+    """FASTRES_BACKEND=reference / use_backend("reference"): the engine runs the step references
+    (it used to pass the CPU backend's thread keyword to a backend without it and raise)."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with fastres.use_backend("reference"):
+        engine = Engine(tv, batch_sizes=(2,), image_size=32, input="float_nchw")
+        assert engine.backend == "reference" and engine.executor == "plan"
+        got = engine(x)
+    with torch.no_grad():
+        expected = tv(x)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
