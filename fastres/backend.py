@@ -803,6 +803,35 @@ def _finite_tensors(plan) -> bool:
     return finite
 
 
+# Winograd F(2x2, 3x3) for 3x3 stride-1 convs (fastres/winograd.py): 16 GEMMs of [tiles x C] @
+# [C x O] in place of 36 multiplications per channel pair. Measured against oneDNN's direct conv
+# (brgconv, AVX2, 2 threads; bench/README.md): 0.61-0.72x its time for 128 and 256 channels at 28x28
+# and 14x14 (batch 1 and 8), 0.71-0.78x for 512 channels at 7x7 from batch 8, 0.82x for 64 channels
+# at 56x56 at batch 1; slower with few tiles (512 at 7x7, batch 1: 1.12x, 16 tiles) and where the transformed
+# input outgrows the caches with few channels (64 at 56x56, batch 32: 1.48x).
+_WINOGRAD_ENV = os.environ.get("FASTRES_WINOGRAD", "1") not in ("", "0")
+WINOGRAD_MIN_TILES = 32
+WINOGRAD_MIN_CHANNELS = 64          # the narrowest measured; thinner GEMMs are left to the direct conv
+WINOGRAD_NARROW_BYTES = 4 << 20     # the transformed input's size allowed with fewer than 128 channels
+
+
+def winograd_rule(weight_shape, stride, padding, dilation, groups, x_shape) -> bool:
+    """Whether a float32 conv of ``weight_shape`` on inputs of ``x_shape`` runs as Winograd
+    F(2x2, 3x3) (``FASTRES_WINOGRAD=0``, read at import, turns it off; so does a missing
+    ``fastres._winograd``)."""
+    o, c, kh, kw = weight_shape
+    if not (_WINOGRAD_ENV and (kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
+            and tuple(dilation) == (1, 1) and groups == 1):
+        return False
+    n, _, h, w = x_shape
+    tiles = n * -(-h // 2) * -(-w // 2)
+    if (tiles < WINOGRAD_MIN_TILES or min(c, o) < WINOGRAD_MIN_CHANNELS
+            or not (min(c, o) >= 128 or 16 * tiles * c * 4 <= WINOGRAD_NARROW_BYTES)):
+        return False
+    from . import winograd
+    return winograd.available()
+
+
 def _conv_variant_supported(step) -> bool:
     """Conv variants oneDNN's primitive runs: not a strided/zero-padded (CIFAR) residual, not a
     second (pre-activation) output."""
@@ -842,6 +871,7 @@ class OneDnnProgram:
                   "nhwc": _nhwc}
         lines = []
         self.onednn_steps = []
+        self.winograd_steps = []   # conv steps (or the 3x3 of a pair) run as Winograd F(2x2, 3x3)
         self.nbytes = 0          # of the reordered weights
 
         def const(value, hint):
@@ -852,6 +882,13 @@ class OneDnnProgram:
         def weight(tensor, *geometry):
             self.nbytes += tensor.numel() * 4
             return const(ops.reorder(tensor, *geometry), "w")
+
+        def winograd_weight(tensor):
+            from .winograd import transform_weight
+            u = transform_weight(tensor)
+            self.nbytes += u.numel() * 4
+            consts.setdefault("winograd", _winograd_conv3x3())
+            return const(u, "u")
 
         relaid = {}              # value -> the name of its channels_last copy (made once)
 
@@ -902,34 +939,44 @@ class OneDnnProgram:
                 elif "residual" in step.inputs:
                     r = step.inputs["residual"]
                     other, inplace = read(r), accumulable(r, i, step)
-                if step.kind == "conv":
-                    w = weight(t["weight"], a["padding"], a["stride"], a["dilation"], a["groups"], x_shape)
-                    geo = geometry(a["padding"], a["stride"], a["dilation"], a["groups"])
-                    last_in, relu = x, a["relu"]
-                else:
-                    w_mid = weight(t["mid_weight"], a["padding"], a["stride"], a["dilation"],
-                                   a["groups"], x_shape)
-                    mid_shape = (x_shape[0], t["mid_weight"].shape[0], *shapes[step.name]["out"][2:])
-                    b_mid = const(t["mid_bias"].float().contiguous(), "b")
-                    lines.append(f"m = conv({x}, {w_mid}, {b_mid}, "
-                                 f"{geometry(a['padding'], a['stride'], a['dilation'], a['groups'])}, "
-                                 "'relu', [], '')")
-                    w = weight(t["weight"], (0, 0), (1, 1), (1, 1), 1, mid_shape)
-                    geo = geometry((0, 0), (1, 1), (1, 1), 1)
-                    last_in, relu = "m", True
                 bias = const(t["bias"].float().contiguous(), "b")
-                if other is None:
-                    unary = "'relu'" if relu else "'none'"
-                    lines.append(f"{out} = conv({last_in}, {w}, {bias}, {geo}, {unary}, [], '')")
-                else:      # (after a binary post-op the unary is relu or None, not 'none')
-                    unary = "'relu'" if relu else "None"
-                    if inplace:
-                        lines.append(f"{out} = conv_add_({other}, {last_in}, {w}, {bias}, {geo}, 'add', "
-                                     f"None, {unary}, [], '')")
+                conv_geometry = (a["padding"], a["stride"], a["dilation"], a["groups"])
+                first = t["weight"] if step.kind == "conv" else t["mid_weight"]
+                winograd = winograd_rule(first.shape, a["stride"], a["padding"], a["dilation"], a["groups"],
+                                         x_shape)
+                if winograd:
+                    self.winograd_steps.append(step.name)
+                if step.kind == "conv" and winograd:     # bias, residual and ReLU in its output transform
+                    lines.append(f"{out} = winograd({x}, {winograd_weight(first)}, {bias}, {other}, "
+                                 f"{bool(a['relu'])})")
+                else:
+                    if step.kind == "conv":
+                        w = weight(first, *conv_geometry, x_shape)
+                        geo = geometry(*conv_geometry)
+                        last_in, relu = x, a["relu"]
                     else:
-                        lines.append(f"{out} = conv_add({last_in}, {other}, {w}, {bias}, {geo}, 'add', "
-                                     f"None, {unary}, [], '')")
-                temporaries = [t for t in ("m", "s") if t in (last_in, other)]
+                        b_mid = const(t["mid_bias"].float().contiguous(), "b")
+                        if winograd:
+                            lines.append(f"m = winograd({x}, {winograd_weight(first)}, {b_mid}, None, True)")
+                        else:
+                            lines.append(f"m = conv({x}, {weight(first, *conv_geometry, x_shape)}, {b_mid}, "
+                                         f"{geometry(*conv_geometry)}, 'relu', [], '')")
+                        mid_shape = (x_shape[0], first.shape[0], *shapes[step.name]["out"][2:])
+                        w = weight(t["weight"], (0, 0), (1, 1), (1, 1), 1, mid_shape)
+                        geo = geometry((0, 0), (1, 1), (1, 1), 1)
+                        last_in, relu = "m", True
+                    if other is None:
+                        unary = "'relu'" if relu else "'none'"
+                        lines.append(f"{out} = conv({last_in}, {w}, {bias}, {geo}, {unary}, [], '')")
+                    else:      # (after a binary post-op the unary is relu or None, not 'none')
+                        unary = "'relu'" if relu else "None"
+                        if inplace:
+                            lines.append(f"{out} = conv_add_({other}, {last_in}, {w}, {bias}, {geo}, 'add', "
+                                         f"None, {unary}, [], '')")
+                        else:
+                            lines.append(f"{out} = conv_add({last_in}, {other}, {w}, {bias}, {geo}, 'add', "
+                                         f"None, {unary}, [], '')")
+                temporaries = (["m"] if step.kind == "conv_pair" else []) + (["s"] if other == "s" else [])
                 if temporaries:
                     lines.append("del " + ", ".join(temporaries))
                 fresh.add(step.output)
@@ -1012,6 +1059,12 @@ class OneDnnProgram:
 
     def __repr__(self) -> str:
         return f"OneDnnProgram(key={self.key}, {len(self.onednn_steps)} oneDNN steps)"
+
+
+def _winograd_conv3x3():
+    """The extension's ``conv3x3`` itself (the program calls it directly: one C++ call a conv)."""
+    from .winograd import extension
+    return extension().conv3x3
 
 
 def _nhwc(v):

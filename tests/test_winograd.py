@@ -1,0 +1,162 @@
+"""Winograd F(2x2, 3x3) on CPU (fastres/winograd.py, csrc/winograd_cpu.cpp): the C++ op against
+F.conv2d in float64 and against the algorithm's own float64 reference; the CPU backend's rule for
+where it runs; whole models through it against torchvision, and with it turned off."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastres
+from fastres import backend, winograd
+
+from kernel_testing import rel_err
+from test_cpu_backend import TOL, images, programs, twins
+
+needs_extension = pytest.mark.skipif(not winograd.available(), reason=winograd.unavailable_reason() or "built")
+needs_onednn = pytest.mark.skipif(not backend.onednn_available(),
+                                  reason=f"oneDNN ops unavailable: {backend.onednn_unavailable_reason()}")
+CL = torch.channels_last
+
+
+def case(n, c, o, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=CL)
+    weight = torch.randn(o, c, 3, 3, generator=g) / (3 * c ** 0.5)
+    bias = torch.randn(o, generator=g)
+    residual = torch.randn(n, o, h, w, generator=g).contiguous(memory_format=CL)
+    return x, weight, bias, residual
+
+
+def conv64(x, weight, bias, residual=None, relu=False):
+    y = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    y = y + residual.double() if residual is not None else y
+    return y.relu() if relu else y
+
+
+# odd and even sizes, 1-pixel images, channel counts that are not multiples of the C++ channel
+# block (64), batch 3
+SHAPES = [(1, 8, 16, 5, 7), (3, 70, 33, 9, 4), (2, 64, 64, 14, 14), (1, 130, 96, 1, 1), (1, 3, 5, 2, 1),
+          (2, 16, 130, 7, 7)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_is_the_convolution(shape):
+    """The float64 reference (tiles by unfold, the three transforms as einsums) is F.conv2d."""
+    x, weight, bias, residual = case(*shape)
+    got = winograd.reference(x, weight, bias, residual, relu=True)
+    want = conv64(x, weight, bias, residual, relu=True)
+    assert got.shape == want.shape and rel_err(got, want) < 1e-12
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("residual, relu", [(False, False), (False, True), (True, True), (True, False)])
+def test_op_matches_the_convolution(shape, residual, relu):
+    x, weight, bias, r = case(*shape)
+    r = r if residual else None
+    y = winograd.conv3x3(x, winograd.transform_weight(weight), bias, r, relu)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
+    want = conv64(x, weight, bias, r, relu)
+    assert y.shape == want.shape
+    # float32 roundings of the transforms and the GEMM: of the order of a direct float32 conv's
+    direct = F.conv2d(x, weight, bias, padding=1)
+    direct = (direct + r if r is not None else direct)
+    direct = direct.relu() if relu else direct
+    assert rel_err(y.double(), want) < max(4 * rel_err(direct.double(), want), 1e-6)
+    assert rel_err(y.double(), winograd.reference(x, weight, bias, r, relu)) < 2e-6
+    if relu:
+        assert (y >= 0).all()
+
+
+@needs_extension
+def test_op_is_deterministic_and_leaves_its_inputs_alone():
+    x, weight, bias, residual = case(2, 64, 64, 14, 14)
+    u = winograd.transform_weight(weight)
+    copies = [t.clone() for t in (x, u, bias, residual)]
+    first = winograd.conv3x3(x, u, bias, residual, True)
+    assert torch.equal(winograd.conv3x3(x, u, bias, residual, True), first)
+    for t, c in zip((x, u, bias, residual), copies):
+        assert torch.equal(t, c)
+
+
+@needs_extension
+def test_bad_arguments_name_the_problem():
+    x, weight, bias, residual = case(1, 8, 16, 6, 6)
+    u = winograd.transform_weight(weight)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        winograd.conv3x3(x.contiguous(), u, bias, None, False)
+    with pytest.raises(RuntimeError, match="float32"):
+        winograd.conv3x3(x.double(), u, bias, None, False)
+    with pytest.raises(RuntimeError, match="transformed weight"):
+        winograd.conv3x3(x, u[:, :4], bias, None, False)
+    with pytest.raises(RuntimeError, match="bias"):
+        winograd.conv3x3(x, u, bias[:3], None, False)
+    with pytest.raises(RuntimeError, match="residual of shape"):
+        winograd.conv3x3(x, u, bias, residual[:, :, :3].contiguous(memory_format=CL), False)
+    with pytest.raises(ValueError, match="3, 3"):
+        winograd.transform_weight(torch.randn(4, 4, 1, 1))
+
+
+def test_rule_follows_the_measurements(monkeypatch):
+    """Where it was measured faster (backend.py's table) and nowhere else."""
+    monkeypatch.setattr(winograd, "available", lambda: True)
+    one = ((1, 1), (1, 1), (1, 1), 1)
+    assert backend.winograd_rule((256, 256, 3, 3), *one, (1, 256, 14, 14))        # 0.69x
+    assert backend.winograd_rule((128, 128, 3, 3), *one, (8, 128, 28, 28))        # 0.70x
+    assert backend.winograd_rule((512, 512, 3, 3), *one, (8, 512, 7, 7))          # 0.71x
+    assert backend.winograd_rule((64, 64, 3, 3), *one, (1, 64, 56, 56))           # 0.82x
+    assert not backend.winograd_rule((512, 512, 3, 3), *one, (1, 512, 7, 7))      # 16 tiles: 1.12x
+    assert not backend.winograd_rule((64, 64, 3, 3), *one, (32, 64, 56, 56))      # 1.48x
+    assert not backend.winograd_rule((8, 8, 3, 3), *one, (8, 8, 12, 12))          # thin GEMMs
+    assert not backend.winograd_rule((256, 256, 3, 3), (2, 2), (1, 1), (1, 1), 1, (1, 256, 28, 28))
+    assert not backend.winograd_rule((256, 256, 3, 3), (1, 1), (2, 2), (2, 2), 1, (1, 256, 28, 28))
+    assert not backend.winograd_rule((256, 8, 3, 3), (1, 1), (1, 1), (1, 1), 32, (1, 256, 28, 28))
+    assert not backend.winograd_rule((256, 256, 1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 256, 28, 28))
+    monkeypatch.setattr(backend, "_WINOGRAD_ENV", False)                            # FASTRES_WINOGRAD=0
+    assert not backend.winograd_rule((256, 256, 3, 3), *one, (1, 256, 14, 14))
+
+
+def test_rule_without_the_extension(monkeypatch):
+    monkeypatch.setattr(winograd, "_extension", None)
+    monkeypatch.setattr(winograd, "_extension_error", "fastres._winograd is not built (test)")
+    assert not winograd.available() and "not built" in winograd.unavailable_reason()
+    assert not backend.winograd_rule((256, 256, 3, 3), (1, 1), (1, 1), (1, 1), 1, (1, 256, 14, 14))
+    with pytest.raises(RuntimeError, match="not built"):
+        winograd.conv3x3(*case(1, 8, 8, 4, 4)[:3])
+
+
+@needs_onednn
+@needs_extension
+@pytest.mark.parametrize("arch, size, pair", [("resnet18", 64, False), ("resnet50", 64, True)])
+def test_models_run_it_and_agree_with_torchvision(monkeypatch, arch, size, pair):
+    """Basic blocks (a 3x3 with residual and one with a projection shortcut) and bottlenecks (the
+    3x3 of a fused 3x3 -> 1x1 pair), batch 1 and 3; the same model with Winograd turned off runs
+    oneDNN's convolutions only, and both answer torchvision's logits."""
+    tv, model = twins(arch)
+    for n, h, w in [(1, size, size), (3, size - 3, size + 5)]:
+        x = images(n, h, w)
+        with torch.inference_mode():
+            expected = tv(x)
+            got = model(x)
+        (program,) = [p for k, p in programs(model).items() if k[1:4] == (3, h, w)]
+        assert program.winograd_steps, program.source
+        assert ("+conv3" in " ".join(program.winograd_steps)) == pair
+        assert rel_err(got, expected) <= TOL
+        monkeypatch.setattr(backend, "_WINOGRAD_ENV", False)
+        plain = backend.OneDnnProgram(model.plan(), program.key, backend._OneDnnOps())
+        monkeypatch.setattr(backend, "_WINOGRAD_ENV", True)
+        assert not plain.winograd_steps and "winograd(" not in plain.source
+        with torch.inference_mode():
+            assert rel_err(plain(x), expected) <= TOL
+            assert rel_err(plain(x), got) <= TOL
+
+
+@needs_onednn
+@needs_extension
+def test_engine_runs_it():
+    tv, _ = twins("resnet18")
+    engine = fastres.Engine(tv, batch_sizes=(1, 4), image_size=64, input="float_nchw", device="cpu")
+    x = images(3, 64, 64)
+    with torch.inference_mode():
+        assert rel_err(engine(x), tv(x)) <= TOL
+    cache = engine.plan.__dict__["_onednn_programs"]
+    assert all(p.winograd_steps for p in cache._items.values())
