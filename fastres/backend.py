@@ -650,6 +650,10 @@ class CpuBackend(ReferenceBackend):
       accumulates into (in place, ``_convolution_pointwise_``); a fused 3x3+1x1 pair runs as its
       two convs. The identity residual is accumulated into in place too when the block's add is
       its last reader (no output allocation, one stream less).
+    * a 3x3 stride-1 conv (or the 3x3 of a pair) runs as Winograd F(2x2, 3x3) where
+      ``winograd_rule`` says it was measured faster (``fastres.winograd``: C++ transforms with bias,
+      residual and ReLU, PyTorch's bmm; ``program.winograd_steps`` names them): oneDNN's direct conv
+      on AVX2 machines runs at the FMA units' limit, so fewer multiplications are the way past it.
     * weights are reordered once, into the blocked layout oneDNN picks for the input shape and
       thread count (``mkldnn_reorder_conv2d_weight``); activations stay dense channels_last,
       which oneDNN's brgconv kernels read and write directly (bench/README.md: no activation
@@ -844,8 +848,9 @@ class OneDnnProgram:
     ``key`` = (weight batch, C, H, W, threads): the input shape and thread count the weights are
     reordered for (any batch, image size and thread count still runs: a conv given weights in
     another layout than it wants reorders them itself, on every call). ``source`` is the
-    generated code, ``onednn_steps`` the names of the steps that run on oneDNN (the others run
-    their references), ``profile(x)`` the time of each step.
+    generated code, ``onednn_steps`` the names of the steps that run as oneDNN (or Winograd)
+    convolutions (the others run their references), ``winograd_steps`` those whose 3x3 runs as
+    Winograd F(2x2, 3x3), ``profile(x)`` the time of each step.
     """
 
     def __init__(self, plan, key: tuple, ops: _OneDnnOps):
