@@ -809,14 +809,17 @@ def _finite_tensors(plan) -> bool:
 
 # Winograd F(2x2, 3x3) for 3x3 stride-1 convs (fastres/winograd.py): 16 GEMMs of [tiles x C] @
 # [C x O] in place of 36 multiplications per channel pair. Measured against oneDNN's direct conv
-# (brgconv, AVX2, 2 threads; bench/README.md): 0.61-0.72x its time for 128 and 256 channels at 28x28
-# and 14x14 (batch 1 and 8), 0.71-0.78x for 512 channels at 7x7 from batch 8, 0.82x for 64 channels
-# at 56x56 at batch 1; slower with few tiles (512 at 7x7, batch 1: 1.12x, 16 tiles) and where the transformed
-# input outgrows the caches with few channels (64 at 56x56, batch 32: 1.48x).
+# (brgconv, AVX2, 2 threads; bench/README.md): 0.61-0.72x its time for 128 and 256 channels at
+# 28x28 and 14x14 (batch 1 and 8), 0.71-0.78x for 512 channels at 7x7 from batch 8, 0.82x for 64
+# channels at 56x56 at batch 1; slower with few tiles (512 at 7x7, batch 1: 16 tiles, 1.12x) and
+# where the transformed input outgrows the caches with few channels (64 at 56x56, batch 32: 1.48x).
 _WINOGRAD_ENV = os.environ.get("FASTRES_WINOGRAD", "1") not in ("", "0")
 WINOGRAD_MIN_TILES = 32
 WINOGRAD_MIN_CHANNELS = 64          # the narrowest measured; thinner GEMMs are left to the direct conv
 WINOGRAD_NARROW_BYTES = 4 << 20     # the transformed input's size allowed with fewer than 128 channels
+# and with any: the transformed input and the products are workspaces of 16 x tiles x channels
+# floats each (128 channels at 28x28, batch 32: 51 MB, no faster than the direct conv)
+WINOGRAD_MAX_BYTES = 32 << 20
 
 
 def winograd_rule(weight_shape, stride, padding, dilation, groups, x_shape) -> bool:
@@ -829,7 +832,8 @@ def winograd_rule(weight_shape, stride, padding, dilation, groups, x_shape) -> b
         return False
     n, _, h, w = x_shape
     tiles = n * -(-h // 2) * -(-w // 2)
-    if (tiles < WINOGRAD_MIN_TILES or min(c, o) < WINOGRAD_MIN_CHANNELS
+    workspace = 16 * tiles * max(c, o) * 4
+    if (tiles < WINOGRAD_MIN_TILES or min(c, o) < WINOGRAD_MIN_CHANNELS or workspace > WINOGRAD_MAX_BYTES
             or not (min(c, o) >= 128 or 16 * tiles * c * 4 <= WINOGRAD_NARROW_BYTES)):
         return False
     from . import winograd

@@ -107,6 +107,9 @@ def test_rule_follows_the_measurements(monkeypatch):
     assert not backend.winograd_rule((512, 512, 3, 3), *one, (1, 512, 7, 7))      # 16 tiles: 1.12x
     assert not backend.winograd_rule((64, 64, 3, 3), *one, (32, 64, 56, 56))      # 1.48x
     assert not backend.winograd_rule((8, 8, 3, 3), *one, (8, 8, 12, 12))          # thin GEMMs
+    assert backend.winograd_rule((256, 256, 3, 3), *one, (32, 256, 14, 14))       # 0.64x, 26 MB
+    assert not backend.winograd_rule((128, 128, 3, 3), *one, (32, 128, 28, 28))   # 0.98x, 51 MB
+    assert not backend.winograd_rule((512, 512, 3, 3), *one, (128, 512, 7, 7))    # 67 MB workspaces
     assert not backend.winograd_rule((256, 256, 3, 3), (2, 2), (1, 1), (1, 1), 1, (1, 256, 28, 28))
     assert not backend.winograd_rule((256, 256, 3, 3), (1, 1), (2, 2), (2, 2), 1, (1, 256, 28, 28))
     assert not backend.winograd_rule((256, 8, 3, 3), (1, 1), (1, 1), (1, 1), 32, (1, 256, 28, 28))
