@@ -29,13 +29,8 @@ run: $(STAMP)
 
 # With nvcc present the CUDA kernels must have been built (their spill check may not skip).
 # tests/test_ray.py skips itself outside a loopback-only network namespace; test-ray runs it in one.
-# Two pytest workers (pytest-xdist), one file per worker at a time: the interpreter tests are
-# single-threaded Python, so the suite takes about half the time on 2 cores (TEST_WORKERS=0: one
-# process). tests/conftest.py gives each worker one intra-op thread.
-TEST_WORKERS ?= 2
 test: $(STAMP)
-	FASTRES_REQUIRE_CUDA_BUILD=$(if $(CUDA_HOME),1,0) $(BIN)/python -m pytest -q \
-		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,) --durations=15
+	FASTRES_REQUIRE_CUDA_BUILD=$(if $(CUDA_HOME),1,0) $(BIN)/python -m pytest -q
 	@$(MAKE) --no-print-directory test-ray
 
 # The Ray tests start clusters: they run in a network namespace with only loopback (.ci/loopback-netns:

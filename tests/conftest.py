@@ -13,13 +13,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# Under pytest-xdist (make test: two workers on two cores) each worker keeps to one intra-op
-# thread: two OpenMP pools of two threads on two cores would wait at every op's barrier for a
-# descheduled thread (the CPU backend's docs: several times slower). Tests about thread counts set
-# their own.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
-
 
 @pytest.fixture
 def device():
