@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from . import winograd
+
 BACKENDS = ("auto", "torch", "reference", "triton")
 
 _state = threading.local()
@@ -836,7 +838,6 @@ def winograd_rule(weight_shape, stride, padding, dilation, groups, x_shape) -> b
     if (tiles < WINOGRAD_MIN_TILES or min(c, o) < WINOGRAD_MIN_CHANNELS or workspace > WINOGRAD_MAX_BYTES
             or not (min(c, o) >= 128 or 16 * tiles * c * 4 <= WINOGRAD_NARROW_BYTES)):
         return False
-    from . import winograd
     return winograd.available()
 
 
@@ -893,10 +894,9 @@ class OneDnnProgram:
             return const(ops.reorder(tensor, *geometry), "w")
 
         def winograd_weight(tensor):
-            from .winograd import transform_weight
-            u = transform_weight(tensor)
+            u = winograd.transform_weight(tensor)
             self.nbytes += u.numel() * 4
-            consts.setdefault("winograd", _winograd_conv3x3())
+            consts.setdefault("winograd", winograd.extension().conv3x3)   # (called directly: one C++ call)
             return const(u, "u")
 
         relaid = {}              # value -> the name of its channels_last copy (made once)
@@ -951,11 +951,11 @@ class OneDnnProgram:
                 bias = const(t["bias"].float().contiguous(), "b")
                 conv_geometry = (a["padding"], a["stride"], a["dilation"], a["groups"])
                 first = t["weight"] if step.kind == "conv" else t["mid_weight"]
-                winograd = winograd_rule(first.shape, a["stride"], a["padding"], a["dilation"], a["groups"],
-                                         x_shape)
-                if winograd:
+                use_winograd = winograd_rule(first.shape, a["stride"], a["padding"], a["dilation"], a["groups"],
+                                             x_shape)
+                if use_winograd:
                     self.winograd_steps.append(step.name)
-                if step.kind == "conv" and winograd:     # bias, residual and ReLU in its output transform
+                if step.kind == "conv" and use_winograd:     # bias, residual and ReLU in its output transform
                     lines.append(f"{out} = winograd({x}, {winograd_weight(first)}, {bias}, {other}, "
                                  f"{bool(a['relu'])})")
                 else:
@@ -965,7 +965,7 @@ class OneDnnProgram:
                         last_in, relu = x, a["relu"]
                     else:
                         b_mid = const(t["mid_bias"].float().contiguous(), "b")
-                        if winograd:
+                        if use_winograd:
                             lines.append(f"m = winograd({x}, {winograd_weight(first)}, {b_mid}, None, True)")
                         else:
                             lines.append(f"m = conv({x}, {weight(first, *conv_geometry, x_shape)}, {b_mid}, "
@@ -1068,12 +1068,6 @@ class OneDnnProgram:
 
     def __repr__(self) -> str:
         return f"OneDnnProgram(key={self.key}, {len(self.onednn_steps)} oneDNN steps)"
-
-
-def _winograd_conv3x3():
-    """The extension's ``conv3x3`` itself (the program calls it directly: one C++ call a conv)."""
-    from .winograd import extension
-    return extension().conv3x3
 
 
 def _nhwc(v):
