@@ -22,6 +22,7 @@ import math
 import os
 import threading
 import time
+import warnings
 
 import torch
 
@@ -182,7 +183,32 @@ def _find_openmp():
     return None
 
 
+def _find_mkl_local():
+    """MKL's ``MKL_Set_Num_Threads_Local`` (the calling thread's MKL thread count) in the library
+    PyTorch links MKL into, or None.
+
+    MKL (PyTorch's BLAS: the Winograd GEMMs' bmm, the head's addmm) keeps its own thread count,
+    which ``torch.set_num_threads`` sets process-wide and a thread's ``omp_set_num_threads``
+    does not change: without this a call told to use one thread still ran its GEMMs on two
+    (resnet50 batch 1 "with one thread" took 243 ms against 224 with two; with MKL's count set
+    too, 319 ms: one thread)."""
+    import ctypes
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libmkl_rt.so", "libmkl_rt.so.2"):
+        path = os.path.join(lib_dir, name)
+        try:
+            # the C entry (by value); the lower-case name is the Fortran one (by pointer) there
+            setter = ctypes.CDLL(path).MKL_Set_Num_Threads_Local
+        except (OSError, AttributeError):
+            continue
+        setter.argtypes = [ctypes.c_int]
+        setter.restype = ctypes.c_int
+        return setter
+    return None
+
+
 _omp_set_num_threads = None
+_mkl_set_num_threads_local = None
 _omp_looked_up = False
 
 
@@ -193,13 +219,17 @@ def set_thread_count(n: int) -> None:
     initialised runs with the OpenMP default (all cores, or OMP_NUM_THREADS) whatever
     ``torch.set_num_threads`` said in the main thread. ``omp_set_num_threads`` is per thread;
     ``torch.set_num_threads`` would also change the process-wide default (the fallback where the
-    OpenMP runtime cannot be found).
+    OpenMP runtime cannot be found). MKL's own count is set for the thread as well
+    (``_find_mkl_local``).
     """
-    global _omp_set_num_threads, _omp_looked_up
+    global _omp_set_num_threads, _mkl_set_num_threads_local, _omp_looked_up
     if not _omp_looked_up:
-        _omp_set_num_threads, _omp_looked_up = _find_openmp(), True
+        _omp_set_num_threads, _mkl_set_num_threads_local = _find_openmp(), _find_mkl_local()
+        _omp_looked_up = True
     if _omp_set_num_threads is not None:
         _omp_set_num_threads(int(n))
+        if _mkl_set_num_threads_local is not None:
+            _mkl_set_num_threads_local(int(n))
     else:
         torch.set_num_threads(int(n))
 
@@ -231,16 +261,19 @@ class ThreadGovernor:
     the machine spent on those CPUs (/proc/stat, per CPU of the affinity mask) and how much of it
     was this process's (``os.times``); the busy cores of *other* processes are subtracted from the
     CPUs of the affinity mask, and calls use at most the cores left (at least one, at most the
-    configured count; so never more threads than those CPUs). Quiet: the configured count. Off
-    unless ``FASTRES_ADAPTIVE_THREADS=1`` or ``set_adaptive_threads(True)`` (results then depend in
-    their last bits on the machine's load); Linux only.
+    configured count; so never more threads than those CPUs). Quiet: the configured count. On
+    unless ``FASTRES_ADAPTIVE_THREADS=0`` or ``set_adaptive_threads(False)``; Linux only.
+
+    Fewer threads must not change an answer: oneDNN picks its blocking for the thread count, and
+    a different blocking could sum in another order. So ``CpuBackend.execute`` runs a program with
+    fewer threads only for input shapes where it checked, on the first such call, that it gives
+    the configured count's bits (``OneDnnProgram.agrees``); where it does not, those calls keep
+    the configured count (said once).
     """
     WINDOW_S = 0.5
 
     def __init__(self):
-        # opt-in: a load-dependent thread count changes oneDNN's blocking, so results would
-        # differ in the last bits between a loaded and a quiet call (or two Ray actors)
-        self.enabled = os.environ.get("FASTRES_ADAPTIVE_THREADS", "0") not in ("", "0")
+        self.enabled = os.environ.get("FASTRES_ADAPTIVE_THREADS", "1") not in ("", "0")
         self._lock = threading.Lock()
         self._next = 0.0
         self._last = None        # (monotonic, machine busy ticks, total ticks, process cpu seconds)
@@ -701,22 +734,39 @@ class CpuBackend(ReferenceBackend):
         the bucket of ``MODULE_WEIGHT_BATCHES`` holding ``x``'s batch); ``capacity``: at least
         this many layouts kept for the plan; ``adaptive``: fewer threads than the calling thread's
         setting where other processes keep the cores busy (``ThreadGovernor``; None: the
-        process's setting, ``FASTRES_ADAPTIVE_THREADS``)."""
+        process's setting, ``FASTRES_ADAPTIVE_THREADS``), for input shapes where fewer threads
+        were checked to give the same bits (the first such call runs both; the references, for
+        other dtypes and non-finite inputs, always run the calling thread's setting)."""
         if x.device.type != "cpu":
             return plan.run(x, self)
         configured = torch.get_num_threads()   # also PyTorch's per-thread init (oneDNN reads it)
+        program = (self.program(plan, x.shape, weight_batch, capacity, threads=configured)
+                   if self.uses_onednn(plan, x) else None)
+        if program is None or not all_finite(x):
+            return plan.run(x, self)
         n = GOVERNOR.threads(configured, adaptive)
-        if n != configured:
-            set_thread_count(n)
-        try:
-            program = (self.program(plan, x.shape, weight_batch, capacity, threads=n)
-                       if self.uses_onednn(plan, x) else None)
-            if program is None or not all_finite(x):
-                return plan.run(x, self)
+        if n == configured:
             return program(x)
-        finally:
-            if n != configured:
-                set_thread_count(configured)
+        fewer = self.program(plan, x.shape, weight_batch, capacity, threads=n)
+        if fewer is None:
+            return program(x)
+        check = (configured, tuple(x.shape))
+        agrees = fewer.agrees.get(check)
+        if agrees is None:
+            # first call of this shape with n threads: both counts, the configured one's answer
+            expected = program(x)
+            with intra_op_threads(n):
+                got = fewer(x)
+            agrees = fewer.agrees[check] = _same_bits(got, expected)
+            if not agrees:
+                _say_once(f"fastres: with {n} instead of {configured} intra-op threads oneDNN's results "
+                          f"for inputs of shape {tuple(x.shape)} differ in their last bits on this machine; "
+                          f"those calls keep {configured} threads while other processes load the cores")
+            return expected
+        if not agrees:
+            return program(x)
+        with intra_op_threads(n):
+            return fewer(x)
 
     def program(self, plan, shape, weight_batch: "int | None" = None, capacity: "int | None" = None,
                 threads: "int | None" = None) -> "OneDnnProgram | None":
@@ -744,7 +794,8 @@ class CpuBackend(ReferenceBackend):
                     self._ops = _OneDnnOps()
                 if not _finite_tensors(plan):
                     return None     # NaN/inf weights: PyTorch's NaN semantics, step by step
-                with torch.no_grad():
+                # built with its own thread count: the weights are laid out for it
+                with torch.no_grad(), intra_op_threads(key[-1]):
                     program = OneDnnProgram(plan, key, self._ops)
                 cache.put(key, program)
         return program
@@ -796,6 +847,27 @@ def all_finite(x: torch.Tensor) -> bool:
     oneDNN's fused ReLU is max(x, 0), which turns NaN into 0 where PyTorch's relu keeps it: an
     input with NaN or inf runs the references instead, so it gets PyTorch's answer (NaN logits)."""
     return math.isfinite(x.sum().item())
+
+
+def _same_bits(a, b) -> bool:
+    """Whether two program outputs (a tensor, or a tuple/list/dict of them) are the same bits."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_bits(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return (isinstance(b, (tuple, list)) and len(a) == len(b)
+                and all(_same_bits(u, v) for u, v in zip(a, b)))
+    return a == b
+
+
+_said: set = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _finite_tensors(plan) -> bool:
@@ -855,13 +927,16 @@ class OneDnnProgram:
     another layout than it wants reorders them itself, on every call). ``source`` is the
     generated code, ``onednn_steps`` the names of the steps that run as oneDNN (or Winograd)
     convolutions (the others run their references), ``winograd_steps`` those whose 3x3 runs as
-    Winograd F(2x2, 3x3), ``profile(x)`` the time of each step.
+    Winograd F(2x2, 3x3), ``profile(x)`` the time of each step. ``agrees``: (thread count,
+    input shape) -> whether this program, run with its own thread count, gave the bits of the
+    program for that count on inputs of that shape (``CpuBackend.execute`` checks it once).
     """
 
     def __init__(self, plan, key: tuple, ops: _OneDnnOps):
         from .ir import KERNEL_KINDS, Ref, bind_refs
         from .ir_quant import split_qconv_pair
         self.key = key
+        self.agrees: dict = {}
         if any(step.kind == "qconv_pair" for step in plan.steps):
             # the fused 8-bit pair is a GPU kernel: here its two qconvs (exactly what it computes)
             plan = dataclasses.replace(plan, steps=[s for step in plan.steps for s in split_qconv_pair(step)])

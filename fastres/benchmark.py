@@ -671,8 +671,8 @@ def machine_line(results: list[Measurement]) -> str:
         parts.append(f"{first.competing} competing busy process(es)" if first.competing
                      else "no competing process started")
         from .backend import GOVERNOR
-        parts.append("fastres thread governor " + ("on (FASTRES_ADAPTIVE_THREADS=1)" if GOVERNOR.enabled
-                                                   else "off"))
+        parts.append("fastres thread governor " + ("on" if GOVERNOR.enabled
+                                                   else "off (FASTRES_ADAPTIVE_THREADS=0)"))
     timed = [len(m.times) for m in results if m.times]
     if timed:
         parts.append(f"interleaved, median of {min(timed)}-{max(timed)} calls")

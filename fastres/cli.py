@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed calls per implementation and cell (default: sized to the call time)")
     p.add_argument("--competing", type=int, default=0, metavar="N",
                    help="start N busy processes while timing (throughput under contention; "
-                        "FASTRES_ADAPTIVE_THREADS=1 lets fastres run on the cores left)")
+                        "fastres runs on the cores left unless FASTRES_ADAPTIVE_THREADS=0)")
     p.add_argument("--line", action="store_true",
                    help="only the one-line resnet50 comparison `make run` ends with (a few seconds)")
     p.add_argument("--quick", action="store_true", help="small batches and size, few rounds")

@@ -35,12 +35,12 @@ Threads (CPU)
     intra-op thread count every call runs with, from whichever thread it is called: oneDNN reads
     the calling thread's OpenMP setting, which in a fresh worker thread is the OpenMP default, not
     ``torch.set_num_threads``'s value. The call sets it for its own thread and restores it. With
-    ``adaptive_threads=True`` (None, the default: ``FASTRES_ADAPTIVE_THREADS=1`` in the
-    environment) a call uses fewer while other processes keep the cores busy
+    ``adaptive_threads`` on (None, the default: the process's ``FASTRES_ADAPTIVE_THREADS``, on
+    unless it is 0) a call uses fewer while other processes keep the cores busy
     (``fastres.backend.ThreadGovernor``: OpenMP ops wait at every barrier for a descheduled thread,
-    so two threads sharing two cores with a busy process run several times slower than one); off,
-    results do not depend on the machine's load (the thread count changes oneDNN's blocking, so
-    the last bits of the logits).
+    so two threads sharing two cores with a busy process run several times slower than one), for
+    input shapes where fewer threads were checked to give the same bits as ``num_threads``
+    (``CpuBackend.execute``): the logits never depend on the machine's load.
 
 Input normalisation ("whichever the plan picks")
     An 8-bit engine (a ``fastres.quantize`` model) feeds uint8 images straight into the model's
@@ -189,7 +189,7 @@ class Engine:
     preprocessing metadata, else ImageNet's. ``cuda_graphs``: capture one graph per bucket on CUDA.
     ``num_threads``: intra-op threads of every CPU call (default ``torch.get_num_threads()``);
     ``adaptive_threads``: fewer of them while other processes keep the cores busy (None: the
-    process's ``FASTRES_ADAPTIVE_THREADS`` setting, off by default).
+    process's ``FASTRES_ADAPTIVE_THREADS`` setting, on by default).
 
     The backend (Triton on CUDA, torch on CPU, or what ``fastres.use_backend``/``FASTRES_BACKEND``
     force) is chosen when the engine is built and stays fixed.
@@ -473,20 +473,15 @@ class Engine:
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _run_cpu(self, images: torch.Tensor) -> torch.Tensor:
-        current = torch.get_num_threads()      # (also PyTorch's once-per-thread init)
-        n = _backend.GOVERNOR.threads(self.num_threads, self.adaptive_threads)
-        if current != n:
-            _backend.set_thread_count(n)
-        try:
+        # the engine's thread count for this call (the governor may use fewer, in execute)
+        with _backend.intra_op_threads(self.num_threads):
             x = self._normaliser(images) if self.input == "uint8_nhwc" else images.to(self._input_dtype)
             if self.executor == "onednn":
                 return self._backend_impl.execute(self.plan, x, weight_batch=self._bucket_for(x.shape[0]),
-                                                  capacity=2 * len(self.batch_sizes), adaptive=False)
+                                                  capacity=2 * len(self.batch_sizes),
+                                                  adaptive=self.adaptive_threads)
             # (a quantized plan too: the module's own path, run_quantized without buffers)
-            return self._backend_impl.execute(self.plan, x, adaptive=False)
-        finally:
-            if current != n:
-                _backend.set_thread_count(current)
+            return self._backend_impl.execute(self.plan, x, adaptive=self.adaptive_threads)
 
     def _bucket_for(self, rows: int) -> int:
         return next(b for b in self.batch_sizes if b >= rows)

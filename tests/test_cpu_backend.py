@@ -295,6 +295,117 @@ def test_thread_governor_yields_cores_other_processes_keep_busy(monkeypatch):
     assert window(2.0, 0.0) == 2
 
 
+def test_thread_governor_is_on_unless_the_environment_says_0(monkeypatch):
+    monkeypatch.delenv("FASTRES_ADAPTIVE_THREADS", raising=False)
+    assert backend.ThreadGovernor().enabled
+    monkeypatch.setenv("FASTRES_ADAPTIVE_THREADS", "0")
+    assert not backend.ThreadGovernor().enabled
+    monkeypatch.setenv("FASTRES_ADAPTIVE_THREADS", "1")
+    assert backend.ThreadGovernor().enabled
+
+
+def _calls_of(program):
+    """Count the calls of ``program``'s generated function (and let a test change its answer)."""
+    calls, original = [], program._fn
+    program.perturb = None
+
+    def counted(x):
+        calls.append(torch.get_num_threads())
+        out = original(x)
+        return out if program.perturb is None else out + program.perturb
+    program._fn = counted
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("front", ["module", "engine"])
+def test_fewer_threads_only_where_they_gave_the_same_bits(monkeypatch, front):
+    """With the governor lowering 2 threads to 1: the first call of a shape runs the 2-thread and
+    the 1-thread program and answers the 2-thread bits; later calls run 1 thread only where the
+    bits were the same; where they differ (forced here), 2 threads, said once."""
+    tv, model = twins("resnet18")
+    x = images(2, 40, 40)
+    with backend.intra_op_threads(2), torch.inference_mode():
+        expected = model(x)                             # governor off (fixture): 2 threads
+        engine = Engine(model, batch_sizes=(2,), image_size=40, input="float_nchw", num_threads=2,
+                        adaptive_threads=True) if front == "engine" else None
+        run = (lambda: engine(x)) if engine else (lambda: model(x))
+        if engine:
+            assert torch.equal(engine(x), expected) or rel_err(engine(x), expected) <= TOL
+            expected = engine(x)
+        backend.set_adaptive_threads(True)
+
+        def lowered(configured, enabled=None):
+            return 1 if (backend.GOVERNOR.enabled if enabled is None else enabled) else configured
+        monkeypatch.setattr(backend.GOVERNOR, "threads", lowered)
+        monkeypatch.setattr(backend, "_said", set())     # (said once per process)
+        plan = engine.plan if engine else model.plan()
+        cpu = backend.get_backend("torch")
+        weight_batch = 2 if engine else None
+        two = cpu.program(plan, x.shape, weight_batch, threads=2)
+        one = cpu.program(plan, x.shape, weight_batch, threads=1)
+        calls_two, calls_one = _calls_of(two), _calls_of(one)
+        assert torch.equal(run(), expected)
+        assert (calls_two, calls_one) == ([2], [1])     # the check: both
+        check = (2, tuple(x.shape))
+        agrees = one.agrees[check]
+        # what it recorded is the truth on this machine (AVX2: the same bits with 1 and 2 threads)
+        with backend.intra_op_threads(1):
+            assert agrees == torch.equal(one._fn(x), expected)
+        calls_one.clear(), calls_two.clear()
+        assert torch.equal(run(), expected)
+        assert (calls_two, calls_one) == (([], [1]) if agrees else ([2], []))
+        # a 1-thread program whose bits differ: never used for that shape, said once
+        del one.agrees[check]
+        one.perturb = 1e-3
+        calls_one.clear(), calls_two.clear()
+        with pytest.warns(RuntimeWarning, match="differ in their last bits"):
+            assert torch.equal(run(), expected)
+        assert one.agrees[check] is False
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(run(), expected) and torch.equal(run(), expected)
+        assert calls_one == [1] and calls_two == [2, 2, 2]
+        # another shape is checked on its own
+        y = images(1, 40, 40)
+        with backend.intra_op_threads(2):
+            backend.set_adaptive_threads(False)
+            alone = engine(y) if engine else model(y)
+            backend.set_adaptive_threads(True)
+            assert torch.equal(engine(y) if engine else model(y), alone)
+        assert (2, tuple(y.shape)) in cpu.program(plan, y.shape, weight_batch, threads=1).agrees
+
+
+def test_the_thread_count_reaches_mkl_and_a_program_is_built_with_its_own(monkeypatch):
+    """MKL (the Winograd GEMMs' bmm, the head's addmm) keeps its own count, which a thread's
+    omp_set_num_threads does not change: intra_op_threads sets it for the thread too. A program
+    for n threads lays its weights out with n threads, whoever asks for it."""
+    import ctypes
+    import os
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        mkl_threads = ctypes.CDLL(lib).MKL_Get_Max_Threads
+    except (OSError, AttributeError):
+        pytest.skip("this PyTorch links no MKL into libtorch_cpu")
+    default = torch.get_num_threads()
+    other = 1 if default > 1 else 2
+    with backend.intra_op_threads(other):
+        assert torch.get_num_threads() == other and mkl_threads() == other
+    assert mkl_threads() == default
+    built = []
+    original = backend.OneDnnProgram.__init__
+
+    def recording(self, plan, key, ops):
+        built.append((key[-1], torch.get_num_threads(), mkl_threads()))
+        original(self, plan, key, ops)
+    monkeypatch.setattr(backend.OneDnnProgram, "__init__", recording)
+    _, model = twins("resnet18")
+    cpu = backend.get_backend("torch")
+    cpu.program(model.plan(), (1, 3, 32, 32), threads=other)
+    assert built == [(other, other, other)] and torch.get_num_threads() == default
+
+
 def test_malloc_tuning_sets_glibc_thresholds_once_and_can_be_refused(monkeypatch):
     import ctypes
     calls = []
