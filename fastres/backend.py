@@ -188,8 +188,7 @@ def _find_mkl_local():
     PyTorch links MKL into, or None.
 
     MKL (PyTorch's BLAS: the Winograd GEMMs' bmm, the head's addmm) keeps its own thread count,
-    which ``torch.set_num_threads`` sets process-wide and a thread's ``omp_set_num_threads``
-    does not change: without this a call told to use one thread still ran its GEMMs on two
+    which a thread's ``omp_set_num_threads`` does not change: without this a call told to use one thread still ran its GEMMs on two
     (resnet50 batch 1 "with one thread" took 243 ms against 224 with two; with MKL's count set
     too, 319 ms: one thread)."""
     import ctypes
@@ -222,16 +221,23 @@ def set_thread_count(n: int) -> None:
     OpenMP runtime cannot be found). MKL's own count is set for the thread as well
     (``_find_mkl_local``).
     """
-    global _omp_set_num_threads, _mkl_set_num_threads_local, _omp_looked_up
-    if not _omp_looked_up:
-        _omp_set_num_threads, _mkl_set_num_threads_local = _find_openmp(), _find_mkl_local()
-        _omp_looked_up = True
-    if _omp_set_num_threads is not None:
+    if per_thread_counts():
         _omp_set_num_threads(int(n))
         if _mkl_set_num_threads_local is not None:
             _mkl_set_num_threads_local(int(n))
     else:
         torch.set_num_threads(int(n))
+
+
+def per_thread_counts() -> bool:
+    """Whether a thread's intra-op count can be set without changing other threads' (PyTorch's
+    OpenMP runtime found); without it ``set_thread_count`` changes the process's count, so the
+    thread governor does not lower it."""
+    global _omp_set_num_threads, _mkl_set_num_threads_local, _omp_looked_up
+    if not _omp_looked_up:
+        _omp_set_num_threads, _mkl_set_num_threads_local = _find_openmp(), _find_mkl_local()
+        _omp_looked_up = True
+    return _omp_set_num_threads is not None
 
 
 @contextlib.contextmanager
@@ -267,8 +273,8 @@ class ThreadGovernor:
     Fewer threads must not change an answer: oneDNN picks its blocking for the thread count, and
     a different blocking could sum in another order. So ``CpuBackend.execute`` runs a program with
     fewer threads only for input shapes where it checked, on the first such call, that it gives
-    the configured count's bits (``OneDnnProgram.agrees``); where it does not, those calls keep
-    the configured count (said once).
+    the configured count's bits on a fixed random input (``plan._thread_agreement``); where it
+    does not, those calls keep the configured count (said once).
     """
     WINDOW_S = 0.5
 
@@ -735,38 +741,46 @@ class CpuBackend(ReferenceBackend):
         this many layouts kept for the plan; ``adaptive``: fewer threads than the calling thread's
         setting where other processes keep the cores busy (``ThreadGovernor``; None: the
         process's setting, ``FASTRES_ADAPTIVE_THREADS``), for input shapes where fewer threads
-        were checked to give the same bits (the first such call runs both; the references, for
-        other dtypes and non-finite inputs, always run the calling thread's setting)."""
+        were checked to give the same bits (the first such call runs both programs once on a
+        fixed random input; the references, for other dtypes and non-finite inputs, always run
+        the calling thread's setting)."""
         if x.device.type != "cpu":
             return plan.run(x, self)
         configured = torch.get_num_threads()   # also PyTorch's per-thread init (oneDNN reads it)
-        program = (self.program(plan, x.shape, weight_batch, capacity, threads=configured)
-                   if self.uses_onednn(plan, x) else None)
-        if program is None or not all_finite(x):
+        if not self.uses_onednn(plan, x) or not all_finite(x):
             return plan.run(x, self)
-        n = GOVERNOR.threads(configured, adaptive)
-        if n == configured:
-            return program(x)
+        n = GOVERNOR.threads(configured, adaptive) if per_thread_counts() else configured
+        if n != configured:
+            # (weight batch, shape, counts) -> whether n threads give the configured count's bits
+            agreement = plan.__dict__.setdefault("_thread_agreement", {})
+            check = (weight_batch or weight_batch_for(x.shape[0]), tuple(x.shape), x.dtype, configured, n)
+            agrees = agreement.get(check)
+            if agrees:
+                fewer = self.program(plan, x.shape, weight_batch, capacity, threads=n)
+                if fewer is not None:
+                    with intra_op_threads(n):
+                        return fewer(x)
+            elif agrees is None:
+                agrees = agreement[check] = self._same_bits_with(plan, x, weight_batch, capacity, configured, n)
+                if not agrees:
+                    _say_once(f"fastres: with {n} instead of {configured} intra-op threads oneDNN's results "
+                              f"for inputs of shape {tuple(x.shape)} differ in their last bits on this machine; "
+                              f"those calls keep {configured} threads while other processes load the cores")
+        program = self.program(plan, x.shape, weight_batch, capacity, threads=configured)
+        return plan.run(x, self) if program is None else program(x)
+
+    def _same_bits_with(self, plan, x, weight_batch, capacity, configured: int, n: int) -> bool:
+        """Whether the program for ``n`` threads gives the bits of the one for ``configured`` on a
+        fixed random input of ``x``'s shape and dtype (not ``x``: a constant image could agree
+        where the summation orders differ)."""
+        program = self.program(plan, x.shape, weight_batch, capacity, threads=configured)
         fewer = self.program(plan, x.shape, weight_batch, capacity, threads=n)
-        if fewer is None:
-            return program(x)
-        check = (configured, tuple(x.shape))
-        agrees = fewer.agrees.get(check)
-        if agrees is None:
-            # first call of this shape with n threads: both counts, the configured one's answer
-            expected = program(x)
-            with intra_op_threads(n):
-                got = fewer(x)
-            agrees = fewer.agrees[check] = _same_bits(got, expected)
-            if not agrees:
-                _say_once(f"fastres: with {n} instead of {configured} intra-op threads oneDNN's results "
-                          f"for inputs of shape {tuple(x.shape)} differ in their last bits on this machine; "
-                          f"those calls keep {configured} threads while other processes load the cores")
-            return expected
-        if not agrees:
-            return program(x)
+        if program is None or fewer is None:
+            return False
+        probe = _probe_like(x)
+        expected = program(probe)
         with intra_op_threads(n):
-            return fewer(x)
+            return _same_bits(fewer(probe), expected)
 
     def program(self, plan, shape, weight_batch: "int | None" = None, capacity: "int | None" = None,
                 threads: "int | None" = None) -> "OneDnnProgram | None":
@@ -849,10 +863,31 @@ def all_finite(x: torch.Tensor) -> bool:
     return math.isfinite(x.sum().item())
 
 
+def _probe_like(x: torch.Tensor) -> torch.Tensor:
+    """A fixed random tensor of ``x``'s shape, dtype and memory format (normal floats; integers
+    over the dtype's range)."""
+    g = torch.Generator().manual_seed(0)
+    if x.is_floating_point():
+        probe = torch.randn(x.shape, generator=g).to(x.dtype)
+    else:
+        info = torch.iinfo(x.dtype)
+        probe = torch.randint(info.min, info.max + 1, x.shape, generator=g, dtype=torch.int64).to(x.dtype)
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=CL) and not x.is_contiguous()
+    return probe.contiguous(memory_format=CL) if cl else probe
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _same_bits(a, b) -> bool:
-    """Whether two program outputs (a tensor, or a tuple/list/dict of them) are the same bits."""
+    """Whether two program outputs (a tensor, or a tuple/list/dict of them) are the same bits
+    (as integers: -0.0 is not 0.0, and a NaN equals the same NaN)."""
     if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        if not (torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype):
+            return False
+        if a.is_floating_point():
+            a, b = (t.contiguous().view(_INT_OF_SIZE[t.element_size()]) for t in (a, b))
+        return torch.equal(a, b)
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same_bits(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)):
@@ -927,16 +962,13 @@ class OneDnnProgram:
     another layout than it wants reorders them itself, on every call). ``source`` is the
     generated code, ``onednn_steps`` the names of the steps that run as oneDNN (or Winograd)
     convolutions (the others run their references), ``winograd_steps`` those whose 3x3 runs as
-    Winograd F(2x2, 3x3), ``profile(x)`` the time of each step. ``agrees``: (thread count,
-    input shape) -> whether this program, run with its own thread count, gave the bits of the
-    program for that count on inputs of that shape (``CpuBackend.execute`` checks it once).
+    Winograd F(2x2, 3x3), ``profile(x)`` the time of each step.
     """
 
     def __init__(self, plan, key: tuple, ops: _OneDnnOps):
         from .ir import KERNEL_KINDS, Ref, bind_refs
         from .ir_quant import split_qconv_pair
         self.key = key
-        self.agrees: dict = {}
         if any(step.kind == "qconv_pair" for step in plan.steps):
             # the fused 8-bit pair is a GPU kernel: here its two qconvs (exactly what it computes)
             plan = dataclasses.replace(plan, steps=[s for step in plan.steps for s in split_qconv_pair(step)])

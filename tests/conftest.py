@@ -26,3 +26,14 @@ def single_threaded_blas():
     from threadpoolctl import threadpool_limits
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+@pytest.fixture(autouse=True)
+def fixed_thread_count():
+    """The thread governor off (its own tests turn it on): a test's programs, and so the counts
+    it asserts, must not depend on how busy the machine running the suite is."""
+    from fastres import backend
+    enabled = backend.GOVERNOR.enabled
+    backend.set_adaptive_threads(False)
+    yield
+    backend.set_adaptive_threads(enabled)

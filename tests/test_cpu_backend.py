@@ -54,15 +54,6 @@ def layouts(model_or_plan) -> list:
     return [] if cache is None else [k[:4] for k in cache.keys()]
 
 
-@pytest.fixture(autouse=True)
-def fixed_threads():
-    """The thread count (part of a program's key) fixed: no adaptation to the machine's load."""
-    enabled = backend.GOVERNOR.enabled
-    backend.set_adaptive_threads(False)
-    yield
-    backend.set_adaptive_threads(enabled)
-
-
 @needs_onednn
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_constructor_matches_torchvision_and_the_references(arch):
@@ -320,19 +311,17 @@ def _calls_of(program):
 @needs_onednn
 @pytest.mark.parametrize("front", ["module", "engine"])
 def test_fewer_threads_only_where_they_gave_the_same_bits(monkeypatch, front):
-    """With the governor lowering 2 threads to 1: the first call of a shape runs the 2-thread and
-    the 1-thread program and answers the 2-thread bits; later calls run 1 thread only where the
-    bits were the same; where they differ (forced here), 2 threads, said once."""
+    """With the governor lowering 2 threads to 1: the first call of a shape runs the 2- and the
+    1-thread program on a fixed random input, then the 2-thread one on the call's; later calls
+    run only the 1-thread program where the bits were the same; where they differ (forced here),
+    only the 2-thread one, said once."""
     tv, model = twins("resnet18")
     x = images(2, 40, 40)
     with backend.intra_op_threads(2), torch.inference_mode():
-        expected = model(x)                             # governor off (fixture): 2 threads
         engine = Engine(model, batch_sizes=(2,), image_size=40, input="float_nchw", num_threads=2,
                         adaptive_threads=True) if front == "engine" else None
         run = (lambda: engine(x)) if engine else (lambda: model(x))
-        if engine:
-            assert torch.equal(engine(x), expected) or rel_err(engine(x), expected) <= TOL
-            expected = engine(x)
+        expected = run()                                # governor off (conftest): 2 threads
         backend.set_adaptive_threads(True)
 
         def lowered(configured, enabled=None):
@@ -341,40 +330,64 @@ def test_fewer_threads_only_where_they_gave_the_same_bits(monkeypatch, front):
         monkeypatch.setattr(backend, "_said", set())     # (said once per process)
         plan = engine.plan if engine else model.plan()
         cpu = backend.get_backend("torch")
-        weight_batch = 2 if engine else None
+        weight_batch = 2 if engine else backend.weight_batch_for(2)
         two = cpu.program(plan, x.shape, weight_batch, threads=2)
         one = cpu.program(plan, x.shape, weight_batch, threads=1)
         calls_two, calls_one = _calls_of(two), _calls_of(one)
         assert torch.equal(run(), expected)
-        assert (calls_two, calls_one) == ([2], [1])     # the check: both
-        check = (2, tuple(x.shape))
-        agrees = one.agrees[check]
+        assert (calls_two, calls_one) == ([2, 2], [1])  # the check (probe), then the call
+        check = (weight_batch, tuple(x.shape), torch.float32, 2, 1)
+        agrees = plan._thread_agreement[check]
+        probe = backend._probe_like(x)
+        assert probe.shape == x.shape and not torch.equal(probe, x)
         # what it recorded is the truth on this machine (AVX2: the same bits with 1 and 2 threads)
         with backend.intra_op_threads(1):
-            assert agrees == torch.equal(one._fn(x), expected)
+            assert agrees == backend._same_bits(one._fn(probe), two._fn(probe))
         calls_one.clear(), calls_two.clear()
         assert torch.equal(run(), expected)
         assert (calls_two, calls_one) == (([], [1]) if agrees else ([2], []))
         # a 1-thread program whose bits differ: never used for that shape, said once
-        del one.agrees[check]
+        del plan._thread_agreement[check]
         one.perturb = 1e-3
         calls_one.clear(), calls_two.clear()
         with pytest.warns(RuntimeWarning, match="differ in their last bits"):
             assert torch.equal(run(), expected)
-        assert one.agrees[check] is False
+        assert plan._thread_agreement[check] is False
         import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert torch.equal(run(), expected) and torch.equal(run(), expected)
-        assert calls_one == [1] and calls_two == [2, 2, 2]
+        assert calls_one == [1] and calls_two == [2, 2, 2, 2]
         # another shape is checked on its own
+        one.perturb = None
         y = images(1, 40, 40)
-        with backend.intra_op_threads(2):
-            backend.set_adaptive_threads(False)
-            alone = engine(y) if engine else model(y)
-            backend.set_adaptive_threads(True)
-            assert torch.equal(engine(y) if engine else model(y), alone)
-        assert (2, tuple(y.shape)) in cpu.program(plan, y.shape, weight_batch, threads=1).agrees
+        backend.set_adaptive_threads(False)
+        alone = engine(y) if engine else model(y)
+        backend.set_adaptive_threads(True)
+        assert torch.equal(engine(y) if engine else model(y), alone)
+        assert (2 if engine else 1, tuple(y.shape), torch.float32, 2, 1) in plan._thread_agreement
+
+
+def test_same_bits_compares_bits():
+    zero, nan = torch.tensor([0.0]), torch.tensor([float("nan")])
+    assert not backend._same_bits(zero, -zero) and backend._same_bits(nan, nan.clone())
+    assert backend._same_bits((zero, {"a": nan}), (zero.clone(), {"a": nan.clone()}))
+    assert not backend._same_bits(zero, zero.double()) and not backend._same_bits(zero, zero[:0])
+    assert not backend._same_bits(torch.tensor([1.0]), torch.tensor([1.0 + 2 ** -23]))
+
+
+def test_no_fewer_threads_without_a_per_thread_setting(monkeypatch):
+    """Without PyTorch's OpenMP runtime found, a thread count could only be set process-wide:
+    the governor then never lowers it."""
+    monkeypatch.setattr(backend, "per_thread_counts", lambda: False)
+    monkeypatch.setattr(backend.GOVERNOR, "threads", lambda configured, enabled=None: 1)
+    backend.set_adaptive_threads(True)
+    tv, model = twins("resnet18")
+    x = images(1, 32, 32)
+    with torch.inference_mode():
+        model(x)
+    assert "_thread_agreement" not in model.plan().__dict__
+    assert [k[-1] for k in model.plan()._onednn_programs.keys()] == [torch.get_num_threads()]
 
 
 def test_the_thread_count_reaches_mkl_and_a_program_is_built_with_its_own(monkeypatch):
