@@ -188,9 +188,9 @@ def _find_mkl_local():
     PyTorch links MKL into, or None.
 
     MKL (PyTorch's BLAS: the Winograd GEMMs' bmm, the head's addmm) keeps its own thread count,
-    which a thread's ``omp_set_num_threads`` does not change: without this a call told to use one thread still ran its GEMMs on two
-    (resnet50 batch 1 "with one thread" took 243 ms against 224 with two; with MKL's count set
-    too, 319 ms: one thread)."""
+    which a thread's ``omp_set_num_threads`` does not change: without this a call told to use
+    one thread still ran its GEMMs on two (resnet50 batch 1 "with one thread" took 243 ms against
+    224 with two; with MKL's count set too, 319 ms: one thread)."""
     import ctypes
     lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
     for name in ("libtorch_cpu.so", "libmkl_rt.so", "libmkl_rt.so.2"):
@@ -761,11 +761,13 @@ class CpuBackend(ReferenceBackend):
                     with intra_op_threads(n):
                         return fewer(x)
             elif agrees is None:
-                agrees = agreement[check] = self._same_bits_with(plan, x, weight_batch, capacity, configured, n)
+                agrees = self._same_bits_with(plan, x, weight_batch, capacity, configured, n)
+                agreement[check] = agrees
                 if not agrees:
-                    _say_once(f"fastres: with {n} instead of {configured} intra-op threads oneDNN's results "
-                              f"for inputs of shape {tuple(x.shape)} differ in their last bits on this machine; "
-                              f"those calls keep {configured} threads while other processes load the cores")
+                    _say_once(f"fastres: with {n} instead of {configured} intra-op threads oneDNN's "
+                              f"results for inputs of shape {tuple(x.shape)} differ in their last bits "
+                              f"on this machine; those calls keep {configured} threads while other "
+                              f"processes load the cores")
         program = self.program(plan, x.shape, weight_batch, capacity, threads=configured)
         return plan.run(x, self) if program is None else program(x)
 

@@ -40,7 +40,8 @@ Threads (CPU)
     (``fastres.backend.ThreadGovernor``: OpenMP ops wait at every barrier for a descheduled thread,
     so two threads sharing two cores with a busy process run several times slower than one), for
     input shapes where fewer threads were checked to give the same bits as ``num_threads``
-    (``CpuBackend.execute``): the logits never depend on the machine's load.
+    on a fixed random input (``CpuBackend.execute``; another summation order would show in its
+    bits), so the logits do not depend on the machine's load.
 
 Input normalisation ("whichever the plan picks")
     An 8-bit engine (a ``fastres.quantize`` model) feeds uint8 images straight into the model's
