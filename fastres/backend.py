@@ -22,11 +22,11 @@ import math
 import os
 import threading
 import time
-import warnings
 
 import torch
 
 from . import winograd
+from .extension import _notice_once
 
 BACKENDS = ("auto", "torch", "reference", "triton")
 
@@ -192,9 +192,8 @@ def _find_mkl_local():
     one thread still ran its GEMMs on two (resnet50 batch 1 "with one thread" took 243 ms against
     224 with two; with MKL's count set too, 319 ms: one thread)."""
     import ctypes
-    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    for name in ("libtorch_cpu.so", "libmkl_rt.so", "libmkl_rt.so.2"):
-        path = os.path.join(lib_dir, name)
+    # PyTorch's wheels link MKL into libtorch_cpu; other builds load it globally (None: the process)
+    for path in (os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"), None):
         try:
             # the C entry (by value); the lower-case name is the Fortran one (by pointer) there
             setter = ctypes.CDLL(path).MKL_Set_Num_Threads_Local
@@ -273,8 +272,8 @@ class ThreadGovernor:
     Fewer threads must not change an answer: oneDNN picks its blocking for the thread count, and
     a different blocking could sum in another order. So ``CpuBackend.execute`` runs a program with
     fewer threads only for input shapes where it checked, on the first such call, that it gives
-    the configured count's bits on a fixed random input (``plan._thread_agreement``); where it
-    does not, those calls keep the configured count (said once).
+    the configured count's bits on a fixed random input (``_Lru.agreement``, beside the
+    programs); where it does not, those calls keep the configured count (said once).
     """
     WINDOW_S = 0.5
 
@@ -751,8 +750,7 @@ class CpuBackend(ReferenceBackend):
             return plan.run(x, self)
         n = GOVERNOR.threads(configured, adaptive) if per_thread_counts() else configured
         if n != configured:
-            # (weight batch, shape, counts) -> whether n threads give the configured count's bits
-            agreement = plan.__dict__.setdefault("_thread_agreement", {})
+            agreement = self._programs(plan).agreement
             check = (weight_batch or weight_batch_for(x.shape[0]), tuple(x.shape), x.dtype, configured, n)
             agrees = agreement.get(check)
             if agrees:
@@ -764,7 +762,7 @@ class CpuBackend(ReferenceBackend):
                 agrees = self._same_bits_with(plan, x, weight_batch, capacity, configured, n)
                 agreement[check] = agrees
                 if not agrees:
-                    _say_once(f"fastres: with {n} instead of {configured} intra-op threads oneDNN's "
+                    _notice_once(f"fastres: with {n} instead of {configured} intra-op threads oneDNN's "
                               f"results for inputs of shape {tuple(x.shape)} differ in their last bits "
                               f"on this machine; those calls keep {configured} threads while other "
                               f"processes load the cores")
@@ -784,6 +782,13 @@ class CpuBackend(ReferenceBackend):
         with intra_op_threads(n):
             return _same_bits(fewer(probe), expected)
 
+    @staticmethod
+    def _programs(plan) -> "_Lru":
+        """The plan's program cache (made empty on first use)."""
+        cache = plan.__dict__.get("_onednn_programs")
+        return cache if cache is not None else plan.__dict__.setdefault("_onednn_programs",
+                                                                          _Lru(PROGRAMS_PER_PLAN))
+
     def program(self, plan, shape, weight_batch: "int | None" = None, capacity: "int | None" = None,
                 threads: "int | None" = None) -> "OneDnnProgram | None":
         """The program for inputs of ``shape`` run with ``threads`` intra-op threads (default:
@@ -802,7 +807,7 @@ class CpuBackend(ReferenceBackend):
                     cache.capacity = capacity
                 return program
         with self._lock:
-            cache = plan.__dict__.setdefault("_onednn_programs", _Lru(PROGRAMS_PER_PLAN))
+            cache = self._programs(plan)
             cache.capacity = max(cache.capacity, capacity or 0)
             program = cache.get(key)
             if program is None:
@@ -818,13 +823,17 @@ class CpuBackend(ReferenceBackend):
 
 
 class _Lru:
-    """A small thread-safe LRU of programs by layout key."""
+    """A small thread-safe LRU of programs by layout key, and ``agreement``: (weight batch,
+    input shape, dtype, configured threads, fewer threads) -> whether the fewer threads' program
+    gave the configured one's bits (``CpuBackend.execute``); measured on this machine, so it goes
+    wherever the programs go (a weight edit, a copy, a pickle)."""
 
     def __init__(self, capacity: int):
         from collections import OrderedDict
         self.capacity = capacity
         self._items = OrderedDict()
         self._lock = threading.Lock()
+        self.agreement: dict = {}
 
     def get(self, key):
         with self._lock:
@@ -896,15 +905,6 @@ def _same_bits(a, b) -> bool:
         return (isinstance(b, (tuple, list)) and len(a) == len(b)
                 and all(_same_bits(u, v) for u, v in zip(a, b)))
     return a == b
-
-
-_said: set = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _finite_tensors(plan) -> bool:

@@ -327,7 +327,7 @@ def test_fewer_threads_only_where_they_gave_the_same_bits(monkeypatch, front):
         def lowered(configured, enabled=None):
             return 1 if (backend.GOVERNOR.enabled if enabled is None else enabled) else configured
         monkeypatch.setattr(backend.GOVERNOR, "threads", lowered)
-        monkeypatch.setattr(backend, "_said", set())     # (said once per process)
+        monkeypatch.setattr(fastres.extension, "_noticed", set())     # (said once per process)
         plan = engine.plan if engine else model.plan()
         cpu = backend.get_backend("torch")
         weight_batch = 2 if engine else backend.weight_batch_for(2)
@@ -337,7 +337,7 @@ def test_fewer_threads_only_where_they_gave_the_same_bits(monkeypatch, front):
         assert torch.equal(run(), expected)
         assert (calls_two, calls_one) == ([2, 2], [1])  # the check (probe), then the call
         check = (weight_batch, tuple(x.shape), torch.float32, 2, 1)
-        agrees = plan._thread_agreement[check]
+        agrees = plan._onednn_programs.agreement[check]
         probe = backend._probe_like(x)
         assert probe.shape == x.shape and not torch.equal(probe, x)
         # what it recorded is the truth on this machine (AVX2: the same bits with 1 and 2 threads)
@@ -347,12 +347,12 @@ def test_fewer_threads_only_where_they_gave_the_same_bits(monkeypatch, front):
         assert torch.equal(run(), expected)
         assert (calls_two, calls_one) == (([], [1]) if agrees else ([2], []))
         # a 1-thread program whose bits differ: never used for that shape, said once
-        del plan._thread_agreement[check]
+        del plan._onednn_programs.agreement[check]
         one.perturb = 1e-3
         calls_one.clear(), calls_two.clear()
         with pytest.warns(RuntimeWarning, match="differ in their last bits"):
             assert torch.equal(run(), expected)
-        assert plan._thread_agreement[check] is False
+        assert plan._onednn_programs.agreement[check] is False
         import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -365,7 +365,12 @@ def test_fewer_threads_only_where_they_gave_the_same_bits(monkeypatch, front):
         alone = engine(y) if engine else model(y)
         backend.set_adaptive_threads(True)
         assert torch.equal(engine(y) if engine else model(y), alone)
-        assert (2 if engine else 1, tuple(y.shape), torch.float32, 2, 1) in plan._thread_agreement
+        assert (2 if engine else 1, tuple(y.shape), torch.float32, 2, 1) in plan._onednn_programs.agreement
+    # measured on this machine: a copied or pickled plan (a Ray actor elsewhere) measures again
+    import copy
+    import pickle
+    cache = plan._onednn_programs
+    assert copy.deepcopy(cache).agreement == {} and pickle.loads(pickle.dumps(cache)).agreement == {}
 
 
 def test_same_bits_compares_bits():
@@ -386,7 +391,7 @@ def test_no_fewer_threads_without_a_per_thread_setting(monkeypatch):
     x = images(1, 32, 32)
     with torch.inference_mode():
         model(x)
-    assert "_thread_agreement" not in model.plan().__dict__
+    assert model.plan()._onednn_programs.agreement == {}
     assert [k[-1] for k in model.plan()._onednn_programs.keys()] == [torch.get_num_threads()]
 
 
