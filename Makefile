@@ -59,4 +59,4 @@ bench-ray: $(STAMP)
 	.ci/loopback-netns $(BIN)/python -m pytest bench/test_ray_actors.py -q -s
 
 clean:
-	rm -rf $(VENV) build *.egg-info fastres/_C*.so fastres/_guard*.so fastres/_winograd*.so
+	rm -rf $(VENV) build *.egg-info fastres/_C*.so fastres/_guard*.so fastres/_cpu*.so fastres/_winograd*.so

@@ -2,8 +2,8 @@
 
 fastres._C is plain pybind11 over raw pointers (no torch headers, no libtorch link), compiled from
 csrc/ by torch's BuildExtension, which runs nvcc and ninja; fastres._guard (csrc/guard.cpp, the
-plan guard's check) and fastres._winograd (csrc/winograd_cpu.cpp, the CPU backend's Winograd 3x3
-convolutions) are small CppExtensions against PyTorch's headers. Build with torch importable:
+plan guard's check) and fastres._cpu (csrc/cpu_ops.h: the CPU backend's Winograd 3x3
+convolutions and max pool) are small CppExtensions against PyTorch's headers. Build with torch importable:
 ``pip install --no-build-isolation -e .``. Environment:
 
   FASTRES_CUDA_BUILD    auto (default): CUDA kernels when nvcc is found (CUDA_HOME, PATH or
@@ -82,11 +82,12 @@ def extension_build():
     # The plan guard reads tensors' version counters from their TensorImpl: PyTorch's headers.
     guard = CppExtension("fastres._guard", ["csrc/guard.cpp"],
                          extra_compile_args={"cxx": ["-O2", "-std=c++20", "-g0"]})
-    # CPU Winograd 3x3 convolutions: ATen's parallel_for (OpenMP; torch's own libgomp, loaded first).
-    winograd = CppExtension("fastres._winograd", ["csrc/winograd_cpu.cpp"],
-                            extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fopenmp", "-g0"]},
-                            extra_link_args=["-fopenmp"])
-    return [extension, guard, winograd], {"build_ext": BuildExtension}
+    # The CPU backend's kernels (Winograd 3x3 convolutions, the stem's max pool): ATen's
+    # parallel_for (OpenMP; torch's own libgomp, loaded first).
+    cpu = CppExtension("fastres._cpu", ["csrc/cpu_bindings.cpp", "csrc/winograd_cpu.cpp", "csrc/max_pool_cpu.cpp"],
+                       extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fopenmp", "-g0"]},
+                       extra_link_args=["-fopenmp"])
+    return [extension, guard, cpu], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = extension_build()

@@ -1,4 +1,4 @@
-// fastres._winograd: 3x3 stride-1 convolutions on CPU as Winograd F(2x2, 3x3), float32, NHWC.
+// fastres._cpu: 3x3 stride-1 convolutions on CPU as Winograd F(2x2, 3x3), float32, NHWC.
 //
 // Why: on CPUs where oneDNN's direct convolution runs at the FMA units' limit (AVX2 machines),
 // the only way to a faster 3x3 is fewer multiplications. F(2x2, 3x3) computes each 2x2 output tile
@@ -14,7 +14,7 @@
 // transformed input is V [16, T, C], the transformed weight U [16, C, O], the products M [16, T, O],
 // T = N * ceil(H / 2) * ceil(W / 2) tiles, tile t = (n, i, j) covering output rows 2i, 2i+1 and
 // columns 2j, 2j+1 and input rows 2i-1 .. 2i+2 (zero padding of 1 outside the image).
-#include <torch/extension.h>
+#include "cpu_ops.h"
 
 #include <ATen/Parallel.h>
 
@@ -31,8 +31,8 @@ struct Tiles {
 };
 
 // The per-tile work of both transforms, vectorised over a block of channels (the innermost loops);
-// compiled for AVX2 and for the baseline, picked at load time (the same additions either way).
-#define FASTRES_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+// compiled for AVX-512, AVX2 and the baseline, picked at load time (the same additions either way).
+#define FASTRES_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // V[k][t][c] = (B^T d B)[k] for the channels [c0, c0 + cb) of tile t, d its 4x4 input tile.
 FASTRES_VECTOR_CLONES
@@ -140,32 +140,29 @@ void output_transform(const float* m, const float* bias, const float* residual, 
   });
 }
 
-void check_nhwc(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4, "fastres._winograd: ", name,
-              " must be a 4-D float32 CPU tensor, got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
-  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), "fastres._winograd: ", name,
-              " must be channels_last contiguous");
-}
+}  // namespace
+
+namespace fastres_cpu {
 
 // x [N, C, H, W] channels_last, u [16, C, O] (fastres.winograd.transform_weight), bias [O],
 // residual [N, O, H, W] channels_last or None -> [N, O, H, W] channels_last.
 at::Tensor conv3x3(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
                    const c10::optional<at::Tensor>& residual, bool relu) {
-  check_nhwc(x, "x");
+  check_nhwc(x, "conv3x3", "x");
   TORCH_CHECK(u.dim() == 3 && u.size(0) == 16 && u.size(1) == x.size(1) && u.scalar_type() == at::kFloat &&
                   u.is_contiguous() && u.device().is_cpu(),
-              "fastres._winograd: the transformed weight must be a contiguous float32 [16, ", x.size(1),
+              "fastres._cpu.conv3x3: the transformed weight must be a contiguous float32 [16, ", x.size(1),
               ", O] CPU tensor, got ", u.sizes());
   const int64_t out_channels = u.size(2);
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == out_channels && bias.scalar_type() == at::kFloat &&
                   bias.is_contiguous() && bias.device().is_cpu(),
-              "fastres._winograd: bias must be a contiguous float32 [", out_channels, "] CPU tensor");
+              "fastres._cpu.conv3x3: bias must be a contiguous float32 [", out_channels, "] CPU tensor");
   const Tiles g{x.size(0), x.size(2), x.size(3), (x.size(2) + 1) / 2, (x.size(3) + 1) / 2};
-  TORCH_CHECK(g.n > 0 && g.h > 0 && g.w > 0, "fastres._winograd: empty input ", x.sizes());
+  TORCH_CHECK(g.n > 0 && g.h > 0 && g.w > 0, "fastres._cpu.conv3x3: empty input ", x.sizes());
   if (residual.has_value()) {
-    check_nhwc(*residual, "residual");
+    check_nhwc(*residual, "conv3x3", "residual");
     TORCH_CHECK(residual->sizes() == at::IntArrayRef({g.n, out_channels, g.h, g.w}),
-                "fastres._winograd: residual of shape ", residual->sizes(), " for an output of [", g.n, ", ",
+                "fastres._cpu.conv3x3: residual of shape ", residual->sizes(), " for an output of [", g.n, ", ",
                 out_channels, ", ", g.h, ", ", g.w, "]");
   }
   const int64_t tiles = g.count();
@@ -181,11 +178,4 @@ at::Tensor conv3x3(const at::Tensor& x, const at::Tensor& u, const at::Tensor& b
   return y;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "fastres CPU Winograd F(2x2, 3x3) convolution (float32, NHWC); use fastres.winograd.";
-  module.def("conv3x3", &conv3x3, "relu?(conv3x3(x) + bias (+ residual)), stride 1, padding 1",
-             pybind11::arg("x"), pybind11::arg("u"), pybind11::arg("bias"), pybind11::arg("residual"),
-             pybind11::arg("relu"));
-}
+}  // namespace fastres_cpu

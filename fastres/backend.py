@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from . import winograd
+from . import cpu_kernels, winograd
 from .extension import _notice_once
 
 BACKENDS = ("auto", "torch", "reference", "triton")
@@ -346,19 +346,34 @@ _MALLOC_TUNING_DEFAULT = os.environ.get("FASTRES_MALLOC_TUNING", "1") not in (""
 _MALLOC_TUNING = _MALLOC_TUNING_DEFAULT
 _malloc_tuned = False
 MALLOC_THRESHOLD = 1 << 30
-GLIBC_MMAP_THRESHOLD_MAX = 32 << 20     # glibc's dynamic mmap threshold never rises above this
+MALLOC_FAULT_BYTES = 4 << 20      # a forward faulting in more than this keeps freed memory from then on
+MALLOC_WATCHED_CALLS = 3          # a program's first calls, page faults counted (the first grows the heap)
+
+
+try:
+    import resource as _resource
+    _PAGE_BYTES = _resource.getpagesize()
+except ImportError:                   # not Unix: no fault counts, malloc left alone
+    _resource, _PAGE_BYTES = None, 4096
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far (-1 off Unix)."""
+    return _resource.getrusage(_resource.RUSAGE_SELF).ru_minflt if _resource is not None else -1
 
 
 def tune_malloc() -> bool:
     """Keep freed activation memory in the process instead of returning it to the kernel.
 
-    glibc serves a block of more than 32 MiB with a fresh mmap and unmaps it on free, so every
-    forward that allocates such activations (resnet50 at batch 32: 102 MB ones) page-faults all of
-    them in again: measured ~100k faults (~400 MB) per resnet50 batch-32 forward, 1.50 -> 1.26-1.37 s
-    per batch once they are reused. This sets glibc's mmap and trim thresholds to 1 GiB
-    (``mallopt``), process-wide, once: the heap then keeps up to that much freed memory for reuse
-    (resident memory stays near its peak). Called by the CPU backend the first time a program's
-    activations exceed 32 MiB; ``FASTRES_MALLOC_TUNING=0`` (read at import) or
+    glibc unmaps a freed block above its mmap threshold (dynamic, at most 32 MiB) and trims the
+    heap's top past its trim threshold, so a forward whose activations take that path page-faults
+    them in again on every call: measured ~100k faults (~400 MB) per resnet50 batch-32 forward on
+    the AVX2 machine, 1.50 -> 1.26-1.37 s per batch once they are reused, and on the AVX-512 one
+    12-16k faults per resnet50 or resnext50 batch-8 forward (none at batch 1, 2 and 4). This sets
+    glibc's mmap and trim thresholds to 1 GiB (``mallopt``), process-wide, once: the heap then keeps
+    up to that much freed memory for reuse (resident memory stays near its peak). Called by a CPU
+    program whose second or third call page-faulted more than ``MALLOC_FAULT_BYTES``
+    (``OneDnnProgram``); ``FASTRES_MALLOC_TUNING=0`` (read at import) or
     ``set_malloc_tuning(False)`` before that leaves malloc alone. Returns whether it is in effect
     (False off glibc)."""
     global _malloc_tuned
@@ -699,8 +714,10 @@ class CpuBackend(ReferenceBackend):
       which oneDNN's brgconv kernels read and write directly (bench/README.md: no activation
       reorder runs in a forward, and convolutions on oneDNN's own blocked tensors measured slower
       per layer and take no fused post-ops from PyTorch).
-    * the head is a contiguous mean over the pixels + ``addmm``; max pool, SE scaling, strided
-      (CIFAR) residuals, second outputs and PyTorch steps run their references.
+    * the head is a contiguous mean over the pixels + oneDNN's linear (``addmm`` where it is
+      missing); the stem's max pool over a float32 conv output is ``fastres.cpu_kernels``'
+      (``F.max_pool2d``'s bits, 2x faster); SE scaling, strided (CIFAR) residuals, second outputs
+      and PyTorch steps run their references.
     * a quantized plan's int8 ``qconv`` steps run oneDNN's int8 convolution (``_Int8Conv``: bit for
       bit ``conv2d_nhwc_8bit_ref``, smoke-tested at first use by ``onednn_int8_available``); the
       ones it cannot run exactly (``qconv_runs_int8``: e4m3, option-A residuals) and the other 8-bit
@@ -936,7 +953,7 @@ WINOGRAD_MAX_BYTES = 32 << 20
 def winograd_rule(weight_shape, stride, padding, dilation, groups, x_shape) -> bool:
     """Whether a float32 conv of ``weight_shape`` on inputs of ``x_shape`` runs as Winograd
     F(2x2, 3x3) (``FASTRES_WINOGRAD=0``, read at import, turns it off; so does a missing
-    ``fastres._winograd``)."""
+    ``fastres._cpu``)."""
     o, c, kh, kw = weight_shape
     if not (_WINOGRAD_ENV and (kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
             and tuple(dilation) == (1, 1) and groups == 1):
@@ -963,8 +980,9 @@ class OneDnnProgram:
     reordered for (any batch, image size and thread count still runs: a conv given weights in
     another layout than it wants reorders them itself, on every call). ``source`` is the
     generated code, ``onednn_steps`` the names of the steps that run as oneDNN (or Winograd)
-    convolutions (the others run their references), ``winograd_steps`` those whose 3x3 runs as
-    Winograd F(2x2, 3x3), ``profile(x)`` the time of each step.
+    convolutions, ``winograd_steps`` those whose 3x3 runs as Winograd F(2x2, 3x3),
+    ``cpu_kernel_steps`` the others run by ``fastres.cpu_kernels`` (the stem's max pool; the rest
+    run their references), ``profile(x)`` the time of each step.
     """
 
     def __init__(self, plan, key: tuple, ops: _OneDnnOps):
@@ -975,8 +993,8 @@ class OneDnnProgram:
             # the fused 8-bit pair is a GPU kernel: here its two qconvs (exactly what it computes)
             plan = dataclasses.replace(plan, steps=[s for step in plan.steps for s in split_qconv_pair(step)])
         shapes = _conv_shapes(plan, tuple(key[:4]))
-        largest = max((math.prod(v) * 4 for roles in shapes.values() for v in roles.values()), default=0)
-        self.malloc_tuned = largest > GLIBC_MMAP_THRESHOLD_MAX and tune_malloc()
+        self.malloc_tuned = False         # whether this program's page faults turned on tune_malloc
+        self._calls_watched = MALLOC_WATCHED_CALLS if _MALLOC_TUNING and not _malloc_tuned else 0
         steps = plan.steps
         outputs = set(plan.output_names)
         last_read, readers = {}, {}
@@ -985,12 +1003,13 @@ class OneDnnProgram:
                 last_read[name] = i
                 readers.setdefault(name, []).append(step)
         var = {plan.input_name: "v0"}
-        fresh = set()            # values our oneDNN ops allocated: safe to accumulate into
+        fresh = set()            # values our own ops allocated (oneDNN, cpu_kernels): safe to accumulate into
         consts = {"CL": CL, "conv": ops.conv, "conv_add": ops.conv_add, "conv_add_": ops.conv_add_,
                   "nhwc": _nhwc}
         lines = []
         self.onednn_steps = []
         self.winograd_steps = []   # conv steps (or the 3x3 of a pair) run as Winograd F(2x2, 3x3)
+        self.cpu_kernel_steps = []  # other steps run by our own C++ kernels (fastres.cpu_kernels)
         self.nbytes = 0          # of the reordered weights
 
         def const(value, hint):
@@ -1111,6 +1130,12 @@ class OneDnnProgram:
                 if a["relu"] and a["out_dtype"] == torch.int8:
                     nonneg.add(step.output)
                 self.onednn_steps.append(step.name)
+            elif step.kind == "max_pool" and step.inputs["x"] in fresh and cpu_kernels.available():
+                # a float32 conv output (8-bit values run the reference); bit for bit F.max_pool2d
+                lines.append(f"{out} = max_pool({read(step.inputs['x'])})")
+                consts["max_pool"] = cpu_kernels.extension().max_pool3x3s2
+                fresh.add(step.output)
+                self.cpu_kernel_steps.append(step.name)
             elif step.kind == "head" and a.get("pool") != "width":
                 x = read(step.inputs["x"])
                 bias = const(t["bias"].float().contiguous(), "b")
@@ -1153,7 +1178,23 @@ class OneDnnProgram:
         self._fn = namespace["program"]
 
     def __call__(self, x):
+        if self._calls_watched > 0:
+            return self._call_counting_faults(x)
         return self._fn(x)
+
+    def _call_counting_faults(self, x):
+        """One of the first calls, its page faults counted: past ``MALLOC_FAULT_BYTES`` (not on
+        the first call, which grows the heap) glibc is handing this program's freed activations
+        back to the kernel, and ``tune_malloc`` keeps them from then on."""
+        first = self._calls_watched == MALLOC_WATCHED_CALLS
+        self._calls_watched -= 1
+        before = _minor_faults()
+        out = self._fn(x)
+        faulted = (_minor_faults() - before) * _PAGE_BYTES
+        if not first and before >= 0 and faulted > MALLOC_FAULT_BYTES and not _malloc_tuned:
+            self.malloc_tuned = tune_malloc()
+            self._calls_watched = 0
+        return out
 
     def profile(self, x, rounds: int = 5) -> list:
         """[(step name, kind, median seconds)] of ``rounds`` runs on ``x``: the same program with a

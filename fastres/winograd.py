@@ -4,7 +4,7 @@ A 3x3 stride-1 convolution computes each 2x2 output tile from a 4x4 input tile; 
 form that is 16 products per (input, output) channel pair instead of 36, as 16 independent GEMMs
 ``V[k] @ U[k]`` between an input transform ``V = B^T d B`` and an output transform
 ``Y = A^T M A`` (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). The
-transforms run in the C++ extension ``fastres._winograd`` (csrc/winograd_cpu.cpp, which also
+transforms run in the C++ extension ``fastres._cpu`` (csrc/winograd_cpu.cpp, which also
 applies bias, residual and ReLU in oneDNN's order), the GEMMs in PyTorch's ``bmm``; the weight
 transform ``U = G g G^T`` is made once per program here, in float64.
 
@@ -17,35 +17,24 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_kernels
+
 # F(2x2, 3x3) (Lavin & Gray, eq. 8)
 B_T = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
 G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
 A_T = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
 
-_extension = None
-_extension_error = ""
-
-
 def extension():
-    """The compiled ``fastres._winograd`` module, or None (``unavailable_reason`` says why)."""
-    global _extension, _extension_error
-    if _extension is None and not _extension_error:
-        try:
-            from . import _winograd
-            _extension = _winograd
-        except ImportError as err:
-            _extension_error = (f"fastres._winograd is not built ({err}): pip install --no-build-isolation -e . "
-                                "builds it")
-    return _extension
+    """The compiled ``fastres._cpu`` module (its ``conv3x3``), or None (``unavailable_reason``)."""
+    return cpu_kernels.extension()
 
 
 def available() -> bool:
-    return extension() is not None
+    return cpu_kernels.available()
 
 
 def unavailable_reason() -> str:
-    extension()
-    return _extension_error
+    return cpu_kernels.unavailable_reason()
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -169,6 +169,7 @@ def _check_model(qmodel, x, *, int8_steps):
     program = cpu.program(plan, x.shape)
     assert sorted(s for s in program.onednn_steps if s in {st.name for st in plan.steps if st.kind == "qconv"}) \
         == sorted(int8_steps), program.int8_fallbacks
+    assert program.cpu_kernel_steps == []       # the 8-bit max pool runs its (exact) reference
     with torch.no_grad():
         got = cpu.execute(plan, x)
     ref = _run_recording(plan, x, backend.get_backend("reference"))

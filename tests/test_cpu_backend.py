@@ -445,6 +445,41 @@ def test_malloc_tuning_sets_glibc_thresholds_once_and_can_be_refused(monkeypatch
         backend.set_malloc_tuning(backend._MALLOC_TUNING_DEFAULT)
 
 
+@needs_onednn
+@pytest.mark.parametrize("faults_per_call, tuned_on_call", [(0, None), (2000, 2), (100, None)])
+def test_malloc_tuning_follows_the_page_faults_of_a_programs_first_calls(monkeypatch, faults_per_call,
+                                                                          tuned_on_call):
+    """A program whose second or third call faults in more than MALLOC_FAULT_BYTES turns on
+    tune_malloc (the first call grows the heap and is not counted); then it stops counting. The
+    answers are the same either way."""
+    tv, model = twins("resnet18")
+    x = images(1, 32, 32)
+    faults = [0]
+    tuned = []
+
+    def fake_minor_faults():
+        faults[0] += faults_per_call // 2      # read before and after each watched call
+        return faults[0]
+    monkeypatch.setattr(backend, "_minor_faults", fake_minor_faults)
+    monkeypatch.setattr(backend, "_malloc_tuned", False)
+    monkeypatch.setattr(backend, "tune_malloc", lambda: tuned.append(len(tuned)) or True)
+    monkeypatch.setattr(backend, "MALLOC_FAULT_BYTES", 500 * backend._PAGE_BYTES)
+    with torch.inference_mode():
+        expected = tv(x)
+        for call in range(1, 6):
+            assert rel_err(model(x), expected) <= TOL
+            (program,) = programs(model).values()
+            if tuned_on_call is not None and call >= tuned_on_call:
+                assert tuned == [0] and program.malloc_tuned
+            else:
+                assert tuned == [] and not program.malloc_tuned
+        watched = faults[0] // max(faults_per_call, 1)
+    # counted on the watched calls only (3, or 2 where the second call turned tuning on)
+    assert program._calls_watched == 0
+    if faults_per_call:
+        assert watched == (tuned_on_call or backend.MALLOC_WATCHED_CALLS)
+
+
 def test_thread_setting_reaches_pytorchs_openmp_with_another_runtime_loaded(monkeypatch):
     """scikit-learn ships its own libgomp; loaded first, its path sorts before torch's. The
     per-thread setting must still go to the runtime PyTorch (and oneDNN) reads."""

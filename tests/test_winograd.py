@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastres
-from fastres import backend, winograd
+from fastres import backend, cpu_kernels, winograd
 
 from kernel_testing import rel_err
 from test_cpu_backend import TOL, images, programs, twins
@@ -119,8 +119,8 @@ def test_rule_follows_the_measurements(monkeypatch):
 
 
 def test_rule_without_the_extension(monkeypatch):
-    monkeypatch.setattr(winograd, "_extension", None)
-    monkeypatch.setattr(winograd, "_extension_error", "fastres._winograd is not built (test)")
+    monkeypatch.setattr(cpu_kernels, "_extension", None)
+    monkeypatch.setattr(cpu_kernels, "_extension_error", "fastres._cpu is not built (test)")
     assert not winograd.available() and "not built" in winograd.unavailable_reason()
     assert not backend.winograd_rule((256, 256, 3, 3), (1, 1), (1, 1), (1, 1), 1, (1, 256, 14, 14))
     with pytest.raises(RuntimeError, match="not built"):
