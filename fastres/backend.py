@@ -346,8 +346,8 @@ _MALLOC_TUNING_DEFAULT = os.environ.get("FASTRES_MALLOC_TUNING", "1") not in (""
 _MALLOC_TUNING = _MALLOC_TUNING_DEFAULT
 _malloc_tuned = False
 MALLOC_THRESHOLD = 1 << 30
-MALLOC_FAULT_BYTES = 4 << 20      # a forward faulting in more than this keeps freed memory from then on
-MALLOC_WATCHED_CALLS = 3          # a program's first calls, page faults counted (the first grows the heap)
+MALLOC_FAULT_BYTES = 4 << 20      # two warm forwards faulting in more than this keep freed memory from then on
+MALLOC_WATCHED_CALLS = 16         # a program's first calls, page faults counted (see OneDnnProgram)
 
 
 try:
@@ -372,8 +372,8 @@ def tune_malloc() -> bool:
     12-16k faults per resnet50 or resnext50 batch-8 forward (none at batch 1, 2 and 4). This sets
     glibc's mmap and trim thresholds to 1 GiB (``mallopt``), process-wide, once: the heap then keeps
     up to that much freed memory for reuse (resident memory stays near its peak). Called by a CPU
-    program whose second or third call page-faulted more than ``MALLOC_FAULT_BYTES``
-    (``OneDnnProgram``); ``FASTRES_MALLOC_TUNING=0`` (read at import) or
+    program two of whose warm calls in a row (same thread, same input shape as the call before)
+    page-faulted more than ``MALLOC_FAULT_BYTES`` each (``OneDnnProgram._call_counting_faults``); ``FASTRES_MALLOC_TUNING=0`` (read at import) or
     ``set_malloc_tuning(False)`` before that leaves malloc alone. Returns whether it is in effect
     (False off glibc)."""
     global _malloc_tuned
@@ -994,7 +994,9 @@ class OneDnnProgram:
             plan = dataclasses.replace(plan, steps=[s for step in plan.steps for s in split_qconv_pair(step)])
         shapes = _conv_shapes(plan, tuple(key[:4]))
         self.malloc_tuned = False         # whether this program's page faults turned on tune_malloc
-        self._calls_watched = MALLOC_WATCHED_CALLS if _MALLOC_TUNING and not _malloc_tuned else 0
+        self._calls_watched = 0 if _malloc_tuned else MALLOC_WATCHED_CALLS
+        self._last_watched = None         # (thread, input shape) of the last watched call
+        self._faulting_calls = 0          # warm calls in a row that faulted past MALLOC_FAULT_BYTES
         steps = plan.steps
         outputs = set(plan.output_names)
         last_read, readers = {}, {}
@@ -1183,17 +1185,26 @@ class OneDnnProgram:
         return self._fn(x)
 
     def _call_counting_faults(self, x):
-        """One of the first calls, its page faults counted: past ``MALLOC_FAULT_BYTES`` (not on
-        the first call, which grows the heap) glibc is handing this program's freed activations
-        back to the kernel, and ``tune_malloc`` keeps them from then on."""
-        first = self._calls_watched == MALLOC_WATCHED_CALLS
+        """One of the first ``MALLOC_WATCHED_CALLS`` calls, the process's page faults counted
+        (oneDNN's worker threads touch the outputs too). A call counts when it is warm: the same
+        thread ran the same input shape in the previous watched call, so glibc's arena of that
+        thread has already grown to this forward (a thread's first call, a new thread's arena, a
+        larger batch sharing the weight layout all fault legitimately). Two warm calls in a row
+        faulting in more than ``MALLOC_FAULT_BYTES`` each mean glibc hands this program's freed
+        activations back to the kernel every time, and ``tune_malloc`` keeps them from then on
+        (two, so that one burst of another thread's allocations does not trigger it)."""
         self._calls_watched -= 1
+        key = (threading.get_ident(), tuple(x.shape))
+        warm, self._last_watched = self._last_watched == key, key
         before = _minor_faults()
         out = self._fn(x)
-        faulted = (_minor_faults() - before) * _PAGE_BYTES
-        if not first and before >= 0 and faulted > MALLOC_FAULT_BYTES and not _malloc_tuned:
-            self.malloc_tuned = tune_malloc()
-            self._calls_watched = 0
+        if warm and before >= 0:
+            faulted = (_minor_faults() - before) * _PAGE_BYTES > MALLOC_FAULT_BYTES
+            self._faulting_calls = self._faulting_calls + 1 if faulted else 0
+            if self._faulting_calls >= 2 and not _malloc_tuned:
+                self.malloc_tuned = tune_malloc()
+                if self.malloc_tuned:
+                    self._calls_watched = 0
         return out
 
     def profile(self, x, rounds: int = 5) -> list:

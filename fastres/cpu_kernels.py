@@ -4,8 +4,8 @@ and the stem's max pool. Winograd's convolutions, which use the same module, are
 
 ``max_pool3x3s2`` is ``F.max_pool2d(x, 3, stride=2, padding=1)`` bit for bit (the same window
 order, -inf start and NaN propagation as PyTorch's CPU kernel; the tests compare bits), a channel
-vector at a time: resnet50's stem pool at batch 8 took 3.5 ms in PyTorch's channels_last kernel on
-the AVX-512 machine.
+vector at a time, without the GIL: resnet50's stem pool at batch 8 takes 1.0 ms alone on the
+AVX-512 machine against 2.2 ms in PyTorch's channels_last kernel (3.5 ms inside a forward).
 """
 from __future__ import annotations
 

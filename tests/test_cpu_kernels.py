@@ -58,8 +58,37 @@ def test_max_pool_bad_input_is_named():
         cpu_kernels.max_pool3x3s2(nhwc(1, 4, 5, 5).double())
     with pytest.raises(RuntimeError, match="4-D"):
         cpu_kernels.max_pool3x3s2(torch.randn(4, 5, 5))
-    with pytest.raises(RuntimeError, match="empty image"):
-        cpu_kernels.max_pool3x3s2(torch.empty(1, 4, 0, 5).contiguous(memory_format=CL))
+    for empty in ((1, 4, 0, 5), (1, 0, 5, 5)):      # F.max_pool2d refuses both too
+        with pytest.raises(RuntimeError, match="empty image"):
+            cpu_kernels.max_pool3x3s2(torch.empty(*empty).contiguous(memory_format=CL))
+
+
+@needs_extension
+def test_max_pool_lets_other_python_threads_run():
+    """It releases the GIL while it runs (as F.max_pool2d does): while one long pool runs in a
+    worker thread, the main thread's Python loop never stops for as long as the pool takes (holding
+    the GIL, it would stop for all of it)."""
+    import threading
+    import time
+    x = nhwc(64, 64, 112, 112)
+    done, took = threading.Event(), []
+
+    def pool():
+        t = time.perf_counter()
+        cpu_kernels.max_pool3x3s2(x)
+        took.append(time.perf_counter() - t)
+        done.set()
+    cpu_kernels.max_pool3x3s2(x)              # warm (pages of the output, the clone's dispatch)
+    stamps = [time.perf_counter()]
+    worker = threading.Thread(target=pool)
+    worker.start()                            # it takes the GIL from this loop to start the pool
+    while not done.is_set():
+        stamps.append(time.perf_counter())
+    worker.join()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    if took[0] < 0.02:                 # the switch interval is 5 ms: too fast a machine to tell
+        pytest.skip(f"the pool took {took[0] * 1e3:.1f} ms, too short to tell a held GIL from the switch interval")
+    assert max(gaps) < 0.5 * took[0], (max(gaps), took[0])
 
 
 def test_without_the_extension_it_says_so_and_the_program_pools_with_pytorch(monkeypatch):
