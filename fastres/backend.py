@@ -373,8 +373,9 @@ def tune_malloc() -> bool:
     glibc's mmap and trim thresholds to 1 GiB (``mallopt``), process-wide, once: the heap then keeps
     up to that much freed memory for reuse (resident memory stays near its peak). Called by a CPU
     program two of whose warm calls in a row (same thread, same input shape as the call before)
-    page-faulted more than ``MALLOC_FAULT_BYTES`` each (``OneDnnProgram._call_counting_faults``); ``FASTRES_MALLOC_TUNING=0`` (read at import) or
-    ``set_malloc_tuning(False)`` before that leaves malloc alone. Returns whether it is in effect
+    page-faulted more than ``MALLOC_FAULT_BYTES`` each (``OneDnnProgram._call_counting_faults``);
+    ``FASTRES_MALLOC_TUNING=0`` (read at import) or ``set_malloc_tuning(False)`` before that leaves
+    malloc alone. Returns whether it is in effect
     (False off glibc)."""
     global _malloc_tuned
     if _malloc_tuned or not _MALLOC_TUNING:
@@ -1005,7 +1006,7 @@ class OneDnnProgram:
                 last_read[name] = i
                 readers.setdefault(name, []).append(step)
         var = {plan.input_name: "v0"}
-        fresh = set()            # values our own ops allocated (oneDNN, cpu_kernels): safe to accumulate into
+        fresh = set()            # values our own ops (oneDNN, cpu_kernels) allocated: safe to accumulate into
         consts = {"CL": CL, "conv": ops.conv, "conv_add": ops.conv_add, "conv_add_": ops.conv_add_,
                   "nhwc": _nhwc}
         lines = []
