@@ -375,8 +375,7 @@ def tune_malloc() -> bool:
     program two of whose warm calls in a row (same thread, same input shape as the call before)
     page-faulted more than ``MALLOC_FAULT_BYTES`` each (``OneDnnProgram._call_counting_faults``);
     ``FASTRES_MALLOC_TUNING=0`` (read at import) or ``set_malloc_tuning(False)`` before that leaves
-    malloc alone. Returns whether it is in effect
-    (False off glibc)."""
+    malloc alone. Returns whether it is in effect (False off glibc)."""
     global _malloc_tuned
     if _malloc_tuned or not _MALLOC_TUNING:
         return _malloc_tuned

@@ -17,24 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_kernels
+# the compiled fastres._cpu (its conv3x3), shared with the other CPU kernels
+from .cpu_kernels import available, extension, unavailable_reason  # noqa: F401
 
 # F(2x2, 3x3) (Lavin & Gray, eq. 8)
 B_T = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
 G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
 A_T = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
-
-def extension():
-    """The compiled ``fastres._cpu`` module (its ``conv3x3``), or None (``unavailable_reason``)."""
-    return cpu_kernels.extension()
-
-
-def available() -> bool:
-    return cpu_kernels.available()
-
-
-def unavailable_reason() -> str:
-    return cpu_kernels.unavailable_reason()
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
