@@ -706,9 +706,11 @@ class CpuBackend(ReferenceBackend):
       two convs. The identity residual is accumulated into in place too when the block's add is
       its last reader (no output allocation, one stream less).
     * a 3x3 stride-1 conv (or the 3x3 of a pair) runs as Winograd F(2x2, 3x3) where
-      ``winograd_rule`` says it was measured faster (``fastres.winograd``: C++ transforms with bias,
-      residual and ReLU, PyTorch's bmm; ``program.winograd_steps`` names them): oneDNN's direct conv
-      on AVX2 machines runs at the FMA units' limit, so fewer multiplications are the way past it.
+      ``winograd_rule`` allows it and ``winograd_pays`` measured it faster on this machine
+      (``fastres.winograd``: C++ transforms with bias, residual and ReLU, PyTorch's bmm;
+      ``program.winograd_steps`` names them): where oneDNN's direct conv runs at the FMA units'
+      limit (AVX2) fewer multiplications are the way past it; where it runs near it with wider
+      units (a Zen 5) the direct conv stays.
     * weights are reordered once, into the blocked layout oneDNN picks for the input shape and
       thread count (``mkldnn_reorder_conv2d_weight``); activations stay dense channels_last,
       which oneDNN's brgconv kernels read and write directly (bench/README.md: no activation
@@ -936,27 +938,47 @@ def _finite_tensors(plan) -> bool:
 
 
 # Winograd F(2x2, 3x3) for 3x3 stride-1 convs (fastres/winograd.py): 16 GEMMs of [tiles x C] @
-# [C x O] in place of 36 multiplications per channel pair. Measured against oneDNN's direct conv
-# (brgconv, AVX2, 2 threads; bench/README.md): 0.61-0.72x its time for 128 and 256 channels at
-# 28x28 and 14x14 (batch 1 and 8), 0.71-0.78x for 512 channels at 7x7 from batch 8, 0.82x for 64
-# channels at 56x56 at batch 1; slower with few tiles (512 at 7x7, batch 1: 16 tiles, 1.12x) and
-# where the transformed input outgrows the caches with few channels (64 at 56x56, batch 32: 1.48x).
-_WINOGRAD_ENV = os.environ.get("FASTRES_WINOGRAD", "1") not in ("", "0")
+# [C x O] in place of 36 multiplications per channel pair. Whether that beats oneDNN's direct conv
+# depends on the machine (bench/README.md): on AVX2 (Zen 1, 2 threads) it took 0.61-0.72x the
+# direct conv's time for 128 and 256 channels at 28x28 and 14x14, 0.82x for 64 channels at 56x56
+# at batch 1; on an AVX-512 Xeon 0.66-0.75x in layer3; on a Zen 4 0.82-1.25x (no forward faster);
+# on a Zen 5, whose direct conv runs near the FMA units' limit, 1.5-2x (slower) everywhere. So the shape rule below only says where it may
+# pay (it never does with few tiles: 512 channels at 7x7, batch 1, 16 tiles, 1.12x; or where the
+# transformed input outgrows the caches with few channels: 64 at 56x56, batch 32, 1.48x), and
+# ``winograd_pays`` times both on this machine.
+#
+# FASTRES_WINOGRAD (read at import): "auto" (the default) where the rule allows it and it measured
+# faster here; "1" wherever the rule allows it; "0" never.
+_WINOGRAD_MODES = {"auto": "auto", "1": "on", "0": "off", "": "off"}
+_WINOGRAD_MODE = _WINOGRAD_MODES.get(os.environ.get("FASTRES_WINOGRAD", "auto").strip().lower())
+if _WINOGRAD_MODE is None:
+    _notice_once(f"fastres: FASTRES_WINOGRAD={os.environ['FASTRES_WINOGRAD']!r} is not one of auto, 1, 0: "
+                 "using auto")
+    _WINOGRAD_MODE = "auto"
 WINOGRAD_MIN_TILES = 32
 WINOGRAD_MIN_CHANNELS = 64          # the narrowest measured; thinner GEMMs are left to the direct conv
 WINOGRAD_NARROW_BYTES = 4 << 20     # the transformed input's size allowed with fewer than 128 channels
 # and with any: the transformed input and the products are workspaces of 16 x tiles x channels
 # floats each (128 channels at 28x28, batch 32: 51 MB, no faster than the direct conv)
 WINOGRAD_MAX_BYTES = 32 << 20
+# Winograd is taken only at or under this fraction of the direct conv's time, timed alone: a near
+# tie keeps the direct conv (PyTorch's own algorithm, and no flip of the choice on timing noise).
+# Alone it looks better than inside a forward (its workspaces evict its neighbours' data): on the
+# Zen 4 the layers it took at 0.88-0.95x alone made resnet18 and resnet50 no faster, while on AVX2
+# and the AVX-512 Xeon the layers at 0.61-0.75x alone made whole forwards faster.
+WINOGRAD_MARGIN = 0.8
+WINOGRAD_TIMING_ROUNDS = 7          # interleaved rounds per shape (at least 3), fewer past the budget
+WINOGRAD_TIMING_BUDGET_S = 0.3
 
 
 def winograd_rule(weight_shape, stride, padding, dilation, groups, x_shape) -> bool:
-    """Whether a float32 conv of ``weight_shape`` on inputs of ``x_shape`` runs as Winograd
-    F(2x2, 3x3) (``FASTRES_WINOGRAD=0``, read at import, turns it off; so does a missing
-    ``fastres._cpu``)."""
+    """Whether a float32 conv of ``weight_shape`` on inputs of ``x_shape`` may run as Winograd
+    F(2x2, 3x3): a 3x3 stride-1 conv with enough tiles and channels and workspaces that fit
+    (``FASTRES_WINOGRAD=0`` turns it off; so does a missing ``fastres._cpu``). Where it does run
+    is ``winograd_pays``'s measurement."""
     o, c, kh, kw = weight_shape
-    if not (_WINOGRAD_ENV and (kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
-            and tuple(dilation) == (1, 1) and groups == 1):
+    if not (_WINOGRAD_MODE != "off" and (kh, kw) == (3, 3) and tuple(stride) == (1, 1)
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1):
         return False
     n, _, h, w = x_shape
     tiles = n * -(-h // 2) * -(-w // 2)
@@ -965,6 +987,100 @@ def winograd_rule(weight_shape, stride, padding, dilation, groups, x_shape) -> b
             or not (min(c, o) >= 128 or 16 * tiles * c * 4 <= WINOGRAD_NARROW_BYTES)):
         return False
     return winograd.available()
+
+
+def cpu_model() -> str:
+    """This machine's CPU model name (``/proc/cpuinfo``; else what ``platform`` says)."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_identity() -> str:
+    """What the choice cache keys a CPU by: its model name, family, model and stepping, and its
+    widest vector ISA (a virtual machine may show the same name for different chips)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break                      # the first CPU's block
+                name, _, value = line.partition(":")
+                fields[name.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = set((fields.get("flags") or fields.get("Features", "")).split())     # (x86; Arm)
+    isa = next((f for f in ("avx512f", "avx2", "avx", "sve", "asimd") if f in flags), "")
+    chip = " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+    return ", ".join(part for part in (cpu_model(), chip, isa) if part)
+
+
+def winograd_pays(ops: "_OneDnnOps", weight_shape, x_shape, threads: int) -> bool:
+    """Whether Winograd beats oneDNN's direct conv (bias + ReLU fused in both) for a 3x3 conv of
+    ``weight_shape`` on inputs of ``x_shape`` on this machine, by ``WINOGRAD_MARGIN``: timed with
+    ``threads`` threads, interleaved, on random data, a win confirmed by a second timing, then kept
+    in the choice cache (``fastres.kernels._autotune``: per ``cpu_identity``, on disk, so a later
+    process makes the same choice and gives the same bits). The choice does not depend on the
+    thread count, so a program built with fewer threads (the thread governor's) runs the same
+    algorithm. ``FASTRES_WINOGRAD=1`` skips the timing (always)."""
+    if _WINOGRAD_MODE == "on":
+        return True
+    from .kernels import _autotune
+
+    def measure(_candidates):
+        times = _time_winograd(ops, weight_shape, x_shape, threads)
+        if times["winograd"] <= WINOGRAD_MARGIN * times["direct"]:
+            # a win measured once may be noise on a shared machine: the less favourable of two
+            again = _time_winograd(ops, weight_shape, x_shape, threads)
+            times = max(times, again, key=lambda t: t["winograd"] / t["direct"])
+        return times
+
+    key = (tuple(weight_shape), tuple(x_shape), torch.__version__)
+    return _autotune.choose("winograd_conv3x3", key, {"direct": False, "winograd": True}, run=None,
+                            device=f"cpu: {cpu_identity()}", prefer="direct", margin=WINOGRAD_MARGIN,
+                            measure=measure)
+
+
+def _time_winograd(ops: "_OneDnnOps", weight_shape, x_shape, threads: int) -> dict:
+    """Seconds per call (median of interleaved rounds, after one warm call each) of the direct
+    conv and of Winograd, as the program would run them (with ``tune_malloc`` on where Winograd's
+    own calls page-fault past ``MALLOC_FAULT_BYTES``, as a program's would turn it on)."""
+    import statistics
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=g).contiguous(memory_format=CL)
+    weight = torch.randn(weight_shape, generator=g) / (3 * weight_shape[1] ** 0.5)
+    bias = torch.randn(weight_shape[0], generator=g)
+    with torch.no_grad(), intra_op_threads(threads):
+        w = ops.reorder(weight, (1, 1), (1, 1), (1, 1), 1, x_shape)
+        u = winograd.transform_weight(weight)
+        conv3x3 = winograd.extension().conv3x3
+        calls = {"direct": lambda: ops.conv(x, w, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], ""),
+                 "winograd": lambda: conv3x3(x, u, bias, None, True)}
+        times = {name: [] for name in calls}
+        for call in calls.values():
+            call()
+        before = _minor_faults()
+        calls["winograd"]()
+        if (_minor_faults() - before) * _PAGE_BYTES > MALLOC_FAULT_BYTES:
+            # Its workspaces come back from the kernel on every call (glibc unmaps or trims them):
+            # a program running it would fault as much per call and so turn tune_malloc on after
+            # two (OneDnnProgram._call_counting_faults). Time both as they would run then.
+            tune_malloc()
+        start = time.perf_counter()
+        for i in range(WINOGRAD_TIMING_ROUNDS):
+            for name, call in calls.items():
+                t = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - t)
+            if i >= 2 and time.perf_counter() - start > WINOGRAD_TIMING_BUDGET_S:
+                break
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _conv_variant_supported(step) -> bool:
@@ -1081,8 +1197,9 @@ class OneDnnProgram:
                 bias = const(t["bias"].float().contiguous(), "b")
                 conv_geometry = (a["padding"], a["stride"], a["dilation"], a["groups"])
                 first = t["weight"] if step.kind == "conv" else t["mid_weight"]
-                use_winograd = winograd_rule(first.shape, a["stride"], a["padding"], a["dilation"], a["groups"],
-                                             x_shape)
+                use_winograd = (winograd_rule(first.shape, a["stride"], a["padding"], a["dilation"],
+                                              a["groups"], x_shape)
+                                and winograd_pays(ops, first.shape, x_shape, key[-1]))
                 if use_winograd:
                     self.winograd_steps.append(step.name)
                 if step.kind == "conv" and use_winograd:     # bias, residual and ReLU in its output transform

@@ -40,7 +40,6 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
+
+from .backend import cpu_model
 
 __all__ = ["Settings", "Skip", "Workload", "IMPLEMENTATIONS", "BASELINE", "settings_for",
            "measure", "run_comparison", "write_report", "ratio_table", "speed_line", "parse_compare",
@@ -161,17 +162,6 @@ class Skip(Exception):
 
 def compute_dtype(device: str) -> torch.dtype:
     return torch.float16 if device == "cuda" else torch.float32
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_name(device: str) -> str:

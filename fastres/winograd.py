@@ -10,8 +10,9 @@ transform ``U = G g G^T`` is made once per program here, in float64.
 
 Numerics: F(2x2, 3x3)'s transforms have coefficients 0, +-1 and +-1/2, so the results differ
 from a direct convolution's by a few float32 roundings more (the tests bound it against F.conv2d
-and against ``reference``, this algorithm in float64). Where it runs is ``CpuBackend``'s rule
-(``fastres.backend.winograd_rule``): it is a speed choice, never a different answer beyond that.
+and against ``reference``, this algorithm in float64). Where it runs is ``CpuBackend``'s choice
+(``fastres.backend.winograd_rule`` for the shapes, ``winograd_pays`` timing it against the direct
+conv on this machine): a speed choice, never a different answer beyond that.
 """
 from __future__ import annotations
 

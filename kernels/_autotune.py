@@ -1,11 +1,13 @@
-"""Optional autotuning on a real GPU, with an on-disk cache of its choices.
+"""Measured choices between equivalent implementations, with an on-disk cache of them.
 
-Off by default: each kernel's documented rule picks its configuration (and only those choices are
-AOT-checked for spills). With ``FASTRES_AUTOTUNE=1`` the first launch of each distinct problem
-(kernel name + the shape key the rule is keyed on) on a CUDA device times every candidate
-configuration with ``triton.testing.do_bench`` and keeps the fastest. Choices are stored per GPU
-model in a JSON file — ``FASTRES_AUTOTUNE_CACHE``, default ``~/.cache/fastres/autotune.json`` — so
-later processes reuse them without timing again. The cache holds configuration *names* only; a
+On a GPU it is optional and off by default: each kernel's documented rule picks its configuration
+(and only those choices are AOT-checked for spills). With ``FASTRES_AUTOTUNE=1`` the first launch
+of each distinct problem (kernel name + the shape key the rule is keyed on) on a CUDA device times
+every candidate configuration with ``triton.testing.do_bench`` and keeps the fastest. On the CPU
+the backend's Winograd-or-direct choice for a 3x3 conv is made this way by default
+(``fastres.backend.winograd_pays``). Choices are stored per device model in a JSON file —
+``FASTRES_AUTOTUNE_CACHE``, default ``~/.cache/fastres/autotune.json`` — so later processes reuse
+them without timing again (and so give the same bits). The cache holds candidate *names* only; a
 name the current candidate list no longer has is ignored and re-tuned.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -28,12 +31,13 @@ def cache_path() -> Path:
 
 
 class ChoiceCache:
-    """``{gpu name: {kernel: {key: config name}}}`` in one JSON file, written atomically."""
+    """``{device name: {kernel: {key: candidate name}}}`` in one JSON file, written atomically."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.Lock()
         self._data: dict | None = None
+        self._unwritable = False        # warned once that the file cannot be written
 
     def _load(self) -> dict:
         if self._data is None:
@@ -45,19 +49,31 @@ class ChoiceCache:
                 self._data = {}   # missing or unreadable: tune again, overwrite on the next choice
         return self._data
 
-    def get(self, gpu: str, kernel: str, key: str) -> str | None:
+    def get(self, device: str, kernel: str, key: str) -> str | None:
         with self._lock:
-            return self._load().get(gpu, {}).get(kernel, {}).get(key)
+            return self._load().get(device, {}).get(kernel, {}).get(key)
 
-    def put(self, gpu: str, kernel: str, key: str, choice: str) -> None:
+    def put(self, device: str, kernel: str, key: str, choice: str) -> None:
+        """Keep ``choice`` in memory and in the file; where the file cannot be written (a
+        read-only home, a full disk) it is kept for this process only, with one warning."""
         with self._lock:
             data = self._load()
-            data.setdefault(gpu, {}).setdefault(kernel, {})[key] = choice
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            data.setdefault(device, {}).setdefault(kernel, {})[key] = choice
+            tmp = None
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except OSError as e:
+                if tmp is not None and os.path.exists(tmp):
+                    os.unlink(tmp)
+                if not self._unwritable:
+                    self._unwritable = True
+                    warnings.warn(f"fastres: cannot save measured choices to {self.path} ({e}); they are "
+                                  "kept for this process only (FASTRES_AUTOTUNE_CACHE names another file)",
+                                  RuntimeWarning, stacklevel=3)
 
 
 _caches: dict[Path, ChoiceCache] = {}
@@ -75,19 +91,28 @@ def _do_bench(fn: Callable[[], None]) -> float:
     return do_bench(fn, warmup=5, rep=20)
 
 
-def choose(kernel: str, key: tuple, candidates: Mapping[str, object], run: Callable[[object], None],
-           gpu: str, *, timer: Callable[[Callable[[], None]], float] = _do_bench):
-    """The fastest of ``candidates`` for this problem: from the cache, else timed now and cached.
+def choose(kernel: str, key: tuple, candidates: Mapping[str, object], run: Callable[[object], None] | None,
+           device: str, *, timer: Callable[[Callable[[], None]], float] = _do_bench,
+           measure: Callable[[Mapping[str, object]], Mapping[str, float]] | None = None,
+           prefer: str | None = None, margin: float = 1.0):
+    """The fastest of ``candidates`` for this problem on ``device`` (its model's name): from the
+    cache, else timed now and cached.
 
-    ``run(config)`` launches the kernel once with ``config`` (into scratch outputs); ``timer(fn)``
-    returns a time in ms (``triton.testing.do_bench`` on a GPU).
+    ``run(config)`` launches the kernel once with ``config`` (into scratch outputs) and
+    ``timer(fn)`` returns a time in ms (``triton.testing.do_bench`` on a GPU); or ``measure``
+    times all the candidates itself (interleaved, on a CPU) and returns their times. With
+    ``prefer``, another candidate is chosen only at or under ``margin`` times its time: a near tie
+    keeps the preferred one, whatever the timing noise.
     """
     cache = _cache()
     key_text = repr(key)
-    cached = cache.get(gpu, kernel, key_text)
+    cached = cache.get(device, kernel, key_text)
     if cached in candidates:
         return candidates[cached]
-    timings = {name: timer(lambda cfg=cfg: run(cfg)) for name, cfg in candidates.items()}
+    timings = (dict(measure(candidates)) if measure is not None
+               else {name: timer(lambda cfg=cfg: run(cfg)) for name, cfg in candidates.items()})
     best = min(timings, key=timings.get)
-    cache.put(gpu, kernel, key_text, best)
+    if prefer is not None and timings[best] > margin * timings[prefer]:
+        best = prefer
+    cache.put(device, kernel, key_text, best)
     return candidates[best]

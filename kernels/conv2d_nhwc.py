@@ -968,7 +968,7 @@ def _tuned_config(x, packed, out, problem) -> ConvConfig:
     return _autotune.choose(
         "conv2d_nhwc", key, _candidate_configs(x, packed, out, problem),
         run=lambda cfg: _build_call(x, packed, scratch, config=cfg, **timing).launch(),
-        gpu=torch.cuda.get_device_name(x.device))
+        device=torch.cuda.get_device_name(x.device))
 
 
 _EIGHT_BIT_NAMES = {torch.int8: "int8", torch.float8_e4m3fn: "e4m3"}

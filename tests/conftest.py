@@ -5,11 +5,17 @@ is chosen when a kernel is decorated, so TRITON_INTERPRET must be in the environ
 kernel module is imported: this conftest is imported first and sets it for the session.
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Measured choices (the CPU's Winograd-or-direct, GPU autotuning) go to a cache of this session's,
+# not the user's ~/.cache: a test's programs must not depend on what an earlier run timed.
+os.environ.setdefault("FASTRES_AUTOTUNE_CACHE",
+                      os.path.join(tempfile.mkdtemp(prefix="fastres-tests-"), "autotune.json"))
 
 import pytest  # noqa: E402
 

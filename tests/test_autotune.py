@@ -28,7 +28,7 @@ def test_choose_times_once_then_reads_the_cache(cache_file, monkeypatch):
         return times[ran[-1]]
 
     choice = _autotune.choose("k", (1, 2), candidates, run=lambda cfg: ran.append(cfg.lower()),
-                              gpu="GPU-X", timer=timer)
+                              device="GPU-X", timer=timer)
     assert choice == "B" and sorted(ran) == ["a", "b", "c"]
     assert json.loads(cache_file.read_text()) == {"GPU-X": {"k": {"(1, 2)": "b"}}}
 
@@ -38,23 +38,53 @@ def test_choose_times_once_then_reads_the_cache(cache_file, monkeypatch):
     def no_timing(fn):
         raise AssertionError("should not time again")
 
-    assert _autotune.choose("k", (1, 2), candidates, run=None, gpu="GPU-X", timer=no_timing) == "B"
+    assert _autotune.choose("k", (1, 2), candidates, run=None, device="GPU-X", timer=no_timing) == "B"
     # another GPU model or another problem is tuned separately
     assert _autotune.choose("k", (1, 2), candidates, run=lambda c: ran.append(c.lower()),
-                            gpu="GPU-Y", timer=timer) == "B"
+                            device="GPU-Y", timer=timer) == "B"
     assert set(json.loads(cache_file.read_text())) == {"GPU-X", "GPU-Y"}
 
 
 def test_stale_or_corrupt_cache_is_retuned(cache_file, monkeypatch):
     cache_file.write_text(json.dumps({"G": {"k": {"(3,)": "gone"}}}))
-    pick = _autotune.choose("k", (3,), {"x": 1, "y": 2}, run=lambda c: None, gpu="G",
+    pick = _autotune.choose("k", (3,), {"x": 1, "y": 2}, run=lambda c: None, device="G",
                             timer=lambda fn: 1.0)
     assert pick == 1
     cache_file.write_text("{not json")
     monkeypatch.setattr(_autotune, "_caches", {})
-    assert _autotune.choose("k", (3,), {"x": 1, "y": 2}, run=lambda c: None, gpu="G",
+    assert _autotune.choose("k", (3,), {"x": 1, "y": 2}, run=lambda c: None, device="G",
                             timer=lambda fn: 1.0) == 1
     assert json.loads(cache_file.read_text())["G"]["k"]["(3,)"] == "x"
+
+
+def test_an_unwritable_cache_keeps_the_choice_for_the_process(tmp_path, monkeypatch):
+    """A read-only or missing directory: the choice is still made, kept in memory, warned once."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTRES_AUTOTUNE_CACHE", str(blocker / "autotune.json"))   # (its parent is a file)
+    monkeypatch.setattr(_autotune, "_caches", {})
+    timed = []
+    with pytest.warns(RuntimeWarning, match="cannot save measured choices"):
+        assert _autotune.choose("k", (1,), {"x": 1, "y": 2}, run=lambda c: timed.append(c), device="D",
+                                timer=lambda fn: (fn(), 1.0)[1]) == 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _autotune.choose("k", (2,), {"x": 1, "y": 2}, run=lambda c: timed.append(c), device="D",
+                                timer=lambda fn: (fn(), 1.0)[1]) == 1
+        assert _autotune.choose("k", (1,), {"x": 1, "y": 2}, run=None, device="D",
+                                timer=lambda fn: pytest.fail("timed again")) == 1
+    assert len(timed) == 4
+
+
+def test_a_preferred_candidate_keeps_near_ties(cache_file):
+    measure = lambda cands: {"direct": 1.0, "other": 0.95}
+    assert _autotune.choose("k", (1,), {"direct": "D", "other": "O"}, run=None, device="C",
+                            measure=measure, prefer="direct", margin=0.9) == "D"
+    assert _autotune.choose("k", (2,), {"direct": "D", "other": "O"}, run=None, device="C",
+                            measure=lambda c: {"direct": 1.0, "other": 0.9}, prefer="direct", margin=0.9) == "O"
+    assert _autotune.choose("k", (3,), {"direct": "D", "other": "O"}, run=None, device="C",
+                            measure=measure) == "O"
 
 
 def test_enabled_switch(monkeypatch):

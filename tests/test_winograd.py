@@ -1,12 +1,15 @@
 """Winograd F(2x2, 3x3) on CPU (fastres/winograd.py, csrc/winograd_cpu.cpp): the C++ op against
 F.conv2d in float64 and against the algorithm's own float64 reference; the CPU backend's rule for
 where it runs; whole models through it against torchvision, and with it turned off."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastres
 from fastres import backend, cpu_kernels, winograd
+from fastres.kernels import _autotune
 
 from kernel_testing import rel_err
 from test_cpu_backend import TOL, images, programs, twins
@@ -114,8 +117,94 @@ def test_rule_follows_the_measurements(monkeypatch):
     assert not backend.winograd_rule((256, 256, 3, 3), (1, 1), (2, 2), (2, 2), 1, (1, 256, 28, 28))
     assert not backend.winograd_rule((256, 8, 3, 3), (1, 1), (1, 1), (1, 1), 32, (1, 256, 28, 28))
     assert not backend.winograd_rule((256, 256, 1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 256, 28, 28))
-    monkeypatch.setattr(backend, "_WINOGRAD_ENV", False)                            # FASTRES_WINOGRAD=0
+    monkeypatch.setattr(backend, "_WINOGRAD_MODE", "off")                           # FASTRES_WINOGRAD=0
     assert not backend.winograd_rule((256, 256, 3, 3), *one, (1, 256, 14, 14))
+
+
+@pytest.fixture
+def choice_cache(tmp_path, monkeypatch):
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv("FASTRES_AUTOTUNE_CACHE", str(path))
+    monkeypatch.setattr(_autotune, "_caches", {})
+    monkeypatch.setattr(backend, "_WINOGRAD_MODE", "auto")
+    return path
+
+
+def test_it_runs_where_it_measured_faster_by_the_margin(choice_cache, monkeypatch):
+    """FASTRES_WINOGRAD=auto: each shape timed once (a win twice), Winograd only where both timings
+    are at or under WINOGRAD_MARGIN of the direct conv's time, the same choice for every thread
+    count, read back from the file by a later process; FASTRES_WINOGRAD=1 times nothing."""
+    timed = []
+    speeds = {(1, 256, 14, 14): [{"direct": 1.0, "winograd": 0.78}, {"direct": 1.0, "winograd": 0.7}],
+              (8, 256, 14, 14): [{"direct": 1.0, "winograd": 0.85}],     # a near tie: the direct conv
+              (1, 256, 28, 28): [{"direct": 1.0, "winograd": 1.5}],
+              (1, 256, 7, 7): [{"direct": 1.0, "winograd": 0.7}, {"direct": 1.0, "winograd": 0.95}]}  # noise
+
+    def fake_timing(ops, weight_shape, x_shape, threads):
+        timed.append((x_shape, threads))
+        return speeds[x_shape][sum(1 for x, _ in timed if x == x_shape) - 1]
+
+    monkeypatch.setattr(backend, "_time_winograd", fake_timing)
+    w = (256, 256, 3, 3)
+    assert backend.winograd_pays(None, w, (1, 256, 14, 14), 2)
+    assert not backend.winograd_pays(None, w, (8, 256, 14, 14), 2)
+    assert not backend.winograd_pays(None, w, (1, 256, 28, 28), 2)
+    assert not backend.winograd_pays(None, w, (1, 256, 7, 7), 2)       # the win was not confirmed
+    assert [x for x, _ in timed] == [(1, 256, 14, 14)] * 2 + [(8, 256, 14, 14), (1, 256, 28, 28)] + [(1, 256, 7, 7)] * 2
+    assert {t for _, t in timed} == {2}
+    assert backend.winograd_pays(None, w, (1, 256, 14, 14), 2) and backend.winograd_pays(None, w, (1, 256, 14, 14), 1)
+    assert not backend.winograd_pays(None, w, (1, 256, 7, 7), 1) and len(timed) == 6
+    stored = json.loads(choice_cache.read_text())
+    assert list(stored) == [f"cpu: {backend.cpu_identity()}"]
+    assert sorted(stored[f"cpu: {backend.cpu_identity()}"]["winograd_conv3x3"].values()) == [
+        "direct", "direct", "direct", "winograd"]
+
+    monkeypatch.setattr(_autotune, "_caches", {})          # a new process
+    monkeypatch.setattr(backend, "_time_winograd", lambda *a: pytest.fail("timed again"))
+    assert backend.winograd_pays(None, w, (1, 256, 14, 14), 2)
+    assert not backend.winograd_pays(None, w, (1, 256, 28, 28), 2)
+    monkeypatch.setattr(backend, "_WINOGRAD_MODE", "on")
+    assert backend.winograd_pays(None, w, (3, 256, 9, 9), 2)
+
+
+@needs_onednn
+@needs_extension
+def test_programs_follow_the_measured_choice(choice_cache, monkeypatch):
+    """The real timing gives both times; a program runs Winograd exactly where the choice says,
+    and answers torchvision's logits either way."""
+    times = backend._time_winograd(backend._OneDnnOps(), (64, 64, 3, 3), (1, 64, 16, 16), 1)
+    assert set(times) == {"direct", "winograd"} and all(0 < t < 1 for t in times.values())
+    for winner in ("direct", "winograd"):
+        monkeypatch.setattr(_autotune, "_caches", {})
+        choice_cache.unlink(missing_ok=True)
+        monkeypatch.setattr(backend, "_time_winograd", lambda *a, winner=winner: {
+            "direct": 1.0, "winograd": 0.5 if winner == "winograd" else 2.0})
+        tv, model = twins("resnet18")
+        x = images(1, 64, 64)
+        with torch.inference_mode():
+            got, expected = model(x), tv(x)
+        (program,) = programs(model).values()
+        assert bool(program.winograd_steps) == (winner == "winograd"), program.source
+        assert rel_err(got, expected) <= TOL
+
+
+@needs_onednn
+@needs_extension
+@pytest.mark.parametrize("pages_per_call, tuned", [(0, []), (2000, [0])])
+def test_its_timing_runs_as_a_program_would_with_faulting_workspaces(monkeypatch, pages_per_call, tuned):
+    """Winograd's workspaces page-faulting past MALLOC_FAULT_BYTES on every call would make a
+    program running it turn tune_malloc on after two calls: its timing turns it on first, so it
+    times both the way they would then run; without such faults malloc is left alone."""
+    faults, calls = [0], []
+
+    def fake_minor_faults():
+        faults[0] += pages_per_call // 2
+        return faults[0]
+    monkeypatch.setattr(backend, "_minor_faults", fake_minor_faults)
+    monkeypatch.setattr(backend, "tune_malloc", lambda: calls.append(len(calls)) or True)
+    monkeypatch.setattr(backend, "MALLOC_FAULT_BYTES", 500 * backend._PAGE_BYTES)
+    times = backend._time_winograd(backend._OneDnnOps(), (64, 64, 3, 3), (1, 64, 16, 16), 1)
+    assert calls == tuned and all(0 < t < 1 for t in times.values())
 
 
 def test_rule_without_the_extension(monkeypatch):
@@ -132,8 +221,10 @@ def test_rule_without_the_extension(monkeypatch):
 @pytest.mark.parametrize("arch, size, pair", [("resnet18", 64, False), ("resnet50", 64, True)])
 def test_models_run_it_and_agree_with_torchvision(monkeypatch, arch, size, pair):
     """Basic blocks (a 3x3 with residual and one with a projection shortcut) and bottlenecks (the
-    3x3 of a fused 3x3 -> 1x1 pair), batch 1 and 3; the same model with Winograd turned off runs
-    oneDNN's convolutions only, and both answer torchvision's logits."""
+    3x3 of a fused 3x3 -> 1x1 pair), batch 1 and 3, wherever the rule allows it (FASTRES_WINOGRAD=1:
+    whether it pays is this machine's); the same model with Winograd turned off runs oneDNN's
+    convolutions only, and both answer torchvision's logits."""
+    monkeypatch.setattr(backend, "_WINOGRAD_MODE", "on")
     tv, model = twins(arch)
     for n, h, w in [(1, size, size), (3, size - 3, size + 5)]:
         x = images(n, h, w)
@@ -144,9 +235,9 @@ def test_models_run_it_and_agree_with_torchvision(monkeypatch, arch, size, pair)
         assert program.winograd_steps, program.source
         assert ("+conv3" in " ".join(program.winograd_steps)) == pair
         assert rel_err(got, expected) <= TOL
-        monkeypatch.setattr(backend, "_WINOGRAD_ENV", False)
+        monkeypatch.setattr(backend, "_WINOGRAD_MODE", "off")
         plain = backend.OneDnnProgram(model.plan(), program.key, backend._OneDnnOps())
-        monkeypatch.setattr(backend, "_WINOGRAD_ENV", True)
+        monkeypatch.setattr(backend, "_WINOGRAD_MODE", "on")
         assert not plain.winograd_steps and "winograd(" not in plain.source
         with torch.inference_mode():
             assert rel_err(plain(x), expected) <= TOL
@@ -155,7 +246,8 @@ def test_models_run_it_and_agree_with_torchvision(monkeypatch, arch, size, pair)
 
 @needs_onednn
 @needs_extension
-def test_engine_runs_it():
+def test_engine_runs_it(monkeypatch):
+    monkeypatch.setattr(backend, "_WINOGRAD_MODE", "on")
     tv, _ = twins("resnet18")
     engine = fastres.Engine(tv, batch_sizes=(1, 4), image_size=64, input="float_nchw", device="cpu")
     x = images(3, 64, 64)
