@@ -949,7 +949,8 @@ def _finite_tensors(plan) -> bool:
 #
 # FASTRES_WINOGRAD (read at import): "auto" (the default) where the rule allows it and it measured
 # faster here; "1" wherever the rule allows it; "0" never.
-_WINOGRAD_MODES = {"auto": "auto", "1": "on", "0": "off", "": "off"}
+_WINOGRAD_MODES = {"auto": "auto", "1": "on", "on": "on", "true": "on", "yes": "on",
+                   "0": "off", "off": "off", "false": "off", "no": "off", "": "off"}
 _WINOGRAD_MODE = _WINOGRAD_MODES.get(os.environ.get("FASTRES_WINOGRAD", "auto").strip().lower())
 if _WINOGRAD_MODE is None:
     _notice_once(f"fastres: FASTRES_WINOGRAD={os.environ['FASTRES_WINOGRAD']!r} is not one of auto, 1, 0: "
@@ -969,6 +970,7 @@ WINOGRAD_MAX_BYTES = 32 << 20
 WINOGRAD_MARGIN = 0.8
 WINOGRAD_TIMING_ROUNDS = 7          # interleaved rounds per shape (at least 3), fewer past the budget
 WINOGRAD_TIMING_BUDGET_S = 0.3
+_WINOGRAD_FAILED: set = set()     # shapes whose timing failed in this process: the direct conv
 
 
 def winograd_rule(weight_shape, stride, padding, dilation, groups, x_shape) -> bool:
@@ -1042,9 +1044,19 @@ def winograd_pays(ops: "_OneDnnOps", weight_shape, x_shape, threads: int) -> boo
         return times
 
     key = (tuple(weight_shape), tuple(x_shape), torch.__version__)
-    return _autotune.choose("winograd_conv3x3", key, {"direct": False, "winograd": True}, run=None,
-                            device=f"cpu: {cpu_identity()}", prefer="direct", margin=WINOGRAD_MARGIN,
-                            measure=measure)
+    if key in _WINOGRAD_FAILED:
+        return False
+    try:
+        return _autotune.choose("winograd_conv3x3", key, {"direct": False, "winograd": True}, run=None,
+                                device=f"cpu: {cpu_identity()}", prefer="direct", margin=WINOGRAD_MARGIN,
+                                measure=measure)
+    except (RuntimeError, MemoryError) as e:
+        # a timing that fails (out of memory) must not fail the forward: the direct conv runs, for
+        # every later program of this process too (one algorithm per shape), not saved to disk
+        _WINOGRAD_FAILED.add(key)
+        _notice_once(f"fastres: timing Winograd for a {tuple(weight_shape)} conv on {tuple(x_shape)} failed "
+                     f"({type(e).__name__}: {e}); the direct convolution runs")
+        return False
 
 
 def _time_winograd(ops: "_OneDnnOps", weight_shape, x_shape, threads: int) -> dict:

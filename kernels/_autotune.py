@@ -20,6 +20,11 @@ import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
+try:
+    import fcntl
+except ImportError:          # not Unix: no lock between processes
+    fcntl = None
+
 
 def enabled() -> bool:
     return os.environ.get("FASTRES_AUTOTUNE", "0") not in ("", "0")
@@ -53,27 +58,43 @@ class ChoiceCache:
         with self._lock:
             return self._load().get(device, {}).get(kernel, {}).get(key)
 
-    def put(self, device: str, kernel: str, key: str, choice: str) -> None:
-        """Keep ``choice`` in memory and in the file; where the file cannot be written (a
-        read-only home, a full disk) it is kept for this process only, with one warning."""
+    def put(self, device: str, kernel: str, key: str, choice: str) -> str:
+        """Keep ``choice`` in memory and in the file and return the choice kept: under a lock file
+        the file is read again and merged, and where another process stored a choice for this key
+        first, that one is kept (so every process uses the same). Where the file cannot be written
+        (a read-only home, a full disk) the choice is kept for this process only, with one warning."""
         with self._lock:
             data = self._load()
-            data.setdefault(device, {}).setdefault(kernel, {})[key] = choice
             tmp = None
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(data, f, indent=1, sort_keys=True)
-                os.replace(tmp, self.path)
+                with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+                    if fcntl is not None:
+                        fcntl.flock(lock, fcntl.LOCK_EX)
+                    try:
+                        stored = json.loads(self.path.read_text())
+                    except (OSError, ValueError):
+                        stored = {}
+                    for dev, kernels in (stored.items() if isinstance(stored, dict) else ()):
+                        for name, choices in (kernels.items() if isinstance(kernels, dict) else ()):
+                            if isinstance(choices, dict):
+                                data.setdefault(dev, {}).setdefault(name, {}).update(
+                                    {k: v for k, v in choices.items() if isinstance(v, str)})
+                    choice = data.setdefault(device, {}).setdefault(kernel, {}).setdefault(key, choice)
+                    fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(data, f, indent=1, sort_keys=True)
+                    os.replace(tmp, self.path)
             except OSError as e:
                 if tmp is not None and os.path.exists(tmp):
                     os.unlink(tmp)
+                choice = data.setdefault(device, {}).setdefault(kernel, {}).setdefault(key, choice)
                 if not self._unwritable:
                     self._unwritable = True
                     warnings.warn(f"fastres: cannot save measured choices to {self.path} ({e}); they are "
                                   "kept for this process only (FASTRES_AUTOTUNE_CACHE names another file)",
                                   RuntimeWarning, stacklevel=3)
+            return choice
 
 
 _caches: dict[Path, ChoiceCache] = {}
@@ -114,5 +135,5 @@ def choose(kernel: str, key: tuple, candidates: Mapping[str, object], run: Calla
     best = min(timings, key=timings.get)
     if prefer is not None and timings[best] > margin * timings[prefer]:
         best = prefer
-    cache.put(device, kernel, key_text, best)
-    return candidates[best]
+    kept = cache.put(device, kernel, key_text, best)     # another process's earlier choice wins
+    return candidates[kept] if kept in candidates else candidates[best]

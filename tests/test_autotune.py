@@ -130,3 +130,15 @@ def test_the_rule_candidate_is_the_launchs_choice_tma_included():
             assert _candidate_configs(x, packed, torch.empty_like(x), problem)["rule"].TMA, (c, k)
         with use_target(80):
             assert not _candidate_configs(x, packed, torch.empty_like(x), problem)["rule"].TMA, (c, k)
+
+
+def test_two_processes_merge_their_choices_and_the_first_choice_wins(tmp_path):
+    path = tmp_path / "autotune.json"
+    a, b = _autotune.ChoiceCache(path), _autotune.ChoiceCache(path)     # two processes' caches
+    assert a.get("cpu: x", "k", "K2") is None and b.get("cpu: x", "k", "K1") is None
+    assert a.put("cpu: x", "k", "K1", "fast") == "fast"
+    assert b.put("cpu: x", "k", "K2", "slow") == "slow"
+    assert b.put("cpu: x", "k", "K1", "other") == "fast"                # A stored K1 first
+    stored = json.loads(path.read_text())["cpu: x"]["k"]
+    assert stored == {"K1": "fast", "K2": "slow"}
+    assert _autotune.ChoiceCache(path).get("cpu: x", "k", "K1") == "fast"

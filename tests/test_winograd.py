@@ -167,6 +167,19 @@ def test_it_runs_where_it_measured_faster_by_the_margin(choice_cache, monkeypatc
     assert backend.winograd_pays(None, w, (3, 256, 9, 9), 2)
 
 
+def test_a_failed_timing_runs_the_direct_conv_and_caches_nothing(choice_cache, monkeypatch):
+    def out_of_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+    monkeypatch.setattr(backend, "_time_winograd", out_of_memory)
+    assert not backend.winograd_pays(None, (256, 256, 3, 3), (1, 256, 14, 14), 2)
+    assert not choice_cache.exists()
+    monkeypatch.setattr(backend, "_time_winograd", lambda *a: {"direct": 1.0, "winograd": 0.5})
+    assert not backend.winograd_pays(None, (256, 256, 3, 3), (1, 256, 14, 14), 1)   # one algorithm
+    assert not choice_cache.exists()
+    monkeypatch.setattr(backend, "_WINOGRAD_FAILED", set())                            # a new process
+    assert backend.winograd_pays(None, (256, 256, 3, 3), (1, 256, 14, 14), 2)       # timed again
+
+
 @needs_onednn
 @needs_extension
 def test_programs_follow_the_measured_choice(choice_cache, monkeypatch):
