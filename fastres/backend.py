@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -942,19 +943,19 @@ def _finite_tensors(plan) -> bool:
 # depends on the machine (bench/README.md): on AVX2 (Zen 1, 2 threads) it took 0.61-0.72x the
 # direct conv's time for 128 and 256 channels at 28x28 and 14x14, 0.82x for 64 channels at 56x56
 # at batch 1; on an AVX-512 Xeon 0.66-0.75x in layer3; on a Zen 4 0.82-1.25x (no forward faster);
-# on a Zen 5, whose direct conv runs near the FMA units' limit, 1.5-2x (slower) everywhere. So the shape rule below only says where it may
-# pay (it never does with few tiles: 512 channels at 7x7, batch 1, 16 tiles, 1.12x; or where the
-# transformed input outgrows the caches with few channels: 64 at 56x56, batch 32, 1.48x), and
-# ``winograd_pays`` times both on this machine.
+# on a Zen 5, whose direct conv runs near the FMA units' limit, 1.5-2x (slower) everywhere. So the
+# shape rule below only says where it may pay (it never does with few tiles: 512 channels at 7x7,
+# batch 1, 16 tiles, 1.12x; or where the transformed input outgrows the caches with few channels:
+# 64 at 56x56, batch 32, 1.48x), and ``winograd_pays`` times both on this machine.
 #
 # FASTRES_WINOGRAD (read at import): "auto" (the default) where the rule allows it and it measured
-# faster here; "1" wherever the rule allows it; "0" never.
+# faster here; "1" (on, true, yes) wherever the rule allows it; "0" (off, false, no) never.
 _WINOGRAD_MODES = {"auto": "auto", "1": "on", "on": "on", "true": "on", "yes": "on",
                    "0": "off", "off": "off", "false": "off", "no": "off", "": "off"}
 _WINOGRAD_MODE = _WINOGRAD_MODES.get(os.environ.get("FASTRES_WINOGRAD", "auto").strip().lower())
 if _WINOGRAD_MODE is None:
-    _notice_once(f"fastres: FASTRES_WINOGRAD={os.environ['FASTRES_WINOGRAD']!r} is not one of auto, 1, 0: "
-                 "using auto")
+    _notice_once(f"fastres: FASTRES_WINOGRAD={os.environ['FASTRES_WINOGRAD']!r} is not auto, 1 (on) or "
+                 "0 (off): using auto")
     _WINOGRAD_MODE = "auto"
 WINOGRAD_MIN_TILES = 32
 WINOGRAD_MIN_CHANNELS = 64          # the narrowest measured; thinner GEMMs are left to the direct conv
@@ -991,6 +992,7 @@ def winograd_rule(weight_shape, stride, padding, dilation, groups, x_shape) -> b
     return winograd.available()
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     """This machine's CPU model name (``/proc/cpuinfo``; else what ``platform`` says)."""
     import platform
@@ -1004,6 +1006,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_identity() -> str:
     """What the choice cache keys a CPU by: its model name, family, model and stepping, and its
     widest vector ISA (a virtual machine may show the same name for different chips)."""
