@@ -9,13 +9,17 @@ export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 EXTRAS  ?= test,ray
 comma   := ,
 STAMP   := $(VENV)/.fastres-installed-$(subst $(comma),-,$(EXTRAS))
+# oneDNN's GNU-OpenMP build, before the extension builds (x86-64 Linux wheels only): fastres._onednn,
+# the CPU backend's convolutions as kept primitives. Without it the CPU backend calls PyTorch's
+# oneDNN ops (the same answers, more host time per call) and says so.
+ONEDNN  := $(if $(filter x86_64,$(shell uname -m)),onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0,)
 
 .PHONY: run test test-ray bench bench-ray gpu-check clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 pybind11 ninja
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 pybind11 ninja $(ONEDNN)
 	$(BIN)/pip install -q --no-build-isolation -e '.[$(EXTRAS)]'
 	touch $@
 

@@ -3,13 +3,17 @@
 fastres._C is plain pybind11 over raw pointers (no torch headers, no libtorch link), compiled from
 csrc/ by torch's BuildExtension, which runs nvcc and ninja; fastres._guard (csrc/guard.cpp, the
 plan guard's check) and fastres._cpu (csrc/cpu_ops.h: the CPU backend's Winograd 3x3
-convolutions and max pool) are small CppExtensions against PyTorch's headers. Build with torch importable:
-``pip install --no-build-isolation -e .``. Environment:
+convolutions and max pool) are small CppExtensions against PyTorch's headers; fastres._onednn
+(csrc/onednn_conv.cpp: the CPU backend's convolutions as kept oneDNN primitives) builds where
+oneDNN's GNU-OpenMP packages are installed (``pip install onednn-cpu-gomp==2023.2.0
+onednn-devel-cpu-gomp==2023.2.0``, which ``make`` does first on x86-64 Linux). Build with torch
+importable: ``pip install --no-build-isolation -e .``. Environment:
 
   FASTRES_CUDA_BUILD    auto (default): CUDA kernels when nvcc is found (CUDA_HOME, PATH or
                         /usr/local/cuda); 1: require them; 0: CPU twins only.
   TORCH_CUDA_ARCH_LIST  GPUs to compile for, default "8.0;9.0" ("9.0+PTX" also embeds PTX).
   MAX_JOBS              ninja's parallel compile jobs.
+  FASTRES_ONEDNN_ROOT   where oneDNN's include/ and lib/ are (default: this Python's prefix).
 
 Without torch at build time the package installs without the extension (fastres then says so).
 """
@@ -51,6 +55,20 @@ def cuda_home():
     return None
 
 
+def onednn_root():
+    """The prefix holding oneDNN's headers and libdnnl.so.3 (the onednn-*-cpu-gomp wheels put them
+    under the environment's include/ and lib/), or None: fastres._onednn is then not built and the
+    CPU backend calls PyTorch's oneDNN ops instead (slower per call; fastres says so)."""
+    root = os.environ.get("FASTRES_ONEDNN_ROOT") or sys.prefix
+    found = (os.path.exists(os.path.join(root, "include", "oneapi", "dnnl", "dnnl.hpp"))
+             and os.path.exists(os.path.join(root, "lib", "libdnnl.so.3")))
+    if not found:
+        print(f"fastres: oneDNN not found under {root} (include/oneapi/dnnl, lib/libdnnl.so.3); building without "
+              "fastres._onednn. pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 adds it")
+        return None
+    return root
+
+
 def extension_build():
     """(ext_modules, cmdclass) for fastres._C, or nothing when torch is not importable."""
     try:
@@ -87,7 +105,16 @@ def extension_build():
     cpu = CppExtension("fastres._cpu", ["csrc/cpu_bindings.cpp", "csrc/winograd_cpu.cpp", "csrc/max_pool_cpu.cpp"],
                        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fopenmp", "-g0"]},
                        extra_link_args=["-fopenmp"])
-    return [extension, guard, cpu], {"build_ext": BuildExtension}
+    extensions = [extension, guard, cpu]
+    root = onednn_root()
+    if root is not None:
+        lib = os.path.join(root, "lib")
+        extensions.append(CppExtension(
+            "fastres._onednn", ["csrc/onednn_conv.cpp"], include_dirs=[os.path.join(root, "include")],
+            extra_compile_args={"cxx": ["-O2", "-std=c++20", "-g0"]},
+            # libdnnl.so.3 by its path (the name alone could find another oneDNN first)
+            extra_link_args=[f"-L{lib}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib}"]))
+    return extensions, {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = extension_build()

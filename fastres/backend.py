@@ -545,6 +545,80 @@ def _check_onednn_int8() -> tuple:
     return True, ""
 
 
+# -- CPU: oneDNN primitives kept by fastres._onednn ------------------------------------------------
+_PRIMITIVES_ENV = os.environ.get("FASTRES_ONEDNN_PRIMITIVES", "1") not in ("", "0")
+_primitives_state: "bool | None" = None
+_primitives_reason = ""
+ONEDNN_PACKAGES = "onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
+
+
+def onednn_primitives_available() -> bool:
+    """Whether the CPU backend's convolutions run as oneDNN primitives it keeps
+    (``fastres._onednn``, csrc/onednn_conv.cpp: no per-call primitive descriptor, a few
+    microseconds per call where PyTorch's ops spend tens to a hundred): the extension is built
+    (against oneDNN's GNU-OpenMP wheels), loaded no OpenMP runtime beside PyTorch's, and
+    computes what ``F.conv2d`` does (checked once on small convs: bias, ReLU, both residual
+    forms, groups, stride, dilation, another batch). Where not (``onednn_primitives_reason``),
+    the convolutions call PyTorch's oneDNN ops (``_OneDnnOps.conv``): the same kernels, more host
+    time per call. ``FASTRES_ONEDNN_PRIMITIVES=0`` turns them off."""
+    global _primitives_state, _primitives_reason
+    if _primitives_state is None:
+        _primitives_state, _primitives_reason = _check_onednn_primitives()
+    return _primitives_state
+
+
+def onednn_primitives_reason() -> str:
+    onednn_primitives_available()
+    return _primitives_reason
+
+
+def _openmp_runtimes() -> set:
+    try:
+        with open("/proc/self/maps") as maps:
+            return {line.split()[-1] for line in maps
+                    if any(n in line.rsplit("/", 1)[-1] for n in ("libgomp", "libiomp5", "libomp"))}
+    except OSError:
+        return set()
+
+
+def _check_onednn_primitives() -> tuple:
+    if not _PRIMITIVES_ENV:
+        return False, "FASTRES_ONEDNN_PRIMITIVES=0"
+    before = _openmp_runtimes()
+    try:
+        from . import _onednn
+    except ImportError as err:
+        return False, (f"fastres._onednn is not built ({err}): pip install {ONEDNN_PACKAGES}, then "
+                       "pip install --no-build-isolation -e . (make does both)")
+    extra = _openmp_runtimes() - before
+    if extra:
+        # two OpenMP thread pools on the same cores would each spin while the other works
+        return False, f"fastres._onednn loaded a second OpenMP runtime ({', '.join(sorted(extra))})"
+    try:
+        import torch.nn.functional as F
+        g = torch.Generator().manual_seed(0)
+
+        def nhwc(*shape):
+            return torch.randn(*shape, generator=g).contiguous(memory_format=CL)
+        x, w, b = nhwc(2, 8, 7, 6), torch.randn(16, 4, 3, 3, generator=g), torch.randn(16, generator=g)
+        geometry = ([2, 1], [1, 1], [1, 2], 2)          # stride, padding, dilation, groups
+        with torch.no_grad():
+            expected = F.conv2d(x, w, b, stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+            r = nhwc(*expected.shape)
+            checks = [(_onednn.Conv(list(x.shape), w, b, *geometry, "none", True)(x), expected.relu()),
+                      (_onednn.Conv(list(x.shape), w, None, *geometry, "none", False)(x), expected - b.view(1, -1, 1, 1)),
+                      (_onednn.Conv(list(x.shape), w, b, *geometry, "add", False)(x, r), expected + r),
+                      (_onednn.Conv(list(x.shape), w, b, *geometry, "sum", True)(x, r.clone()), (expected + r).relu())]
+            one = _onednn.Conv([1, 8, 7, 6], w, b, *geometry, "add", True)    # made for batch 1, run on 2
+            checks.append((one(x, r), (expected + r).relu()))
+        for got, want in checks:
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+                return False, "fastres._onednn's convolution disagrees with F.conv2d here"
+    except Exception as err:  # noqa: BLE001 - any failure means "call PyTorch's ops"
+        return False, f"fastres._onednn is not usable ({type(err).__name__}: {err})"
+    return True, ""
+
+
 class _Mismatch(Exception):
     pass
 
@@ -675,6 +749,11 @@ class _OneDnnOps:
         qconv = getattr(onednn, "qconv2d_pointwise", None) if onednn is not None else None
         self.qconv = getattr(qconv, "default", None)
         self.qprepack = getattr(getattr(onednn, "qconv_prepack", None), "default", None)
+        # convolutions as primitives kept by fastres._onednn (None: the ops above, per call)
+        self.kept_conv = None
+        if onednn_primitives_available():
+            from . import _onednn
+            self.kept_conv = _onednn.Conv
 
     def reorder(self, weight, padding, stride, dilation, groups, input_shape):
         """``weight`` in the blocked layout oneDNN's convolution picks for ``input_shape``."""
@@ -701,11 +780,15 @@ class CpuBackend(ReferenceBackend):
 
     The program (``OneDnnProgram``), made once per plan and weight layout:
 
-    * every conv is one ``mkldnn::_convolution_pointwise`` call, bias + residual + ReLU as
-      post-ops; a projection shortcut is its own 1x1 conv whose output the block's last conv
-      accumulates into (in place, ``_convolution_pointwise_``); a fused 3x3+1x1 pair runs as its
-      two convs. The identity residual is accumulated into in place too when the block's add is
-      its last reader (no output allocation, one stream less).
+    * every conv is one oneDNN convolution, bias + residual + ReLU as post-ops: a primitive made
+      once and kept by ``fastres._onednn`` (csrc/onednn_conv.cpp, ``onednn_primitives_available``;
+      ``program.primitive_steps``), or where that extension is missing PyTorch's
+      ``mkldnn::_convolution_pointwise``, which builds the primitive descriptor anew on every call
+      (resnet50 batch 1 on the AVX-512 Xeon: 34.4 ms a forward through it, 31.1 with kept
+      primitives, bench/README.md). A projection shortcut is its own 1x1 conv whose output the
+      block's last conv accumulates into (in place: oneDNN's sum post-op); a fused 3x3+1x1 pair runs
+      as its two convs. The identity residual is accumulated into in place too when the block's
+      add is its last reader (no output allocation, one stream less).
     * a 3x3 stride-1 conv (or the 3x3 of a pair) runs as Winograd F(2x2, 3x3) where
       ``winograd_rule`` allows it and ``winograd_pays`` measured it faster on this machine
       (``fastres.winograd``: C++ transforms with bias, residual and ReLU, PyTorch's bmm;
@@ -713,7 +796,7 @@ class CpuBackend(ReferenceBackend):
       limit (AVX2) fewer multiplications are the way past it; where it runs near it with wider
       units (a Zen 5) the direct conv stays.
     * weights are reordered once, into the blocked layout oneDNN picks for the input shape and
-      thread count (``mkldnn_reorder_conv2d_weight``); activations stay dense channels_last,
+      thread count (a kept primitive's own, or ``mkldnn_reorder_conv2d_weight``); activations stay dense channels_last,
       which oneDNN's brgconv kernels read and write directly (bench/README.md: no activation
       reorder runs in a forward, and convolutions on oneDNN's own blocked tensors measured slower
       per layer and take no fused post-ops from PyTorch).
@@ -1046,7 +1129,9 @@ def winograd_pays(ops: "_OneDnnOps", weight_shape, x_shape, threads: int) -> boo
             times = max(times, again, key=lambda t: t["winograd"] / t["direct"])
         return times
 
-    key = (tuple(weight_shape), tuple(x_shape), torch.__version__)
+    # the direct conv's path is part of the key: a kept primitive costs less per call than an op
+    direct_path = "onednn-primitive" if onednn_primitives_available() else "torch-op"
+    key = (tuple(weight_shape), tuple(x_shape), torch.__version__, direct_path)
     if key in _WINOGRAD_FAILED:
         return False
     try:
@@ -1072,11 +1157,15 @@ def _time_winograd(ops: "_OneDnnOps", weight_shape, x_shape, threads: int) -> di
     weight = torch.randn(weight_shape, generator=g) / (3 * weight_shape[1] ** 0.5)
     bias = torch.randn(weight_shape[0], generator=g)
     with torch.no_grad(), intra_op_threads(threads):
-        w = ops.reorder(weight, (1, 1), (1, 1), (1, 1), 1, x_shape)
+        if ops.kept_conv is not None:     # the direct conv as the program runs it
+            kept = ops.kept_conv(list(x_shape), weight, bias, [1, 1], [1, 1], [1, 1], 1, "none", True)
+            direct = lambda: kept(x)    # noqa: E731
+        else:
+            w = ops.reorder(weight, (1, 1), (1, 1), (1, 1), 1, x_shape)
+            direct = lambda: ops.conv(x, w, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")    # noqa: E731
         u = winograd.transform_weight(weight)
         conv3x3 = winograd.extension().conv3x3
-        calls = {"direct": lambda: ops.conv(x, w, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], ""),
-                 "winograd": lambda: conv3x3(x, u, bias, None, True)}
+        calls = {"direct": direct, "winograd": lambda: conv3x3(x, u, bias, None, True)}
         times = {name: [] for name in calls}
         for call in calls.values():
             call()
@@ -1143,6 +1232,11 @@ class OneDnnProgram:
         self.onednn_steps = []
         self.winograd_steps = []   # conv steps (or the 3x3 of a pair) run as Winograd F(2x2, 3x3)
         self.cpu_kernel_steps = []  # other steps run by our own C++ kernels (fastres.cpu_kernels)
+        self.primitive_steps = []   # conv steps whose convs run as primitives kept by fastres._onednn
+        self.primitive_fallbacks = {}  # conv step name -> why one of its convs calls PyTorch's op
+        if not onednn_primitives_available() and onednn_primitives_reason() != "FASTRES_ONEDNN_PRIMITIVES=0":
+            _notice_once(f"fastres: {onednn_primitives_reason()}; the CPU backend's convolutions call "
+                         "PyTorch's oneDNN ops instead (the same kernels, more host time per call)")
         self.nbytes = 0          # of the reordered weights
 
         def const(value, hint):
@@ -1184,6 +1278,35 @@ class OneDnnProgram:
         def geometry(padding, stride, dilation, groups):
             return f"{list(padding)}, {list(stride)}, {list(dilation)}, {groups}"
 
+        def conv_line(step, target, x, w, bias, conv_geometry, x_shape, relu, residual=None, inplace=False):
+            """The line computing ``target = relu?(conv(x, w) + bias (+ residual))``: a primitive
+            kept by fastres._onednn where it is usable, else PyTorch's oneDNN op on weights laid
+            out for ``x_shape``. ``inplace``: the sum is written into ``residual`` (ours to reuse)."""
+            padding, stride, dilation, groups = conv_geometry
+            if ops.kept_conv is not None:
+                try:
+                    kept = ops.kept_conv(list(x_shape), w.detach().float().contiguous(), bias, list(stride),
+                                         list(padding), list(dilation), groups,
+                                         "none" if residual is None else "sum" if inplace else "add", bool(relu))
+                except RuntimeError as err:      # oneDNN refused this one: PyTorch's op runs it
+                    self.primitive_fallbacks[step.name] = str(err)
+                else:
+                    self.nbytes += kept.weight_bytes
+                    if step.name not in self.primitive_steps:
+                        self.primitive_steps.append(step.name)
+                    # named for what it computes: conv, conv_add (a new tensor), conv_sum (into the residual)
+                    hint = "conv" if residual is None else "conv_sum" if inplace else "conv_add"
+                    return f"{target} = {const(kept, hint)}({x}{'' if residual is None else ', ' + residual})"
+            w = weight(w, *conv_geometry, x_shape)
+            b = "None" if bias is None else const(bias, "b")
+            geo = geometry(*conv_geometry)
+            if residual is None:
+                return f"{target} = conv({x}, {w}, {b}, {geo}, {'relu' if relu else 'none'!r}, [], '')"
+            unary = "'relu'" if relu else "None"   # (after a binary post-op: relu or None, not 'none')
+            if inplace:
+                return f"{target} = conv_add_({residual}, {x}, {w}, {b}, {geo}, 'add', None, {unary}, [], '')"
+            return f"{target} = conv_add({x}, {residual}, {w}, {b}, {geo}, 'add', None, {unary}, [], '')"
+
         nonneg = set()           # 8-bit values known to be >= 0 (ReLU outputs): oneDNN reads them as uint8
         int8 = onednn_int8_available()
         self.int8_fallbacks = {}  # qconv step name -> why it runs its reference
@@ -1200,16 +1323,12 @@ class OneDnnProgram:
                 other, inplace = None, False
                 if "shortcut" in step.inputs:
                     s = a["shortcut_stride"]
-                    w_sc = weight(t["shortcut_weight"], (0, 0), (s, s), (1, 1), 1,
-                                  shapes[step.name]["shortcut"])
-                    sc = read(step.inputs["shortcut"])
-                    lines.append(f"s = conv({sc}, {w_sc}, None, {geometry((0, 0), (s, s), (1, 1), 1)}, "
-                                 "'none', [], '')")
+                    lines.append(conv_line(step, "s", read(step.inputs["shortcut"]), t["shortcut_weight"], None,
+                                           ((0, 0), (s, s), (1, 1), 1), shapes[step.name]["shortcut"], False))
                     other, inplace = "s", True      # a temporary of ours
                 elif "residual" in step.inputs:
                     r = step.inputs["residual"]
                     other, inplace = read(r), accumulable(r, i, step)
-                bias = const(t["bias"].float().contiguous(), "b")
                 conv_geometry = (a["padding"], a["stride"], a["dilation"], a["groups"])
                 first = t["weight"] if step.kind == "conv" else t["mid_weight"]
                 use_winograd = (winograd_rule(first.shape, a["stride"], a["padding"], a["dilation"],
@@ -1218,35 +1337,24 @@ class OneDnnProgram:
                 if use_winograd:
                     self.winograd_steps.append(step.name)
                 if step.kind == "conv" and use_winograd:     # bias, residual and ReLU in its output transform
+                    bias = const(t["bias"].float().contiguous(), "b")
                     lines.append(f"{out} = winograd({x}, {winograd_weight(first)}, {bias}, {other}, "
                                  f"{bool(a['relu'])})")
                 else:
                     if step.kind == "conv":
-                        w = weight(first, *conv_geometry, x_shape)
-                        geo = geometry(*conv_geometry)
-                        last_in, relu = x, a["relu"]
+                        last_in, last_weight, last_shape = x, first, x_shape
+                        last_geometry, relu = conv_geometry, a["relu"]
                     else:
-                        b_mid = const(t["mid_bias"].float().contiguous(), "b")
+                        b_mid = t["mid_bias"].float().contiguous()
                         if use_winograd:
-                            lines.append(f"m = winograd({x}, {winograd_weight(first)}, {b_mid}, None, True)")
+                            lines.append(f"m = winograd({x}, {winograd_weight(first)}, {const(b_mid, 'b')}, None, True)")
                         else:
-                            lines.append(f"m = conv({x}, {weight(first, *conv_geometry, x_shape)}, {b_mid}, "
-                                         f"{geometry(*conv_geometry)}, 'relu', [], '')")
-                        mid_shape = (x_shape[0], first.shape[0], *shapes[step.name]["out"][2:])
-                        w = weight(t["weight"], (0, 0), (1, 1), (1, 1), 1, mid_shape)
-                        geo = geometry((0, 0), (1, 1), (1, 1), 1)
-                        last_in, relu = "m", True
-                    if other is None:
-                        unary = "'relu'" if relu else "'none'"
-                        lines.append(f"{out} = conv({last_in}, {w}, {bias}, {geo}, {unary}, [], '')")
-                    else:      # (after a binary post-op the unary is relu or None, not 'none')
-                        unary = "'relu'" if relu else "None"
-                        if inplace:
-                            lines.append(f"{out} = conv_add_({other}, {last_in}, {w}, {bias}, {geo}, 'add', "
-                                         f"None, {unary}, [], '')")
-                        else:
-                            lines.append(f"{out} = conv_add({last_in}, {other}, {w}, {bias}, {geo}, 'add', "
-                                         f"None, {unary}, [], '')")
+                            lines.append(conv_line(step, "m", x, first, b_mid, conv_geometry, x_shape, True))
+                        last_in, last_weight = "m", t["weight"]
+                        last_shape = (x_shape[0], first.shape[0], *shapes[step.name]["out"][2:])
+                        last_geometry, relu = ((0, 0), (1, 1), (1, 1), 1), True
+                    lines.append(conv_line(step, out, last_in, last_weight, t["bias"].float().contiguous(),
+                                           last_geometry, last_shape, relu, other, inplace))
                 temporaries = (["m"] if step.kind == "conv_pair" else []) + (["s"] if other == "s" else [])
                 if temporaries:
                     lines.append("del " + ", ".join(temporaries))

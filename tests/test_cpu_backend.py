@@ -2,6 +2,7 @@
 and the Engine, against torchvision and against the reference backend; its fallback where the
 private oneDNN ops are missing; reordered weights living (and dying) with the plan; the layout LRU;
 in-place accumulation never touching a value someone else holds; threads from worker threads."""
+import re
 import threading
 
 import pytest
@@ -42,6 +43,18 @@ def images(n, h, w, seed=0):
     return image_batch(n, max(h, w), seed)[:, :, :h, :w].contiguous()
 
 
+def in_place_adds(source: str) -> int:
+    """How many convs of a program's source write their sum into the residual: PyTorch's
+    ``conv_add_(`` op or a kept primitive ``conv_sumN(`` (fastres._onednn)."""
+    return len(re.findall(r"\bconv_add_\(|\bconv_sum\d+\(", source))
+
+
+def out_of_place_add(source: str, target: str, x: str, residual: str) -> bool:
+    """Whether ``target = x (*) w + residual`` runs into a new tensor in ``source`` (either form)."""
+    return (f"{target} = conv_add({x}, {residual}," in source
+            or re.search(rf"\b{target} = conv_add\d+\({x}, {residual}\)", source) is not None)
+
+
 def programs(model):
     cache = model.plan().__dict__.get("_onednn_programs")
     return {} if cache is None else dict(cache._items)
@@ -72,7 +85,10 @@ def test_every_constructor_matches_torchvision_and_the_references(arch):
     (program, *_) = programs(model).values()
     convs = [s.name for s in plan.steps if s.kind in ("conv", "conv_pair")]
     assert program.onednn_steps == convs       # every conv of a torchvision ResNet runs on oneDNN
-    assert "conv_add_(" in program.source      # residuals accumulated in place
+    if backend.onednn_primitives_available():  # as primitives kept by fastres._onednn
+        assert program.primitive_steps == convs and program.primitive_fallbacks == {}
+        assert not re.search(r"\bconv(_add_?)?\(", program.source)   # no PyTorch conv op in it
+    assert in_place_adds(program.source) > 0   # residuals accumulated in place
 
 
 @needs_onednn
@@ -189,8 +205,9 @@ def test_in_place_accumulation_never_writes_a_value_read_later():
     assert rel_err(got, expected) <= TOL
     (program,) = programs(fast).values()
     # in place only where the residual dies: not into the input, not into y at its first add
-    assert program.source.count("conv_add_(") == 2, program.source
-    assert "v1 = conv_add(c0, c0," in program.source and "v3 = conv_add(v2, v2," in program.source
+    assert in_place_adds(program.source) == 2, program.source
+    assert out_of_place_add(program.source, "v1", "c0", "c0"), program.source
+    assert out_of_place_add(program.source, "v3", "v2", "v2"), program.source
 
 
 @needs_onednn

@@ -1,0 +1,258 @@
+// fastres._onednn: float32 convolutions as oneDNN primitives made once and kept (the CPU backend's
+// program holds one per conv step), run on dense channels_last tensors.
+//
+// Why: PyTorch's mkldnn::_convolution_pointwise builds the oneDNN primitive descriptor anew on
+// every call before it finds the primitive in oneDNN's cache (tens to a hundred microseconds of
+// host work per call, bench/README.md); a kept primitive costs a few microseconds. Same kernels
+// (brgconv on AVX-512/AVX2), the same post-ops as the program's PyTorch ops:
+//   residual "none": relu?(conv(x) + bias)
+//   residual "sum":  relu?(conv(x) + bias + r), written into r (oneDNN's sum post-op, as
+//                    _convolution_pointwise_ does)
+//   residual "add":  relu?(conv(x) + bias + r) into a new tensor (a binary add post-op, as
+//                    _convolution_pointwise.binary does)
+// Weights are reordered once into the layout the primitive asks for; a batch other than the one
+// the conv was made for gets a primitive of its own (a few kept, its weights shared when its
+// layout is the same). oneDNN here is the libdnnl linked in (built with GNU OpenMP): it runs on
+// PyTorch's libgomp, loaded first, so torch.set_num_threads and omp_set_num_threads apply.
+#include <torch/extension.h>
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#if DNNL_CPU_THREADING_RUNTIME != DNNL_RUNTIME_OMP
+#error "fastres._onednn needs oneDNN built with OpenMP (onednn-cpu-gomp): PyTorch's libgomp runs its threads"
+#endif
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+using dnnl::memory;
+using Dims = memory::dims;
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+enum class Residual { none, sum, add };
+
+Residual parse_residual(const std::string& mode) {
+  if (mode == "none") return Residual::none;
+  if (mode == "sum") return Residual::sum;
+  if (mode == "add") return Residual::add;
+  TORCH_CHECK(false, "fastres._onednn.Conv: residual must be 'none', 'sum' or 'add', not '", mode, "'");
+}
+
+// A batch's primitive and the weights in its layout.
+struct Kept {
+  dnnl::convolution_forward primitive;
+  memory::desc src, dst, weights_desc;
+  memory weights;
+  size_t scratchpad_bytes = 0;
+  std::string impl;
+};
+
+constexpr size_t kBatchesKept = 8;  // primitives for other batches than the conv was made for
+
+class Conv {
+ public:
+  Conv(const std::vector<int64_t>& input_shape, const torch::Tensor& weight,
+       const c10::optional<torch::Tensor>& bias, const std::vector<int64_t>& stride,
+       const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
+       const std::string& residual, bool relu)
+      : residual_(parse_residual(residual)), relu_(relu), groups_(groups) {
+    TORCH_CHECK(input_shape.size() == 4, "fastres._onednn.Conv: input shape must be [N, C, H, W]");
+    TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == torch::kFloat && weight.device().is_cpu(),
+                "fastres._onednn.Conv: weight must be a 4-D float32 CPU tensor");
+    TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && groups >= 1,
+                "fastres._onednn.Conv: stride, padding and dilation must have 2 entries, groups >= 1");
+    c_ = input_shape[1];
+    h_ = input_shape[2];
+    w_ = input_shape[3];
+    o_ = weight.size(0);
+    TORCH_CHECK(o_ % groups == 0 && weight.size(1) * groups == c_,
+                "fastres._onednn.Conv: weight ", weight.sizes(), " does not fit ", c_, " input channels in ",
+                groups, " groups");
+    int64_t kh = weight.size(2), kw = weight.size(3);
+    oh_ = (h_ + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+    ow_ = (w_ + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+    TORCH_CHECK(oh_ > 0 && ow_ > 0, "fastres._onednn.Conv: empty output for input ", c_, "x", h_, "x", w_);
+    stride_ = Dims(stride.begin(), stride.end());
+    padding_ = Dims(padding.begin(), padding.end());
+    dilation_ = {dilation[0] - 1, dilation[1] - 1};  // oneDNN counts the gaps
+    weight_dims_ = groups == 1 ? Dims{o_, c_, kh, kw} : Dims{groups, o_ / groups, c_ / groups, kh, kw};
+    if (bias.has_value()) {
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == o_ && bias->scalar_type() == torch::kFloat,
+                  "fastres._onednn.Conv: bias must be float32 of ", o_, " entries");
+      bias_ = bias->contiguous().clone();
+    }
+    try {
+      batch_ = input_shape[0];
+      auto first = std::make_shared<Kept>(make(batch_));
+      // the user's OIHW weights reordered once into the primitive's layout
+      torch::Tensor dense = weight.contiguous();
+      auto tag = groups == 1 ? memory::format_tag::oihw : memory::format_tag::goihw;
+      memory user(memory::desc(weight_dims_, memory::data_type::f32, tag), cpu_engine(), dense.data_ptr());
+      first->weights = memory(first->weights_desc, cpu_engine());
+      dnnl::stream stream(cpu_engine());
+      dnnl::reorder(user, first->weights).execute(stream, user, first->weights);
+      stream.wait();
+      first_ = first;
+    } catch (const dnnl::error& err) {
+      TORCH_CHECK(false, "fastres._onednn.Conv: oneDNN refused this convolution: ", err.what());
+    }
+  }
+
+  torch::Tensor run(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 4,
+                "fastres._onednn.Conv: input must be a 4-D float32 CPU tensor, got ", x.scalar_type(), " ",
+                x.sizes());
+    TORCH_CHECK(x.size(1) == c_ && x.size(2) == h_ && x.size(3) == w_, "fastres._onednn.Conv: input ", x.sizes(),
+                " is not [N, ", c_, ", ", h_, ", ", w_, "]");
+    TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "fastres._onednn.Conv: input must be dense channels_last");
+    int64_t n = x.size(0);
+    TORCH_CHECK(n > 0, "fastres._onednn.Conv: empty batch");
+    std::vector<int64_t> out_shape{n, o_, oh_, ow_};
+    torch::Tensor r;
+    if (residual_ != Residual::none) {
+      TORCH_CHECK(residual.has_value(), "fastres._onednn.Conv: this conv adds a residual; none was given");
+      r = *residual;
+      TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == torch::kFloat && r.sizes() == c10::IntArrayRef(out_shape)
+                      && r.is_contiguous(at::MemoryFormat::ChannelsLast),
+                  "fastres._onednn.Conv: residual must be dense channels_last float32 of shape ", out_shape,
+                  ", got ", r.sizes());
+    }
+    std::shared_ptr<const Kept> kept = for_batch(n);
+    torch::Tensor y = residual_ == Residual::sum
+                          ? r
+                          : torch::empty(out_shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    torch::Tensor scratchpad = torch::empty({static_cast<int64_t>(kept->scratchpad_bytes)},
+                                            x.options().dtype(torch::kUInt8).memory_format(at::MemoryFormat::Contiguous));
+    try {
+      auto& engine = cpu_engine();
+      std::unordered_map<int, memory> args{
+          {DNNL_ARG_SRC, memory(kept->src, engine, x.data_ptr())},
+          {DNNL_ARG_WEIGHTS, kept->weights},
+          {DNNL_ARG_DST, memory(kept->dst, engine, y.data_ptr())}};
+      if (kept->scratchpad_bytes > 0) {
+        args.emplace(DNNL_ARG_SCRATCHPAD, memory(scratchpad_desc(*kept), engine, scratchpad.data_ptr()));
+      }
+      if (bias_.defined()) {
+        args.emplace(DNNL_ARG_BIAS, memory(memory::desc({o_}, memory::data_type::f32, memory::format_tag::x),
+                                           engine, bias_.data_ptr()));
+      }
+      if (residual_ == Residual::add) {
+        args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, memory(kept->dst, engine, r.data_ptr()));
+      }
+      dnnl::stream stream(engine);
+      kept->primitive.execute(stream, args);
+      stream.wait();
+    } catch (const dnnl::error& err) {
+      TORCH_CHECK(false, "fastres._onednn.Conv: oneDNN failed to run: ", err.what());
+    }
+    return y;
+  }
+
+  std::string impl() const { return first_->impl; }
+
+  // bytes of the weights this conv keeps (its first layout and any other batch's own)
+  int64_t weight_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    size_t bytes = first_->weights.get_desc().get_size();
+    for (const auto& entry : others_) {
+      const memory& weights = entry.second->weights;
+      if (weights.get_data_handle() != first_->weights.get_data_handle()) bytes += weights.get_desc().get_size();
+    }
+    return static_cast<int64_t>(bytes);
+  }
+
+ private:
+  static memory::desc scratchpad_desc(const Kept& kept) {
+    return memory::desc({static_cast<int64_t>(kept.scratchpad_bytes)}, memory::data_type::u8, memory::format_tag::x);
+  }
+
+  Kept make(int64_t n) const {
+    Kept kept;
+    kept.src = memory::desc({n, c_, h_, w_}, memory::data_type::f32, memory::format_tag::nhwc);
+    kept.dst = memory::desc({n, o_, oh_, ow_}, memory::data_type::f32, memory::format_tag::nhwc);
+    dnnl::post_ops post_ops;
+    if (residual_ == Residual::sum) post_ops.append_sum(1.f);
+    if (residual_ == Residual::add) post_ops.append_binary(dnnl::algorithm::binary_add, kept.dst);
+    if (relu_) post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(post_ops);
+    // a scratchpad of ours per call (PyTorch's allocator): calls from several threads never share one
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    auto weights_any = memory::desc(weight_dims_, memory::data_type::f32, memory::format_tag::any);
+    auto bias_md = bias_.defined() ? memory::desc({o_}, memory::data_type::f32, memory::format_tag::x) : memory::desc();
+    dnnl::convolution_forward::primitive_desc pd(cpu_engine(), dnnl::prop_kind::forward_inference,
+                                                 dnnl::algorithm::convolution_direct, kept.src, weights_any, bias_md,
+                                                 kept.dst, stride_, dilation_, padding_, padding_, attr);
+    kept.weights_desc = pd.weights_desc();
+    kept.scratchpad_bytes = pd.scratchpad_desc().get_size();
+    kept.impl = pd.impl_info_str();
+    kept.primitive = dnnl::convolution_forward(pd);
+    return kept;
+  }
+
+  std::shared_ptr<const Kept> for_batch(int64_t n) {
+    if (n == batch_) return first_;
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto found = others_.find(n);
+    if (found != others_.end()) return found->second;
+    if (others_.size() >= kBatchesKept) others_.clear();  // callers still running hold theirs
+    try {
+      auto kept = std::make_shared<Kept>(make(n));
+      if (kept->weights_desc == first_->weights_desc) {
+        kept->weights = first_->weights;
+      } else {
+        kept->weights = memory(kept->weights_desc, cpu_engine());
+        memory from = first_->weights;  // (a handle: the copy shares the buffer)
+        dnnl::stream stream(cpu_engine());
+        dnnl::reorder(from, kept->weights).execute(stream, from, kept->weights);
+        stream.wait();
+      }
+      others_.emplace(n, kept);
+      return kept;
+    } catch (const dnnl::error& err) {
+      TORCH_CHECK(false, "fastres._onednn.Conv: oneDNN refused batch ", n, ": ", err.what());
+    }
+  }
+
+  Residual residual_;
+  bool relu_;
+  int64_t groups_, batch_ = 0, c_ = 0, h_ = 0, w_ = 0, o_ = 0, oh_ = 0, ow_ = 0;
+  Dims stride_, padding_, dilation_, weight_dims_;
+  torch::Tensor bias_;
+  std::shared_ptr<const Kept> first_;
+  std::mutex mutex_;
+  std::map<int64_t, std::shared_ptr<const Kept>> others_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "oneDNN float32 convolutions kept as primitives; used by fastres's CPU backend.";
+  module.attr("onednn_version") = [] {
+    const dnnl_version_t* v = dnnl_version();
+    return std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
+  }();
+  pybind11::class_<Conv>(module, "Conv")
+      .def(pybind11::init<const std::vector<int64_t>&, const torch::Tensor&, const c10::optional<torch::Tensor>&,
+                          const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+                          int64_t, const std::string&, bool>(),
+           pybind11::arg("input_shape"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("stride"),
+           pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"),
+           pybind11::arg("residual") = "none", pybind11::arg("relu") = false)
+      // without the GIL, as PyTorch's own ops run: other Python threads keep going
+      .def("__call__", &Conv::run, pybind11::arg("x"), pybind11::arg("residual") = pybind11::none(),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("impl", &Conv::impl)
+      .def_property_readonly("weight_bytes", &Conv::weight_bytes);
+}

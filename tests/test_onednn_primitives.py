@@ -1,0 +1,200 @@
+"""fastres._onednn (csrc/onednn_conv.cpp): the CPU backend's convolutions as oneDNN primitives it
+keeps, against F.conv2d and against PyTorch's own oneDNN ops (the fallback, which the same programs
+run where the extension is missing or turned off); its errors on bad input; its calls from
+several threads and with other batches than it was made for."""
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import fastres
+from fastres import backend
+from fastres.engine import Engine
+from fastres.verify import image_batch, randomize_norm_stats_
+
+from kernel_testing import rel_err
+
+needs_primitives = pytest.mark.skipif(not backend.onednn_primitives_available(),
+                                      reason=f"kept oneDNN primitives unavailable: {backend.onednn_primitives_reason()}")
+CL = torch.channels_last
+TOL = 1e-5
+
+
+def nhwc(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).contiguous(memory_format=CL)
+
+
+# (input N, C, H, W), (O, C/g, KH, KW), stride, padding, dilation, groups
+GEOMETRIES = [
+    ((1, 64, 14, 14), (256, 64, 1, 1), (1, 1), (0, 0), (1, 1), 1),       # a bottleneck 1x1
+    ((2, 32, 15, 13), (64, 32, 1, 1), (2, 2), (0, 0), (1, 1), 1),        # projection shortcut
+    ((1, 16, 11, 9), (24, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((3, 16, 12, 12), (16, 16, 3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((1, 64, 9, 9), (64, 2, 3, 3), (1, 1), (1, 1), (1, 1), 32),          # resnext's grouped 3x3
+    ((2, 8, 13, 13), (8, 8, 3, 3), (1, 1), (2, 2), (2, 2), 1),           # dilated
+    ((1, 3, 45, 37), (16, 3, 7, 7), (2, 2), (3, 3), (1, 1), 1),          # the stem
+]
+
+
+@needs_primitives
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[1]}s{g[2][0]}g{g[5]}")
+@pytest.mark.parametrize("residual", ["none", "add", "sum"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_kept_conv_matches_f_conv2d(geometry, residual, relu):
+    shape, w_shape, stride, padding, dilation, groups = geometry
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(w_shape, generator=g) / (w_shape[1] * w_shape[2] * w_shape[3]) ** 0.5
+    b = torch.randn(w_shape[0], generator=g)
+    conv = backend._OneDnnOps().kept_conv(list(shape), w, b, list(stride), list(padding), list(dilation), groups,
+                                         residual, relu)
+    for n in (shape[0], shape[0] + 2, 1):      # the batch it was made for, and others
+        x = nhwc(n, *shape[1:], seed=n)
+        expected = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        r = nhwc(*expected.shape, seed=10 + n) if residual != "none" else None
+        if r is not None:
+            expected = expected + r
+        if relu:
+            expected = expected.relu()
+        r_before = r.clone() if r is not None else None
+        got = conv(x, r) if r is not None else conv(x)
+        assert got.shape == expected.shape and got.is_contiguous(memory_format=CL)
+        assert rel_err(got, expected) <= TOL, (n, residual, relu)
+        if residual == "sum":          # written into the residual, which is returned
+            assert got.data_ptr() == r.data_ptr()
+        elif r is not None:
+            assert torch.equal(r, r_before)
+
+
+@needs_primitives
+def test_kept_conv_has_the_bits_of_pytorchs_op():
+    """The same oneDNN kernels (brgconv) as the fallback, PyTorch's mkldnn op, though another
+    oneDNN build: within 1e-6 of it (the same bits on the machines tried, not asserted)."""
+    ops = backend._OneDnnOps()
+    for shape, w_shape, stride, padding, dilation, groups in GEOMETRIES:
+        g = torch.Generator().manual_seed(2)
+        w, b = torch.randn(w_shape, generator=g), torch.randn(w_shape[0], generator=g)
+        x = nhwc(*shape)
+        conv = ops.kept_conv(list(shape), w, b, list(stride), list(padding), list(dilation), groups, "none", True)
+        packed = ops.reorder(w, padding, stride, dilation, groups, shape)
+        theirs = ops.conv(x, packed, b, list(padding), list(stride), list(dilation), groups, "relu", [], "")
+        assert rel_err(conv(x), theirs) <= 1e-6, w_shape
+
+
+@needs_primitives
+def test_bad_input_is_refused_with_a_clear_error():
+    Conv = backend._OneDnnOps().kept_conv
+    w, b = torch.randn(8, 4, 3, 3), torch.randn(8)
+    conv = Conv([2, 4, 10, 10], w, b, [1, 1], [1, 1], [1, 1], 1, "add", True)
+    x, r = nhwc(2, 4, 10, 10), nhwc(2, 8, 10, 10)
+    with pytest.raises(RuntimeError, match=r"is not \[N, 4, 10, 10\]"):
+        conv(nhwc(2, 4, 11, 10), r)
+    with pytest.raises(RuntimeError, match="dense channels_last"):
+        conv(x.contiguous(), r)
+    with pytest.raises(RuntimeError, match="float32"):
+        conv(x.double(), r)
+    with pytest.raises(RuntimeError, match="adds a residual; none was given"):
+        conv(x)
+    with pytest.raises(RuntimeError, match="residual must be dense channels_last float32 of shape"):
+        conv(x, r[:, :4].contiguous(memory_format=CL))
+    with pytest.raises(RuntimeError, match=r"weight \[8, 4, 3, 3\] does not fit 5 input channels in 1 groups"):
+        Conv([1, 5, 8, 8], w, b, [1, 1], [1, 1], [1, 1], 1, "none", False)
+    with pytest.raises(RuntimeError, match="residual must be 'none', 'sum' or 'add'"):
+        Conv([1, 4, 8, 8], w, b, [1, 1], [1, 1], [1, 1], 1, "mul", False)
+    with pytest.raises(RuntimeError, match="empty output"):
+        Conv([1, 4, 2, 2], w, b, [1, 1], [0, 0], [1, 1], 1, "none", False)
+
+
+@needs_primitives
+def test_calls_from_several_threads_and_batches_agree_with_one_thread():
+    """One kept conv called at once from four threads with batches it was not made for (its
+    primitives for them made under a lock, each call with a scratchpad of its own)."""
+    w, b = torch.randn(64, 32, 3, 3) / 17, torch.randn(64)
+    conv = backend._OneDnnOps().kept_conv([8, 32, 14, 14], w, b, [1, 1], [1, 1], [1, 1], 1, "none", True)
+    inputs = {n: nhwc(n, 32, 14, 14, seed=n) for n in (1, 2, 3, 5, 8)}
+    expected = {n: F.conv2d(x, w, b, padding=1).relu() for n, x in inputs.items()}
+    failures = []
+
+    def work(order):
+        for _ in range(5):
+            for n in order:
+                if rel_err(conv(inputs[n]), expected[n]) > TOL:
+                    failures.append(n)
+    threads = [threading.Thread(target=work, args=(list(inputs)[i:] + list(inputs)[:i],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert conv.weight_bytes >= w.numel() * 4
+
+
+def twins(arch):
+    torch.manual_seed(0)
+    tv = randomize_norm_stats_(getattr(torchvision.models, arch)(num_classes=10), 0).eval()
+    model = getattr(fastres, arch)(num_classes=10)
+    model.load_state_dict(tv.state_dict())
+    return tv, model.eval()
+
+
+@needs_primitives
+@pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
+def test_programs_with_kept_primitives_and_with_pytorchs_ops_agree(arch, monkeypatch):
+    """The fallback (FASTRES_ONEDNN_PRIMITIVES=0, or the extension missing) runs the same program
+    through PyTorch's ops: both match torchvision, and each other to the last bits we can expect."""
+    tv, model = twins(arch)
+    x = image_batch(3, 33, 0)
+    with torch.inference_mode():
+        expected = tv(x)
+        kept = model(x)
+        (program,) = model.plan()._onednn_programs._items.values()
+        assert program.primitive_steps and program.primitive_fallbacks == {}
+        ops = backend._OneDnnOps()
+        ops.kept_conv = None
+        plain = backend.OneDnnProgram(model.plan(), program.key, ops)
+        assert plain.primitive_steps == [] and plain.onednn_steps == program.onednn_steps
+        assert "conv_add_(" in plain.source and "conv_sum" not in plain.source
+        via_ops = plain(x.contiguous(memory_format=CL))
+    assert rel_err(kept, expected) <= TOL and rel_err(via_ops, expected) <= TOL
+    assert rel_err(kept, via_ops) <= 1e-6
+
+
+@pytest.mark.skipif(not backend.onednn_available(), reason=f"oneDNN ops unavailable: {backend.onednn_unavailable_reason()}")
+def test_without_the_extension_pytorchs_ops_run_and_fastres_says_so(monkeypatch):
+    monkeypatch.setattr(backend, "_primitives_state", None)
+    monkeypatch.setattr(backend, "_check_onednn_primitives", lambda: (
+        False, "fastres._onednn is not built (No module named 'fastres._onednn'): pip install "
+               f"{backend.ONEDNN_PACKAGES}, then pip install --no-build-isolation -e . (make does both)"))
+    monkeypatch.setattr(fastres.extension, "_noticed", set())
+    monkeypatch.setattr(backend.get_backend("torch"), "_ops", None)    # made anew, without them
+    assert not backend.onednn_primitives_available()
+    tv, model = twins("resnet18")
+    x = image_batch(2, 32, 0)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="onednn-cpu-gomp==2023.2.0") as noticed:
+        got, expected = model(x), tv(x)
+        model(image_batch(1, 40, 1))     # another program: no second notice
+    assert rel_err(got, expected) <= TOL
+    assert sum("onednn-cpu-gomp" in str(w.message) for w in noticed) == 1
+    (program, _) = model.plan()._onednn_programs._items.values()
+    assert program.primitive_steps == [] and "conv_add_(" in program.source
+
+
+def test_the_switch_turns_them_off(monkeypatch):
+    monkeypatch.setattr(backend, "_primitives_state", None)
+    monkeypatch.setattr(backend, "_PRIMITIVES_ENV", False)
+    assert not backend.onednn_primitives_available()
+    assert backend.onednn_primitives_reason() == "FASTRES_ONEDNN_PRIMITIVES=0"
+    assert backend._OneDnnOps().kept_conv is None
+
+
+@needs_primitives
+def test_the_engine_runs_kept_primitives_with_its_buckets():
+    tv, _ = twins("resnet18")
+    engine = Engine(tv, batch_sizes=(1, 4), image_size=32, input="float_nchw")
+    x = image_batch(3, 32, 0)
+    with torch.inference_mode():
+        expected = tv(x)
+    assert rel_err(engine(x), expected) <= TOL
+    (program,) = engine.plan._onednn_programs._items.values()
+    assert program.key[0] == 4 and program.primitive_steps
