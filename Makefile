@@ -12,7 +12,7 @@ STAMP   := $(VENV)/.fastres-installed-$(subst $(comma),-,$(EXTRAS))
 # oneDNN's GNU-OpenMP build, before the extension builds (x86-64 Linux wheels only): fastres._onednn,
 # the CPU backend's convolutions as kept primitives. Without it the CPU backend calls PyTorch's
 # oneDNN ops (the same answers, more host time per call) and says so.
-ONEDNN  := $(if $(filter x86_64,$(shell uname -m)),onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0,)
+ONEDNN  := $(if $(and $(filter Linux,$(shell uname -s)),$(filter x86_64,$(shell uname -m))),onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0,)
 
 .PHONY: run test test-ray bench bench-ray gpu-check clean
 

@@ -62,9 +62,16 @@ def onednn_root():
     root = os.environ.get("FASTRES_ONEDNN_ROOT") or sys.prefix
     found = (os.path.exists(os.path.join(root, "include", "oneapi", "dnnl", "dnnl.hpp"))
              and os.path.exists(os.path.join(root, "lib", "libdnnl.so.3")))
+    hint = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 adds it"
     if not found:
         print(f"fastres: oneDNN not found under {root} (include/oneapi/dnnl, lib/libdnnl.so.3); building without "
-              "fastres._onednn. pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 adds it")
+              f"fastres._onednn. {hint}")
+        return None
+    # only an OpenMP build runs on PyTorch's threads (a TBB or sequential one would fight or idle them)
+    with open(os.path.join(root, "include", "oneapi", "dnnl", "dnnl_config.h")) as config:
+        openmp = re.search(r"#define\s+DNNL_CPU_THREADING_RUNTIME\s+DNNL_RUNTIME_OMP\b", config.read())
+    if not openmp:
+        print(f"fastres: the oneDNN under {root} is not an OpenMP build; building without fastres._onednn. {hint}")
         return None
     return root
 

@@ -10,9 +10,9 @@
 //                    _convolution_pointwise_ does)
 //   residual "add":  relu?(conv(x) + bias + r) into a new tensor (a binary add post-op, as
 //                    _convolution_pointwise.binary does)
-// Weights are reordered once into the layout the primitive asks for; a batch other than the one
-// the conv was made for gets a primitive of its own (a few kept, its weights shared when its
-// layout is the same). oneDNN here is the libdnnl linked in (built with GNU OpenMP): it runs on
+// Weights are reordered once into the layout the primitive asks for; an input shape other than the
+// one the conv was made for (another batch; an image size that depends on the batch) gets a
+// primitive of its own on first use (a few kept, its weights shared when its layout is the same). oneDNN here is the libdnnl linked in (built with GNU OpenMP): it runs on
 // PyTorch's libgomp, loaded first, so torch.set_num_threads and omp_set_num_threads apply.
 #include <torch/extension.h>
 
@@ -48,16 +48,24 @@ Residual parse_residual(const std::string& mode) {
   TORCH_CHECK(false, "fastres._onednn.Conv: residual must be 'none', 'sum' or 'add', not '", mode, "'");
 }
 
-// A batch's primitive and the weights in its layout.
+bool dense_channels_last(const torch::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_neg() && !t.is_conj();
+}
+
+// An input shape's primitive and the weights in its layout.
 struct Kept {
   dnnl::convolution_forward primitive;
   memory::desc src, dst, weights_desc;
   memory weights;
+  std::vector<int64_t> out_shape;
   size_t scratchpad_bytes = 0;
   std::string impl;
+  uint64_t last_use = 0;
 };
 
-constexpr size_t kBatchesKept = 8;  // primitives for other batches than the conv was made for
+// Primitives kept for input shapes other than the one the conv was made for (other batches; an
+// image size that depends on the batch), least recently used dropped first.
+constexpr size_t kOtherShapesKept = 16;
 
 class Conv {
  public:
@@ -65,35 +73,40 @@ class Conv {
        const c10::optional<torch::Tensor>& bias, const std::vector<int64_t>& stride,
        const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
        const std::string& residual, bool relu)
-      : residual_(parse_residual(residual)), relu_(relu), groups_(groups) {
-    TORCH_CHECK(input_shape.size() == 4, "fastres._onednn.Conv: input shape must be [N, C, H, W]");
+      : residual_(parse_residual(residual)), relu_(relu) {
+    TORCH_CHECK(input_shape.size() == 4 && input_shape[0] > 0 && input_shape[1] > 0 && input_shape[2] > 0 &&
+                    input_shape[3] > 0,
+                "fastres._onednn.Conv: input shape must be [N, C, H, W] with positive sizes");
     TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == torch::kFloat && weight.device().is_cpu(),
-                "fastres._onednn.Conv: weight must be a 4-D float32 CPU tensor");
-    TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && groups >= 1,
-                "fastres._onednn.Conv: stride, padding and dilation must have 2 entries, groups >= 1");
+                "fastres._onednn.Conv: weight must be a 4-D float32 CPU tensor, got ", weight.scalar_type(), " ",
+                weight.sizes(), " on ", weight.device());
+    TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                "fastres._onednn.Conv: stride, padding and dilation must have 2 entries");
+    TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
+                    padding[1] >= 0 && groups >= 1,
+                "fastres._onednn.Conv: stride and dilation must be >= 1, padding >= 0 and groups >= 1, got stride ",
+                stride, ", padding ", padding, ", dilation ", dilation, ", groups ", groups);
     c_ = input_shape[1];
-    h_ = input_shape[2];
-    w_ = input_shape[3];
     o_ = weight.size(0);
+    kh_ = weight.size(2);
+    kw_ = weight.size(3);
     TORCH_CHECK(o_ % groups == 0 && weight.size(1) * groups == c_,
                 "fastres._onednn.Conv: weight ", weight.sizes(), " does not fit ", c_, " input channels in ",
                 groups, " groups");
-    int64_t kh = weight.size(2), kw = weight.size(3);
-    oh_ = (h_ + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-    ow_ = (w_ + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
-    TORCH_CHECK(oh_ > 0 && ow_ > 0, "fastres._onednn.Conv: empty output for input ", c_, "x", h_, "x", w_);
     stride_ = Dims(stride.begin(), stride.end());
     padding_ = Dims(padding.begin(), padding.end());
     dilation_ = {dilation[0] - 1, dilation[1] - 1};  // oneDNN counts the gaps
-    weight_dims_ = groups == 1 ? Dims{o_, c_, kh, kw} : Dims{groups, o_ / groups, c_ / groups, kh, kw};
+    weight_dims_ = groups == 1 ? Dims{o_, c_, kh_, kw_} : Dims{groups, o_ / groups, c_ / groups, kh_, kw_};
     if (bias.has_value()) {
-      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == o_ && bias->scalar_type() == torch::kFloat,
-                  "fastres._onednn.Conv: bias must be float32 of ", o_, " entries");
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == o_ && bias->scalar_type() == torch::kFloat &&
+                      bias->device().is_cpu(),
+                  "fastres._onednn.Conv: bias must be a float32 CPU tensor of ", o_, " entries, got ",
+                  bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
       bias_ = bias->contiguous().clone();
     }
+    shape_ = {input_shape[0], c_, input_shape[2], input_shape[3]};
     try {
-      batch_ = input_shape[0];
-      auto first = std::make_shared<Kept>(make(batch_));
+      auto first = std::make_shared<Kept>(make(shape_));
       // the user's OIHW weights reordered once into the primitive's layout
       torch::Tensor dense = weight.contiguous();
       auto tag = groups == 1 ? memory::format_tag::oihw : memory::format_tag::goihw;
@@ -111,24 +124,29 @@ class Conv {
   torch::Tensor run(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 4,
                 "fastres._onednn.Conv: input must be a 4-D float32 CPU tensor, got ", x.scalar_type(), " ",
-                x.sizes());
-    TORCH_CHECK(x.size(1) == c_ && x.size(2) == h_ && x.size(3) == w_, "fastres._onednn.Conv: input ", x.sizes(),
-                " is not [N, ", c_, ", ", h_, ", ", w_, "]");
-    TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
-                "fastres._onednn.Conv: input must be dense channels_last");
-    int64_t n = x.size(0);
-    TORCH_CHECK(n > 0, "fastres._onednn.Conv: empty batch");
-    std::vector<int64_t> out_shape{n, o_, oh_, ow_};
+                x.sizes(), " on ", x.device());
+    TORCH_CHECK(x.size(1) == c_, "fastres._onednn.Conv: input ", x.sizes(), " has ", x.size(1), " channels, not ",
+                c_);
+    TORCH_CHECK(dense_channels_last(x), "fastres._onednn.Conv: input must be dense channels_last, got sizes ",
+                x.sizes(), " strides ", x.strides());
+    TORCH_CHECK(x.numel() > 0, "fastres._onednn.Conv: empty input ", x.sizes());
+    std::shared_ptr<const Kept> kept = for_shape(x.sizes().vec());
+    const auto& out_shape = kept->out_shape;
     torch::Tensor r;
     if (residual_ != Residual::none) {
       TORCH_CHECK(residual.has_value(), "fastres._onednn.Conv: this conv adds a residual; none was given");
       r = *residual;
       TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == torch::kFloat && r.sizes() == c10::IntArrayRef(out_shape)
-                      && r.is_contiguous(at::MemoryFormat::ChannelsLast),
-                  "fastres._onednn.Conv: residual must be dense channels_last float32 of shape ", out_shape,
-                  ", got ", r.sizes());
+                      && dense_channels_last(r),
+                  "fastres._onednn.Conv: the residual must be a dense channels_last float32 CPU tensor of the "
+                  "output's sizes ", c10::IntArrayRef(out_shape), ", got ", r.scalar_type(), " sizes ", r.sizes(),
+                  " strides ", r.strides(), " on ", r.device());
+      if (residual_ == Residual::sum) {
+        // the sum is written into the residual while the input is read: they must not share memory
+        TORCH_CHECK(at::get_overlap_status(r, x) == at::MemOverlapStatus::No,
+                    "fastres._onednn.Conv: the residual written in place shares memory with the input");
+      }
     }
-    std::shared_ptr<const Kept> kept = for_batch(n);
     torch::Tensor y = residual_ == Residual::sum
                           ? r
                           : torch::empty(out_shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -141,7 +159,10 @@ class Conv {
           {DNNL_ARG_WEIGHTS, kept->weights},
           {DNNL_ARG_DST, memory(kept->dst, engine, y.data_ptr())}};
       if (kept->scratchpad_bytes > 0) {
-        args.emplace(DNNL_ARG_SCRATCHPAD, memory(scratchpad_desc(*kept), engine, scratchpad.data_ptr()));
+        args.emplace(DNNL_ARG_SCRATCHPAD,
+                     memory(memory::desc({static_cast<int64_t>(kept->scratchpad_bytes)}, memory::data_type::u8,
+                                         memory::format_tag::x),
+                            engine, scratchpad.data_ptr()));
       }
       if (bias_.defined()) {
         args.emplace(DNNL_ARG_BIAS, memory(memory::desc({o_}, memory::data_type::f32, memory::format_tag::x),
@@ -161,7 +182,7 @@ class Conv {
 
   std::string impl() const { return first_->impl; }
 
-  // bytes of the weights this conv keeps (its first layout and any other batch's own)
+  // bytes of the weights this conv keeps now (its first layout and the other shapes' own)
   int64_t weight_bytes() {
     std::lock_guard<std::mutex> lock(mutex_);
     size_t bytes = first_->weights.get_desc().get_size();
@@ -172,15 +193,22 @@ class Conv {
     return static_cast<int64_t>(bytes);
   }
 
- private:
-  static memory::desc scratchpad_desc(const Kept& kept) {
-    return memory::desc({static_cast<int64_t>(kept.scratchpad_bytes)}, memory::data_type::u8, memory::format_tag::x);
+  int64_t shapes_kept() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return 1 + static_cast<int64_t>(others_.size());
   }
 
-  Kept make(int64_t n) const {
+ private:
+  Kept make(const std::vector<int64_t>& shape) const {
+    int64_t oh = (shape[2] + 2 * padding_[0] - (dilation_[0] + 1) * (kh_ - 1) - 1) / stride_[0] + 1;
+    int64_t ow = (shape[3] + 2 * padding_[1] - (dilation_[1] + 1) * (kw_ - 1) - 1) / stride_[1] + 1;
+    TORCH_CHECK(oh > 0 && ow > 0, "fastres._onednn.Conv: input ", c10::IntArrayRef(shape),
+                " is smaller than the (dilated) kernel ", kh_, "x", kw_, " with padding ", padding_,
+                ": empty output");
     Kept kept;
-    kept.src = memory::desc({n, c_, h_, w_}, memory::data_type::f32, memory::format_tag::nhwc);
-    kept.dst = memory::desc({n, o_, oh_, ow_}, memory::data_type::f32, memory::format_tag::nhwc);
+    kept.out_shape = {shape[0], o_, oh, ow};
+    kept.src = memory::desc(shape, memory::data_type::f32, memory::format_tag::nhwc);
+    kept.dst = memory::desc(kept.out_shape, memory::data_type::f32, memory::format_tag::nhwc);
     dnnl::post_ops post_ops;
     if (residual_ == Residual::sum) post_ops.append_sum(1.f);
     if (residual_ == Residual::add) post_ops.append_binary(dnnl::algorithm::binary_add, kept.dst);
@@ -201,16 +229,25 @@ class Conv {
     return kept;
   }
 
-  std::shared_ptr<const Kept> for_batch(int64_t n) {
-    if (n == batch_) return first_;
+  std::shared_ptr<const Kept> for_shape(const std::vector<int64_t>& shape) {
+    if (shape == shape_) return first_;
     std::lock_guard<std::mutex> lock(mutex_);
-    auto found = others_.find(n);
-    if (found != others_.end()) return found->second;
-    if (others_.size() >= kBatchesKept) others_.clear();  // callers still running hold theirs
+    auto found = others_.find(shape);
+    if (found != others_.end()) {
+      std::const_pointer_cast<Kept>(found->second)->last_use = ++uses_;
+      return found->second;
+    }
+    if (others_.size() >= kOtherShapesKept) {  // callers still running hold theirs
+      auto oldest = others_.begin();
+      for (auto it = others_.begin(); it != others_.end(); ++it) {
+        if (it->second->last_use < oldest->second->last_use) oldest = it;
+      }
+      others_.erase(oldest);
+    }
     try {
-      auto kept = std::make_shared<Kept>(make(n));
+      auto kept = std::make_shared<Kept>(make(shape));
       if (kept->weights_desc == first_->weights_desc) {
-        kept->weights = first_->weights;
+        kept->weights = first_->weights;  // the same layout: shared
       } else {
         kept->weights = memory(kept->weights_desc, cpu_engine());
         memory from = first_->weights;  // (a handle: the copy shares the buffer)
@@ -218,21 +255,24 @@ class Conv {
         dnnl::reorder(from, kept->weights).execute(stream, from, kept->weights);
         stream.wait();
       }
-      others_.emplace(n, kept);
+      kept->last_use = ++uses_;
+      others_.emplace(shape, kept);
       return kept;
     } catch (const dnnl::error& err) {
-      TORCH_CHECK(false, "fastres._onednn.Conv: oneDNN refused batch ", n, ": ", err.what());
+      TORCH_CHECK(false, "fastres._onednn.Conv: oneDNN refused input ", c10::IntArrayRef(shape), ": ", err.what());
     }
   }
 
   Residual residual_;
   bool relu_;
-  int64_t groups_, batch_ = 0, c_ = 0, h_ = 0, w_ = 0, o_ = 0, oh_ = 0, ow_ = 0;
+  int64_t c_ = 0, o_ = 0, kh_ = 0, kw_ = 0;
+  std::vector<int64_t> shape_;
   Dims stride_, padding_, dilation_, weight_dims_;
   torch::Tensor bias_;
   std::shared_ptr<const Kept> first_;
   std::mutex mutex_;
-  std::map<int64_t, std::shared_ptr<const Kept>> others_;
+  uint64_t uses_ = 0;
+  std::map<std::vector<int64_t>, std::shared_ptr<const Kept>> others_;
 };
 
 }  // namespace
@@ -254,5 +294,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       .def("__call__", &Conv::run, pybind11::arg("x"), pybind11::arg("residual") = pybind11::none(),
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_property_readonly("impl", &Conv::impl)
-      .def_property_readonly("weight_bytes", &Conv::weight_bytes);
+      .def_property_readonly("weight_bytes", &Conv::weight_bytes)
+      .def_property_readonly("shapes_kept", &Conv::shapes_kept);
 }

@@ -546,7 +546,13 @@ def _check_onednn_int8() -> tuple:
 
 
 # -- CPU: oneDNN primitives kept by fastres._onednn ------------------------------------------------
-_PRIMITIVES_ENV = os.environ.get("FASTRES_ONEDNN_PRIMITIVES", "1") not in ("", "0")
+_SWITCH = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False, "false": False, "no": False,
+           "": False}
+_PRIMITIVES_ENV = _SWITCH.get(os.environ.get("FASTRES_ONEDNN_PRIMITIVES", "1").strip().lower())
+if _PRIMITIVES_ENV is None:
+    _notice_once(f"fastres: FASTRES_ONEDNN_PRIMITIVES={os.environ['FASTRES_ONEDNN_PRIMITIVES']!r} is not 1 (on) or "
+                 "0 (off): using 1")
+    _PRIMITIVES_ENV = True
 _primitives_state: "bool | None" = None
 _primitives_reason = ""
 ONEDNN_PACKAGES = "onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0"
@@ -588,6 +594,10 @@ def _check_onednn_primitives() -> tuple:
     try:
         from . import _onednn
     except ImportError as err:
+        import platform
+        if platform.system() != "Linux" or platform.machine() != "x86_64":
+            return False, (f"fastres._onednn is not built ({err}); oneDNN's GNU-OpenMP wheels it builds against "
+                           f"are for x86-64 Linux only, not {platform.system()} {platform.machine()}")
         return False, (f"fastres._onednn is not built ({err}): pip install {ONEDNN_PACKAGES}, then "
                        "pip install --no-build-isolation -e . (make does both)")
     extra = _openmp_runtimes() - before
@@ -1290,7 +1300,12 @@ class OneDnnProgram:
                                          "none" if residual is None else "sum" if inplace else "add", bool(relu))
                 except RuntimeError as err:      # oneDNN refused this one: PyTorch's op runs it
                     self.primitive_fallbacks[step.name] = str(err)
-                else:
+                    kept = None
+                if kept is not None and kept.impl.startswith("ref"):
+                    # oneDNN's reference loops (no JIT kernel for this geometry here): thousands of
+                    # times slower than a kernel; PyTorch's newer oneDNN may have one
+                    self.primitive_fallbacks[step.name] = f"oneDNN offers only {kept.impl} for it"
+                elif kept is not None:
                     self.nbytes += kept.weight_bytes
                     if step.name not in self.primitive_steps:
                         self.primitive_steps.append(step.name)

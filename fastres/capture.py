@@ -1098,7 +1098,8 @@ class FastPath:
         if (plan is not None and type(x) is torch.Tensor and x.dim() == 4 and x.numel()
                 and x.dtype is plan.dtype and x.device == plan.device
                 and (plan.in_channels is None or x.shape[1] == plan.in_channels)
-                and not torch.is_autocast_enabled(x.device.type)):
+                and not torch.is_autocast_enabled(x.device.type)
+                and not (x.device.type == "cpu" and cpu_fp32_precision() != "ieee")):
             return _backend_for(x.device).execute(plan, x)
         if check_input is not None:
             check_input(x, module)
@@ -1127,11 +1128,44 @@ def _call_reason(module: nn.Module, x) -> Optional[str]:
                 "torch.inference_mode() or torch.no_grad() to run the fused plan")
     if torch.is_autocast_enabled(x.device.type):
         return "torch.autocast is active (PyTorch picks per-op dtypes the plan does not follow)"
+    if x.device.type == "cpu" and (precision := cpu_fp32_precision()) != "ieee":
+        return (f"torch.backends.mkldnn's float32 precision is {precision!r} (PyTorch then computes float32 "
+                "convolutions and matmuls in lower precision, which the plan does not follow)")
     if x.dim() != 4:
         return "an input that is not 4-D [N, C, H, W]"
     if x.shape[0] == 0:
         return "an empty batch"
     return None
+
+
+def _fp32_precision_getter():
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)    # private: ~0.2 us a read
+    if getter is not None:
+        try:
+            getter("mkldnn", "conv")
+            return lambda op: getter("mkldnn", op)
+        except (RuntimeError, TypeError):
+            pass
+    mkldnn = torch.backends.mkldnn
+    if hasattr(getattr(mkldnn, "conv", None), "fp32_precision"):      # the public properties, slower
+        return lambda op: getattr(mkldnn, op).fp32_precision
+    return None     # a PyTorch without the setting: always full float32
+
+
+_FP32_PRECISION = _fp32_precision_getter()
+
+
+def cpu_fp32_precision() -> str:
+    """The precision PyTorch's CPU float32 convolutions and matmuls run at
+    (``torch.backends.mkldnn.conv.fp32_precision`` / ``.matmul``, after inheritance): "ieee"
+    (full float32, also for "none") or the lower one set ("bf16", "tf32")."""
+    if _FP32_PRECISION is None:
+        return "ieee"
+    for op in ("conv", "matmul"):
+        precision = _FP32_PRECISION(op)
+        if precision not in ("ieee", "none"):
+            return precision
+    return "ieee"
 
 
 def _input_mismatch(plan: Optional[Plan], x) -> Optional[str]:

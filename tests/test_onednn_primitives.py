@@ -88,21 +88,21 @@ def test_bad_input_is_refused_with_a_clear_error():
     w, b = torch.randn(8, 4, 3, 3), torch.randn(8)
     conv = Conv([2, 4, 10, 10], w, b, [1, 1], [1, 1], [1, 1], 1, "add", True)
     x, r = nhwc(2, 4, 10, 10), nhwc(2, 8, 10, 10)
-    with pytest.raises(RuntimeError, match=r"is not \[N, 4, 10, 10\]"):
-        conv(nhwc(2, 4, 11, 10), r)
+    with pytest.raises(RuntimeError, match="has 5 channels, not 4"):
+        conv(nhwc(2, 5, 10, 10), r)
     with pytest.raises(RuntimeError, match="dense channels_last"):
         conv(x.contiguous(), r)
     with pytest.raises(RuntimeError, match="float32"):
         conv(x.double(), r)
     with pytest.raises(RuntimeError, match="adds a residual; none was given"):
         conv(x)
-    with pytest.raises(RuntimeError, match="residual must be dense channels_last float32 of shape"):
+    with pytest.raises(RuntimeError, match=r"residual must be a dense channels_last float32 CPU tensor of the output's sizes \[2, 8, 10, 10\], got Float sizes \[2, 4, 10, 10\]"):
         conv(x, r[:, :4].contiguous(memory_format=CL))
     with pytest.raises(RuntimeError, match=r"weight \[8, 4, 3, 3\] does not fit 5 input channels in 1 groups"):
         Conv([1, 5, 8, 8], w, b, [1, 1], [1, 1], [1, 1], 1, "none", False)
     with pytest.raises(RuntimeError, match="residual must be 'none', 'sum' or 'add'"):
         Conv([1, 4, 8, 8], w, b, [1, 1], [1, 1], [1, 1], 1, "mul", False)
-    with pytest.raises(RuntimeError, match="empty output"):
+    with pytest.raises(RuntimeError, match="smaller than the .dilated. kernel 3x3"):
         Conv([1, 4, 2, 2], w, b, [1, 1], [0, 0], [1, 1], 1, "none", False)
 
 
@@ -198,3 +198,100 @@ def test_the_engine_runs_kept_primitives_with_its_buckets():
     assert rel_err(engine(x), expected) <= TOL
     (program,) = engine.plan._onednn_programs._items.values()
     assert program.key[0] == 4 and program.primitive_steps
+
+
+@needs_primitives
+def test_a_conv_oneDNN_has_only_reference_loops_for_calls_pytorchs_op():
+    """Where oneDNN offers no JIT kernel (its ``ref:any`` loops, measured 2500x slower than the
+    JIT stem on NCHW input) the program calls PyTorch's op for that conv instead."""
+    tv, model = twins("resnet18")
+    real = backend._OneDnnOps().kept_conv
+
+    class OnlyReference:
+        def __init__(self, input_shape, *args):
+            self.conv = real(input_shape, *args)
+            self.impl = "ref:any" if input_shape[1] == 3 else self.conv.impl     # the stem's
+            self.weight_bytes = self.conv.weight_bytes
+
+        def __call__(self, *args):
+            return self.conv(*args)
+    ops = backend._OneDnnOps()
+    ops.kept_conv = OnlyReference
+    x = image_batch(2, 32, 0)
+    with torch.inference_mode():
+        model(x)
+        (program,) = model.plan()._onednn_programs._items.values()
+        patched = backend.OneDnnProgram(model.plan(), program.key, ops)
+        assert list(patched.primitive_fallbacks) == ["conv1"] and "ref:any" in patched.primitive_fallbacks["conv1"]
+        assert "conv1" not in patched.primitive_steps and len(patched.primitive_steps) == len(program.primitive_steps) - 1
+        assert "v1 = conv(c0, " in patched.source
+        assert rel_err(patched(x.contiguous(memory_format=CL)), tv(x)) <= TOL
+
+
+@needs_primitives
+def test_an_image_size_that_depends_on_the_batch_runs():
+    """A conv's input H/W may differ from the one its program was laid out for (here the batch is
+    folded into the width): the kept conv makes a primitive for that shape, as PyTorch's op would."""
+    class Fold(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.relu(self.c1(x))
+            y = torch.cat(y.unbind(0), dim=-1).unsqueeze(0)
+            return torch.relu(self.c2(y) + y)
+    torch.manual_seed(0)
+    model = Fold().eval()
+    fast = fastres.optimize(model)
+    with torch.no_grad():
+        for n in (8, 2, 3, 5):
+            x = torch.randn(n, 3, 10, 10)
+            assert rel_err(fast(x), model(x)) <= TOL, n
+
+
+@needs_primitives
+def test_bad_geometry_and_aliasing_are_refused():
+    Conv = backend._OneDnnOps().kept_conv
+    w = torch.randn(8, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="stride and dilation must be >= 1"):
+        Conv([1, 4, 5, 5], w, None, [0, 1], [1, 1], [1, 1], 1, "none", False)
+    with pytest.raises(RuntimeError, match="bias must be a float32 CPU tensor"):
+        Conv([1, 4, 5, 5], w, torch.randn(8, device="meta"), [1, 1], [1, 1], [1, 1], 1, "none", False)
+    same = Conv([2, 4, 9, 9], torch.randn(4, 4, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, "sum", False)
+    x = nhwc(2, 4, 9, 9)
+    with pytest.raises(RuntimeError, match="shares memory with the input"):
+        same(x, x)
+
+
+@needs_primitives
+def test_other_shapes_are_kept_least_recently_used():
+    conv = backend._OneDnnOps().kept_conv([1, 8, 6, 6], torch.randn(8, 8, 1, 1), None, [1, 1], [0, 0], [1, 1], 1,
+                                           "none", False)
+    for n in range(2, 30):
+        conv(nhwc(n, 8, 6, 6))
+    assert conv.shapes_kept == 17
+
+
+def test_reduced_cpu_float32_precision_runs_pytorchs_forward(monkeypatch):
+    """torch.backends.mkldnn's fp32_precision = 'bf16': PyTorch computes in bf16, the plan does
+    not, so the module runs its own PyTorch forward (said once) and gives PyTorch's answer."""
+    from fastres import capture
+    tv, model = twins("resnet18")
+    x = image_batch(2, 32, 0)
+    monkeypatch.setattr(capture, "cpu_fp32_precision", lambda: "bf16")
+    with torch.inference_mode(), pytest.warns(fastres.capture.FallbackWarning, match="'bf16'"):
+        got = model(x)
+        assert torch.equal(got, tv(x))
+
+
+def test_the_fp32_precision_reads_pytorchs_setting():
+    from fastres import capture
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        assert capture.cpu_fp32_precision() == "ieee"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        assert capture.cpu_fp32_precision() == "bf16"
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+    assert capture.cpu_fp32_precision() == "ieee"
