@@ -7,7 +7,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # lower layers first; a module may import only from its own layer or below
 LAYERS = [
-    {"kernels", "version", "extension", "normalize", "cpu_kernels", "winograd", "_C", "_guard", "_cpu"},
+    {"kernels", "version", "extension", "normalize", "cpu_kernels", "winograd", "_C", "_guard", "_cpu", "_onednn"},
     {"ir", "ir_quant", "fold", "guard"},
     {"backend"},
     {"capture"},
