@@ -621,9 +621,12 @@ def _check_onednn_primitives() -> tuple:
                       (_onednn.Conv(list(x.shape), w, b, *geometry, "sum", True)(x, r.clone()), (expected + r).relu())]
             one = _onednn.Conv([1, 8, 7, 6], w, b, *geometry, "add", True)    # made for batch 1, run on 2
             checks.append((one(x, r), (expected + r).relu()))
+            rows, m, c = torch.randn(3, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+            checks += [(_onednn.Linear(3, m, c)(rows), F.linear(rows, m, c)),
+                       (_onednn.Linear(1, m, None)(rows), F.linear(rows, m))]     # made for 1 row, run on 3
         for got, want in checks:
             if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-                return False, "fastres._onednn's convolution disagrees with F.conv2d here"
+                return False, "fastres._onednn's convolution or matrix product disagrees with PyTorch's here"
     except Exception as err:  # noqa: BLE001 - any failure means "call PyTorch's ops"
         return False, f"fastres._onednn is not usable ({type(err).__name__}: {err})"
     return True, ""
@@ -759,11 +762,12 @@ class _OneDnnOps:
         qconv = getattr(onednn, "qconv2d_pointwise", None) if onednn is not None else None
         self.qconv = getattr(qconv, "default", None)
         self.qprepack = getattr(getattr(onednn, "qconv_prepack", None), "default", None)
-        # convolutions as primitives kept by fastres._onednn (None: the ops above, per call)
-        self.kept_conv = None
+        # convolutions and the head's matrix product as primitives kept by fastres._onednn
+        # (None: the ops above, per call)
+        self.kept_conv = self.kept_linear = None
         if onednn_primitives_available():
             from . import _onednn
-            self.kept_conv = _onednn.Conv
+            self.kept_conv, self.kept_linear = _onednn.Conv, _onednn.Linear
 
     def reorder(self, weight, padding, stride, dilation, groups, input_shape):
         """``weight`` in the blocked layout oneDNN's convolution picks for ``input_shape``."""
@@ -810,8 +814,9 @@ class CpuBackend(ReferenceBackend):
       which oneDNN's brgconv kernels read and write directly (bench/README.md: no activation
       reorder runs in a forward, and convolutions on oneDNN's own blocked tensors measured slower
       per layer and take no fused post-ops from PyTorch).
-    * the head is a contiguous mean over the pixels + oneDNN's linear (``addmm`` where it is
-      missing); the stem's max pool over a float32 conv output is ``fastres.cpu_kernels``'
+    * the head is a contiguous mean over the pixels + a oneDNN matmul kept by fastres._onednn, its
+      weights laid out once (where the extension is missing PyTorch's linear, ``addmm`` where that
+      is missing too); the stem's max pool over a float32 conv output is ``fastres.cpu_kernels``'
       (``F.max_pool2d``'s bits, 2x faster); SE scaling, strided (CIFAR) residuals, second outputs
       and PyTorch steps run their references.
     * a quantized plan's int8 ``qconv`` steps run oneDNN's int8 convolution (``_Int8Conv``: bit for
@@ -1222,7 +1227,7 @@ class OneDnnProgram:
         if any(step.kind == "qconv_pair" for step in plan.steps):
             # the fused 8-bit pair is a GPU kernel: here its two qconvs (exactly what it computes)
             plan = dataclasses.replace(plan, steps=[s for step in plan.steps for s in split_qconv_pair(step)])
-        shapes = _conv_shapes(plan, tuple(key[:4]))
+        shapes = _step_shapes(plan, tuple(key[:4]))
         self.malloc_tuned = False         # whether this program's page faults turned on tune_malloc
         self._calls_watched = 0 if _malloc_tuned else MALLOC_WATCHED_CALLS
         self._last_watched = None         # (thread, input shape) of the last watched call
@@ -1242,7 +1247,7 @@ class OneDnnProgram:
         self.onednn_steps = []
         self.winograd_steps = []   # conv steps (or the 3x3 of a pair) run as Winograd F(2x2, 3x3)
         self.cpu_kernel_steps = []  # other steps run by our own C++ kernels (fastres.cpu_kernels)
-        self.primitive_steps = []   # conv steps whose convs run as primitives kept by fastres._onednn
+        self.primitive_steps = []   # steps (convs, the head) run as primitives kept by fastres._onednn
         self.primitive_fallbacks = {}  # conv step name -> why one of its convs calls PyTorch's op
         if not onednn_primitives_available() and onednn_primitives_reason() != "FASTRES_ONEDNN_PRIMITIVES=0":
             _notice_once(f"fastres: {onednn_primitives_reason()}; the CPU backend's convolutions call "
@@ -1395,16 +1400,30 @@ class OneDnnProgram:
                 self.cpu_kernel_steps.append(step.name)
             elif step.kind == "head" and a.get("pool") != "width":
                 x = read(step.inputs["x"])
-                bias = const(t["bias"].float().contiguous(), "b")
-                if ops.linear is not None:     # oneDNN's linear: 2x faster than addmm here
+                consts["pool"] = _global_pool
+                head = None
+                if ops.kept_linear is not None and step.name in shapes:
+                    # weights laid out once (PyTorch's linear lays them out per call, addmm
+                    # reads them dense): bench/README.md "The head as a kept matmul"
+                    try:
+                        head = ops.kept_linear(shapes[step.name]["x"][0], t["weight"].float().contiguous(),
+                                               t["bias"].float().contiguous())
+                    except RuntimeError as err:      # oneDNN refused it: PyTorch's op runs it
+                        self.primitive_fallbacks[step.name] = str(err)
+                if head is not None:
+                    self.nbytes += head.weight_bytes
+                    self.primitive_steps.append(step.name)
+                    lines.append(f"{out} = {const(head, 'linear')}(pool({x}))")
+                elif ops.linear is not None:
                     w = const(t["weight"].float().contiguous(), "w")
+                    bias = const(t["bias"].float().contiguous(), "b")
                     lines.append(f"{out} = linear(pool({x}), {w}, {bias}, 'none', [], '')")
                     consts["linear"] = ops.linear
                 else:
                     w = const(t["weight"].float().t().contiguous(), "w")
+                    bias = const(t["bias"].float().contiguous(), "b")
                     lines.append(f"{out} = addmm({bias}, pool({x}), {w})")
                     consts["addmm"] = torch.addmm
-                consts["pool"] = _global_pool
             else:
                 if step.kind == "qconv":
                     self.int8_fallbacks[step.name] = why if int8 else onednn_int8_unavailable_reason()
@@ -1490,10 +1509,10 @@ def _nhwc(v):
     return v.contiguous(memory_format=CL) if torch.is_tensor(v) and v.dim() == 4 else v
 
 
-def _conv_shapes(plan, input_shape: tuple) -> dict:
-    """{conv step name: {role: shape of what it reads, "out": its output's}} for 4-D conv steps,
-    from one run of the references on fake tensors (any step, also a PyTorch step returning a
-    dict or a list, runs as it would)."""
+def _step_shapes(plan, input_shape: tuple) -> dict:
+    """{conv or head step name: {role: shape of what it reads, "out": its output's}} for those
+    steps reading 4-D values, from one run of the references on fake tensors (any step, also a
+    PyTorch step returning a dict or a list, runs as it would)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from .ir import residual_broadcasts
     shapes = {}
@@ -1503,7 +1522,7 @@ def _conv_shapes(plan, input_shape: tuple) -> dict:
             y = super().run(step, op, args, out)
             # a conv whose output is added by broadcasting (ir.residual_broadcasts) has no
             # oneDNN form: its binary post-op needs the residual in the conv output's shape
-            if (step.kind in ("conv", "conv_pair", "qconv") and torch.is_tensor(y)
+            if (step.kind in ("conv", "conv_pair", "qconv", "head") and torch.is_tensor(y)
                     and all(torch.is_tensor(v) and v.dim() == 4 for v in args.values())
                     and not (step.kind == "conv" and residual_broadcasts(step, args))):
                 shapes[step.name] = {**{role: tuple(v.shape) for role, v in args.items()},

@@ -1,7 +1,7 @@
-"""fastres._onednn (csrc/onednn_conv.cpp): the CPU backend's convolutions as oneDNN primitives it
-keeps, against F.conv2d and against PyTorch's own oneDNN ops (the fallback, which the same programs
-run where the extension is missing or turned off); its errors on bad input; its calls from
-several threads and with other batches than it was made for."""
+"""fastres._onednn (csrc/onednn_conv.cpp): the CPU backend's convolutions and its head's matrix
+product as oneDNN primitives it keeps, against F.conv2d / F.linear and against PyTorch's own oneDNN
+ops (the fallback, which the same programs run where the extension is missing or turned off); its
+errors on bad input; its calls from several threads and with other batches than it was made for."""
 import threading
 
 import pytest
@@ -107,6 +107,64 @@ def test_bad_input_is_refused_with_a_clear_error():
 
 
 @needs_primitives
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_kept_linear_matches_f_linear(rows, with_bias):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1000, 512, generator=g) / 512 ** 0.5
+    b = torch.randn(1000, generator=g) if with_bias else None
+    linear = backend._OneDnnOps().kept_linear(rows, w, b)
+    for n in (rows, 1, 3, 32, rows):          # the rows it was made for, and others
+        x = torch.randn(n, 512, generator=g)
+        got = linear(x)
+        assert got.shape == (n, 1000) and got.is_contiguous()
+        assert rel_err(got, F.linear(x, w, b)) <= TOL, n
+    assert linear.shapes_kept == len({rows, 1, 3, 32})
+    assert linear.weight_bytes >= w.numel() * 4
+
+
+@needs_primitives
+def test_kept_linear_refuses_bad_input_with_a_clear_error():
+    Linear = backend._OneDnnOps().kept_linear
+    w, b = torch.randn(10, 6), torch.randn(10)
+    linear = Linear(2, w, b)
+    with pytest.raises(RuntimeError, match=r"input \[2, 5\] has 5 features, not 6"):
+        linear(torch.randn(2, 5))
+    with pytest.raises(RuntimeError, match="input must be contiguous"):
+        linear(torch.randn(6, 2).t())
+    with pytest.raises(RuntimeError, match="input must be a 2-D float32 CPU tensor, got Double"):
+        linear(torch.randn(2, 6, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="input must be a 2-D float32"):
+        linear(torch.randn(2, 6, 1))
+    with pytest.raises(RuntimeError, match=r"empty input \[0, 6\]"):
+        linear(torch.randn(0, 6))
+    with pytest.raises(RuntimeError, match="rows must be positive, got 0"):
+        Linear(0, w, b)
+    with pytest.raises(RuntimeError, match="weight must be a non-empty 2-D float32 CPU tensor"):
+        Linear(1, w.half(), b)
+    with pytest.raises(RuntimeError, match="bias must be a float32 CPU tensor of 10 entries, got Float \\[3\\]"):
+        Linear(1, w, torch.randn(3))
+
+
+def calls_from_four_threads(layer, inputs: dict, expected: dict) -> list:
+    """Calls ``layer`` on every input five times from each of four threads at once (each thread in
+    another order): the batches whose answers were off."""
+    failures = []
+
+    def work(order):
+        for _ in range(5):
+            for n in order:
+                if rel_err(layer(inputs[n]), expected[n]) > TOL:
+                    failures.append(n)
+    threads = [threading.Thread(target=work, args=(list(inputs)[i:] + list(inputs)[:i],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures
+
+
+@needs_primitives
 def test_calls_from_several_threads_and_batches_agree_with_one_thread():
     """One kept conv called at once from four threads with batches it was not made for (its
     primitives for them made under a lock, each call with a scratchpad of its own)."""
@@ -114,20 +172,18 @@ def test_calls_from_several_threads_and_batches_agree_with_one_thread():
     conv = backend._OneDnnOps().kept_conv([8, 32, 14, 14], w, b, [1, 1], [1, 1], [1, 1], 1, "none", True)
     inputs = {n: nhwc(n, 32, 14, 14, seed=n) for n in (1, 2, 3, 5, 8)}
     expected = {n: F.conv2d(x, w, b, padding=1).relu() for n, x in inputs.items()}
-    failures = []
-
-    def work(order):
-        for _ in range(5):
-            for n in order:
-                if rel_err(conv(inputs[n]), expected[n]) > TOL:
-                    failures.append(n)
-    threads = [threading.Thread(target=work, args=(list(inputs)[i:] + list(inputs)[:i],)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert failures == []
+    assert calls_from_four_threads(conv, inputs, expected) == []
     assert conv.weight_bytes >= w.numel() * 4
+
+
+@needs_primitives
+def test_the_kept_linear_from_several_threads_and_batches_agrees():
+    """As the conv: its primitives for other rows made under a lock, a scratchpad per call."""
+    w, b = torch.randn(100, 64) / 8, torch.randn(100)
+    linear = backend._OneDnnOps().kept_linear(8, w, b)
+    inputs = {n: torch.randn(n, 64, generator=torch.Generator().manual_seed(n)) for n in (1, 2, 3, 5, 8)}
+    expected = {n: F.linear(x, w, b) for n, x in inputs.items()}
+    assert calls_from_four_threads(linear, inputs, expected) == [] and linear.shapes_kept == 5
 
 
 def twins(arch):
@@ -150,11 +206,13 @@ def test_programs_with_kept_primitives_and_with_pytorchs_ops_agree(arch, monkeyp
         kept = model(x)
         (program,) = model.plan()._onednn_programs._items.values()
         assert program.primitive_steps and program.primitive_fallbacks == {}
+        assert program.primitive_steps[-1] == "fc" and "linear(pool(" not in program.source
         ops = backend._OneDnnOps()
-        ops.kept_conv = None
+        ops.kept_conv = ops.kept_linear = None
         plain = backend.OneDnnProgram(model.plan(), program.key, ops)
         assert plain.primitive_steps == [] and plain.onednn_steps == program.onednn_steps
         assert "conv_add_(" in plain.source and "conv_sum" not in plain.source
+        assert "= linear(pool(" in plain.source      # PyTorch's linear on the dense weight
         via_ops = plain(x.contiguous(memory_format=CL))
     assert rel_err(kept, expected) <= TOL and rel_err(via_ops, expected) <= TOL
     assert rel_err(kept, via_ops) <= 1e-6
@@ -200,6 +258,13 @@ def test_the_engine_runs_kept_primitives_with_its_buckets():
     assert program.key[0] == 4 and program.primitive_steps
 
 
+def program_and_patched(model, x, ops):
+    """The module's program for ``x``, and the same plan's program built with ``ops``."""
+    model(x)
+    (program,) = model.plan()._onednn_programs._items.values()
+    return program, backend.OneDnnProgram(model.plan(), program.key, ops)
+
+
 @needs_primitives
 def test_a_conv_oneDNN_has_only_reference_loops_for_calls_pytorchs_op():
     """Where oneDNN offers no JIT kernel (its ``ref:any`` loops, measured 2500x slower than the
@@ -219,13 +284,28 @@ def test_a_conv_oneDNN_has_only_reference_loops_for_calls_pytorchs_op():
     ops.kept_conv = OnlyReference
     x = image_batch(2, 32, 0)
     with torch.inference_mode():
-        model(x)
-        (program,) = model.plan()._onednn_programs._items.values()
-        patched = backend.OneDnnProgram(model.plan(), program.key, ops)
+        program, patched = program_and_patched(model, x, ops)
         assert list(patched.primitive_fallbacks) == ["conv1"] and "ref:any" in patched.primitive_fallbacks["conv1"]
         assert "conv1" not in patched.primitive_steps and len(patched.primitive_steps) == len(program.primitive_steps) - 1
         assert "v1 = conv(c0, " in patched.source
         assert rel_err(patched(x.contiguous(memory_format=CL)), tv(x)) <= TOL
+
+
+@needs_primitives
+def test_a_head_oneDNN_refuses_calls_pytorchs_linear():
+    tv, model = twins("resnet18")
+    ops = backend._OneDnnOps()
+
+    def refuse(*args):
+        raise RuntimeError("fastres._onednn.Linear: oneDNN refused this matrix product: (test)")
+    ops.kept_linear = refuse
+    x = image_batch(2, 32, 0)
+    with torch.inference_mode():
+        program, patched = program_and_patched(model, x, ops)
+        assert patched.primitive_fallbacks == {"fc": "fastres._onednn.Linear: oneDNN refused this matrix product: (test)"}
+        assert patched.primitive_steps == program.primitive_steps[:-1] and "= linear(pool(" in patched.source
+        assert rel_err(patched(x.contiguous(memory_format=CL)), tv(x)) <= TOL
+        assert patched.nbytes < program.nbytes     # the kept head's laid-out weights are counted
 
 
 @needs_primitives
