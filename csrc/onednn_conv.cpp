@@ -153,15 +153,24 @@ class KeptLayer {
     }
   }
 
+  // One argument of a primitive: its oneDNN name, layout and memory.
+  struct Arg {
+    int name;
+    memory::desc desc;
+    void* data;
+  };
+
   // Runs `kept` on `args` (its source, destination and the subclass's own) with its weights, the
   // bias when there is one and a scratchpad of this call's own (PyTorch's allocator): calls from
   // several threads never share one.
-  void execute(const Kept& kept, std::unordered_map<int, memory>& args, const torch::Tensor& bias,
+  void execute(const Kept& kept, const std::vector<Arg>& user_args, const torch::Tensor& bias,
                const memory::desc& bias_desc) const {
     torch::Tensor scratchpad = torch::empty({static_cast<int64_t>(kept.scratchpad_bytes)},
                                             torch::TensorOptions().dtype(torch::kUInt8));
     try {
       auto& engine = cpu_engine();
+      std::unordered_map<int, memory> args;
+      for (const Arg& arg : user_args) args.emplace(arg.name, memory(arg.desc, engine, arg.data));
       args.emplace(DNNL_ARG_WEIGHTS, kept.weights);
       if (kept.scratchpad_bytes > 0) {
         args.emplace(DNNL_ARG_SCRATCHPAD,
@@ -187,7 +196,7 @@ class KeptLayer {
                     bias->device().is_cpu(),
                 name_, ": bias must be a float32 CPU tensor of ", entries, " entries, got ", bias->scalar_type(), " ",
                 bias->sizes(), " on ", bias->device());
-    return bias->contiguous().clone();
+    return bias->resolve_conj().resolve_neg().contiguous().clone();
   }
 
   std::string name_;  // for messages: "fastres._onednn.Conv"
@@ -232,7 +241,7 @@ class Conv final : public KeptLayer {
     weight_dims_ = groups == 1 ? Dims{o_, c_, kh_, kw_} : Dims{groups, o_ / groups, c_ / groups, kh_, kw_};
     bias_ = own_bias(bias, o_);
     // the user's OIHW weights
-    torch::Tensor dense = weight.contiguous();
+    torch::Tensor dense = weight.resolve_conj().resolve_neg().contiguous();
     auto tag = groups == 1 ? memory::format_tag::oihw : memory::format_tag::goihw;
     keep_first({input_shape[0], c_, input_shape[2], input_shape[3]},
                memory::desc(weight_dims_, memory::data_type::f32, tag), dense.data_ptr());
@@ -267,11 +276,9 @@ class Conv final : public KeptLayer {
     torch::Tensor y = residual_ == Residual::sum
                           ? r
                           : torch::empty(out_shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    auto& engine = cpu_engine();
-    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(kept->src, engine, x.data_ptr())},
-                                         {DNNL_ARG_DST, memory(kept->dst, engine, y.data_ptr())}};
+    std::vector<Arg> args{{DNNL_ARG_SRC, kept->src, x.data_ptr()}, {DNNL_ARG_DST, kept->dst, y.data_ptr()}};
     if (residual_ == Residual::add) {
-      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, memory(kept->dst, engine, r.data_ptr()));
+      args.push_back({DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, kept->dst, r.data_ptr()});
     }
     execute(*kept, args, bias_, memory::desc({o_}, memory::data_type::f32, memory::format_tag::x));
     return y;
@@ -330,7 +337,7 @@ class Linear final : public KeptLayer {
     k_ = weight.size(1);
     bias_ = own_bias(bias, n_);
     // the user's [N, K] rows are the [K, N] weights of the matmul, column-major ("ba")
-    torch::Tensor dense = weight.contiguous();
+    torch::Tensor dense = weight.resolve_conj().resolve_neg().contiguous();
     keep_first({rows, k_}, memory::desc({k_, n_}, memory::data_type::f32, memory::format_tag::ba), dense.data_ptr());
   }
 
@@ -342,13 +349,12 @@ class Linear final : public KeptLayer {
                 " features, not ", k_);
     TORCH_CHECK(x.size(0) > 0, "fastres._onednn.Linear: empty input ", x.sizes());
     TORCH_CHECK(x.is_contiguous() && !x.is_neg() && !x.is_conj(),
-                "fastres._onednn.Linear: input must be contiguous, got sizes ", x.sizes(), " strides ", x.strides());
+                "fastres._onednn.Linear: input must be contiguous (and not a negated or conjugated view), got sizes ",
+                x.sizes(), " strides ", x.strides());
     std::shared_ptr<const Kept> kept = for_shape(x.sizes().vec());
     torch::Tensor y = torch::empty(kept->out_shape, x.options());
-    auto& engine = cpu_engine();
-    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(kept->src, engine, x.data_ptr())},
-                                         {DNNL_ARG_DST, memory(kept->dst, engine, y.data_ptr())}};
-    execute(*kept, args, bias_, bias_desc());
+    execute(*kept, {{DNNL_ARG_SRC, kept->src, x.data_ptr()}, {DNNL_ARG_DST, kept->dst, y.data_ptr()}}, bias_,
+            bias_desc());
     return y;
   }
 

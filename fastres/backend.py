@@ -621,15 +621,55 @@ def _check_onednn_primitives() -> tuple:
                       (_onednn.Conv(list(x.shape), w, b, *geometry, "sum", True)(x, r.clone()), (expected + r).relu())]
             one = _onednn.Conv([1, 8, 7, 6], w, b, *geometry, "add", True)    # made for batch 1, run on 2
             checks.append((one(x, r), (expected + r).relu()))
-            rows, m, c = torch.randn(3, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
-            checks += [(_onednn.Linear(3, m, c)(rows), F.linear(rows, m, c)),
-                       (_onednn.Linear(1, m, None)(rows), F.linear(rows, m))]     # made for 1 row, run on 3
         for got, want in checks:
             if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-                return False, "fastres._onednn's convolution or matrix product disagrees with PyTorch's here"
+                return False, "fastres._onednn's convolution disagrees with F.conv2d here"
     except Exception as err:  # noqa: BLE001 - any failure means "call PyTorch's ops"
         return False, f"fastres._onednn is not usable ({type(err).__name__}: {err})"
     return True, ""
+
+
+_kept_linear_state: "bool | None" = None
+
+
+def kept_linear_usable() -> bool:
+    """Whether ``fastres._onednn.Linear`` (the head's matmul kept as a oneDNN primitive) exists in
+    the built extension and computes what ``F.linear`` does, with and without a bias, on the rows it
+    was made for and on others (checked once). Where not, the head calls PyTorch's linear; the
+    convolutions keep their primitives either way."""
+    global _kept_linear_state
+    if _kept_linear_state is None:
+        _kept_linear_state = False
+        try:
+            import torch.nn.functional as F
+            from . import _onednn
+            g = torch.Generator().manual_seed(0)
+            rows, m, c = torch.randn(3, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+            with torch.no_grad():
+                checks = [(_onednn.Linear(3, m, c)(rows), F.linear(rows, m, c)),
+                          (_onednn.Linear(1, m, None)(rows), F.linear(rows, m))]   # made for 1 row, run on 3
+            _kept_linear_state = all(got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+                                     for got, want in checks)
+        except Exception:  # noqa: BLE001 - an older build without Linear, or a broken one: PyTorch's linear
+            _kept_linear_state = False
+    return _kept_linear_state
+
+
+def _rows_independent(linear, rows: int, features: int) -> bool:
+    """Whether the kept matmul gives a row the same bits whatever the other rows, their number and
+    the row's place among them: an image's logits must not depend on its batch within a weight
+    layout (README). oneDNN's matmul is made per row count and its AVX2 GEMM (``gemm:jit``) sums in
+    an order that depends on it; its AVX-512 brgemm does not. Checked on the counts a program of
+    ``rows`` runs (fewer, and more for the largest bucket) and on a shifted batch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows + 3, features, generator=g)
+    with torch.no_grad():
+        full = linear(x[:rows].contiguous())
+        counts = sorted({1, 2, 3, rows - 1, rows + 3} - {0})
+        same = all(torch.equal(linear(x[:n].contiguous())[:min(n, rows)], full[:min(n, rows)]) for n in counts)
+        if rows > 1:
+            same = same and torch.equal(linear(x[1:rows + 1].contiguous())[:rows - 1], full[1:])
+    return same
 
 
 class _Mismatch(Exception):
@@ -767,7 +807,9 @@ class _OneDnnOps:
         self.kept_conv = self.kept_linear = None
         if onednn_primitives_available():
             from . import _onednn
-            self.kept_conv, self.kept_linear = _onednn.Conv, _onednn.Linear
+            self.kept_conv = _onednn.Conv
+            if kept_linear_usable():
+                self.kept_linear = _onednn.Linear
 
     def reorder(self, weight, padding, stride, dilation, groups, input_shape):
         """``weight`` in the blocked layout oneDNN's convolution picks for ``input_shape``."""
@@ -1248,7 +1290,7 @@ class OneDnnProgram:
         self.winograd_steps = []   # conv steps (or the 3x3 of a pair) run as Winograd F(2x2, 3x3)
         self.cpu_kernel_steps = []  # other steps run by our own C++ kernels (fastres.cpu_kernels)
         self.primitive_steps = []   # steps (convs, the head) run as primitives kept by fastres._onednn
-        self.primitive_fallbacks = {}  # conv step name -> why one of its convs calls PyTorch's op
+        self.primitive_fallbacks = {}  # step name -> why it (or one of its convs) calls PyTorch's op
         if not onednn_primitives_available() and onednn_primitives_reason() != "FASTRES_ONEDNN_PRIMITIVES=0":
             _notice_once(f"fastres: {onednn_primitives_reason()}; the CPU backend's convolutions call "
                          "PyTorch's oneDNN ops instead (the same kernels, more host time per call)")
@@ -1405,16 +1447,23 @@ class OneDnnProgram:
                 if ops.kept_linear is not None and step.name in shapes:
                     # weights laid out once (PyTorch's linear lays them out per call, addmm
                     # reads them dense): bench/README.md "The head as a kept matmul"
+                    rows, w = shapes[step.name]["x"][0], t["weight"].float().contiguous()
                     try:
-                        head = ops.kept_linear(shapes[step.name]["x"][0], t["weight"].float().contiguous(),
-                                               t["bias"].float().contiguous())
+                        head = ops.kept_linear(rows, w, t["bias"].float().contiguous())
                     except RuntimeError as err:      # oneDNN refused it: PyTorch's op runs it
                         self.primitive_fallbacks[step.name] = str(err)
+                    if head is not None and not _rows_independent(head, rows, w.shape[1]):
+                        self.primitive_fallbacks[step.name] = (f"oneDNN's {head.impl} matmul: a row's bits "
+                                                               "depend on the rows beside it")
+                        head = None
                 if head is not None:
                     self.nbytes += head.weight_bytes
-                    self.primitive_steps.append(step.name)
+                    if step.name not in self.primitive_steps:
+                        self.primitive_steps.append(step.name)
                     lines.append(f"{out} = {const(head, 'linear')}(pool({x}))")
                 elif ops.linear is not None:
+                    # without the extension: PyTorch's linear, taken over addmm on an earlier
+                    # machine; on the AVX-512 Xeon addmm was faster in 11 of 12 cases (bench/README.md)
                     w = const(t["weight"].float().contiguous(), "w")
                     bias = const(t["bias"].float().contiguous(), "b")
                     lines.append(f"{out} = linear(pool({x}), {w}, {bias}, 'none', [], '')")

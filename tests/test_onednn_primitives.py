@@ -243,7 +243,8 @@ def test_the_switch_turns_them_off(monkeypatch):
     monkeypatch.setattr(backend, "_PRIMITIVES_ENV", False)
     assert not backend.onednn_primitives_available()
     assert backend.onednn_primitives_reason() == "FASTRES_ONEDNN_PRIMITIVES=0"
-    assert backend._OneDnnOps().kept_conv is None
+    ops = backend._OneDnnOps()
+    assert ops.kept_conv is None and ops.kept_linear is None
 
 
 @needs_primitives
@@ -306,6 +307,74 @@ def test_a_head_oneDNN_refuses_calls_pytorchs_linear():
         assert patched.primitive_steps == program.primitive_steps[:-1] and "= linear(pool(" in patched.source
         assert rel_err(patched(x.contiguous(memory_format=CL)), tv(x)) <= TOL
         assert patched.nbytes < program.nbytes     # the kept head's laid-out weights are counted
+
+
+@needs_primitives
+def test_a_kept_head_whose_rows_depend_on_the_batch_calls_pytorchs_linear(monkeypatch):
+    """The bits a row gets must not depend on the rows beside it (an image's logits within a weight
+    layout, README); a kept matmul that fails the check is not used."""
+    tv, model = twins("resnet18")
+    x = image_batch(2, 32, 0)
+    monkeypatch.setattr(backend, "_rows_independent", lambda *args: False)
+    with torch.inference_mode():
+        program, patched = program_and_patched(model, x, backend._OneDnnOps())
+        assert "depend on the rows beside it" in patched.primitive_fallbacks["fc"]
+        assert "fc" not in patched.primitive_steps and "= linear(pool(" in patched.source
+        assert rel_err(patched(x.contiguous(memory_format=CL)), tv(x)) <= TOL
+
+
+def test_the_rows_check_tells_a_batch_dependent_matmul_from_one_that_is_not():
+    w, b = torch.randn(24, 40), torch.randn(24)
+    one_row_at_a_time = lambda x: torch.cat([F.linear(r[None], w, b) for r in x])    # noqa: E731
+    # a sum whose last bits move with the number of rows, as an M-blocked GEMM's may
+    by_count = lambda x: F.linear(x, w, b) + (x.shape[0] % 3) * 1e-6                  # noqa: E731
+    # ... or with the row's place among them
+    by_place = lambda x: F.linear(x, w, b) + torch.arange(x.shape[0])[:, None] * 1e-6  # noqa: E731
+    assert backend._rows_independent(one_row_at_a_time, 8, 40)
+    assert not backend._rows_independent(by_count, 8, 40)
+    assert not backend._rows_independent(by_place, 8, 40)
+    if backend.kept_linear_usable():
+        linear = backend._OneDnnOps().kept_linear(8, w, b)
+        x = torch.randn(11, 40)
+        direct = all(torch.equal(linear(x[:n])[:min(n, 8)], linear(x[:8])[:min(n, 8)]) for n in (1, 2, 3, 7, 11))
+        direct = direct and torch.equal(linear(x[1:9])[:7], linear(x[:8])[1:])
+        assert backend._rows_independent(linear, 8, 40) == direct
+
+
+@needs_primitives
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                    reason="needs an AVX-512 CPU to cap oneDNN at AVX2 (ONEDNN_MAX_CPU_ISA)")
+def test_with_oneDNN_capped_at_AVX2_logits_still_do_not_depend_on_the_batch():
+    """On AVX2 oneDNN's matmul is its jit GEMM, whose sums depend on the row count; the head must
+    then give up the kept matmul, and an image's logits stay the same bits in any batch of its
+    weight layout (the test beside it, in a process whose oneDNN is capped at AVX2)."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    test = "test_cpu_backend.py::test_an_images_logits_do_not_depend_on_its_batch_within_a_weight_layout"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, test)],
+                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+@needs_primitives
+def test_an_extension_without_the_kept_linear_keeps_its_convs(monkeypatch):
+    """A fastres._onednn built before Linear existed (an editable install not rebuilt): the convs
+    stay kept primitives, the head calls PyTorch's linear."""
+    from fastres import _onednn
+    monkeypatch.setattr(backend, "_kept_linear_state", None)
+    monkeypatch.delattr(_onednn, "Linear")
+    assert not backend.kept_linear_usable()
+    ops = backend._OneDnnOps()
+    assert ops.kept_conv is not None and ops.kept_linear is None
+    tv, model = twins("resnet18")
+    x = image_batch(2, 32, 0)
+    with torch.inference_mode():
+        program, patched = program_and_patched(model, x, ops)
+        assert patched.primitive_steps == program.primitive_steps[:-1] and "= linear(pool(" in patched.source
+        assert rel_err(patched(x.contiguous(memory_format=CL)), tv(x)) <= TOL
 
 
 @needs_primitives
