@@ -638,6 +638,8 @@ def kept_linear_usable() -> bool:
     was made for and on others (checked once). Where not, the head calls PyTorch's linear; the
     convolutions keep their primitives either way."""
     global _kept_linear_state
+    if not onednn_primitives_available():
+        return False
     if _kept_linear_state is None:
         _kept_linear_state = False
         try:
@@ -656,20 +658,26 @@ def kept_linear_usable() -> bool:
 
 
 def _rows_independent(linear, rows: int, features: int) -> bool:
-    """Whether the kept matmul gives a row the same bits whatever the other rows, their number and
-    the row's place among them: an image's logits must not depend on its batch within a weight
-    layout (README). oneDNN's matmul is made per row count and its AVX2 GEMM (``gemm:jit``) sums in
-    an order that depends on it; its AVX-512 brgemm does not. Checked on the counts a program of
-    ``rows`` runs (fewer, and more for the largest bucket) and on a shifted batch."""
+    """Whether ``linear`` (a kept matmul made for ``rows`` rows) gives a row the same bits whatever
+    the other rows, their number and the row's place among them: an image's logits must not depend
+    on its batch within a weight layout (README). oneDNN's matmul is made per row count, and its
+    AVX2 GEMM (``gemm:jit``) sums in an order that depends on it; its AVX-512 brgemm does not.
+    Checked on every count from 1 to ``rows`` + 3 and on 2 * ``rows`` + 1 (a program for the
+    largest bucket runs larger batches), and on batches shifted by 1 and 3 rows. Call it on a copy:
+    the counts it runs are kept as shapes of their own."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows + 3, features, generator=g)
+    x = torch.randn(2 * rows + 1, features, generator=g)
     with torch.no_grad():
         full = linear(x[:rows].contiguous())
-        counts = sorted({1, 2, 3, rows - 1, rows + 3} - {0})
-        same = all(torch.equal(linear(x[:n].contiguous())[:min(n, rows)], full[:min(n, rows)]) for n in counts)
-        if rows > 1:
-            same = same and torch.equal(linear(x[1:rows + 1].contiguous())[:rows - 1], full[1:])
-    return same
+        for n in [*range(1, rows + 4), 2 * rows + 1]:
+            k = min(n, rows)
+            if not torch.equal(linear(x[:n].contiguous())[:k], full[:k]):
+                return False
+        for shift in (1, 3):
+            if shift < rows and not torch.equal(linear(x[shift:rows + shift].contiguous())[:rows - shift],
+                                                full[shift:]):
+                return False
+    return True
 
 
 class _Mismatch(Exception):
@@ -857,8 +865,9 @@ class CpuBackend(ReferenceBackend):
       reorder runs in a forward, and convolutions on oneDNN's own blocked tensors measured slower
       per layer and take no fused post-ops from PyTorch).
     * the head is a contiguous mean over the pixels + a oneDNN matmul kept by fastres._onednn, its
-      weights laid out once (where the extension is missing PyTorch's linear, ``addmm`` where that
-      is missing too); the stem's max pool over a float32 conv output is ``fastres.cpu_kernels``'
+      weights laid out once, where it is usable and a row's bits do not depend on its batch
+      (``_rows_independent``: not oneDNN's AVX2 GEMM); else PyTorch's linear (``addmm`` where
+      that is missing too); the stem's max pool over a float32 conv output is ``fastres.cpu_kernels``'
       (``F.max_pool2d``'s bits, 2x faster); SE scaling, strided (CIFAR) residuals, second outputs
       and PyTorch steps run their references.
     * a quantized plan's int8 ``qconv`` steps run oneDNN's int8 convolution (``_Int8Conv``: bit for
@@ -1447,14 +1456,15 @@ class OneDnnProgram:
                 if ops.kept_linear is not None and step.name in shapes:
                     # weights laid out once (PyTorch's linear lays them out per call, addmm
                     # reads them dense): bench/README.md "The head as a kept matmul"
-                    rows, w = shapes[step.name]["x"][0], t["weight"].float().contiguous()
+                    rows, w, b = shapes[step.name]["x"][0], t["weight"].float().contiguous(), t["bias"].float()
                     try:
-                        head = ops.kept_linear(rows, w, t["bias"].float().contiguous())
+                        head = ops.kept_linear(rows, w, b.contiguous())
+                        if not _rows_independent(ops.kept_linear(rows, w, b.contiguous()), rows, w.shape[1]):
+                            self.primitive_fallbacks[step.name] = (f"oneDNN's {head.impl} matmul: a row's bits "
+                                                                   "depend on the rows beside it")
+                            head = None
                     except RuntimeError as err:      # oneDNN refused it: PyTorch's op runs it
                         self.primitive_fallbacks[step.name] = str(err)
-                    if head is not None and not _rows_independent(head, rows, w.shape[1]):
-                        self.primitive_fallbacks[step.name] = (f"oneDNN's {head.impl} matmul: a row's bits "
-                                                               "depend on the rows beside it")
                         head = None
                 if head is not None:
                     self.nbytes += head.weight_bytes
@@ -1462,8 +1472,8 @@ class OneDnnProgram:
                         self.primitive_steps.append(step.name)
                     lines.append(f"{out} = {const(head, 'linear')}(pool({x}))")
                 elif ops.linear is not None:
-                    # without the extension: PyTorch's linear, taken over addmm on an earlier
-                    # machine; on the AVX-512 Xeon addmm was faster in 11 of 12 cases (bench/README.md)
+                    # PyTorch's linear, not addmm: addmm measured faster on the AVX-512 Xeon, but
+                    # its sums were seen to depend on the batch within a bucket (bench/README.md)
                     w = const(t["weight"].float().contiguous(), "w")
                     bias = const(t["bias"].float().contiguous(), "b")
                     lines.append(f"{out} = linear(pool({x}), {w}, {bias}, 'none', [], '')")

@@ -86,7 +86,11 @@ def test_every_constructor_matches_torchvision_and_the_references(arch):
     convs = [s.name for s in plan.steps if s.kind in ("conv", "conv_pair")]
     assert program.onednn_steps == convs       # every conv of a torchvision ResNet runs on oneDNN
     if backend.onednn_primitives_available():  # as primitives kept by fastres._onednn, the head too
-        assert program.primitive_steps == [*convs, "fc"] and program.primitive_fallbacks == {}
+        # (unless this CPU's oneDNN matmul gives a row bits that depend on its batch: AVX2's GEMM)
+        head = program.primitive_fallbacks.get("fc")
+        assert head is None or "depend on the rows beside it" in head
+        assert program.primitive_steps == convs + ["fc"] * (head is None)
+        assert set(program.primitive_fallbacks) <= {"fc"}
         assert not re.search(r"\bconv(_add_?)?\(", program.source)   # no PyTorch conv op in it
     assert in_place_adds(program.source) > 0   # residuals accumulated in place
 
