@@ -97,6 +97,13 @@ class KeptLayer {
     return 1 + static_cast<int64_t>(others_.size());
   }
 
+  // Drops the primitives made for other shapes (and their own weights): a check that ran the layer
+  // on shapes a program will not run leaves nothing behind. Callers still running hold theirs.
+  void forget_other_shapes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    others_.clear();
+  }
+
  protected:
   explicit KeptLayer(std::string name) : name_(std::move(name)) {}
 
@@ -411,5 +418,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       .def("__call__", &Linear::run, pybind11::arg("x"), pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_property_readonly("impl", &Linear::impl)
       .def_property_readonly("weight_bytes", &Linear::weight_bytes)
-      .def_property_readonly("shapes_kept", &Linear::shapes_kept);
+      .def_property_readonly("shapes_kept", &Linear::shapes_kept)
+      .def("forget_other_shapes", &Linear::forget_other_shapes);
 }

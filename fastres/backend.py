@@ -663,8 +663,8 @@ def _rows_independent(linear, rows: int, features: int) -> bool:
     on its batch within a weight layout (README). oneDNN's matmul is made per row count, and its
     AVX2 GEMM (``gemm:jit``) sums in an order that depends on it; its AVX-512 brgemm does not.
     Checked on every count from 1 to ``rows`` + 3 and on 2 * ``rows`` + 1 (a program for the
-    largest bucket runs larger batches), and on batches shifted by 1 and 3 rows. Call it on a copy:
-    the counts it runs are kept as shapes of their own."""
+    largest bucket runs larger batches), and on batches shifted by 1 and 3 rows. The counts it runs
+    stay kept as shapes of their own until ``linear.forget_other_shapes()``."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2 * rows + 1, features, generator=g)
     with torch.no_grad():
@@ -1452,14 +1452,17 @@ class OneDnnProgram:
             elif step.kind == "head" and a.get("pool") != "width":
                 x = read(step.inputs["x"])
                 consts["pool"] = _global_pool
+                weight, bias = t["weight"].float().contiguous(), t["bias"].float().contiguous()
                 head = None
                 if ops.kept_linear is not None and step.name in shapes:
                     # weights laid out once (PyTorch's linear lays them out per call, addmm
                     # reads them dense): bench/README.md "The head as a kept matmul"
-                    rows, w, b = shapes[step.name]["x"][0], t["weight"].float().contiguous(), t["bias"].float()
+                    rows = shapes[step.name]["x"][0]
                     try:
-                        head = ops.kept_linear(rows, w, b.contiguous())
-                        if not _rows_independent(ops.kept_linear(rows, w, b.contiguous()), rows, w.shape[1]):
+                        head = ops.kept_linear(rows, weight, bias)
+                        independent = _rows_independent(head, rows, weight.shape[1])
+                        head.forget_other_shapes()     # the check's row counts, not the program's
+                        if not independent:
                             self.primitive_fallbacks[step.name] = (f"oneDNN's {head.impl} matmul: a row's bits "
                                                                    "depend on the rows beside it")
                             head = None
@@ -1474,14 +1477,10 @@ class OneDnnProgram:
                 elif ops.linear is not None:
                     # PyTorch's linear, not addmm: addmm measured faster on the AVX-512 Xeon, but
                     # its sums were seen to depend on the batch within a bucket (bench/README.md)
-                    w = const(t["weight"].float().contiguous(), "w")
-                    bias = const(t["bias"].float().contiguous(), "b")
-                    lines.append(f"{out} = linear(pool({x}), {w}, {bias}, 'none', [], '')")
+                    lines.append(f"{out} = linear(pool({x}), {const(weight, 'w')}, {const(bias, 'b')}, 'none', [], '')")
                     consts["linear"] = ops.linear
                 else:
-                    w = const(t["weight"].float().t().contiguous(), "w")
-                    bias = const(t["bias"].float().contiguous(), "b")
-                    lines.append(f"{out} = addmm({bias}, pool({x}), {w})")
+                    lines.append(f"{out} = addmm({const(bias, 'b')}, pool({x}), {const(weight.t().contiguous(), 'w')})")
                     consts["addmm"] = torch.addmm
             else:
                 if step.kind == "qconv":

@@ -121,6 +121,8 @@ def test_kept_linear_matches_f_linear(rows, with_bias):
         assert rel_err(got, F.linear(x, w, b)) <= TOL, n
     assert linear.shapes_kept == len({rows, 1, 3, 32})
     assert linear.weight_bytes >= w.numel() * 4
+    linear.forget_other_shapes()
+    assert linear.shapes_kept == 1 and rel_err(linear(x[:1]), F.linear(x[:1], w, b)) <= TOL
 
 
 @needs_primitives
@@ -226,6 +228,11 @@ def test_programs_with_kept_primitives_and_with_pytorchs_ops_agree(arch, monkeyp
         (program,) = model.plan()._onednn_programs._items.values()
         assert without_head(program.primitive_steps) and head_fallback_is_the_rows_check(program)
         assert ("fc" in program.primitive_steps) == ("linear(pool(" not in program.source)
+        # a program just built keeps its head's primitive for its own row count only, not the
+        # rows check's others
+        fresh = backend.OneDnnProgram(model.plan(), program.key, backend._OneDnnOps())
+        kept_heads = [v for v in fresh._consts.values() if type(v).__name__ == "Linear"]
+        assert [head.shapes_kept for head in kept_heads] == [1] * ("fc" in fresh.primitive_steps)
         ops = backend._OneDnnOps()
         ops.kept_conv = ops.kept_linear = None
         plain = backend.OneDnnProgram(model.plan(), program.key, ops)
