@@ -107,10 +107,12 @@ def extension_build():
     # The plan guard reads tensors' version counters from their TensorImpl: PyTorch's headers.
     guard = CppExtension("fastres._guard", ["csrc/guard.cpp"],
                          extra_compile_args={"cxx": ["-O2", "-std=c++20", "-g0"]})
-    # The CPU backend's kernels (Winograd 3x3 convolutions, the stem's max pool): ATen's
-    # parallel_for (OpenMP; torch's own libgomp, loaded first).
-    cpu = CppExtension("fastres._cpu", ["csrc/cpu_bindings.cpp", "csrc/winograd_cpu.cpp", "csrc/max_pool_cpu.cpp"],
-                       extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fopenmp", "-g0"]},
+    # The CPU backend's kernels (Winograd 3x3 convolutions, the stem's max pool, the head's mean):
+    # ATen's parallel_for (OpenMP; torch's own libgomp, loaded first). No FMA contraction: GCC contracts
+    # a * b + c by default in C++, and the AVX-512 clone of a Winograd transform would then round
+    # differently from the AVX2 and baseline clones.
+    cpu = CppExtension("fastres._cpu", ["csrc/cpu_bindings.cpp", "csrc/winograd_cpu.cpp", "csrc/pool_cpu.cpp"],
+                       extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-g0"]},
                        extra_link_args=["-fopenmp"])
     extensions = [extension, guard, cpu]
     root = onednn_root()

@@ -1,6 +1,7 @@
 // fastres._cpu: the CPU backend's own kernels (float32, NHWC = channels_last tensors), one family
-// per file: winograd_cpu.cpp (3x3 convolutions as Winograd F(2x2, 3x3)), max_pool_cpu.cpp (the
-// stem's 3x3 stride-2 max pool); cpu_bindings.cpp exposes them to Python (fastres/cpu_kernels.py).
+// per file: winograd_cpu.cpp (3x3 convolutions as Winograd F(2x2, 3x3) and F(4x4, 3x3)),
+// pool_cpu.cpp (the stem's 3x3 stride-2 max pool, the head's mean over the pixels);
+// cpu_bindings.cpp exposes them to Python (fastres/cpu_kernels.py).
 #pragma once
 
 #include <torch/extension.h>
@@ -16,11 +17,14 @@ inline void check_nhwc(const at::Tensor& t, const char* op, const char* name) {
               " must be channels_last contiguous");
 }
 
-// relu?(conv2d(x, w, padding=1) + bias (+ residual)) for u = fastres.winograd.transform_weight(w).
+// relu?(conv2d(x, w, padding=1) + bias (+ residual)) for u = fastres.winograd.transform_weight(w, side).
 at::Tensor conv3x3(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
                    const c10::optional<at::Tensor>& residual, bool relu);
 
 // F.max_pool2d(x, 3, stride=2, padding=1), bit for bit (NaN propagates as in PyTorch).
 at::Tensor max_pool3x3s2(const at::Tensor& x);
+
+// x.mean((2, 3)) as a contiguous [N, C] tensor: each image's pixels summed in order in double.
+at::Tensor global_mean(const at::Tensor& x);
 
 }  // namespace fastres_cpu

@@ -18,6 +18,14 @@ const void* storage_of(const c10::TensorImpl* impl) {
   return impl->has_storage() ? impl->storage().unsafeGetStorageImpl() : nullptr;
 }
 
+// An inference tensor (made under torch.inference_mode) has no version counter: -1. Its in-place
+// edits are invisible to a guard, so fastres runs PyTorch's forward for a module holding one
+// (capture.inference_weights_reason); the guard still sees it replaced.
+int64_t version_of(const c10::TensorImpl* impl) {
+  const c10::VariableVersion& counter = impl->version_counter();
+  return counter.enabled() ? static_cast<int64_t>(counter.current_version()) : -1;
+}
+
 struct TensorState {
   int64_t version;
   const void* storage;
@@ -28,7 +36,7 @@ struct TensorState {
 
   static TensorState of(const at::Tensor& t) {
     const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    return {static_cast<int64_t>(impl->version_counter().current_version()), storage_of(impl),
+    return {version_of(impl), storage_of(impl),
             impl->storage_offset(), t.scalar_type(), t.device(),
             std::vector<int64_t>(impl->sizes().begin(), impl->sizes().end())};
   }
@@ -36,7 +44,7 @@ struct TensorState {
   // No allocation on the per-forward path: compare in place.
   bool matches(const at::Tensor& t) const {
     const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    return static_cast<int64_t>(impl->version_counter().current_version()) == version &&
+    return version_of(impl) == version &&
            storage_of(impl) == storage && impl->storage_offset() == offset &&
            t.scalar_type() == dtype && t.device() == device && impl->sizes().equals(sizes);
   }

@@ -853,12 +853,12 @@ class CpuBackend(ReferenceBackend):
       block's last conv accumulates into (in place: oneDNN's sum post-op); a fused 3x3+1x1 pair runs
       as its two convs. The identity residual is accumulated into in place too when the block's
       add is its last reader (no output allocation, one stream less).
-    * a 3x3 stride-1 conv (or the 3x3 of a pair) runs as Winograd F(2x2, 3x3) where
-      ``winograd_rule`` allows it and ``winograd_pays`` measured it faster on this machine
-      (``fastres.winograd``: C++ transforms with bias, residual and ReLU, PyTorch's bmm;
-      ``program.winograd_steps`` names them): where oneDNN's direct conv runs at the FMA units'
-      limit (AVX2) fewer multiplications are the way past it; where it runs near it with wider
-      units (a Zen 5) the direct conv stays.
+    * a 3x3 stride-1 conv (or the 3x3 of a pair) runs as Winograd F(2x2, 3x3) or F(4x4, 3x3)
+      where ``winograd_sides`` allows it and ``winograd_choice`` measured it faster on this
+      machine (``fastres.winograd``: C++ transforms with bias, residual and ReLU, PyTorch's bmm;
+      ``program.winograd_steps`` names them with their output tile's side): where oneDNN's direct
+      conv runs at the FMA units' limit (AVX2) fewer multiplications are the way past it; where it
+      runs near it with wider units (a Zen 5) the direct conv stays.
     * weights are reordered once, into the blocked layout oneDNN picks for the input shape and
       thread count (a kept primitive's own, or ``mkldnn_reorder_conv2d_weight``); activations stay dense channels_last,
       which oneDNN's brgconv kernels read and write directly (bench/README.md: no activation
@@ -1087,18 +1087,23 @@ def _finite_tensors(plan) -> bool:
     return finite
 
 
-# Winograd F(2x2, 3x3) for 3x3 stride-1 convs (fastres/winograd.py): 16 GEMMs of [tiles x C] @
-# [C x O] in place of 36 multiplications per channel pair. Whether that beats oneDNN's direct conv
-# depends on the machine (bench/README.md): on AVX2 (Zen 1, 2 threads) it took 0.61-0.72x the
-# direct conv's time for 128 and 256 channels at 28x28 and 14x14, 0.82x for 64 channels at 56x56
-# at batch 1; on an AVX-512 Xeon 0.66-0.75x in layer3; on a Zen 4 0.82-1.25x (no forward faster);
+# Winograd F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 convs (fastres/winograd.py): 16 (36) GEMMs
+# of [tiles x C] @ [C x O] in place of 36 (144) multiplications per channel pair and tile. Whether
+# that beats oneDNN's direct conv depends on the machine (bench/README.md): F(2x2) on AVX2 (Zen 1,
+# 2 threads) took 0.61-0.72x the direct conv's time for 128 and 256 channels at 28x28 and 14x14,
+# 0.82x for 64 channels at 56x56 at batch 1; on an AVX-512 Xeon 0.66-0.75x in layer3 (F(4x4)
+# there 0.57-0.68x at 56x56 and 28x28); on a Zen 4 0.82-1.25x (no forward faster);
 # on a Zen 5, whose direct conv runs near the FMA units' limit, 1.5-2x (slower) everywhere. So the
 # shape rule below only says where it may pay (it never does with few tiles: 512 channels at 7x7,
 # batch 1, 16 tiles, 1.12x; or where the transformed input outgrows the caches with few channels:
-# 64 at 56x56, batch 32, 1.48x), and ``winograd_pays`` times both on this machine.
+# 64 at 56x56, batch 32, 1.48x), and ``winograd_choice`` times the direct conv and each allowed
+# tile size on this machine. F(4x4, 3x3) multiplies by up to 5 and 8 in its transforms, so its
+# convs are a few times further from the exact result than F(2x2, 3x3)'s (tests/test_winograd.py
+# bounds both; whole resnet18 and resnet50 logits stayed ~1e-6 from float64 either way).
 #
 # FASTRES_WINOGRAD (read at import): "auto" (the default) where the rule allows it and it measured
-# faster here; "1" (on, true, yes) wherever the rule allows it; "0" (off, false, no) never.
+# faster here; "1" (on, true, yes) with the largest tile size wherever the rule allows one; "0"
+# (off, false, no) never.
 _WINOGRAD_MODES = {"auto": "auto", "1": "on", "on": "on", "true": "on", "yes": "on",
                    "0": "off", "off": "off", "false": "off", "no": "off", "": "off"}
 _WINOGRAD_MODE = _WINOGRAD_MODES.get(os.environ.get("FASTRES_WINOGRAD", "auto").strip().lower())
@@ -1109,8 +1114,8 @@ if _WINOGRAD_MODE is None:
 WINOGRAD_MIN_TILES = 32
 WINOGRAD_MIN_CHANNELS = 64          # the narrowest measured; thinner GEMMs are left to the direct conv
 WINOGRAD_NARROW_BYTES = 4 << 20     # the transformed input's size allowed with fewer than 128 channels
-# and with any: the transformed input and the products are workspaces of 16 x tiles x channels
-# floats each (128 channels at 28x28, batch 32: 51 MB, no faster than the direct conv)
+# and with any: the transformed input and the products are workspaces of (side + 2)^2 x tiles x
+# channels floats each (F(2x2): 128 channels at 28x28, batch 32: 51 MB, no faster than the direct conv)
 WINOGRAD_MAX_BYTES = 32 << 20
 # Winograd is taken only at or under this fraction of the direct conv's time, timed alone: a near
 # tie keeps the direct conv (PyTorch's own algorithm, and no flip of the choice on timing noise).
@@ -1123,22 +1128,27 @@ WINOGRAD_TIMING_BUDGET_S = 0.3
 _WINOGRAD_FAILED: set = set()     # shapes whose timing failed in this process: the direct conv
 
 
-def winograd_rule(weight_shape, stride, padding, dilation, groups, x_shape) -> bool:
-    """Whether a float32 conv of ``weight_shape`` on inputs of ``x_shape`` may run as Winograd
-    F(2x2, 3x3): a 3x3 stride-1 conv with enough tiles and channels and workspaces that fit
-    (``FASTRES_WINOGRAD=0`` turns it off; so does a missing ``fastres._cpu``). Where it does run
-    is ``winograd_pays``'s measurement."""
+WINOGRAD_SIDES = (2, 4)            # the output tile sides fastres._cpu.conv3x3 computes
+
+
+def winograd_sides(weight_shape, stride, padding, dilation, groups, x_shape) -> tuple:
+    """The output tile sides (2: F(2x2, 3x3), 4: F(4x4, 3x3)) a float32 conv of ``weight_shape``
+    on inputs of ``x_shape`` may run as Winograd with: a 3x3 stride-1 conv with enough tiles and
+    channels and workspaces that fit, per side (``FASTRES_WINOGRAD=0`` allows none; so does a
+    missing ``fastres._cpu``). Which one runs, if any, is ``winograd_choice``'s measurement."""
     o, c, kh, kw = weight_shape
     if not (_WINOGRAD_MODE != "off" and (kh, kw) == (3, 3) and tuple(stride) == (1, 1)
-            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1):
-        return False
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
+            and min(c, o) >= WINOGRAD_MIN_CHANNELS and winograd.available()):
+        return ()
     n, _, h, w = x_shape
-    tiles = n * -(-h // 2) * -(-w // 2)
-    workspace = 16 * tiles * max(c, o) * 4
-    if (tiles < WINOGRAD_MIN_TILES or min(c, o) < WINOGRAD_MIN_CHANNELS or workspace > WINOGRAD_MAX_BYTES
-            or not (min(c, o) >= 128 or 16 * tiles * c * 4 <= WINOGRAD_NARROW_BYTES)):
-        return False
-    return winograd.available()
+    sides = []
+    for side in WINOGRAD_SIDES:
+        tiles, points = n * -(-h // side) * -(-w // side), (side + 2) ** 2
+        if (tiles >= WINOGRAD_MIN_TILES and points * tiles * max(c, o) * 4 <= WINOGRAD_MAX_BYTES
+                and (min(c, o) >= 128 or points * tiles * c * 4 <= WINOGRAD_NARROW_BYTES)):
+            sides.append(side)
+    return tuple(sides)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1175,48 +1185,61 @@ def cpu_identity() -> str:
     return ", ".join(part for part in (cpu_model(), chip, isa) if part)
 
 
-def winograd_pays(ops: "_OneDnnOps", weight_shape, x_shape, threads: int) -> bool:
-    """Whether Winograd beats oneDNN's direct conv (bias + ReLU fused in both) for a 3x3 conv of
-    ``weight_shape`` on inputs of ``x_shape`` on this machine, by ``WINOGRAD_MARGIN``: timed with
-    ``threads`` threads, interleaved, on random data, a win confirmed by a second timing, then kept
-    in the choice cache (``fastres.kernels._autotune``: per ``cpu_identity``, on disk, so a later
-    process makes the same choice and gives the same bits). The choice does not depend on the
-    thread count, so a program built with fewer threads (the thread governor's) runs the same
-    algorithm. ``FASTRES_WINOGRAD=1`` skips the timing (always)."""
+def _winograd_candidate(side: int) -> str:
+    return f"winograd_f{side}x{side}"
+
+
+def winograd_choice(ops: "_OneDnnOps", weight_shape, x_shape, threads: int, sides) -> int:
+    """The Winograd output tile side (of ``sides``, ``winograd_sides``'s) that beats oneDNN's direct
+    conv (bias + ReLU fused in all) by ``WINOGRAD_MARGIN`` for a 3x3 conv of ``weight_shape`` on
+    inputs of ``x_shape`` on this machine, the fastest such, or 0 for the direct conv: timed with
+    ``threads`` threads, interleaved, on random data, a win confirmed by a second timing (each
+    candidate's less favourable ratio of the two), then kept in the choice cache
+    (``fastres.kernels._autotune``: per ``cpu_identity``, on disk, so a later process makes the
+    same choice and gives the same bits). The choice does not depend on the thread count, so a
+    program built with fewer threads (the thread governor's) runs the same algorithm.
+    ``FASTRES_WINOGRAD=1`` skips the timing (the largest side allowed: fewest multiplications)."""
+    sides = tuple(sides)
+    if not sides:
+        return 0
     if _WINOGRAD_MODE == "on":
-        return True
+        return max(sides)
     from .kernels import _autotune
 
     def measure(_candidates):
-        times = _time_winograd(ops, weight_shape, x_shape, threads)
-        if times["winograd"] <= WINOGRAD_MARGIN * times["direct"]:
-            # a win measured once may be noise on a shared machine: the less favourable of two
-            again = _time_winograd(ops, weight_shape, x_shape, threads)
-            times = max(times, again, key=lambda t: t["winograd"] / t["direct"])
-        return times
+        def ratios(times):
+            return {name: t / times["direct"] for name, t in times.items()}
+        first = ratios(_time_winograd(ops, weight_shape, x_shape, threads, sides))
+        if min(first.values()) > WINOGRAD_MARGIN:
+            return first
+        # a win measured once may be noise on a shared machine: each candidate's less favourable of two
+        again = ratios(_time_winograd(ops, weight_shape, x_shape, threads, sides))
+        return {name: max(first[name], again[name]) for name in first}
 
-    # the direct conv's path is part of the key: a kept primitive costs less per call than an op
+    # the direct conv's path is part of the key (a kept primitive costs less per call than an op),
+    # and so are the sides timed (a choice made among others is made again)
     direct_path = "onednn-primitive" if onednn_primitives_available() else "torch-op"
-    key = (tuple(weight_shape), tuple(x_shape), torch.__version__, direct_path)
+    key = (tuple(weight_shape), tuple(x_shape), torch.__version__, direct_path, sides)
     if key in _WINOGRAD_FAILED:
-        return False
+        return 0
+    candidates = {"direct": 0, **{_winograd_candidate(side): side for side in sides}}
     try:
-        return _autotune.choose("winograd_conv3x3", key, {"direct": False, "winograd": True}, run=None,
-                                device=f"cpu: {cpu_identity()}", prefer="direct", margin=WINOGRAD_MARGIN,
-                                measure=measure)
+        return _autotune.choose("winograd_conv3x3", key, candidates, run=None, device=f"cpu: {cpu_identity()}",
+                                prefer="direct", margin=WINOGRAD_MARGIN, measure=measure)
     except (RuntimeError, MemoryError) as e:
         # a timing that fails (out of memory) must not fail the forward: the direct conv runs, for
         # every later program of this process too (one algorithm per shape), not saved to disk
         _WINOGRAD_FAILED.add(key)
         _notice_once(f"fastres: timing Winograd for a {tuple(weight_shape)} conv on {tuple(x_shape)} failed "
                      f"({type(e).__name__}: {e}); the direct convolution runs")
-        return False
+        return 0
 
 
-def _time_winograd(ops: "_OneDnnOps", weight_shape, x_shape, threads: int) -> dict:
+def _time_winograd(ops: "_OneDnnOps", weight_shape, x_shape, threads: int, sides) -> dict:
     """Seconds per call (median of interleaved rounds, after one warm call each) of the direct
-    conv and of Winograd, as the program would run them (with ``tune_malloc`` on where Winograd's
-    own calls page-fault past ``MALLOC_FAULT_BYTES``, as a program's would turn it on)."""
+    conv (``"direct"``) and of Winograd with each of ``sides`` (``"winograd_f2x2"``, ...), as the
+    program would run them (with ``tune_malloc`` on where a Winograd call page-faults past
+    ``MALLOC_FAULT_BYTES``, as a program's calls would turn it on)."""
     import statistics
     g = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=g).contiguous(memory_format=CL)
@@ -1229,19 +1252,23 @@ def _time_winograd(ops: "_OneDnnOps", weight_shape, x_shape, threads: int) -> di
         else:
             w = ops.reorder(weight, (1, 1), (1, 1), (1, 1), 1, x_shape)
             direct = lambda: ops.conv(x, w, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")    # noqa: E731
-        u = winograd.transform_weight(weight)
         conv3x3 = winograd.extension().conv3x3
-        calls = {"direct": direct, "winograd": lambda: conv3x3(x, u, bias, None, True)}
+        calls = {"direct": direct}
+        for side in sides:
+            u = winograd.transform_weight(weight, side)
+            calls[_winograd_candidate(side)] = lambda u=u: conv3x3(x, u, bias, None, True)
         times = {name: [] for name in calls}
         for call in calls.values():
             call()
-        before = _minor_faults()
-        calls["winograd"]()
-        if (_minor_faults() - before) * _PAGE_BYTES > MALLOC_FAULT_BYTES:
-            # Its workspaces come back from the kernel on every call (glibc unmaps or trims them):
-            # a program running it would fault as much per call and so turn tune_malloc on after
-            # two (OneDnnProgram._call_counting_faults). Time both as they would run then.
-            tune_malloc()
+        for name, call in calls.items():
+            before = _minor_faults()
+            call()
+            if name != "direct" and (_minor_faults() - before) * _PAGE_BYTES > MALLOC_FAULT_BYTES:
+                # Its workspaces come back from the kernel on every call (glibc unmaps or trims
+                # them): a program running it would fault as much per call and so turn tune_malloc
+                # on after two (OneDnnProgram._call_counting_faults). Time all as they would run then.
+                tune_malloc()
+                break
         start = time.perf_counter()
         for i in range(WINOGRAD_TIMING_ROUNDS):
             for name, call in calls.items():
@@ -1266,7 +1293,7 @@ class OneDnnProgram:
     reordered for (any batch, image size and thread count still runs: a conv given weights in
     another layout than it wants reorders them itself, on every call). ``source`` is the
     generated code, ``onednn_steps`` the names of the steps that run as oneDNN (or Winograd)
-    convolutions, ``winograd_steps`` those whose 3x3 runs as Winograd F(2x2, 3x3),
+    convolutions, ``winograd_steps`` those whose 3x3 runs as Winograd (name -> output tile side),
     ``cpu_kernel_steps`` the others run by ``fastres.cpu_kernels`` (the stem's max pool; the rest
     run their references), ``profile(x)`` the time of each step.
     """
@@ -1296,7 +1323,7 @@ class OneDnnProgram:
                   "nhwc": _nhwc}
         lines = []
         self.onednn_steps = []
-        self.winograd_steps = []   # conv steps (or the 3x3 of a pair) run as Winograd F(2x2, 3x3)
+        self.winograd_steps = {}   # conv steps (or the 3x3 of a pair) run as Winograd -> its tile side
         self.cpu_kernel_steps = []  # other steps run by our own C++ kernels (fastres.cpu_kernels)
         self.primitive_steps = []   # steps (convs, the head) run as primitives kept by fastres._onednn
         self.primitive_fallbacks = {}  # step name -> why it (or one of its convs) calls PyTorch's op
@@ -1314,8 +1341,8 @@ class OneDnnProgram:
             self.nbytes += tensor.numel() * 4
             return const(ops.reorder(tensor, *geometry), "w")
 
-        def winograd_weight(tensor):
-            u = winograd.transform_weight(tensor)
+        def winograd_weight(tensor, side):
+            u = winograd.transform_weight(tensor, side)
             self.nbytes += u.numel() * 4
             consts.setdefault("winograd", winograd.extension().conv3x3)   # (called directly: one C++ call)
             return const(u, "u")
@@ -1402,14 +1429,13 @@ class OneDnnProgram:
                     other, inplace = read(r), accumulable(r, i, step)
                 conv_geometry = (a["padding"], a["stride"], a["dilation"], a["groups"])
                 first = t["weight"] if step.kind == "conv" else t["mid_weight"]
-                use_winograd = (winograd_rule(first.shape, a["stride"], a["padding"], a["dilation"],
-                                              a["groups"], x_shape)
-                                and winograd_pays(ops, first.shape, x_shape, key[-1]))
+                use_winograd = winograd_choice(ops, first.shape, x_shape, key[-1], winograd_sides(
+                    first.shape, a["stride"], a["padding"], a["dilation"], a["groups"], x_shape))
                 if use_winograd:
-                    self.winograd_steps.append(step.name)
+                    self.winograd_steps[step.name] = use_winograd
                 if step.kind == "conv" and use_winograd:     # bias, residual and ReLU in its output transform
                     bias = const(t["bias"].float().contiguous(), "b")
-                    lines.append(f"{out} = winograd({x}, {winograd_weight(first)}, {bias}, {other}, "
+                    lines.append(f"{out} = winograd({x}, {winograd_weight(first, use_winograd)}, {bias}, {other}, "
                                  f"{bool(a['relu'])})")
                 else:
                     if step.kind == "conv":
@@ -1418,7 +1444,8 @@ class OneDnnProgram:
                     else:
                         b_mid = t["mid_bias"].float().contiguous()
                         if use_winograd:
-                            lines.append(f"m = winograd({x}, {winograd_weight(first)}, {const(b_mid, 'b')}, None, True)")
+                            lines.append(f"m = winograd({x}, {winograd_weight(first, use_winograd)}, "
+                                         f"{const(b_mid, 'b')}, None, True)")
                         else:
                             lines.append(conv_line(step, "m", x, first, b_mid, conv_geometry, x_shape, True))
                         last_in, last_weight = "m", t["weight"]
@@ -1451,7 +1478,9 @@ class OneDnnProgram:
                 self.cpu_kernel_steps.append(step.name)
             elif step.kind == "head" and a.get("pool") != "width":
                 x = read(step.inputs["x"])
-                consts["pool"] = _global_pool
+                # our own loop where it is built: PyTorch's mean is slow as the first op after the
+                # last block's convolutions (csrc/pool_cpu.cpp)
+                consts["pool"] = cpu_kernels.extension().global_mean if cpu_kernels.available() else _global_pool
                 weight, bias = t["weight"].float().contiguous(), t["bias"].float().contiguous()
                 head = None
                 if ops.kept_linear is not None and step.name in shapes:

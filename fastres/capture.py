@@ -1020,6 +1020,21 @@ def capture(module: nn.Module, *, dtype: Optional[torch.dtype] = None, return_no
 
 
 # -- the per-module cache ----------------------------------------------------------------------
+def inference_weights_reason(module: nn.Module) -> Optional[str]:
+    """Why the module's cached plan could go stale, or None: a parameter or buffer that is an
+    inference tensor (the module was made, loaded or converted under ``torch.inference_mode``) has
+    no version counter, so an in-place edit of it (allowed inside inference mode) would not reach
+    the guard. Such a module runs its own forward."""
+    for kind, tensors in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, t in tensors:
+            if t.is_inference():
+                return (f"{kind} {name!r} is an inference tensor (the module was made, loaded or converted "
+                        "under torch.inference_mode), whose in-place edits fastres cannot see; make or "
+                        "load the model outside inference_mode for the fused plan")
+    return None
+
+
+
 class _State:
     __slots__ = ("guard", "plan", "reason")
 
@@ -1063,10 +1078,12 @@ class FastPath:
             state = self._state
             if state is None or not state.guard.check():
                 guard = Guard(module)            # read before any weight is read
-                try:
-                    plan, reason = capture(module, return_nodes=self.return_nodes), None
-                except Unsupported as err:
-                    plan, reason = None, str(err)
+                plan, reason = None, inference_weights_reason(module)
+                if reason is None:
+                    try:
+                        plan = capture(module, return_nodes=self.return_nodes)
+                    except Unsupported as err:
+                        reason = str(err)
                 state = self._state = _State(guard, plan, reason)
                 self.builds += 1
         return state

@@ -118,4 +118,5 @@ class Guard:
 
 def _tensor_state(t: torch.Tensor) -> tuple:
     storage = t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
-    return (t._version, storage, t.storage_offset(), t.dtype, t.device, tuple(t.shape))
+    version = -1 if t.is_inference() else t._version     # (no version counter: csrc/guard.cpp)
+    return (version, storage, t.storage_offset(), t.dtype, t.device, tuple(t.shape))

@@ -1,5 +1,5 @@
-"""fastres.cpu_kernels (csrc/max_pool_cpu.cpp): the CPU backend's max pool against F.max_pool2d,
-bit for bit, and its place in the CPU program."""
+"""fastres.cpu_kernels (csrc/pool_cpu.cpp): the CPU backend's max pool against F.max_pool2d, bit
+for bit, its head's mean against a float64 mean, and their places in the CPU program."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,60 @@ def test_max_pool_lets_other_python_threads_run():
     assert max(gaps) < 0.5 * took[0], (max(gaps), took[0])
 
 
+@needs_extension
+@pytest.mark.parametrize("shape", [(1, 2048, 7, 7), (3, 5, 1, 1), (2, 300, 3, 5), (4, 1, 6, 5), (2, 512, 16, 16)])
+def test_global_mean_is_the_mean(shape):
+    """The mean over the pixels, summed in double: the float64 mean rounded once (within a
+    rounding where the two double sums' orders differ), within float32 roundings of PyTorch's."""
+    x = nhwc(*shape)
+    got = cpu_kernels.global_mean(x)
+    exact = x.double().mean((2, 3))
+    assert got.shape == exact.shape and got.dtype == torch.float32 and got.is_contiguous()
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -23 + 1e-30).all()
+    assert rel_err(got, x.mean((2, 3))) < 1e-6
+
+
+@needs_extension
+def test_global_mean_of_an_image_does_not_depend_on_its_batch():
+    x = nhwc(5, 300, 7, 7, seed=2)
+    whole = cpu_kernels.global_mean(x)
+    for i in range(5):
+        assert same_bits(cpu_kernels.global_mean(x[i:i + 1].contiguous(memory_format=CL)), whole[i:i + 1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert same_bits(cpu_kernels.global_mean(x), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_extension
+def test_global_mean_nan_and_inf_as_pytorch():
+    x = nhwc(2, 6, 3, 3, seed=3)
+    x[0, 0, 1, 1] = float("nan")
+    x[0, 1, 0, 2] = float("inf")
+    x[1, 2, 0, 0], x[1, 2, 2, 2] = float("inf"), float("-inf")
+    x[1, 3, 1, 0] = float("-inf")
+    got, expected = cpu_kernels.global_mean(x), x.mean((2, 3))
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert torch.equal(got[~finite].nan_to_num(), expected[~finite].nan_to_num())
+    assert rel_err(got[finite], expected[finite]) < 1e-6
+
+
+@needs_extension
+def test_global_mean_bad_input_is_named():
+    with pytest.raises(RuntimeError, match="channels_last"):
+        cpu_kernels.global_mean(torch.randn(2, 4, 5, 5))
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.global_mean(nhwc(1, 4, 5, 5).double())
+    with pytest.raises(RuntimeError, match="4-D"):
+        cpu_kernels.global_mean(torch.randn(4, 5, 5))
+    for empty in ((1, 4, 0, 5), (1, 0, 5, 5), (0, 4, 5, 5)):
+        with pytest.raises(RuntimeError, match="empty input"):
+            cpu_kernels.global_mean(torch.empty(*empty).contiguous(memory_format=CL))
+
+
 def test_without_the_extension_it_says_so_and_the_program_pools_with_pytorch(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_extension", None)
     monkeypatch.setattr(cpu_kernels, "_extension_error", "fastres._cpu is not built (test)")
@@ -104,6 +158,7 @@ def test_without_the_extension_it_says_so_and_the_program_pools_with_pytorch(mon
             assert rel_err(model(x), tv(x)) <= 1e-5
         (program,) = model.plan().__dict__["_onednn_programs"]._items.values()
         assert program.cpu_kernel_steps == [] and "max_pool(" not in program.source
+        assert program._consts["pool"] is backend._global_pool
 
 
 def _twins():
@@ -126,3 +181,4 @@ def test_the_program_runs_the_stem_pool_with_it():
             assert rel_err(model(x), reference) <= 1e-5
     for program in model.plan().__dict__["_onednn_programs"]._items.values():
         assert program.cpu_kernel_steps == ["maxpool"] and "max_pool(" in program.source
+        assert program._consts["pool"] is cpu_kernels.extension().global_mean     # the head's pool

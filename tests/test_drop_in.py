@@ -241,6 +241,33 @@ def test_plan_built_under_inference_mode_then_autograd(pair):
         assert_same(model, reference, X, fallback=False)
 
 
+@pytest.mark.parametrize("make", ["optimize", "fastres_constructor"])
+def test_a_model_made_under_inference_mode_runs_its_own_forward(make):
+    """Its parameters are inference tensors: no version counter, so an in-place edit (allowed in
+    inference mode) would be invisible to the guard and a plan could go stale. It runs PyTorch's
+    forward, says why once, and follows every edit; made outside inference mode, the plan runs."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        reference = randomize_norm_stats_(torchvision.models.resnet18(num_classes=10), 0).eval()
+        if make == "optimize":
+            model = fastres.optimize(reference)
+        else:
+            model = fastres.resnet18(num_classes=10).eval()
+            model.load_state_dict(reference.state_dict())
+        with pytest.warns(FallbackWarning, match="'conv1.weight' is an inference tensor"):
+            got = model(X)
+        assert torch.equal(got, reference(X))
+        reference.fc.weight.mul_(2)                          # in place, no version bump
+        if make == "fastres_constructor":
+            model.fc.weight.mul_(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                    # said once
+            after = model(X)
+        assert not torch.equal(after, got) and torch.equal(after, reference(X))
+    fresh_reference, fresh = twins()
+    assert_same(fresh, fresh_reference, X, fallback=False)
+
+
 def test_vector_to_parameters(pair):
     reference, model = pair
     model(X)

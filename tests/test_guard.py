@@ -126,6 +126,22 @@ def test_a_method_added_to_the_class_invalidates():
     assert not guard.check() and not guard.check_python()
 
 
+def test_a_model_made_under_inference_mode_is_guarded_by_identity():
+    """Inference tensors have no version counter: both guards read one as -1 (no crash), and still
+    see a parameter replaced or reshaped (their in-place edits are invisible, which is why the
+    drop-in module runs PyTorch's forward for such a model: tests/test_drop_in.py)."""
+    with torch.inference_mode():
+        model = _model()
+    guard = Guard(model)
+    assert guard.check() and guard.check_python()
+    with torch.inference_mode():
+        model.fc.weight.mul_(2)             # in place, no version bump: not seen
+    assert guard.check() and guard.check_python()
+    with torch.inference_mode():
+        model.fc.weight = nn.Parameter(torch.zeros_like(model.fc.weight))
+    assert not guard.check() and not guard.check_python()
+
+
 def test_native_guard_is_built_with_the_extension():
     if os.environ.get("FASTRES_REQUIRE_CUDA_BUILD") == "1":
         assert native_guard_available()   # `make test` builds both extensions

@@ -1,7 +1,8 @@
-// The stem's max pool, F.max_pool2d(x, 3, stride=2, padding=1), over channels_last float32.
+// The CPU backend's pools over channels_last float32: the stem's max pool and the head's mean.
 //
-// Why: PyTorch's channels_last max pool took 3.5 ms of a resnet50 batch-8 forward on the AVX-512
-// machine (ORT's 1.65 ms; 2.2 ms alone, this one 1.0). Here each output pixel is the running
+// The stem's max pool, F.max_pool2d(x, 3, stride=2, padding=1). Why: PyTorch's channels_last max
+// pool took 3.5 ms of a resnet50 batch-8 forward on the AVX-512 machine (ORT's 1.65 ms; 2.2 ms
+// alone, this one 1.0). Here each output pixel is the running
 // maximum of its (up to) 9 input pixels, a channel vector at a time (the innermost loop, contiguous
 // in NHWC), rows of the output split across ATen's threads.
 //
@@ -36,6 +37,25 @@ void pool_pixel(const float* x, float* y, int64_t h, int64_t w, int64_t channels
   }
 }
 
+// One image's mean over its pixels, y[c] = (sum over p of x[p, c]) / pixels: the pixels in order,
+// summed in double a block of channels at a time (contiguous in NHWC), then divided and rounded
+// once. One fixed order whatever the batch or the thread count, so an image's features do not
+// depend on the images beside it.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void mean_image(const float* x, float* y, int64_t pixels, int64_t channels) {
+  constexpr int64_t kBlock = 256;
+  double acc[kBlock];
+  for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
+    const int64_t cb = std::min(kBlock, channels - c0);
+    std::fill(acc, acc + cb, 0.0);
+    for (int64_t p = 0; p < pixels; ++p) {
+      const float* src = x + p * channels + c0;
+      for (int64_t c = 0; c < cb; ++c) acc[c] += static_cast<double>(src[c]);
+    }
+    for (int64_t c = 0; c < cb; ++c) y[c0 + c] = static_cast<float>(acc[c] / static_cast<double>(pixels));
+  }
+}
+
 }  // namespace
 
 namespace fastres_cpu {
@@ -58,6 +78,25 @@ at::Tensor max_pool3x3s2(const at::Tensor& x) {
       for (int64_t ow = 0; ow < out_w; ++ow) {
         pool_pixel(image_src, dst + (row * out_w + ow) * channels, h, w, channels, oh, ow);
       }
+    }
+  });
+  return y;
+}
+
+// The head's pool. Why our own: inside a forward, after the last block's convolutions have streamed
+// their weights through the caches, PyTorch's mean over the same 100 KB took 0.27 ms of a resnet50
+// batch-1 forward on the AVX-512 Xeon (11 us alone, warm): the first PyTorch ops after a run of
+// kept oneDNN primitives were that slow (a 64x64 sum 0.1 ms), so a short loop of our own (bench/README.md).
+at::Tensor global_mean(const at::Tensor& x) {
+  check_nhwc(x, "global_mean", "x");
+  const int64_t n = x.size(0), channels = x.size(1), pixels = x.size(2) * x.size(3);
+  TORCH_CHECK(n > 0 && channels > 0 && pixels > 0, "fastres._cpu.global_mean: empty input ", x.sizes());
+  at::Tensor y = at::empty({n, channels}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* src = x.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t image = begin; image < end; ++image) {
+      mean_image(src + image * pixels * channels, dst + image * channels, pixels, channels);
     }
   });
   return y;
