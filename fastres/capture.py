@@ -1027,7 +1027,8 @@ def inference_weights_reason(module: nn.Module) -> Optional[str]:
     the guard. Such a module runs its own forward."""
     for kind, tensors in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
         for name, t in tensors:
-            if t.is_inference():
+            # what the guard watches: integer buffers (num_batches_tracked) never change an eval result
+            if t.is_inference() and (kind == "parameter" or t.is_floating_point()):
                 return (f"{kind} {name!r} is an inference tensor (the module was made, loaded or converted "
                         "under torch.inference_mode), whose in-place edits fastres cannot see; make or "
                         "load the model outside inference_mode for the fused plan")

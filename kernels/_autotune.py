@@ -5,7 +5,7 @@ On a GPU it is optional and off by default: each kernel's documented rule picks 
 of each distinct problem (kernel name + the shape key the rule is keyed on) on a CUDA device times
 every candidate configuration with ``triton.testing.do_bench`` and keeps the fastest. On the CPU
 the backend's Winograd-or-direct choice for a 3x3 conv is made this way by default
-(``fastres.backend.winograd_pays``). Choices are stored per device model in a JSON file —
+(``fastres.backend.winograd_choice``). Choices are stored per device model in a JSON file —
 ``FASTRES_AUTOTUNE_CACHE``, default ``~/.cache/fastres/autotune.json`` — so later processes reuse
 them without timing again (and so give the same bits). The cache holds candidate *names* only; a
 name the current candidate list no longer has is ignored and re-tuned.

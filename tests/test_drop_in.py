@@ -266,6 +266,10 @@ def test_a_model_made_under_inference_mode_runs_its_own_forward(make):
         assert not torch.equal(after, got) and torch.equal(after, reference(X))
     fresh_reference, fresh = twins()
     assert_same(fresh, fresh_reference, X, fallback=False)
+    with torch.inference_mode():       # an integer buffer made there changes no eval result
+        fresh.bn1.num_batches_tracked = torch.zeros((), dtype=torch.long)
+    assert fresh.bn1.num_batches_tracked.is_inference()
+    assert_same(fresh, fresh_reference, X, fallback=False)
 
 
 def test_vector_to_parameters(pair):
