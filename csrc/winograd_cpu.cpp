@@ -39,16 +39,16 @@ struct Tiles {
 // compiled for AVX-512, AVX2 and the baseline, picked at load time (the same operations either way).
 #define FASTRES_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
-// V[k][t][c] = (B^T d B)[k] for the channels [c0, c0 + cb) of tile t, d its 4x4 input tile.
-FASTRES_VECTOR_CLONES
-void input_tile(const float* x, float* v, const Tiles& g, int64_t channels, int64_t t, int64_t c0, int64_t cb) {
-  float d[16][kChannelBlock], s[16][kChannelBlock];
-  const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
-  for (int a = 0; a < 4; ++a) {
-    const int64_t r = 2 * i - 1 + a;
-    for (int b = 0; b < 4; ++b) {
-      const int64_t q = 2 * j - 1 + b;
-      float* dst = d[4 * a + b];
+// d[points * a + b] = x[n, side*i - 1 + a, side*j - 1 + b, c0 .. c0 + cb) for the (side + 2)^2
+// input pixels of tile t (zero outside the image): the gather both input transforms start with.
+inline __attribute__((always_inline)) void gather_tile(const float* x, float (*d)[kChannelBlock], const Tiles& g,
+                                                       int64_t channels, int64_t t, int64_t c0, int64_t cb) {
+  const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw, points = g.side + 2;
+  for (int64_t a = 0; a < points; ++a) {
+    const int64_t r = g.side * i - 1 + a;
+    for (int64_t b = 0; b < points; ++b) {
+      const int64_t q = g.side * j - 1 + b;
+      float* dst = d[points * a + b];
       if (r < 0 || r >= g.h || q < 0 || q >= g.w) {
         std::fill(dst, dst + cb, 0.0f);
       } else {
@@ -57,6 +57,13 @@ void input_tile(const float* x, float* v, const Tiles& g, int64_t channels, int6
       }
     }
   }
+}
+
+// V[k][t][c] = (B^T d B)[k] for the channels [c0, c0 + cb) of tile t, d its 4x4 input tile.
+FASTRES_VECTOR_CLONES
+void input_tile(const float* x, float* v, const Tiles& g, int64_t channels, int64_t t, int64_t c0, int64_t cb) {
+  float d[16][kChannelBlock], s[16][kChannelBlock];
+  gather_tile(x, d, g, channels, t, c0, cb);
   for (int b = 0; b < 4; ++b) {  // B^T d: along the rows of the tile
     for (int64_t c = 0; c < cb; ++c) {
       const float d0 = d[b][c], d1 = d[4 + b][c], d2 = d[8 + b][c], d3 = d[12 + b][c];
@@ -101,20 +108,7 @@ inline __attribute__((always_inline)) void b_t6(const float* const* d, float* co
 FASTRES_VECTOR_CLONES
 void input_tile_f4(const float* x, float* v, const Tiles& g, int64_t channels, int64_t t, int64_t c0, int64_t cb) {
   float d[36][kChannelBlock], s[36][kChannelBlock];
-  const int64_t n = t / (g.th * g.tw), i = (t / g.tw) % g.th, j = t % g.tw;
-  for (int a = 0; a < 6; ++a) {
-    const int64_t r = 4 * i - 1 + a;
-    for (int b = 0; b < 6; ++b) {
-      const int64_t q = 4 * j - 1 + b;
-      float* dst = d[6 * a + b];
-      if (r < 0 || r >= g.h || q < 0 || q >= g.w) {
-        std::fill(dst, dst + cb, 0.0f);
-      } else {
-        const float* src = x + ((n * g.h + r) * g.w + q) * channels + c0;
-        std::copy(src, src + cb, dst);
-      }
-    }
-  }
+  gather_tile(x, d, g, channels, t, c0, cb);
   for (int b = 0; b < 6; ++b) {  // B^T d: along the rows of the tile (column b)
     const float* col[6] = {d[b], d[6 + b], d[12 + b], d[18 + b], d[24 + b], d[30 + b]};
     float* out[6] = {s[b], s[6 + b], s[12 + b], s[18 + b], s[24 + b], s[30 + b]};

@@ -1261,9 +1261,11 @@ def _time_winograd(ops: "_OneDnnOps", weight_shape, x_shape, threads: int, sides
         for call in calls.values():
             call()
         for name, call in calls.items():
+            if name == "direct":
+                continue
             before = _minor_faults()
             call()
-            if name != "direct" and (_minor_faults() - before) * _PAGE_BYTES > MALLOC_FAULT_BYTES:
+            if (_minor_faults() - before) * _PAGE_BYTES > MALLOC_FAULT_BYTES:
                 # Its workspaces come back from the kernel on every call (glibc unmaps or trims
                 # them): a program running it would fault as much per call and so turn tune_malloc
                 # on after two (OneDnnProgram._call_counting_faults). Time all as they would run then.
