@@ -1035,7 +1035,6 @@ def inference_weights_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
-
 class _State:
     __slots__ = ("guard", "plan", "reason")
 

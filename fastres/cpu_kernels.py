@@ -10,8 +10,8 @@ AVX-512 machine against 2.2 ms in PyTorch's channels_last kernel (3.5 ms inside 
 
 ``global_mean`` is ``x.mean((2, 3))``: each image's pixels summed in order in double and divided
 once (the exact mean correctly rounded, where PyTorch's float32 mean is a few roundings off; and
-the same bits for an image whatever the batch or thread count). PyTorch's mean took 0.27 ms as the head's pool inside a resnet50
-batch-1 forward for 11 us of work (csrc/pool_cpu.cpp says why).
+the same bits for an image whatever the batch or thread count). PyTorch's mean took 0.27 ms as
+the head's pool inside a resnet50 batch-1 forward for 11 us of work (csrc/pool_cpu.cpp says why).
 """
 from __future__ import annotations
 
